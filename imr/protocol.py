@@ -1,0 +1,235 @@
+"""The wire protocol: versioned newline-delimited JSON, plus a one-line text form.
+
+A request is one line. If it starts with "{" it is JSON and the reply is one
+JSON line; otherwise it is the text form ("block 203.0.113.7 some reason") and
+the reply is one text line ("ok ..." or "error CODE: message"), so socat and
+`nc -U` keep working as the original shell tool did. docs/protocol.md is the
+specification; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_REASON = 200
+MAX_SOURCE = 64
+MAX_LIST_LIMIT = 100_000
+
+_SOURCE_PATTERN = r"^[A-Za-z0-9_.:/@+-]*$"
+
+
+class ProtocolError(Exception):
+    """A request line that cannot be understood; `code` goes on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = 1
+    id: str | None = Field(None, max_length=64)
+
+
+class BlockRequest(_Request):
+    op: Literal["block"]
+    ip: str = Field(max_length=64)
+    reason: str = Field("", max_length=MAX_REASON)
+    source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
+    severity: int = Field(1, ge=1, le=10)
+
+
+class UnblockRequest(_Request):
+    op: Literal["unblock"]
+    ip: str = Field(max_length=64)
+    reason: str = Field("", max_length=MAX_REASON)
+
+
+class ShowRequest(_Request):
+    op: Literal["show"]
+    ip: str = Field(max_length=64)
+
+
+class ListRequest(_Request):
+    op: Literal["list"]
+    limit: int | None = Field(None, ge=1, le=MAX_LIST_LIMIT)
+
+
+class StatusRequest(_Request):
+    op: Literal["status"]
+
+
+class PingRequest(_Request):
+    op: Literal["ping"]
+
+
+class ExportRequest(_Request):
+    op: Literal["export"]
+
+
+Request = Annotated[
+    BlockRequest
+    | UnblockRequest
+    | ShowRequest
+    | ListRequest
+    | StatusRequest
+    | PingRequest
+    | ExportRequest,
+    Field(discriminator="op"),
+]
+_REQUEST = TypeAdapter(Request)
+
+OPS = ("block", "unblock", "show", "list", "status", "ping", "export")
+
+
+def timestamp(epoch: float | None) -> str | None:
+    """Wire form of a time: ISO 8601 in UTC, to the second."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_request(line: bytes) -> tuple[Request, bool]:
+    """Parse one request line (without its newline). Returns (request, is_json)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_request", "request is not valid UTF-8") from None
+    text = text.strip()
+    if not text:
+        raise ProtocolError("bad_request", "empty request")
+    if text.startswith("{"):
+        return _parse_json(text), True
+    return _parse_text(text), False
+
+
+def _parse_json(text: str) -> Request:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_request", "request is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_request", "a JSON request must be an object")
+    version = data.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version",
+            f"protocol version {version!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+        )
+    op = data.get("op")
+    if op not in OPS:
+        raise ProtocolError("bad_request", f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}")
+    try:
+        return _REQUEST.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("bad_request", _first_error(exc)) from None
+
+
+_TEXT_VERBS = {
+    "block": (1, True),  # (address args, free text allowed after)
+    "unblock": (1, True),
+    "show": (1, False),
+    "list": (0, False),
+    "status": (0, False),
+    "ping": (0, False),
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _parse_text(text: str) -> Request:
+    if _CONTROL.search(text):
+        raise ProtocolError("bad_request", "control characters are not allowed")
+    verb, _, rest = text.partition(" ")
+    verb = verb.lower()
+    if verb not in _TEXT_VERBS:
+        raise ProtocolError(
+            "bad_request", f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
+        )
+    needs_ip, free_text = _TEXT_VERBS[verb]
+    data: dict[str, Any] = {"op": verb}
+    rest = rest.strip()
+    if needs_ip:
+        ip, _, tail = rest.partition(" ")
+        if not ip:
+            raise ProtocolError("bad_request", f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else ""))
+        data["ip"] = ip
+        if tail.strip():
+            if not free_text:
+                raise ProtocolError("bad_request", f"usage: {verb} ADDRESS")
+            data["reason"] = tail.strip()
+    elif rest:
+        raise ProtocolError("bad_request", f"usage: {verb}")
+    try:
+        return _REQUEST.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("bad_request", _first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(p) for p in error["loc"][1:]) or "request"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+# Replies ------------------------------------------------------------------
+
+
+def ok_reply(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": code, "message": message},
+    }
+
+
+def encode_json_reply(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_text_reply(reply: dict[str, Any]) -> bytes:
+    """The text form: "ok <summary>" or "error <code>: <message>", one line."""
+    if not reply["ok"]:
+        error = reply["error"]
+        line = f"error {error['code']}: {error['message']}"
+    else:
+        line = "ok " + _summarise(reply["result"])
+    return _CONTROL.sub(" ", line).strip().encode() + b"\n"
+
+
+def _summarise(result: dict[str, Any]) -> str:
+    kind = result.get("kind")
+    if kind == "block":
+        return (
+            f"{result['action']} {result['ip']} until {result['expires_at']}"
+            f" (rung {result['rung']}, offence {result['offence']})"
+        )
+    if kind == "unblock":
+        return f"unblocked {result['ip']}"
+    if kind == "show":
+        active = result.get("active")
+        state = f"blocked until {active['expires_at']}" if active else "not blocked"
+        return f"{result['ip']} {state}; {len(result['blocks'])} blocks, {len(result['hits'])} hits"
+    if kind == "list":
+        entries = " ".join(f"{b['ip']}@{b['expires_at']}" for b in result["blocks"])
+        return f"{len(result['blocks'])} active" + (f": {entries}" if entries else "")
+    if kind == "status":
+        return (
+            f"running pid {result['pid']} backend {result['backend']}"
+            f" active {result['active_blocks']}"
+        )
+    if kind == "pong":
+        return "pong"
+    return json.dumps(result, separators=(",", ":"))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install everything imr's demo and tests need on a fresh Debian 12 machine (run as root).
+# Idempotent: a second run only checks. Nothing here touches the host's firewall.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  iptables ipset nftables iproute2 socat netcat-openbsd procps
+  python3 python3-venv python3-dev gcc sqlite3 util-linux
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+# The kernel modules behind the firewall tools (no-ops where built in).
+for m in ip_tables ip6_tables iptable_filter ip6table_filter nf_tables ip_set xt_multiport nf_reject_ipv4 nf_reject_ipv6; do
+  modprobe -q "$m" 2>/dev/null || true
+done
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.imr-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
