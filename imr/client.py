@@ -70,10 +70,13 @@ class Client:
                 ) from None
             except PermissionError:
                 raise ClientError(
-                    f"permission denied on {self.socket_path}: this user is not in the socket's group"
+                    f"permission denied on {self.socket_path}:"
+                    " this user is not in the socket's group"
                 ) from None
             except TimeoutError:
-                raise DaemonUnavailable(f"the imr daemon did not accept within {self.timeout}s") from None
+                raise DaemonUnavailable(
+                    f"the imr daemon did not accept within {self.timeout}s"
+                ) from None
             sock.sendall(line)
             data = _read_line(sock, self.timeout)
         finally:
@@ -81,7 +84,9 @@ class Client:
         try:
             reply = json.loads(data)
         except ValueError:
-            raise ClientError(f"the daemon sent something that is not JSON: {data[:80]!r}") from None
+            raise ClientError(
+                f"the daemon sent something that is not JSON: {data[:80]!r}"
+            ) from None
         if not isinstance(reply, dict):
             raise ClientError("the daemon sent a reply that is not a JSON object")
         return reply

@@ -122,7 +122,8 @@ def _parse_json(text: str) -> Request:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             "unsupported_version",
-            f"protocol version {version!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+            f"protocol version {version!r} is not supported;"
+            f" this daemon speaks v{PROTOCOL_VERSION}",
         )
     op = data.get("op")
     if op not in OPS:
@@ -159,7 +160,9 @@ def _parse_text(text: str) -> Request:
     if needs_ip:
         ip, _, tail = rest.partition(" ")
         if not ip:
-            raise ProtocolError("bad_request", f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else ""))
+            raise ProtocolError(
+                "bad_request", f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else "")
+            )
         data["ip"] = ip
         if tail.strip():
             if not free_text:
@@ -212,8 +215,10 @@ def encode_text_reply(reply: dict[str, Any]) -> bytes:
 def _summarise(result: dict[str, Any]) -> str:
     kind = result.get("kind")
     if kind == "block":
+        verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
         return (
-            f"{result['action']} {result['ip']} until {result['expires_at']}"
+            f"{verb.get(result['action'], result['action'])} {result['ip']}"
+            f" until {result['expires_at']}"
             f" (rung {result['rung']}, offence {result['offence']})"
         )
     if kind == "unblock":

@@ -24,8 +24,12 @@ for m in ip_tables ip6_tables iptable_filter ip6table_filter nf_tables ip_set xt
   modprobe -q "$m" 2>/dev/null || true
 done
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+# Debian's own python3: the unprivileged clients (www-data, test users) must be
+# able to run it, which a python under /root (pyenv) does not allow.
+python=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! grep -q "^home = /usr/bin$" .venv/pyvenv.cfg; then
+  rm -rf .venv
+  "$python" -m venv .venv
 fi
 stamp=.venv/.imr-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

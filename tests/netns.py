@@ -25,10 +25,12 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True,
-                          timeout=timeout, input=input)
+def run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 30, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(argv), check=check, capture_output=True, text=True, timeout=timeout, input=input
+    )
 
 
 @dataclass
@@ -38,8 +40,9 @@ class Netns:
     def argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return run(self.argv(*argv), check=check, timeout=timeout, input=input)
 
     @contextlib.contextmanager
@@ -81,8 +84,23 @@ def connect(a: Netns, b: Netns, a_addrs: Sequence[str], b_addrs: Sequence[str]) 
     """
     index = next(_counter)
     left, right = f"imrva{os.getpid() % 10000}x{index}", f"imrvb{os.getpid() % 10000}x{index}"
-    run(["ip", "link", "add", left, "netns", a.name, "type", "veth", "peer", "name", right,
-         "netns", b.name])
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            left,
+            "netns",
+            a.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            right,
+            "netns",
+            b.name,
+        ]
+    )
     for ns, dev, addrs in ((a, left, a_addrs), (b, right, b_addrs)):
         for addr in addrs:
             extra = ["nodad"] if ":" in addr else []

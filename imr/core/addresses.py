@@ -7,6 +7,7 @@ so the rules can be tested without a network stack.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Longest textual IPv6 address with an embedded IPv4 tail is 45 characters.
 MAX_ADDRESS_TEXT = 64
+_ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:/%]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 
 
 class RefusalCode(StrEnum):
@@ -44,7 +47,17 @@ def parse_address(text: str) -> IPAddress | Refusal:
     """
     if not text or len(text) > MAX_ADDRESS_TEXT or not text.isascii() or not text.isprintable():
         return Refusal(RefusalCode.INVALID, f"{_show(text)} is not an IP address")
+    if not _ADDRESS_CHARS.fullmatch(text):
+        if _HOSTNAME.fullmatch(text):
+            return Refusal(
+                RefusalCode.INVALID, f"{_show(text)} looks like a host name; give an IP address"
+            )
+        return Refusal(RefusalCode.INVALID, f"{_show(text)} is not an IP address")
     if "/" in text:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            return Refusal(RefusalCode.INVALID, f"{_show(text)} is not an IP address")
         return Refusal(
             RefusalCode.NETWORK,
             f"{_show(text)} is a network; only single addresses can be blocked",
@@ -54,11 +67,6 @@ def parse_address(text: str) -> IPAddress | Refusal:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        if any(c.isalpha() for c in text) and ":" not in text:
-            return Refusal(
-                RefusalCode.INVALID,
-                f"{_show(text)} looks like a host name; give an IP address",
-            )
         return Refusal(RefusalCode.INVALID, f"{_show(text)} is not an IP address")
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped

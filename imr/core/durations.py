@@ -12,7 +12,9 @@ def parse_duration(text: str) -> int:
     """Return whole seconds; raise ValueError with the accepted forms."""
     match = _PATTERN.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a duration; use a number and a unit: 90s, 30m, 1h, 1d, 2w")
+        raise ValueError(
+            f"{text!r} is not a duration; use a number and a unit: 90s, 30m, 1h, 1d, 2w"
+        )
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"{text!r}: a duration must be longer than zero")

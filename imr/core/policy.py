@@ -72,7 +72,9 @@ class Decision:
     why: str
 
 
-def decide(ladder: Ladder, previous: PreviousBlock | None, now: float, severity: int = 1) -> Decision:
+def decide(
+    ladder: Ladder, previous: PreviousBlock | None, now: float, severity: int = 1
+) -> Decision:
     """Decide what a block request for one address does at time `now`.
 
     `severity` is the lowest rung the request asks for (1 = the first step).

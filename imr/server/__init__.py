@@ -1,0 +1,1 @@
+"""The imperative shell: socket listener, broker, local addresses, daemon life cycle."""

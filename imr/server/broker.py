@@ -1,0 +1,547 @@
+"""The broker: turns authorised requests into policy decisions, state rows and kernel changes.
+
+Flow of a block request (see docs/architecture.md):
+  validate address (pure) -> refuse protected addresses -> queue for the writer
+  -> writer batches whatever is queued: one state transaction + one backend
+     apply -> commit (fsync) -> every request in the batch hears its outcome.
+
+Only the writer thread touches the Store and the Backend, and only the event
+loop changes the in-memory index of active blocks, after a batch committed;
+so list/show/status answer from memory without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from imr import __version__
+from imr.backends.base import Backend, KernelBlock
+from imr.config import Config
+from imr.core.addresses import (
+    IPAddress,
+    Refusal,
+    RefusalCode,
+    intrinsic_refusal,
+    parse_address,
+    protection_refusal,
+)
+from imr.core.clock import Clock
+from imr.core.durations import format_duration
+from imr.core.policy import Action, decide
+from imr.protocol import (
+    BlockRequest,
+    ExportRequest,
+    ListRequest,
+    PingRequest,
+    Request,
+    ShowRequest,
+    StatusRequest,
+    UnblockRequest,
+    timestamp,
+)
+from imr.server.access import Peer
+from imr.store import BlockRecord, HitRecord, Store
+
+log = logging.getLogger("imr.broker")
+
+MAX_BATCH = 512
+EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
+
+
+class BrokerError(Exception):
+    """A request that fails for a reason the client should hear; `code` goes on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AddressView(Protocol):
+    """The host's own addresses, kept current (LocalAddresses, or a fixed set in tests)."""
+
+    @property
+    def own(self) -> frozenset[IPAddress]: ...
+
+    @property
+    def broadcast(self) -> frozenset[IPAddress]: ...
+
+
+@dataclass
+class _BlockChange:
+    address: IPAddress
+    request: BlockRequest
+    peer: Peer
+
+
+@dataclass
+class _UnblockChange:
+    address: IPAddress
+    request: UnblockRequest
+    peer: Peer
+
+
+@dataclass
+class _ExpireChange:
+    due: Sequence[str]
+
+
+@dataclass
+class _Queued:
+    """One change waiting for the writer, and the client waiting for its outcome."""
+
+    change: _BlockChange | _UnblockChange | _ExpireChange
+    future: asyncio.Future[dict[str, Any]]
+
+
+_AnyChange = _BlockChange | _UnblockChange | _ExpireChange
+
+
+@dataclass
+class _Outcome:
+    result: dict[str, Any] | None = None
+    error: BrokerError | None = None
+
+
+@dataclass
+class _BatchResult:
+    outcomes: list[_Outcome]
+    changed: dict[str, BlockRecord | None] = field(default_factory=dict)  # None: lifted
+
+
+class Broker:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        backend: Backend,
+        clock: Clock,
+        local: AddressView,
+    ) -> None:
+        self._config = config
+        self._ladder = config.policy.to_ladder()
+        self._store = store
+        self._backend = backend
+        self._clock = clock
+        self._local = local
+        self._active: dict[str, BlockRecord] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap; stale entries are skipped
+        self._queue: asyncio.Queue[_Queued] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started_at = time.time()
+
+    # Life cycle -------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """At start: lift what expired while we were down and make the kernel match the state.
+
+        Also lifts blocks of addresses that became protected (allowlist or own
+        address) since they were blocked. Runs before any client is served.
+        """
+        now = self._clock.now()
+        keep: list[BlockRecord] = []
+        with self._store.transaction():
+            for record in self._store.active_blocks():
+                refusal = self._protected(stored_address(record.ip))
+                if record.expires_at <= now:
+                    self._store.lift(record.id, now, "expired", "imr")
+                    log.info(
+                        "expired %s while the daemon was down (due %s)",
+                        record.ip,
+                        timestamp(record.expires_at),
+                    )
+                elif refusal is not None:
+                    self._store.lift(record.id, now, "protected", "imr")
+                    log.warning("lifted %s at start: %s", record.ip, refusal.message)
+                else:
+                    keep.append(record)
+        self._backend.prepare()
+        self._backend.replace_all([self._kernel_block(r) for r in keep])
+        self._active = {r.ip: r for r in keep}
+        self._expiry = [(r.expires_at, r.ip) for r in keep]
+        heapq.heapify(self._expiry)
+        log.info("restored %d active blocks into %s", len(keep), self._backend.describe())
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="imr-writer"),
+            asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._writer.shutdown(wait=True)
+
+    # Requests ---------------------------------------------------------------------
+
+    async def handle(self, request: Request, peer: Peer) -> dict[str, Any]:
+        """Run one request for an identified peer; raise BrokerError for a refusal."""
+        if not peer.may(request.op):
+            log.warning(
+                "refused %s by %s: role %s may not %s",
+                request.op,
+                peer.describe(),
+                ",".join(sorted(peer.roles)) or "none",
+                request.op,
+            )
+            raise BrokerError("forbidden", f"user {peer.user} is not allowed to {request.op}")
+        match request:
+            case BlockRequest():
+                return await self._block(request, peer)
+            case UnblockRequest():
+                return await self._unblock(request, peer)
+            case ListRequest():
+                return self._list(request)
+            case ShowRequest():
+                return await self._show(request)
+            case StatusRequest():
+                return self.status()
+            case ExportRequest():
+                return await self._export()
+            case PingRequest():
+                return {"kind": "pong", "version": __version__}
+        raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
+
+    async def _block(self, request: BlockRequest, peer: Peer) -> dict[str, Any]:
+        address = self._blockable(request.ip, request.op, peer)
+        return await self._submit(_BlockChange(address, request, peer))
+
+    async def _unblock(self, request: UnblockRequest, peer: Peer) -> dict[str, Any]:
+        parsed = parse_address(request.ip)
+        if isinstance(parsed, Refusal):
+            raise BrokerError(parsed.code, parsed.message)
+        return await self._submit(_UnblockChange(parsed, request, peer))
+
+    def _blockable(self, text: str, op: str, peer: Peer) -> IPAddress:
+        parsed = parse_address(text)
+        refusal = self._protected(parsed)
+        if refusal is not None or isinstance(parsed, Refusal):
+            refusal = refusal or Refusal(RefusalCode.INVALID, "not an address")
+            log.warning("refused %s %r by %s: %s", op, text[:64], peer.describe(), refusal.message)
+            raise BrokerError(refusal.code, refusal.message)
+        return parsed
+
+    def _protected(self, parsed: IPAddress | Refusal) -> Refusal | None:
+        if isinstance(parsed, Refusal):
+            return parsed
+        return intrinsic_refusal(parsed) or protection_refusal(
+            parsed,
+            self._local.own,
+            self._local.broadcast,
+            self._config.protect.allowlist,
+        )
+
+    async def _submit(self, change: _AnyChange) -> dict[str, Any]:
+        if self._queue is None:
+            raise RuntimeError("the broker has not been started")
+        queued = _Queued(change, asyncio.get_running_loop().create_future())
+        await self._queue.put(queued)
+        return await queued.future
+
+    def _list(self, request: ListRequest) -> dict[str, Any]:
+        now = self._clock.now()
+        records = sorted(self._active.values(), key=lambda r: (r.blocked_at, r.id))
+        if request.limit is not None:
+            records = records[: request.limit]
+        return {"kind": "list", "blocks": [block_info(r, now) for r in records]}
+
+    async def _show(self, request: ShowRequest) -> dict[str, Any]:
+        parsed = parse_address(request.ip)
+        if isinstance(parsed, Refusal):
+            raise BrokerError(parsed.code, parsed.message)
+        ip = str(parsed)
+        blocks, hits = await self._in_writer(self._store.history, ip)
+        now = self._clock.now()
+        active = self._active.get(ip)
+        return {
+            "kind": "show",
+            "ip": ip,
+            "active": block_info(active, now) if active else None,
+            "blocks": [block_info(b, now) for b in blocks],
+            "hits": [hit_info(h) for h in hits],
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "status",
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": timestamp(self.started_at),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "backend": self._backend.name,
+            "backend_detail": self._backend.describe(),
+            "socket": str(self._config.server.socket),
+            "state_file": str(self._config.state.path),
+            "active_blocks": len(self._active),
+        }
+
+    async def _export(self) -> dict[str, Any]:
+        data = await self._in_writer(self._store.export)
+        now = self._clock.now()
+        return {
+            "kind": "export",
+            "schema_version": data["schema_version"],
+            "blocks": [block_info(b, now) for b in data["blocks"]],
+            "hits": [hit_info(h) for h in data["hits"]],
+        }
+
+    async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+
+    # Expiry -----------------------------------------------------------------------
+
+    async def expire_due(self) -> None:
+        """Lift every block whose time has come (called by the expiry loop; tests call it)."""
+        now = self._clock.now()
+        due: list[str] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, ip = heapq.heappop(self._expiry)
+            record = self._active.get(ip)
+            if record is not None and record.expires_at == expires_at:
+                due.append(ip)
+        if due:
+            await self._submit(_ExpireChange(due))
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            try:
+                await self.expire_due()
+            except Exception:
+                log.exception("expiry failed; retrying")
+            await asyncio.sleep(EXPIRY_TICK)
+
+    # The writer -------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("the broker has not been started")
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            changes = [queued.change for queued in batch]
+            try:
+                result = await self._in_writer(self._commit_isolated, changes)
+            except Exception as exc:  # never lose the waiting clients: tell them
+                log.exception("writer failed")
+                result = _BatchResult([_Outcome(error=_internal(exc)) for _ in batch])
+            self._publish(result)
+            for queued, outcome in zip(batch, result.outcomes, strict=True):
+                future = queued.future
+                if future.done():  # the client went away
+                    continue
+                if outcome.error is not None:
+                    future.set_exception(outcome.error)
+                else:
+                    future.set_result(outcome.result or {})
+
+    def _publish(self, result: _BatchResult) -> None:
+        for ip, record in result.changed.items():
+            if record is None:
+                self._active.pop(ip, None)
+            else:
+                self._active[ip] = record
+                heapq.heappush(self._expiry, (record.expires_at, ip))
+
+    def _commit_isolated(
+        self, batch: list[_AnyChange], earlier: dict[str, BlockRecord | None] | None = None
+    ) -> _BatchResult:
+        """Commit the batch at once; if that fails, split it in halves and retry each.
+
+        So one bad change (a kernel refusal, say) fails only its own client,
+        nobody hears "ok" for a change that was rolled back, and the good
+        changes still go in a few transactions. `earlier` holds what earlier
+        parts of the same batch committed, which the event loop has not
+        published yet.
+        """
+        try:
+            return self._commit(batch, earlier or {})
+        except Exception as exc:
+            if len(batch) == 1:
+                log.error("change failed: %s", exc)
+                return _BatchResult([_Outcome(error=_internal(exc))])
+            log.warning("batch of %d failed (%s); splitting it", len(batch), exc)
+        merged = _BatchResult([], dict(earlier or {}))
+        middle = len(batch) // 2
+        for part in (batch[:middle], batch[middle:]):
+            result = self._commit_isolated(part, merged.changed)
+            merged.outcomes.extend(result.outcomes)
+            merged.changed.update(result.changed)
+        return merged
+
+    def _commit(
+        self, batch: list[_AnyChange], earlier: dict[str, BlockRecord | None]
+    ) -> _BatchResult:
+        work = _Work(self, self._clock.now(), earlier)
+        with self._store.transaction():
+            outcomes = [work.run(change) for change in batch]
+            self._backend.apply(work.kernel_add, work.kernel_remove)
+        for line in work.log_lines:
+            log.info("%s", line)
+        return _BatchResult(outcomes, work.changed)
+
+    def _kernel_block(self, record: BlockRecord) -> KernelBlock:
+        return KernelBlock(stored_address(record.ip), record.expires_at)
+
+    def current(self, ip: str, changed: dict[str, BlockRecord | None]) -> BlockRecord | None:
+        if ip in changed:
+            return changed[ip]
+        return self._active.get(ip)
+
+
+class _Work:
+    """The state and kernel changes of one batch, built inside its transaction."""
+
+    def __init__(self, broker: Broker, now: float, earlier: dict[str, BlockRecord | None]) -> None:
+        self.broker = broker
+        self.store = broker._store
+        self.ladder = broker._ladder
+        self.now = now
+        self.changed: dict[str, BlockRecord | None] = dict(earlier)
+        self.kernel_add: list[KernelBlock] = []
+        self.kernel_remove: list[IPAddress] = []
+        self.log_lines: list[str] = []
+
+    def run(self, change: _AnyChange) -> _Outcome:
+        match change:
+            case _BlockChange():
+                return self._block(change)
+            case _UnblockChange():
+                return self._unblock(change)
+            case _ExpireChange():
+                return self._expire(change)
+
+    def _block(self, change: _BlockChange) -> _Outcome:
+        request, peer, ip = change.request, change.peer, str(change.address)
+        current = self.broker.current(ip, self.changed)
+        if current is not None and current.expires_at <= self.now:
+            # Due but not yet lifted by the expiry loop: lift it now, then decide afresh.
+            self.store.lift(current.id, self.now, "expired", "imr")
+            current = replace(current, lifted_at=self.now, lift_reason="expired")
+            self.changed[ip] = None
+        previous: BlockRecord | None
+        if current is not None and current.lifted_at is None:
+            previous = current
+        else:
+            previous = self.store.last_offence(ip)
+        decision = decide(
+            self.ladder, previous.as_previous() if previous else None, self.now, request.severity
+        )
+        reason, source = request.reason, request.source
+        if decision.action is Action.BLOCK:
+            record = self.store.insert_block(
+                ip, self.now, decision.expires_at, decision.rung, reason, source, peer.uid, peer.pid
+            )
+            self.kernel_add.append(KernelBlock(change.address, record.expires_at))
+        elif current is None:  # the policy only escalates or records an active block
+            raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
+        else:
+            record = current
+            if decision.action is Action.ESCALATE:
+                self.store.escalate(record.id, decision.rung, decision.expires_at)
+                record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
+                # Re-adding updates kernel timeouts (set backends); never duplicates.
+                self.kernel_add.append(KernelBlock(change.address, record.expires_at))
+        self.store.record_hit(
+            ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id
+        )
+        if decision.action is not Action.RECORD:
+            self.changed[ip] = record
+        verb = {"block": "blocked", "escalate": "escalated", "record": "hit on blocked"}[
+            decision.action.value
+        ]
+        self.log_lines.append(
+            f"{verb} {ip} until {timestamp(record.expires_at)} rung={record.rung}"
+            f" offence={record.offence} ({decision.why}) by {peer.describe()}"
+            f" source={source or '-'} reason={reason!r}"
+        )
+        result = block_info(record, self.now)
+        result.update(kind="block", action=decision.action.value, why=decision.why)
+        return _Outcome(result)
+
+    def _unblock(self, change: _UnblockChange) -> _Outcome:
+        ip = str(change.address)
+        current = self.broker.current(ip, self.changed)
+        if current is None:
+            return _Outcome(error=BrokerError("not_blocked", f"{ip} is not blocked"))
+        self.store.lift(current.id, self.now, "unblocked", change.peer.describe())
+        self.changed[ip] = None
+        self.kernel_remove.append(change.address)
+        self.log_lines.append(
+            f"unblocked {ip} by {change.peer.describe()} reason={change.request.reason!r}"
+        )
+        return _Outcome({"kind": "unblock", "ip": ip})
+
+    def _expire(self, change: _ExpireChange) -> _Outcome:
+        lifted = []
+        for ip in change.due:
+            current = self.broker.current(ip, self.changed)
+            if current is None or current.expires_at > self.now:
+                continue  # escalated or unblocked since it was found due
+            self.store.lift(current.id, self.now, "expired", "imr")
+            self.changed[ip] = None
+            self.kernel_remove.append(stored_address(ip))
+            lifted.append(ip)
+            self.log_lines.append(
+                f"expired {ip} (blocked {timestamp(current.blocked_at)}, rung {current.rung})"
+            )
+        return _Outcome({"kind": "expire", "lifted": lifted})
+
+
+def stored_address(ip: str) -> IPAddress:
+    """An address read back from the state file, where only valid ones are written."""
+    parsed = parse_address(ip)
+    if isinstance(parsed, Refusal):
+        raise ValueError(f"state file holds an invalid address {ip!r}")
+    return parsed
+
+
+def _internal(exc: Exception) -> BrokerError:
+    return BrokerError("internal_error", f"the change could not be applied: {exc}")
+
+
+def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
+    return {
+        "ip": record.ip,
+        "blocked_at": timestamp(record.blocked_at),
+        "expires_at": timestamp(record.expires_at),
+        "duration": format_duration(record.expires_at - record.blocked_at),
+        "remaining_seconds": max(0, round(record.expires_at - now))
+        if record.lifted_at is None
+        else 0,
+        "rung": record.rung,
+        "offence": record.offence,
+        "reason": record.reason,
+        "source": record.source,
+        "uid": record.uid,
+        "pid": record.pid,
+        "lifted_at": timestamp(record.lifted_at),
+        "lift_reason": record.lift_reason,
+        "lifted_by": record.lifted_by,
+    }
+
+
+def hit_info(hit: HitRecord) -> dict[str, Any]:
+    return {
+        "ip": hit.ip,
+        "at": timestamp(hit.at),
+        "outcome": hit.outcome,
+        "reason": hit.reason,
+        "source": hit.source,
+        "uid": hit.uid,
+        "pid": hit.pid,
+        "block_id": hit.block_id,
+    }

@@ -1,0 +1,254 @@
+"""The daemon's life cycle: pid file, background start with readiness, signals, shutdown.
+
+`imr server start` forks into the background and returns only once the
+daemon listens (or with the daemon's own error message); `--foreground` runs
+in the calling process for systemd and containers. A clean stop leaves every
+block in the kernel and the state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from imr.backends import make_backend
+from imr.backends.base import Backend, BackendError
+from imr.config import Config
+from imr.core.clock import SystemClock
+from imr.server.broker import Broker, BrokerError
+from imr.server.listener import ListenerError, UnixListener
+from imr.server.local_addresses import LocalAddresses
+from imr.store import Store, StoreError
+
+log = logging.getLogger("imr.daemon")
+
+READY_TIMEOUT = 60.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot start or stop; the message says why and what to do."""
+
+
+# Running ----------------------------------------------------------------------
+
+
+def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Run until SIGTERM/SIGINT. Raises DaemonError if start-up fails."""
+    if config.firewall.backend != "dryrun" and os.geteuid() != 0:
+        raise DaemonError(
+            "the daemon must run as root to change the firewall"
+            ' (or set firewall.backend = "dryrun" to try it without root)'
+        )
+    with _pid_file(config.server.pid_file):
+        store = _open_store(config)
+        backend: Backend | None = None
+        local = LocalAddresses()
+        try:
+            backend = make_backend(config.firewall)
+            local.start()
+            broker = Broker(config, store, backend, SystemClock(), local)
+            broker.reconcile()
+            asyncio.run(_serve(config, broker, on_ready))
+        except BackendError as exc:
+            raise DaemonError(f"firewall backend: {exc}") from None
+        except ListenerError as exc:
+            raise DaemonError(str(exc)) from None
+        except RuntimeError as exc:
+            raise DaemonError(str(exc)) from None
+        finally:
+            local.stop()
+            if backend is not None:
+                backend.close()
+            store.close()
+    log.info("stopped; blocks stay in force in the kernel and the state file")
+
+
+async def _serve(config: Config, broker: Broker, on_ready: Callable[[], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await broker.start()
+    listener = UnixListener(config.server, config.access, broker.handle, BrokerError)
+    try:
+        await listener.start()
+        log.info(
+            "ready: pid %d, %s, %d active blocks",
+            os.getpid(),
+            broker.status()["backend_detail"],
+            broker.status()["active_blocks"],
+        )
+        on_ready()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await listener.close()
+        await broker.stop()
+
+
+def _open_store(config: Config) -> Store:
+    try:
+        return Store(config.state.path)
+    except StoreError as exc:
+        raise DaemonError(str(exc)) from None
+    except OSError as exc:
+        raise DaemonError(f"{config.state.path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _pid_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the pid file for the daemon's lifetime: one daemon per file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise DaemonError(
+                f"imr is already running (pid {other or '?'}, pid file {path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)
+
+
+# Background start ---------------------------------------------------------------
+
+
+def start_background(config: Config, configure_logging: Callable[[Path | None], None]) -> int:
+    """Fork a daemon; return its pid once it is ready, or raise with its error."""
+    read_end, write_end = os.pipe()
+    first = os.fork()
+    if first == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        _become_daemon(config, configure_logging, write_end)
+    os.close(write_end)
+    os.waitpid(first, 0)  # the intermediate child exits at once
+    message = _read_all(read_end, READY_TIMEOUT)
+    os.close(read_end)
+    if message.startswith("ready "):
+        return int(message.split()[1])
+    raise DaemonError(message or "the daemon exited before it was ready; see its log")
+
+
+def _become_daemon(  # pragma: no cover - runs in the child
+    config: Config, configure_logging: Callable[[Path | None], None], ready_fd: int
+) -> None:
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    code = 0
+    try:
+        configure_logging(config.server.log_file)
+
+        def ready() -> None:
+            os.write(ready_fd, f"ready {os.getpid()}".encode())
+            os.close(ready_fd)
+
+        run_foreground(config, ready)
+    except DaemonError as exc:
+        log.error("%s", exc)
+        _write_quietly(ready_fd, str(exc))
+        code = 1
+    except Exception as exc:
+        log.exception("daemon failed")
+        _write_quietly(ready_fd, f"the daemon failed: {exc}")
+        code = 1
+    os._exit(code)
+
+
+def _write_quietly(fd: int, text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode())
+
+
+def _read_all(fd: int, timeout: float) -> str:
+    import select
+
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+# Stop ---------------------------------------------------------------------------
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (FileNotFoundError, PermissionError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def is_imr_process(pid: int) -> bool:
+    """Guard against a stale pid file naming a recycled pid of another program."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"imr" in cmdline
+
+
+def stop_daemon(config: Config, timeout: float = 20.0) -> int:
+    pid = read_pid(config.server.pid_file)
+    if pid is None or not is_imr_process(pid):
+        raise DaemonError(f"imr is not running (no live pid in {config.server.pid_file})")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return pid
+        time.sleep(0.05)
+    raise DaemonError(f"imr (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def configure_logging(log_file: Path | None, level: int = logging.INFO) -> None:
+    """Plain lines to stderr (journald adds time) or, in the background, to a file."""
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        )
+    root = logging.getLogger("imr")
+    root.handlers[:] = [handler]
+    root.setLevel(level)

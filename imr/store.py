@@ -1,0 +1,247 @@
+"""The state file: every block and every reported hit, in SQLite (WAL).
+
+Blocks are rows that stay forever: lifting a block sets `lifted_at`, so the
+history of an address outlives its blocks (the original tool's archive file).
+Commits use synchronous=FULL: once `transaction()` returns, the row survives a
+crash of the daemon or the machine, so the client may hear "ok".
+
+Only the daemon's writer thread uses a Store (sqlite3 connections are not
+shared between threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imr.core.policy import PreviousBlock
+
+# Each entry upgrades the schema by one version; never edit a released entry,
+# append a new one (statements are split on ";": keep semicolons out of literals).
+# PRAGMA user_version holds the current version.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE blocks (
+        id          INTEGER PRIMARY KEY,
+        ip          TEXT    NOT NULL,
+        blocked_at  REAL    NOT NULL,
+        expires_at  REAL    NOT NULL,
+        rung        INTEGER NOT NULL,
+        offence     INTEGER NOT NULL,
+        reason      TEXT    NOT NULL,
+        source      TEXT    NOT NULL,
+        uid         INTEGER,
+        pid         INTEGER,
+        lifted_at   REAL,
+        lift_reason TEXT,
+        lifted_by   TEXT
+    );
+    CREATE UNIQUE INDEX blocks_one_active_per_ip ON blocks(ip) WHERE lifted_at IS NULL;
+    CREATE INDEX blocks_by_ip ON blocks(ip, blocked_at);
+    CREATE TABLE hits (
+        id       INTEGER PRIMARY KEY,
+        ip       TEXT    NOT NULL,
+        at       REAL    NOT NULL,
+        outcome  TEXT    NOT NULL,
+        reason   TEXT    NOT NULL,
+        source   TEXT    NOT NULL,
+        uid      INTEGER,
+        pid      INTEGER,
+        block_id INTEGER REFERENCES blocks(id)
+    );
+    CREATE INDEX hits_by_ip ON hits(ip, at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The state file cannot be opened or is from a newer imr."""
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    id: int
+    ip: str
+    blocked_at: float
+    expires_at: float
+    rung: int
+    offence: int
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    lifted_at: float | None = None
+    lift_reason: str | None = None
+    lifted_by: str | None = None
+
+    def as_previous(self) -> PreviousBlock:
+        return PreviousBlock(self.blocked_at, self.rung, self.expires_at, self.lifted_at)
+
+
+@dataclass(frozen=True)
+class HitRecord:
+    id: int
+    ip: str
+    at: float
+    outcome: str
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    block_id: int | None
+
+
+_BLOCK_COLUMNS = (
+    "id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid,"
+    " lifted_at, lift_reason, lifted_by"
+)
+_HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open the state file: {exc}") from None
+        path.chmod(0o640)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this imr knows"
+                f" ({SCHEMA_VERSION}); upgrade imr"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self.transaction():
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={number + 1}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One durable transaction: committed (fsync'd) on success, rolled back on error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT leaves the transaction open: roll it back too.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    # Writes (inside transaction()) ------------------------------------------
+
+    def insert_block(
+        self,
+        ip: str,
+        blocked_at: float,
+        expires_at: float,
+        rung: int,
+        reason: str,
+        source: str,
+        uid: int | None,
+        pid: int | None,
+    ) -> BlockRecord:
+        offence = self.offence_count(ip) + 1
+        cursor = self._db.execute(
+            "INSERT INTO blocks"
+            " (ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid),
+        )
+        block_id = int(cursor.lastrowid or 0)
+        return BlockRecord(
+            block_id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid
+        )
+
+    def escalate(self, block_id: int, rung: int, expires_at: float) -> None:
+        self._db.execute(
+            "UPDATE blocks SET rung = ?, expires_at = ? WHERE id = ?", (rung, expires_at, block_id)
+        )
+
+    def lift(self, block_id: int, at: float, reason: str, by: str) -> None:
+        self._db.execute(
+            "UPDATE blocks SET lifted_at = ?, lift_reason = ?, lifted_by = ?"
+            " WHERE id = ? AND lifted_at IS NULL",
+            (at, reason, by, block_id),
+        )
+
+    def record_hit(
+        self,
+        ip: str,
+        at: float,
+        outcome: str,
+        reason: str,
+        source: str,
+        uid: int | None,
+        pid: int | None,
+        block_id: int | None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO hits (ip, at, outcome, reason, source, uid, pid, block_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (ip, at, outcome, reason, source, uid, pid, block_id),
+        )
+
+    # Reads --------------------------------------------------------------------
+
+    def active_blocks(self) -> list[BlockRecord]:
+        rows = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE lifted_at IS NULL ORDER BY blocked_at"
+        ).fetchall()
+        return [BlockRecord(*row) for row in rows]
+
+    def offence_count(self, ip: str) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM blocks WHERE ip = ?", (ip,)).fetchone()
+        return int(row[0])
+
+    def last_offence(self, ip: str) -> BlockRecord | None:
+        """The latest block that counts for the repeat ladder.
+
+        A block an admin lifted by hand is taken as a pardon (a false
+        positive, usually) and does not make the next block a repeat.
+        """
+        row = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks"
+            " WHERE ip = ? AND (lift_reason IS NULL OR lift_reason != 'unblocked')"
+            " ORDER BY blocked_at DESC, id DESC LIMIT 1",
+            (ip,),
+        ).fetchone()
+        return BlockRecord(*row) if row else None
+
+    def history(self, ip: str) -> tuple[list[BlockRecord], list[HitRecord]]:
+        blocks = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ? ORDER BY blocked_at, id", (ip,)
+        ).fetchall()
+        hits = self._db.execute(
+            f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? ORDER BY at, id", (ip,)
+        ).fetchall()
+        return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
+
+    def export(self) -> dict[str, Any]:
+        blocks = self._db.execute(f"SELECT {_BLOCK_COLUMNS} FROM blocks ORDER BY id").fetchall()
+        hits = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM hits ORDER BY id").fetchall()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "blocks": [BlockRecord(*r) for r in blocks],
+            "hits": [HitRecord(*r) for r in hits],
+        }
