@@ -239,6 +239,9 @@ def daemon_world(flavour: str = "nft") -> Iterator[Daemon]:
             [f"{SERVER_SIDE_V4}/24", f"{SERVER_SIDE_V6}/64"],
             [f"{INNOCENT_V4}/24", f"{INNOCENT_V6}/64"],
         )
+        # REJECT answers are ICMP errors, which the kernel rate-limits per peer:
+        # tests probe the same peer several times in a second.
+        server.run("sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0")
         daemon = Daemon(server, attacker, innocent, root, flavour=flavour)
         yield daemon
     finally:

@@ -57,7 +57,13 @@ def rule_for(address: str, rules: str) -> list[str]:
     return [line for line in rules.splitlines() if f"-s {address}/" in line]
 
 
-def test_unprivileged_block_rejects_real_packets_on_listed_ports_only(world: Daemon) -> None:
+@pytest.mark.parametrize("flavour", ["nft", "legacy"])
+def test_unprivileged_block_rejects_real_packets_on_listed_ports_only(flavour: str) -> None:
+    with daemon_world(flavour) as world:
+        _block_and_probe(world)
+
+
+def _block_and_probe(world: Daemon) -> None:
     world.ports = (80,)
     started(world)
     world.listen(80, 8080)

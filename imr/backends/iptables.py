@@ -1,0 +1,742 @@
+"""Per-address REJECT rules in imr's own iptables chain, for IPv4 and IPv6.
+
+Layout (the same for both address families):
+
+    -A INPUT -j IMR                      inserted once, at position 1, by prepare()
+    -A IMR -s 192.0.2.7/32 -p tcp -m multiport --dports 80,25 -j REJECT --reject-with ...
+
+A host runs one of two iptables flavours and mixing them is never right:
+
+* nft: the Debian 12 default (iptables-nft). Every change is one
+  `iptables-nft-restore --noflush` batch on stdin, which the kernel applies as
+  one nf_tables transaction: all of it or nothing.
+* legacy: the old x_tables kernel interface, driven through python-iptables
+  (libiptc). All changes to a table go into one handle and one commit, under
+  the xtables lock that the iptables tools themselves take.
+
+IPv4 and IPv6 are separate tables, so a batch touching both is two commits;
+if the second fails, the first is undone (best effort, logged if that fails too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.config import FirewallConfig
+from imr.core.addresses import IPAddress
+
+log = logging.getLogger("imr.backend")
+
+Flavour = Literal["nft", "legacy"]
+Family = Literal[4, 6]
+FAMILIES: tuple[Family, ...] = (4, 6)
+
+# Runs one command and returns its result; raises FileNotFoundError for a missing tool.
+Runner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
+
+TOOL_TIMEOUT = 30.0  # seconds; iptables tools normally answer in milliseconds
+XTABLES_LOCK_WAIT = 10.0  # seconds we wait for another iptables command to finish
+DEFAULT_XTABLES_LOCKFILE = "/run/xtables.lock"
+PACKAGE_HINT = "install the Debian package 'iptables' (apt-get install iptables)"
+FLAVOUR_LABELS: dict[Flavour, str] = {"nft": "nf_tables", "legacy": "legacy"}
+_SAVE_TOOLS: dict[Flavour, tuple[str, str]] = {
+    "nft": ("iptables-nft-save", "ip6tables-nft-save"),
+    "legacy": ("iptables-legacy-save", "ip6tables-legacy-save"),
+}
+
+
+def run_tool(
+    argv: Sequence[str], input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a firewall tool with an argument list (never a shell) and capture its output."""
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        input=input_text,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Flavour detection
+
+
+@dataclass(frozen=True)
+class _SaveSummary:
+    rules: int  # "-A" lines over both address families and all tables
+    has_chain: bool  # imr's chain exists in a filter table
+
+
+def detect_flavour(run: Runner = run_tool, chain: str = "IMR") -> tuple[Flavour, str]:
+    """Pick the iptables flavour the host uses; returns (flavour, why) for the status line.
+
+    The order follows Kubernetes' iptables-wrapper: first stay where imr already
+    is, then go where the rules are, and on a tie believe `iptables -V`.
+    """
+    summaries = {
+        flavour: _summarise_saves(run, tools, chain) for flavour, tools in _SAVE_TOOLS.items()
+    }
+    nft, legacy = summaries["nft"], summaries["legacy"]
+    if nft is None and legacy is None:
+        raise BackendError(
+            f"neither iptables-nft-save nor iptables-legacy-save found: {PACKAGE_HINT}"
+        )
+    if nft is None or legacy is None:
+        only: Flavour = "legacy" if nft is None else "nft"
+        return only, f"only the {FLAVOUR_LABELS[only]} tools are installed"
+    if nft.has_chain != legacy.has_chain:
+        where: Flavour = "nft" if nft.has_chain else "legacy"
+        return where, f"chain {chain} already exists in the {FLAVOUR_LABELS[where]} tables"
+    if nft.rules != legacy.rules:
+        more: Flavour = "nft" if nft.rules > legacy.rules else "legacy"
+        return more, f"nf_tables holds {nft.rules} rules, legacy {legacy.rules}"
+    return _flavour_from_version(run)
+
+
+def _summarise_saves(run: Runner, tools: Sequence[str], chain: str) -> _SaveSummary | None:
+    """Rule count and chain presence over the given *-save tools; None if one is missing."""
+    rules, has_chain = 0, False
+    for tool in tools:
+        result = _run_for_detection(run, [tool])
+        if result is None:
+            return None
+        if result.returncode != 0:
+            # e.g. the legacy kernel modules cannot be loaded: that flavour holds nothing.
+            log.debug("%s failed during flavour detection: %s", tool, _trim(result.stderr))
+            continue
+        table = ""
+        for line in result.stdout.splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
+            elif line.startswith("-A "):
+                rules += 1
+            elif table == "filter" and line.startswith(f":{chain} "):
+                has_chain = True
+    return _SaveSummary(rules, has_chain)
+
+
+def _flavour_from_version(run: Runner) -> tuple[Flavour, str]:
+    result = _run_for_detection(run, ["iptables", "-V"])
+    if result is None:
+        raise BackendError(
+            f"cannot tell which iptables flavour this host uses: 'iptables' not found; "
+            f"{PACKAGE_HINT}, or set firewall.iptables_flavour to 'nft' or 'legacy'"
+        )
+    version = result.stdout + result.stderr
+    if "(nf_tables)" in version:
+        return "nft", "iptables -V says nf_tables"
+    if "(legacy)" in version:
+        return "legacy", "iptables -V says legacy"
+    raise BackendError(
+        f"cannot tell which iptables flavour this host uses: iptables -V said "
+        f"{_trim(version)!r}; set firewall.iptables_flavour to 'nft' or 'legacy'"
+    )
+
+
+def _run_for_detection(run: Runner, argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return run(argv)
+    except FileNotFoundError:
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BackendError(f"{argv[0]} could not be run: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# What a rule looks like, shared by both flavours
+
+
+@dataclass(frozen=True)
+class RuleShape:
+    """The match and verdict of every per-address rule, from the configuration."""
+
+    protocol: str | None  # None: every protocol
+    dports: str | None  # multiport list as iptables prints it, e.g. "80,25,8000:8080"
+    reject_with: dict[int, str]  # by address family
+
+    @classmethod
+    def from_config(cls, config: FirewallConfig) -> RuleShape:
+        protocol = None if config.protocol == "all" else config.protocol
+        dports = ",".join(_canonical_port(spec) for spec in config.ports) or None
+        return cls(protocol, dports, {4: config.reject_with_ipv4, 6: config.reject_with_ipv6})
+
+    def tokens(self, address: IPAddress) -> list[str]:
+        """The rule in `iptables -S` form (without "-A CHAIN"), so it compares with a listing."""
+        tokens = ["-s", f"{address}/{address.max_prefixlen}"]
+        if self.protocol:
+            tokens += ["-p", self.protocol]
+        if self.dports:
+            tokens += ["-m", "multiport", "--dports", self.dports]
+        return [*tokens, "-j", "REJECT", "--reject-with", self.reject_with[address.version]]
+
+
+def _canonical_port(spec: str) -> str:
+    # iptables prints ports without leading zeros; matching its form avoids needless rewrites.
+    low, _, high = spec.partition(":")
+    if not high or int(high) == int(low):
+        return str(int(low))
+    return f"{int(low)}:{int(high)}"
+
+
+def host_address(text: str) -> IPAddress | None:
+    """The address of a single-host source ("192.0.2.7/32", "192.0.2.7/255.255.255.255")."""
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:  # also "!192.0.2.7/32": a negated source is no block
+        return None
+    return network.network_address if network.prefixlen == network.max_prefixlen else None
+
+
+def _source_of(tokens: Sequence[str]) -> IPAddress | None:
+    for index, token in enumerate(tokens[:-1]):
+        if token in ("-s", "--source"):
+            if index and tokens[index - 1] == "!":
+                return None
+            return host_address(tokens[index + 1])
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Planning a change against the rules the kernel has now
+
+R = TypeVar("R")  # a flavour's handle on one kernel rule
+
+
+@dataclass
+class _Change:
+    """What one family's commit changed, so that a failure in the other family can undo it."""
+
+    added: list[IPAddress] = field(default_factory=list)
+    removed: list[IPAddress] = field(default_factory=list)
+
+
+@dataclass
+class _Plan(Generic[R]):
+    delete: list[R] = field(default_factory=list)
+    append: list[IPAddress] = field(default_factory=list)
+    change: _Change = field(default_factory=_Change)
+
+
+def _plan(
+    existing: Sequence[tuple[IPAddress | None, R]],
+    add: Sequence[IPAddress],
+    remove: Sequence[IPAddress],
+    is_wanted: Callable[[R, IPAddress], bool],
+) -> _Plan[R]:
+    """Deletes and appends that make the chain block `add` and not `remove`.
+
+    Only rules the kernel really has are deleted (deleting a missing rule would
+    abort the whole batch). An address already blocked by a rule of the wanted
+    shape keeps it; rules of another shape (ports changed in the configuration)
+    and duplicates are replaced. An address in both lists ends up blocked.
+    """
+    by_source: dict[IPAddress, list[R]] = {}
+    for source, rule in existing:
+        if source is not None:
+            by_source.setdefault(source, []).append(rule)
+    plan: _Plan[R] = _Plan()
+    adding = dict.fromkeys(add)  # ordered and without repeats
+    for address in dict.fromkeys(remove):
+        if address in adding:
+            continue
+        if rules := by_source.get(address):
+            plan.delete += rules
+            plan.change.removed.append(address)
+    for address in adding:
+        rules = by_source.get(address, [])
+        keep = next((rule for rule in rules if is_wanted(rule, address)), None)
+        plan.delete += [rule for rule in rules if rule is not keep]
+        if keep is None:
+            plan.append.append(address)
+            if not rules:
+                plan.change.added.append(address)
+    return plan
+
+
+def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    return list(dict.fromkeys(addresses))
+
+
+# ---------------------------------------------------------------------------
+# The two flavours behind one small interface, one address family per call
+
+
+class _Driver(ABC):
+    flavour: Flavour
+
+    def __init__(self, chain: str, shape: RuleShape) -> None:
+        self.chain = chain
+        self.shape = shape
+
+    @abstractmethod
+    def prepare(self, family: Family) -> None: ...
+
+    @abstractmethod
+    def apply(
+        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
+    ) -> _Change:
+        """Creates the chain and jump first if they are missing and there is something to add."""
+
+    @abstractmethod
+    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        """Returns the addresses blocked before, for undoing."""
+
+    @abstractmethod
+    def installed(self, family: Family) -> list[IPAddress]: ...
+
+    @abstractmethod
+    def teardown(self, family: Family) -> None: ...
+
+
+class _NftDriver(_Driver):
+    """iptables-nft: reads with `iptables-nft -S`, writes with one restore batch per call."""
+
+    flavour: Flavour = "nft"
+
+    def __init__(self, chain: str, shape: RuleShape) -> None:
+        super().__init__(chain, shape)
+        self.list_tools: dict[int, str] = {4: "iptables-nft", 6: "ip6tables-nft"}
+        self.restore_tools: dict[int, str] = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
+        missing = [
+            tool
+            for tool in (*self.list_tools.values(), *self.restore_tools.values())
+            if shutil.which(tool) is None
+        ]
+        if missing:
+            raise BackendError(f"{', '.join(missing)} not found: {PACKAGE_HINT}")
+
+    def prepare(self, family: Family) -> None:
+        lines = []
+        if self._read_chain(family) is None:
+            lines.append(f"-N {self.chain}")
+        jumps = self._count_jumps(family)
+        if jumps != 1:
+            # None, or several (someone duplicated it): a delete takes the first match, so drop
+            # them all and insert one at the top again, in the same transaction.
+            lines += [f"-D INPUT -j {self.chain}"] * jumps
+            lines.append(f"-I INPUT 1 -j {self.chain}")
+        if lines:
+            self._commit(family, lines)
+
+    def apply(
+        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
+    ) -> _Change:
+        rules = self._read_chain(family)
+        lines = []
+        if rules is None:
+            if not add:
+                return _Change()
+            log.warning("chain %s is missing (IPv%d); creating it again", self.chain, family)
+            lines += [f"-N {self.chain}", f"-I INPUT 1 -j {self.chain}"]
+            rules = []
+        plan = _plan(
+            [(_source_of(tokens), text) for text, tokens in rules],
+            add,
+            remove,
+            lambda text, address: shlex.split(text) == self.shape.tokens(address),
+        )
+        # Deleting by the kernel's own text removes exactly the listed rule, whatever its shape.
+        lines += [f"-D {self.chain} {text}" for text in plan.delete]
+        lines += [self._append_line(address) for address in plan.append]
+        if lines:
+            self._commit(family, lines)
+        return plan.change
+
+    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        rules = self._read_chain(family)
+        if rules is None:
+            if not addresses:
+                return []
+            lines = [f"-N {self.chain}", f"-I INPUT 1 -j {self.chain}"]
+            previous: list[IPAddress] = []
+        else:
+            lines = [f"-F {self.chain}"]
+            previous = _sources(tokens for _, tokens in rules)
+        lines += [self._append_line(address) for address in _unique(addresses)]
+        self._commit(family, lines)
+        return previous
+
+    def installed(self, family: Family) -> list[IPAddress]:
+        return _sources(tokens for _, tokens in self._read_chain(family) or [])
+
+    def teardown(self, family: Family) -> None:
+        lines = [f"-D INPUT -j {self.chain}"] * self._count_jumps(family)
+        if self._read_chain(family) is not None:
+            lines += [f"-F {self.chain}", f"-X {self.chain}"]
+        if lines:
+            self._commit(family, lines)
+
+    def _append_line(self, address: IPAddress) -> str:
+        return f"-A {self.chain} {' '.join(self.shape.tokens(address))}"
+
+    def _read_chain(self, family: Family) -> list[tuple[str, list[str]]] | None:
+        """The chain's rules as (text, tokens) in `-S` form, or None if the chain is missing."""
+        tool = self.list_tools[family]
+        result = self._run([tool, "-S", self.chain])
+        if result.returncode != 0:
+            # iptables-nft 1.8.9 reports a missing chain as "incompatible", just
+            # like a real problem; the table listing tells the two apart.
+            table = self._run([tool, "-S"])
+            if table.returncode == 0 and f"-N {self.chain}" not in table.stdout.splitlines():
+                return None
+            raise BackendError(f"{tool} -S {self.chain} failed: {_trim(result.stderr)}")
+        prefix = f"-A {self.chain} "
+        rules = []
+        for line in result.stdout.splitlines():
+            if line.startswith(prefix):
+                text = line[len(prefix) :]
+                try:
+                    tokens = shlex.split(text)
+                except ValueError:  # quoting we do not understand: not one of ours
+                    tokens = []
+                rules.append((text, tokens))
+        return rules
+
+    def _count_jumps(self, family: Family) -> int:
+        tool = self.list_tools[family]
+        result = self._run([tool, "-S", "INPUT"])
+        if result.returncode != 0:
+            raise BackendError(f"{tool} -S INPUT failed: {_trim(result.stderr)}")
+        return result.stdout.splitlines().count(f"-A INPUT -j {self.chain}")
+
+    def _commit(self, family: Family, lines: Sequence[str]) -> None:
+        tool = self.restore_tools[family]
+        batch = "*filter\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+        result = self._run([tool, "--noflush"], batch)
+        if result.returncode != 0:
+            raise BackendError(
+                f"{tool} refused the change: {_explain_restore_error(result.stderr, lines)}"
+            )
+
+    @staticmethod
+    def _run(
+        argv: Sequence[str], input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            return run_tool(argv, input_text)
+        except FileNotFoundError:
+            raise BackendError(f"{argv[0]} not found: {PACKAGE_HINT}") from None
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"{argv[0]} did not finish within {TOOL_TIMEOUT:.0f} s") from None
+        except OSError as exc:
+            raise BackendError(f"{argv[0]} could not be run: {exc}") from None
+
+
+def _sources(rules: Iterable[Sequence[str]]) -> list[IPAddress]:
+    return [source for tokens in rules if (source := _source_of(tokens)) is not None]
+
+
+def _explain_restore_error(stderr: str, lines: Sequence[str]) -> str:
+    """The tool's message, plus the batch line it names (line 1 of the batch is "*filter")."""
+    message = _trim(stderr)
+    found = re.search(r"line:? (\d+)", stderr)
+    if found and 2 <= int(found.group(1)) <= len(lines) + 1:
+        message += f" [at: {lines[int(found.group(1)) - 2]}]"
+    return message
+
+
+# Python-iptables keeps one process-wide handle per table; calls must not interleave.
+_LIBIPTC_GUARD = threading.Lock()
+
+
+class _LegacyDriver(_Driver):
+    """x_tables through python-iptables: one libiptc handle and one commit per call."""
+
+    flavour: Flavour = "legacy"
+
+    def __init__(self, chain: str, shape: RuleShape) -> None:
+        super().__init__(chain, shape)
+        try:
+            # Imported here: python-iptables only speaks legacy x_tables, and
+            # nft-only hosts need neither it nor its C libraries.
+            import iptc
+        except (ImportError, OSError) as exc:
+            raise BackendError(
+                f"the legacy iptables flavour needs python-iptables and libiptc ({exc}); "
+                f"pip install python-iptables and {PACKAGE_HINT}, "
+                f"or set firewall.iptables_flavour = 'nft'"
+            ) from None
+        self._iptc: Any = iptc
+        # python-iptables looks through every table (nat, mangle, ...) whenever it meets
+        # a jump to a user chain, opening a handle on each: on a real host that would
+        # instantiate those legacy tables and keep stale handles. imr uses only filter.
+        for table_class in (iptc.Table, iptc.Table6):
+            for name in table_class.ALL:
+                table_class.existing_table_names[name] = name == table_class.FILTER
+        self.lock_path = os.environ.get("XTABLES_LOCKFILE") or DEFAULT_XTABLES_LOCKFILE
+        self.lock_wait = XTABLES_LOCK_WAIT
+
+    def prepare(self, family: Family) -> None:
+        with self._table(family) as table:
+            changed = False
+            if not table.is_chain(self.chain):
+                table.create_chain(self.chain)
+                changed = True
+            jumps = self._jumps(table, family)
+            if len(jumps) != 1:
+                # None, or several (someone duplicated it): a delete takes the first match, so
+                # drop them all and insert one at the top again, in the same commit.
+                for jump in jumps:
+                    self._iptc.Chain(table, "INPUT").delete_rule(jump)
+                self._insert_jump(table, family)
+                changed = True
+            if changed:
+                table.commit()
+
+    def apply(
+        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
+    ) -> _Change:
+        with self._table(family) as table:
+            created = not table.is_chain(self.chain)
+            if created:
+                if not add:
+                    return _Change()
+                log.warning("chain %s is missing (IPv%d); creating it again", self.chain, family)
+                table.create_chain(self.chain)
+                self._insert_jump(table, family)
+            chain = self._iptc.Chain(table, self.chain)
+            plan = _plan(
+                [(host_address(rule.src), rule) for rule in chain.rules],
+                add,
+                remove,
+                lambda rule, address: bool(rule == self._rule(address)),
+            )
+            for rule in plan.delete:
+                chain.delete_rule(rule)
+            for address in plan.append:
+                chain.append_rule(self._rule(address))
+            if created or plan.delete or plan.append:
+                table.commit()
+            return plan.change
+
+    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        with self._table(family) as table:
+            previous: list[IPAddress] = []
+            if table.is_chain(self.chain):
+                previous = self._sources(table)
+                table.flush_entries(self.chain)
+            elif addresses:
+                table.create_chain(self.chain)
+                self._insert_jump(table, family)
+            else:
+                return []
+            chain = self._iptc.Chain(table, self.chain)
+            for address in _unique(addresses):
+                chain.append_rule(self._rule(address))
+            table.commit()
+            return previous
+
+    def installed(self, family: Family) -> list[IPAddress]:
+        with self._table(family) as table:
+            return self._sources(table) if table.is_chain(self.chain) else []
+
+    def teardown(self, family: Family) -> None:
+        with self._table(family) as table:
+            jumps = self._jumps(table, family)
+            for jump in jumps:
+                self._iptc.Chain(table, "INPUT").delete_rule(jump)
+            exists = bool(table.is_chain(self.chain))
+            if exists:
+                table.flush_entries(self.chain)
+                table.delete_chain(self.chain)
+            if jumps or exists:
+                table.commit()
+
+    @contextlib.contextmanager
+    def _table(self, family: Family) -> Iterator[Any]:
+        """A fresh handle on the filter table under the xtables lock, freed afterwards.
+
+        The handle is made in the calling thread's network namespace and holds a
+        socket there, so it is never kept between calls.
+        """
+        iptc = self._iptc
+        tool = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+        with _LIBIPTC_GUARD, xtables_lock(self.lock_path, self.lock_wait):
+            table: Any = None
+            try:
+                table_class = iptc.Table if family == 4 else iptc.Table6
+                table = table_class(table_class.FILTER, autocommit=False)
+                table.autocommit = False  # the table object is shared process-wide
+                table.refresh()
+                yield table
+            except (iptc.IPTCError, iptc.XTablesError, ValueError) as exc:
+                # libiptc's reason arrives as a bytes repr ("b'Too many links'").
+                reason = re.sub(r"""b(['"])(.*?)\1""", r"\2", str(exc))
+                raise BackendError(f"{tool} (python-iptables): {reason}") from None
+            finally:
+                if table is not None:
+                    table.close()  # uncommitted changes are dropped (autocommit is off)
+
+    def _rule(self, address: IPAddress) -> Any:
+        rule = self._iptc.Rule() if address.version == 4 else self._iptc.Rule6()
+        rule.src = str(address)
+        if self.shape.protocol:
+            rule.protocol = self.shape.protocol
+        if self.shape.dports:
+            rule.create_match("multiport").dports = self.shape.dports
+        rule.create_target("REJECT").reject_with = self.shape.reject_with[address.version]
+        return rule
+
+    def _jump_rule(self, family: Family) -> Any:
+        rule = self._iptc.Rule() if family == 4 else self._iptc.Rule6()
+        rule.create_target(self.chain)
+        return rule
+
+    def _jumps(self, table: Any, family: Family) -> list[Any]:
+        if not table.is_chain(self.chain):
+            return []  # no jump can exist; and a jump rule cannot even be built without it
+        jump = self._jump_rule(family)
+        return [rule for rule in self._iptc.Chain(table, "INPUT").rules if rule == jump]
+
+    def _insert_jump(self, table: Any, family: Family) -> None:
+        self._iptc.Chain(table, "INPUT").insert_rule(self._jump_rule(family), 0)
+
+    def _sources(self, table: Any) -> list[IPAddress]:
+        rules = self._iptc.Chain(table, self.chain).rules
+        return [source for rule in rules if (source := host_address(rule.src)) is not None]
+
+
+@contextlib.contextmanager
+def xtables_lock(path: str, wait: float) -> Iterator[None]:
+    """Hold the lock the iptables tools take, so no concurrent command loses our commit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise BackendError(f"cannot open the xtables lock {path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BackendError(
+                        f"another iptables command held the xtables lock {path} "
+                        f"for more than {wait:g} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---------------------------------------------------------------------------
+# The backend
+
+
+class IptablesBackend(Backend):
+    name = "iptables"
+
+    def __init__(self, config: FirewallConfig, flavour: str | None = None) -> None:
+        """`flavour` overrides config.iptables_flavour: "auto", "nft" or "legacy"."""
+        requested = flavour if flavour is not None else config.iptables_flavour
+        if requested == "auto":
+            chosen, why = detect_flavour(chain=config.chain)
+            self._origin = f"auto-detected, {why}"
+        elif requested in ("nft", "legacy"):
+            chosen = "nft" if requested == "nft" else "legacy"
+            self._origin = "set by the caller" if flavour is not None else "set in the config"
+        else:
+            raise BackendError(
+                f"unknown iptables flavour {requested!r}: expected auto, nft or legacy"
+            )
+        self.config = config
+        shape = RuleShape.from_config(config)
+        self._driver: _Driver = (
+            _NftDriver(config.chain, shape)
+            if chosen == "nft"
+            else _LegacyDriver(config.chain, shape)
+        )
+        # One change at a time: each is read, plan, write, which must not interleave.
+        self._lock = threading.Lock()
+
+    @property
+    def flavour(self) -> Flavour:
+        return self._driver.flavour
+
+    def describe(self) -> str:
+        return f"iptables ({FLAVOUR_LABELS[self.flavour]} flavour: {self._origin})"
+
+    def prepare(self) -> None:
+        with self._lock:
+            for family in FAMILIES:
+                self._driver.prepare(family)
+
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+        adds = _by_family(block.address for block in add)
+        removes = _by_family(remove)
+        with self._lock:
+            done: list[tuple[Family, _Change]] = []
+            try:
+                for family in FAMILIES:
+                    if adds[family] or removes[family]:
+                        change = self._driver.apply(family, adds[family], removes[family])
+                        done.append((family, change))
+            except BackendError:
+                for family, change in done:
+                    try:
+                        self._driver.apply(family, change.removed, change.added)
+                    except BackendError as exc:
+                        log.error(
+                            "could not undo the IPv%d half of a failed change: %s", family, exc
+                        )
+                raise
+
+    def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
+        wanted = _by_family(block.address for block in blocks)
+        with self._lock:
+            done: list[tuple[Family, list[IPAddress]]] = []
+            try:
+                for family in FAMILIES:
+                    done.append((family, self._driver.replace_all(family, wanted[family])))
+            except BackendError:
+                for family, previous in done:
+                    try:
+                        self._driver.replace_all(family, previous)
+                    except BackendError as exc:
+                        log.error(
+                            "could not undo the IPv%d half of a failed change: %s", family, exc
+                        )
+                raise
+
+    def installed(self) -> set[IPAddress]:
+        with self._lock:
+            return {address for family in FAMILIES for address in self._driver.installed(family)}
+
+    def teardown(self) -> None:
+        with self._lock:
+            for family in FAMILIES:
+                self._driver.teardown(family)
+
+
+def _by_family(addresses: Iterable[IPAddress]) -> dict[Family, list[IPAddress]]:
+    split: dict[Family, list[IPAddress]] = {4: [], 6: []}
+    for address in addresses:
+        split[4 if address.version == 4 else 6].append(address)
+    return split
+
+
+def _trim(text: str, limit: int = 400) -> str:
+    """A tool's complaint without usage hints, short enough for one log line."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    kept = [line for line in lines if line and not line.startswith("Try `")]
+    message = " / ".join(kept) or "(no message)"
+    return message if len(message) <= limit else message[: limit - 3] + "..."
