@@ -16,7 +16,7 @@ import click
 from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
-from imr.config import ConfigError, config_path, load_config
+from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -54,8 +54,8 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     """imr: block attackers in the kernel firewall on request of unprivileged clients."""
     path = config_path(config_file)
     try:
-        # Only an explicitly named file must exist; a missing default means defaults.
-        config = load_config(path, missing_ok=config_file is None and path.name == "imr.toml")
+        # Only a file named by --config or $IMR_CONFIG must exist; no default file means defaults.
+        config = load_config(path, missing_ok=path == DEFAULT_CONFIG_PATH)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     ctx.obj = CliContext(config, path)

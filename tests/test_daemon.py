@@ -5,9 +5,11 @@ Every test builds its own namespaces (tests/daemon_harness.py) and removes them.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from daemon_harness import (
     ATTACKER_V4,
     ATTACKER_V6,
     BLOCKER,
+    GROUP,
     INNOCENT_V4,
     NOBODY,
     READER,
@@ -259,3 +262,30 @@ def _uid(user: str) -> int:
     import pwd
 
     return pwd.getpwnam(user).pw_uid
+
+
+def test_socket_mode_group_and_addresses_added_while_running(world: Daemon) -> None:
+    started(world)
+    info = world.socket.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert grp.getgrgid(info.st_gid).gr_name == GROUP
+
+    # An address the host gains while imr runs is protected at once (netlink events).
+    world.server.run("ip", "addr", "add", "203.0.113.200/32", "dev", "lo")
+    assert world.wait_for(
+        lambda: "address of this host" in world.as_user(BLOCKER, "block", "203.0.113.200").stderr,
+        timeout=5,
+    )
+    assert rule_for("203.0.113.200", world.rules(4)) == []
+
+
+def test_export_dumps_blocks_and_reports(world: Daemon) -> None:
+    started(world)
+    assert world.as_user(BLOCKER, "block", ATTACKER_V4, "--reason", "scan").returncode == 0
+    assert world.as_root("unblock", ATTACKER_V4).returncode == 0
+    exported = world.as_user(READER, "export")
+    assert exported.returncode == 0, exported.stderr
+    data = json.loads(exported.stdout)
+    assert data["schema_version"] == 1
+    assert [(b["ip"], b["lift_reason"]) for b in data["blocks"]] == [(ATTACKER_V4, "unblocked")]
+    assert [(h["ip"], h["reason"]) for h in data["hits"]] == [(ATTACKER_V4, "scan")]

@@ -34,6 +34,7 @@ log = logging.getLogger("imr.listener")
 
 Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
 WRITE_TIMEOUT = 5.0
+DISCARD_SECONDS = 1.0
 
 
 class ListenerError(Exception):
@@ -193,3 +194,18 @@ class UnixListener:
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+async def _discard_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then swallow what the client is still sending, briefly.
+
+    Closing a socket with unread input resets it, and the client would lose
+    the error reply it is about to read; so read and drop for up to a second.
+    """
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write_eof()
+    deadline = asyncio.get_running_loop().time() + DISCARD_SECONDS
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            if not await asyncio.wait_for(reader.read(65536), left):
+                break
