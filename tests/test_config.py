@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_are_one_day_then_seven_days() -> None:
     config = Config()
     assert config.policy.ladder == [86400, 7 * 86400]
-    assert config.firewall.backend == "iptables"
+    assert config.firewall.backend == "auto"
     assert str(config.server.socket) == "/run/imr/imr.sock"
 
 

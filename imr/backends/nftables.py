@@ -143,10 +143,12 @@ class _NftCommand(_Transport):
             raise BackendError(f"neither libnftables.so.1 nor nft found: {PACKAGE_HINT}")
 
     def run(self, script: str, json_output: bool = False) -> str:
-        argv = ["nft", *(["-j"] if json_output else []), "-f", "-"]
+        # With -j, nft also reads its input as JSON: listings (plain words) go as arguments.
+        argv = ["nft", "-j", *script.split()] if json_output else ["nft", "-f", "-"]
+        stdin = None if json_output else script
         try:
             result = subprocess.run(
-                argv, input=script, capture_output=True, text=True, timeout=TOOL_TIMEOUT
+                argv, input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise BackendError(f"nft could not be run: {exc}") from None

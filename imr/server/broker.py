@@ -125,8 +125,11 @@ class Broker:
         backend: Backend,
         clock: Clock,
         local: AddressView,
+        backend_choice: str = "",
     ) -> None:
         self._config = config
+        self._backend_choice = backend_choice
+        self._warned_size = False
         self._ladder = config.policy.to_ladder()
         self._store = store
         self._backend = backend
@@ -170,6 +173,7 @@ class Broker:
         self._expiry = [(r.expires_at, r.ip) for r in keep]
         heapq.heapify(self._expiry)
         log.info("restored %d active blocks into %s", len(keep), self._backend.describe())
+        self._warn_if_too_many_rules()
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -282,6 +286,7 @@ class Broker:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "backend": self._backend.name,
             "backend_detail": self._backend.describe(),
+            "backend_choice": self._backend_choice,
             "socket": str(self._config.server.socket),
             "state_file": str(self._config.state.path),
             "active_blocks": len(self._active),
@@ -355,6 +360,17 @@ class Broker:
             else:
                 self._active[ip] = record
                 heapq.heappush(self._expiry, (record.expires_at, ip))
+        self._warn_if_too_many_rules()
+
+    def _warn_if_too_many_rules(self) -> None:
+        limit = self._config.firewall.per_address_warning
+        if self._backend.name == "iptables" and not self._warned_size and len(self._active) > limit:
+            self._warned_size = True
+            log.warning(
+                "%d active blocks with per-address iptables rules: every packet walks them all;"
+                ' use backend = "nftables" or "ipset" (hash sets) at this scale',
+                len(self._active),
+            )
 
     def _commit_isolated(
         self, batch: list[_AnyChange], earlier: dict[str, BlockRecord | None] | None = None

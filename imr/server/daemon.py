@@ -52,9 +52,11 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
         backend: Backend | None = None
         local = LocalAddresses()
         try:
-            backend = make_backend(config.firewall)
+            selection = make_backend(config.firewall)
+            backend = selection.backend
+            log.info("firewall backend %s: %s", backend.name, selection.why)
             local.start()
-            broker = Broker(config, store, backend, SystemClock(), local)
+            broker = Broker(config, store, backend, SystemClock(), local, selection.why)
             broker.reconcile()
             asyncio.run(_serve(config, broker, on_ready))
         except BackendError as exc:

@@ -1,0 +1,199 @@
+"""The ipset backend (both iptables flavours), in throwaway namespaces, read back with
+`ipset list` and `iptables -S`."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+
+from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.ipset import IpsetBackend
+from imr.config import FirewallConfig
+from imr.core.addresses import IPAddress
+
+from backend_conformance import (
+    FAR_FUTURE,
+    V4_A,
+    V4_B,
+    V6_A,
+    V6_B,
+    BackendConformance,
+    MakeBackend,
+    blocks,
+    ip,
+)
+from netns import Netns
+
+CHAIN = "IMR"
+JUMP = f"-A INPUT -j {CHAIN}"
+SETS = {4: "imr4", 6: "imr6"}
+
+
+def members(ns: Netns, name: str) -> dict[str, int] | None:
+    """Entry -> timeout (0: none) from `ipset list`; None if the set does not exist."""
+    result = ns.run("ipset", "list", name, check=False)
+    if result.returncode != 0:
+        assert "does not exist" in result.stderr, result.stderr
+        return None
+    lines = result.stdout.splitlines()
+    found = {}
+    for line in lines[lines.index("Members:") + 1 :]:
+        words = line.split()
+        if words:
+            found[words[0]] = int(words[2]) if len(words) > 2 and words[1] == "timeout" else 0
+    return found
+
+
+class IpsetConformance(BackendConformance):
+    flavour: str
+
+    def tool(self, family: int) -> str:
+        return f"{'iptables' if family == 4 else 'ip6tables'}-{self.flavour}"
+
+    def listing(self, ns: Netns, family: int, *chain: str) -> list[str]:
+        lines = ns.run(self.tool(family), "-S", *chain).stdout.splitlines()
+        return [line for line in lines if not line.startswith("#")]
+
+    @staticmethod
+    def is_own(line: str) -> bool:
+        return line == f"-N {CHAIN}" or line.startswith(f"-A {CHAIN} ") or line == JUMP
+
+    # -- hooks ------------------------------------------------------------------
+
+    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
+        return [ip(entry) for entry in members(ns, SETS[family]) or {}]
+
+    def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
+        rules = [line for line in self.listing(ns, family, "INPUT") if line.startswith("-A ")]
+        return [position for position, line in enumerate(rules, 1) if line == JUMP]
+
+    def read_own_objects(self, ns: Netns) -> list[str]:
+        rules = [
+            f"IPv{family} {line}"
+            for family in (4, 6)
+            for line in self.listing(ns, family)
+            if self.is_own(line)
+        ]
+        sets = [name for name in ns.run("ipset", "list", "-n").stdout.split() if "imr" in name]
+        return rules + sets
+
+    def add_foreign_objects(self, ns: Netns) -> None:
+        ns.run("ipset", "create", "foreign4", "hash:ip")
+        ns.run("ipset", "add", "foreign4", "198.51.100.200")
+        for family, source in ((4, "198.51.100.200"), (6, "2001:db8:200::200")):
+            tool = self.tool(family)
+            ns.run(tool, "-A", "INPUT", "-s", source, "-j", "ACCEPT")
+            ns.run(tool, "-N", "FOREIGN")
+            ns.run(tool, "-A", "FOREIGN", "-s", source, "-p", "tcp", "--dport", "22", "-j", "DROP")
+            ns.run(tool, "-A", "INPUT", "-j", "FOREIGN")
+        ns.run(self.tool(4), "-A", "FOREIGN", "-m", "set", "--match-set", "foreign4", "src")
+
+    def read_foreign_objects(self, ns: Netns) -> list[str]:
+        rules = [
+            f"IPv{family} {line}"
+            for family in (4, 6)
+            for line in self.listing(ns, family)
+            if not self.is_own(line)
+        ]
+        foreign = ns.run("ipset", "list", "foreign4").stdout.splitlines()
+        return rules + [line for line in foreign if not line.startswith("Size in memory")]
+
+    def add_block_directly(self, ns: Netns, address: IPAddress) -> None:
+        ns.run("ipset", "add", SETS[address.version], str(address))  # no timeout
+
+    @pytest.fixture
+    def make_backend(self) -> MakeBackend:
+        def make(config: FirewallConfig) -> Backend:
+            return IpsetBackend(config, self.flavour)
+
+        return make
+
+    # -- ipset specifics --------------------------------------------------------
+
+    def test_describe(self, server_ns: Netns, backend: Backend) -> None:
+        assert backend.describe().startswith("ipset (hash:ip sets imr4/imr6")
+        assert "set by the caller" in backend.describe()
+
+    def test_rule_shape_and_set_header(self, server_ns: Netns, make_backend: MakeBackend) -> None:
+        backend = make_backend(FirewallConfig(protocol="udp", ports=["53", "8000:8080"]))
+        backend.prepare()
+        backend.prepare()
+        assert self.listing(server_ns, 4, CHAIN)[1:] == [
+            f"-A {CHAIN} -p udp -m set --match-set imr4 src -m multiport --dports 53,8000:8080"
+            " -j REJECT --reject-with icmp-host-unreachable"
+        ]
+        header = server_ns.run("ipset", "list", "imr6", "-t").stdout
+        assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
+
+    def test_timeouts_follow_expiry_and_escalation(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        now = time.time()
+        backend.apply([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, FAR_FUTURE)], [])
+        backend.apply([KernelBlock(V4_A, now + 86400)], [])
+        v4, v6 = members(server_ns, "imr4"), members(server_ns, "imr6")
+        assert v4 is not None and 86390 < v4[str(V4_A)] <= 86400
+        assert v6 == {str(V6_A): 0}  # beyond the kernel's limit: no timeout, never early
+
+    def test_an_expired_block_is_not_added_and_is_taken_out(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        backend.apply(blocks(V4_A), [])
+        past = time.time() - 5
+        backend.apply([KernelBlock(V4_A, past), KernelBlock(V4_B, past)], [])
+        backend.replace_all([KernelBlock(V6_A, past), *blocks(V6_B)])
+        self.expect(server_ns, V6_B)
+
+    def test_kernel_lifts_a_block_with_no_daemon(self, server_ns: Netns) -> None:
+        backend = IpsetBackend(BackendConformance.default_config, self.flavour)
+        backend.prepare()
+        backend.apply([KernelBlock(V4_A, time.time() + 2), KernelBlock(V6_A, time.time() + 2)], [])
+        backend.apply(blocks(V4_B), [])
+        backend.close()
+        del backend
+        assert self.blocked(server_ns) == [V4_A, V4_B, V6_A]
+        deadline = time.monotonic() + 6
+        while self.blocked(server_ns) != [V4_B] and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert self.blocked(server_ns) == [V4_B]
+
+    def test_apply_recreates_sets_someone_destroyed(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        backend.teardown()
+        backend.apply(blocks(V4_B, V6_A), [V4_A])
+        self.expect(server_ns, V4_B, V6_A)
+        assert self.read_hook_positions(server_ns, 4) == [1]
+
+    def test_kernel_refusal_becomes_backend_error(self, server_ns: Netns) -> None:
+        server_ns.run("ipset", "create", "imr4", "hash:net")  # imr's name, another type
+        backend = IpsetBackend(BackendConformance.default_config, self.flavour)
+        with pytest.raises(BackendError, match="ipset create imr4"):
+            backend.prepare()
+
+
+class TestIpsetNftFlavour(IpsetConformance):
+    flavour = "nft"
+
+    def test_replace_all_with_100000_addresses(self, server_ns: Netns, backend: Backend) -> None:
+        base = int(ipaddress.IPv6Address("2001:db8::"))
+        v6 = [ipaddress.IPv6Address(base + i) for i in range(1, 99_239)]
+        v4 = [
+            ipaddress.IPv4Address(f"{net}.{host}")
+            for net in ("192.0.2", "198.51.100", "203.0.113")
+            for host in range(1, 255)
+        ]
+        backend.apply(blocks(V6_B), [])  # not in the new state: must go
+        backend.replace_all(blocks(*v4, *v6))
+        found = {4: self.read_blocked(server_ns, 4), 6: self.read_blocked(server_ns, 6)}
+        assert len(found[4]) + len(found[6]) == 100_000
+        assert set(found[4]) == set(v4) and set(found[6]) == set(v6)
+        assert "imr6-new" not in server_ns.run("ipset", "list", "-n").stdout
+        backend.apply(blocks(V6_B), v6[:10])
+        assert len(self.read_blocked(server_ns, 6)) == 99_238 - 10 + 1
+
+
+class TestIpsetLegacyFlavour(IpsetConformance):
+    flavour = "legacy"

@@ -1,0 +1,246 @@
+"""The nftables set backend, run in throwaway namespaces and read back with `nft -j`."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from typing import Any
+
+import pytest
+
+from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.nftables import NftablesBackend
+from imr.config import FirewallConfig
+from imr.core.addresses import IPAddress
+
+from backend_conformance import (
+    FAR_FUTURE,
+    V4_A,
+    V4_B,
+    V6_A,
+    V6_B,
+    BackendConformance,
+    MakeBackend,
+    blocks,
+    ip,
+)
+from netns import Netns
+
+SETS = {4: "blocked_v4", 6: "blocked_v6"}
+
+
+def nft_json(ns: Netns, *command: str) -> list[dict[str, Any]]:
+    """The objects of `nft -j list ...`; [] if what is listed does not exist."""
+    result = ns.run("nft", "-j", "list", *command, check=False)
+    if result.returncode != 0:
+        assert "No such file or directory" in result.stderr, result.stderr
+        return []
+    items: list[dict[str, Any]] = json.loads(result.stdout)["nftables"]
+    return [item for item in items if "metainfo" not in item]
+
+
+def elements(ns: Netns, family: int) -> list[dict[str, Any]]:
+    """The set's elements as {"val": ..., "timeout": ...} (timeout absent: none)."""
+    found = []
+    for item in nft_json(ns, "set", "inet", "imr", SETS[family]):
+        for entry in item["set"].get("elem", []):
+            found.append(entry["elem"] if isinstance(entry, dict) else {"val": entry})
+    return found
+
+
+def is_own(item: dict[str, Any]) -> bool:
+    (body,) = item.values()
+    return bool(body.get("family") == "inet" and body.get("table", body.get("name")) == "imr")
+
+
+class TestNftables(BackendConformance):
+    # -- hooks ------------------------------------------------------------------
+
+    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
+        return [ip(element["val"]) for element in elements(ns, family)]
+
+    def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
+        """Our base chain's place among all input-hook chains that see this family."""
+        families = ("inet", "ip" if family == 4 else "ip6")
+        chains = [
+            item["chain"]
+            for item in nft_json(ns, "chains")
+            if item["chain"].get("hook") == "input" and item["chain"]["family"] in families
+        ]
+        chains.sort(key=lambda chain: chain["prio"])
+        return [
+            position
+            for position, chain in enumerate(chains, 1)
+            if (chain["family"], chain["table"], chain["name"]) == ("inet", "imr", "input")
+        ]
+
+    def read_own_objects(self, ns: Netns) -> list[str]:
+        return [json.dumps(item) for item in nft_json(ns, "ruleset") if is_own(item)]
+
+    def add_foreign_objects(self, ns: Netns) -> None:
+        ns.run(
+            "nft",
+            "-f",
+            "-",
+            input="""
+            table inet foreign {
+                set blocked_v4 { type ipv4_addr; elements = { 198.51.100.200 } }
+                chain input {
+                    type filter hook input priority 0; policy accept;
+                    ip saddr @blocked_v4 tcp dport 22 drop
+                }
+            }
+            table ip6 other { chain input { type filter hook input priority -5; }; }
+            """,
+        )
+        # iptables-nft keeps its rules in nf_tables too: they are someone else's as well.
+        ns.run("iptables-nft", "-A", "INPUT", "-s", "198.51.100.200", "-j", "ACCEPT")
+        ns.run("ip6tables-nft", "-A", "INPUT", "-s", "2001:db8:200::200", "-j", "ACCEPT")
+
+    def read_foreign_objects(self, ns: Netns) -> list[str]:
+        return [json.dumps(item) for item in nft_json(ns, "ruleset") if not is_own(item)]
+
+    def add_block_directly(self, ns: Netns, address: IPAddress) -> None:
+        # No timeout: a shape the backend never writes.
+        ns.run("nft", "add", "element", "inet", "imr", SETS[address.version], f"{{ {address} }}")
+
+    @pytest.fixture
+    def make_backend(self) -> MakeBackend:
+        def make(config: FirewallConfig) -> Backend:
+            return NftablesBackend(config)
+
+        return make
+
+    # -- nftables specifics -----------------------------------------------------
+
+    def test_describe(self, server_ns: Netns, backend: Backend) -> None:
+        assert backend.describe().startswith("nftables (table inet imr: hash sets")
+        assert "libnftables, in-process" in backend.describe()
+
+    @pytest.mark.parametrize(
+        ("config", "expected"),
+        [
+            (
+                FirewallConfig(ports=["80", "25", "8000:8080", "9:9"]),
+                (
+                    "ip saddr @blocked_v4 tcp dport { 9, 25, 80, 8000-8080 }"
+                    " reject with icmp host-unreachable",
+                    "ip6 saddr @blocked_v6 tcp dport { 9, 25, 80, 8000-8080 }"
+                    " reject with icmpv6 addr-unreachable",
+                ),
+            ),
+            (
+                FirewallConfig(reject_with_ipv4="tcp-reset", reject_with_ipv6="tcp-reset"),
+                (
+                    "ip saddr @blocked_v4 meta l4proto tcp reject with tcp reset",
+                    "ip6 saddr @blocked_v6 meta l4proto tcp reject with tcp reset",
+                ),
+            ),
+            (
+                FirewallConfig(
+                    protocol="all",
+                    reject_with_ipv4="icmp-admin-prohibited",
+                    reject_with_ipv6="icmp6-no-route",
+                ),
+                (
+                    "ip saddr @blocked_v4 reject with icmp admin-prohibited",
+                    "ip6 saddr @blocked_v6 reject with icmpv6 no-route",
+                ),
+            ),
+        ],
+        ids=["tcp-ports", "tcp-reset", "all-protocols"],
+    )
+    def test_rule_shape(
+        self,
+        server_ns: Netns,
+        make_backend: MakeBackend,
+        config: FirewallConfig,
+        expected: tuple[str, str],
+    ) -> None:
+        backend = make_backend(config)
+        backend.prepare()
+        backend.prepare()
+        # nft 1.0.6 prints "reject with icmp host-unreachable" for "... icmp type ...".
+        listing = server_ns.run("nft", "list", "chain", "inet", "imr", "input").stdout
+        lines = [line.strip() for line in listing.splitlines()]
+        assert "type filter hook input priority filter - 10; policy accept;" in lines
+        assert [line for line in lines if "saddr" in line] == list(expected)
+
+    def test_timeouts_follow_expiry_and_escalation(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        now = time.time()
+        backend.apply([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, now + 600)], [])
+        backend.apply([KernelBlock(V4_A, now + 86400)], [])  # escalated: longer timeout
+        timeouts = {e["val"]: e.get("timeout") for f in (4, 6) for e in elements(server_ns, f)}
+        assert timeouts == {str(V4_A): 86400, str(V6_A): 600}
+        backend.apply([KernelBlock(V4_A, now + 60)], [])  # and shortened again
+        assert [e.get("timeout") for e in elements(server_ns, 4)] == [60]
+
+    def test_an_expired_block_is_not_added_and_is_taken_out(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        backend.apply(blocks(V4_A), [])
+        past = time.time() - 5
+        backend.apply([KernelBlock(V4_A, past), KernelBlock(V4_B, past)], [])
+        backend.replace_all([KernelBlock(V6_A, past), *blocks(V6_B)])
+        self.expect(server_ns, V6_B)
+
+    def test_kernel_lifts_a_block_with_no_daemon(self, server_ns: Netns) -> None:
+        backend = NftablesBackend(BackendConformance.default_config)
+        backend.prepare()
+        backend.apply([KernelBlock(V4_A, time.time() + 2), KernelBlock(V6_A, time.time() + 2)], [])
+        backend.apply(blocks(V4_B), [])
+        backend.close()
+        del backend  # nothing of imr runs any more
+        assert self.blocked(server_ns) == [V4_A, V4_B, V6_A]
+        deadline = time.monotonic() + 6
+        while self.blocked(server_ns) != [V4_B] and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert self.blocked(server_ns) == [V4_B]
+
+    def test_replace_all_with_100000_addresses(self, server_ns: Netns, backend: Backend) -> None:
+        base = int(ipaddress.IPv6Address("2001:db8::"))
+        v6 = [ipaddress.IPv6Address(base + i) for i in range(1, 99_001)]
+        v4 = [
+            ipaddress.IPv4Address(f"{net}.{host}")
+            for net in ("192.0.2", "198.51.100", "203.0.113")
+            for host in range(1, 255)
+        ][:1000]
+        backend.apply(blocks(V6_B), [])  # not in the new state: must go
+        backend.replace_all(blocks(*v4, *v6))
+        found = {4: self.read_blocked(server_ns, 4), 6: self.read_blocked(server_ns, 6)}
+        assert len(found[4]) == 762 and len(found[6]) == 99_000  # three /24s hold 762 hosts
+        assert set(found[4]) == set(v4) and set(found[6]) == set(v6)
+        assert len(backend.installed()) == 99_762
+        backend.apply(blocks(V6_B), v6[:10])  # and small changes still work on a big set
+        assert len(self.read_blocked(server_ns, 6)) == 98_991
+
+    def test_apply_recreates_a_table_someone_deleted(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        backend.apply(blocks(V4_A), [])
+        server_ns.run("nft", "delete", "table", "inet", "imr")
+        backend.apply(blocks(V4_B, V6_A), [V4_A])
+        self.expect(server_ns, V4_B, V6_A)
+        assert self.read_hook_positions(server_ns, 4) == [1]
+
+    def test_kernel_refusal_becomes_backend_error(self, server_ns: Netns) -> None:
+        # A set of imr's name but without timeouts (e.g. made by hand): nft refuses to redefine it.
+        server_ns.run("nft", "add table inet imr; add set inet imr blocked_v4 { type ipv4_addr; }")
+        backend = NftablesBackend(BackendConformance.default_config)
+        with pytest.raises(BackendError, match="nftables refused the change: Error: "):
+            backend.prepare()
+
+    def test_the_nft_command_fallback_works_too(self, server_ns: Netns) -> None:
+        backend = NftablesBackend(BackendConformance.default_config, use_library=False)
+        assert "via nft -f -" in backend.describe()
+        backend.prepare()
+        backend.apply([KernelBlock(V4_A, FAR_FUTURE), KernelBlock(V6_A, time.time() + 99)], [V4_B])
+        backend.apply(blocks(V4_B), [V4_A])
+        self.expect(server_ns, V4_B, V6_A)
+        backend.replace_all(blocks(V6_B))
+        assert backend.installed() == {V6_B}
+        backend.teardown()
+        assert self.read_own_objects(server_ns) == []
