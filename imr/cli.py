@@ -17,6 +17,7 @@ from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
+from imr.logscan.cli import rules, scan, watch
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -119,6 +120,7 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
         f"  version:       {status['version']}\n"
         f"  uptime:        {_uptime(status['uptime_seconds'])} (since {status['started_at']})\n"
         f"  backend:       {status['backend_detail']}\n"
+        f"  chosen:        {status['backend_choice']}\n"
         f"  socket:        {status['socket']}\n"
         f"  state file:    {status['state_file']}\n"
         f"  active blocks: {status['active_blocks']}"
@@ -265,6 +267,13 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
     origin = str(ctx.config_path) if exists else f"{ctx.config_path} (absent: defaults)"
     click.echo(f"# effective configuration from {origin}\n")
     click.echo(ctx.config.to_toml())
+
+
+# Log scanning (imr/logscan) ------------------------------------------------------
+
+main.add_command(scan)
+main.add_command(watch)
+main.add_command(rules)
 
 
 # Helpers --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pydantic import (
 
 from imr.core.durations import format_duration, parse_duration
 from imr.core.policy import Ladder
+from imr.logscan.settings import LogscanConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/imr/imr.toml")
 CONFIG_ENV = "IMR_CONFIG"
@@ -132,7 +133,10 @@ PortSpec = Annotated[str, BeforeValidator(_port_spec)]
 
 
 class FirewallConfig(_Section):
-    backend: Literal["iptables", "dryrun"] = "iptables"
+    # "auto": nftables where possible, else ipset, else per-address iptables rules.
+    backend: Literal["auto", "nftables", "ipset", "iptables", "dryrun"] = "auto"
+    # The per-address iptables backend slows every packet as it grows: warn past this many.
+    per_address_warning: int = Field(2000, ge=1)
     # Which iptables the host uses; "auto" asks the host (see backends/iptables.py).
     iptables_flavour: Literal["auto", "nft", "legacy"] = "auto"
     chain: str = Field("IMR", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,27}$")
@@ -192,6 +196,7 @@ class Config(_Section):
     firewall: FirewallConfig = Field(default_factory=FirewallConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
     protect: ProtectConfig = Field(default_factory=ProtectConfig)
+    logscan: LogscanConfig = Field(default_factory=LogscanConfig)
 
     def to_toml(self) -> str:
         return _to_toml(self.model_dump(mode="json"))
@@ -241,22 +246,34 @@ def describe_errors(exc: ValidationError) -> str:
 
 
 def _to_toml(data: dict[str, Any]) -> str:
-    """Enough TOML writing for our own flat sections (tomllib only reads)."""
+    """Enough TOML writing for our own config (tomllib only reads): tables, arrays of tables."""
     out: list[str] = []
     for section, values in data.items():
-        out.append(f"[{section}]")
-        nested: list[tuple[str, dict[str, Any]]] = []
-        for key, value in values.items():
-            if isinstance(value, dict):
-                nested.append((key, value))
-            elif value is not None:
-                out.append(f"{key} = {_toml_value(value)}")
-        for key, table in nested:
-            out.append(f"\n[{section}.{key}]")
-            for sub, value in table.items():
-                out.append(f"{_toml_key(sub)} = {_toml_value(value)}")
-        out.append("")
-    return "\n".join(out)
+        _emit_table([section], values, out)
+    return "\n".join(out).strip() + "\n"
+
+
+def _emit_table(
+    path: list[str], table: dict[str, Any], out: list[str], array: bool = False
+) -> None:
+    header = ".".join(_toml_key(p) for p in path)
+    out.append(f"\n[[{header}]]" if array else f"\n[{header}]")
+    nested: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) or (
+            isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+        ):
+            nested.append((key, value))
+        else:
+            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in nested:
+        if isinstance(value, dict):
+            _emit_table([*path, key], value, out)
+        else:
+            for item in value:
+                _emit_table([*path, key], item, out, array=True)
 
 
 def _toml_key(key: str) -> str:

@@ -1,5 +1,36 @@
+"""Shared pytest set-up.
+
+Test helpers (netns, fakes, harnesses) are plain modules beside the tests;
+these paths let every test directory import them. mypy sees the same paths
+(mypy_path in pyproject.toml).
+"""
+
+from __future__ import annotations
+
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-# Test helpers (netns, fakes) are plain modules beside the tests.
-sys.path.insert(0, str(Path(__file__).parent))
+import pytest
+
+_HERE = Path(__file__).parent
+for _folder in (_HERE, _HERE / "logscan", _HERE / "modsecurity"):
+    sys.path.insert(0, str(_folder))
+
+from logscan_helpers import FakeClient, FakeDaemon  # noqa: E402 - needs the path above
+
+
+@pytest.fixture
+def fake_client() -> FakeClient:
+    """A stand-in for imr.client.Client that records block requests (log-scanner tests)."""
+    return FakeClient()
+
+
+@pytest.fixture
+def fake_daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    """An asyncio Unix-socket server speaking the JSON protocol, recording requests."""
+    daemon = FakeDaemon(tmp_path / "imr.sock").start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -1,0 +1,305 @@
+"""`imr scan`, `imr watch`, `imr rules list|test`: the log scanner's commands.
+
+Each takes the CliContext from ctx.obj (the main CLI registers them). User
+errors (unreadable file, bad filter, state directory in use) print one line
+and exit 1; an unreachable daemon exits 3, so cron mails say what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from imr.cli_context import CliContext
+from imr.client import ClientError, DaemonUnavailable
+from imr.logscan.engine import Scanner, signatures_from_config
+from imr.logscan.fail2ban import FilterError, load_filter
+from imr.logscan.follow import Follower
+from imr.logscan.formats import LogFormat
+from imr.logscan.reader import StateError, StateStore
+from imr.logscan.runner import Outcome, Report, ScanError, scan_files
+from imr.logscan.settings import LogscanConfig
+from imr.logscan.signatures import Signature
+
+EXIT_DAEMON = 3
+_PROGRESS_MIN_BYTES = 32 << 20  # smaller logs finish before a bar is worth drawing
+
+
+def logscan_config(ctx: click.Context) -> LogscanConfig:
+    obj = ctx.obj
+    if isinstance(obj, CliContext):
+        section = getattr(obj.config, "logscan", None)
+        if isinstance(section, LogscanConfig):
+            return section
+    return LogscanConfig()
+
+
+def _signatures(config: LogscanConfig, filters: tuple[Path, ...]) -> list[Signature]:
+    if filters:
+        try:
+            return [
+                load_filter(p, maxretry=config.fail2ban_maxretry, findtime=config.fail2ban_findtime)
+                for p in filters
+            ]
+        except FilterError as exc:
+            raise click.ClickException(str(exc)) from None
+    try:
+        return signatures_from_config(config)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _scanner(config: LogscanConfig, fmt: str | None, filters: tuple[Path, ...]) -> Scanner:
+    return Scanner(
+        _signatures(config, filters),
+        LogFormat(fmt) if fmt else config.format,
+        tuple(config.trusted_proxies),
+        config.max_line_bytes,
+    )
+
+
+def _client(ctx: click.Context, dry_run: bool) -> Any:
+    if dry_run:
+        return None
+    obj = ctx.obj
+    if not isinstance(obj, CliContext):
+        raise click.ClickException("no configuration: run through the imr command")
+    return obj.client()
+
+
+_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in LogFormat]),
+    default=None,
+    help="Log format (default: from the config, normally auto-detected per line).",
+)
+_filter_option = click.option(
+    "--fail2ban-filter",
+    "filters",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Use this fail2ban filter.d file instead of the built-in signatures (repeatable).",
+)
+
+
+def _outcome_line(o: Outcome) -> str:
+    detail = f" ({o.detail})" if o.detail else ""
+    return f"{o.status} {o.ip} {o.signature} severity={o.severity} hits={o.count}{detail}"
+
+
+@click.command("scan")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--dry-run", is_flag=True, help="Decide and print, but neither block nor remember offsets."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@_format_option
+@_filter_option
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where offsets are remembered (default: logscan.state_dir).",
+)
+@click.option(
+    "--from-end",
+    is_flag=True,
+    help="For a log never seen before, start at its end instead of its beginning.",
+)
+@click.pass_context
+def scan(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    dry_run: bool,
+    as_json: bool,
+    fmt: str | None,
+    filters: tuple[Path, ...],
+    state_dir: Path | None,
+    from_end: bool,
+) -> None:
+    """Scan the lines added to PATHS since the last run (for cron)."""
+    config = logscan_config(ctx)
+    scanner = _scanner(config, fmt, filters)
+    client = _client(ctx, dry_run)
+    for path in paths:
+        if not path.exists() and not _has_rotated(path):
+            raise click.ClickException(f"{path}: no such file")
+    try:
+        with StateStore(state_dir or config.state_dir) as store:
+            report = _run_with_progress(paths, scanner, store, client, config, from_end, as_json)
+            if not dry_run:
+                store.save()
+    except (StateError, ScanError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except DaemonUnavailable as exc:
+        click.echo(f"Error: {exc}; nothing was remembered, the next run retries", err=True)
+        ctx.exit(EXIT_DAEMON)
+    except ClientError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(EXIT_DAEMON)
+    except OSError as exc:
+        raise click.ClickException(f"cannot save state: {exc}") from None
+    _print_report(report, as_json)
+
+
+def _has_rotated(path: Path) -> bool:
+    return any(path.parent.glob(path.name + ".*")) if path.parent.is_dir() else False
+
+
+def _run_with_progress(
+    paths: tuple[Path, ...],
+    scanner: Scanner,
+    store: StateStore,
+    client: Any,
+    config: LogscanConfig,
+    from_end: bool,
+    as_json: bool,
+) -> Report:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    if as_json or not sys.stderr.isatty() or total < _PROGRESS_MIN_BYTES:
+        return scan_files(
+            paths, scanner, store, client, max_line=config.max_line_bytes, start_at_end=from_end
+        )
+    with click.progressbar(length=total, label="scanning", file=sys.stderr) as bar:
+        return scan_files(
+            paths,
+            scanner,
+            store,
+            client,
+            max_line=config.max_line_bytes,
+            start_at_end=from_end,
+            progress=bar.update,
+        )
+
+
+def _print_report(report: Report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for outcome in report.outcomes:
+        click.echo(_outcome_line(outcome))
+    s = report.stats
+    rate = s.lines / report.seconds if report.seconds > 0 else 0.0
+    click.echo(
+        f"{s.lines} lines ({report.bytes_read} bytes) in {report.seconds:.2f}s, "
+        f"{rate:,.0f} lines/s; "
+        f"{s.hits} hits, {len(report.outcomes)} blocks, {s.bad} bad lines",
+        err=True,
+    )
+
+
+@click.command("watch")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print what would be blocked; block nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print each outcome as a JSON line.")
+@_format_option
+@_filter_option
+@click.option("--from-start", is_flag=True, help="Read the files from the beginning first.")
+@click.pass_context
+def watch(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    dry_run: bool,
+    as_json: bool,
+    fmt: str | None,
+    filters: tuple[Path, ...],
+    from_start: bool,
+) -> None:
+    """Follow PATHS (rotation-aware) and block attackers as lines arrive."""
+    config = logscan_config(ctx)
+    scanner = _scanner(config, fmt, filters)
+    client = _client(ctx, dry_run)
+    for path in paths:
+        if not path.parent.is_dir():
+            raise click.ClickException(f"{path}: directory {path.parent} does not exist")
+
+    def report(outcome: Outcome) -> None:
+        line = json.dumps(outcome.as_json()) if as_json else _outcome_line(outcome)
+        click.echo(line)
+        sys.stdout.flush()
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    follower = Follower(
+        paths, scanner, client, report, max_line=config.max_line_bytes, start_at_end=not from_start
+    )
+    follower.run(stop.is_set)
+
+
+@click.group("rules")
+def rules() -> None:
+    """What the scanner looks for."""
+
+
+@rules.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@_filter_option
+@click.pass_context
+def rules_list(ctx: click.Context, as_json: bool, filters: tuple[Path, ...]) -> None:
+    """List the signatures with severity and threshold."""
+    sigs = _signatures(logscan_config(ctx), filters)
+    if as_json:
+        click.echo(json.dumps([_sig_json(s) for s in sigs], indent=2))
+        return
+    for s in sigs:
+        click.echo(f"{s.name:22} sev {s.severity:2}  {s.hits} in {s.window}s  {s.description}")
+
+
+def _sig_json(s: Signature) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "severity": s.severity,
+        "hits": s.hits,
+        "window": s.window,
+        "description": s.description,
+        "needles": [n.decode(errors="replace") for n in s.needles],
+    }
+
+
+@rules.command("test")
+@click.argument("lines", nargs=-1, required=True)
+@_format_option
+@_filter_option
+@click.pass_context
+def rules_test(
+    ctx: click.Context, lines: tuple[str, ...], fmt: str | None, filters: tuple[Path, ...]
+) -> None:
+    """Show which signatures match LINES, and why ('-' reads lines from stdin).
+
+    Exit status 0 if any line matched, 1 if none did."""
+    config = logscan_config(ctx)
+    scanner = _scanner(config, fmt, filters)
+    texts: list[str] = []
+    for line in lines:
+        texts.extend(sys.stdin.read().splitlines() if line == "-" else [line])
+    matched = False
+    for text in texts:
+        hits, stats = scanner.scan_line(text.encode("utf-8", "surrogateescape"))
+        if stats.bad:
+            click.echo(f"unparsed: {text[:120]}")
+        elif stats.unresolved and not hits:
+            click.echo(f"no blockable client (trusted proxy or host name): {text[:120]}")
+        elif not hits:
+            click.echo(f"no match: {text[:120]}")
+        for hit in hits:
+            matched = True
+            s = hit.signature
+            click.echo(
+                f"match {s.name} ip={hit.ip} severity={s.severity} "
+                f"threshold={s.hits}/{s.window}s: {hit.evidence}"
+            )
+    ctx.exit(0 if matched else 1)

@@ -1,0 +1,195 @@
+"""Cron mode: read what is new in each log, decide, ask the daemon to block.
+
+The imperative shell around engine.py. The state (offsets and pending
+threshold counts) is saved only after a run succeeded; if the daemon is down
+the run fails and the next run reads the same lines again, so a hit is never
+lost (a block already sent may be sent again, which the daemon tolerates).
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from imr.client import ClientError, DaemonUnavailable, RequestFailed
+from imr.logscan.engine import BlockStats, Decision, Scanner, Thresholds, decide
+from imr.logscan.reader import (
+    FileState,
+    Source,
+    StateStore,
+    iter_chunks,
+    open_log,
+    plan_reads,
+    state_of_open,
+)
+
+
+class BlockClient(Protocol):
+    def block(
+        self, ip: str, reason: str = "", source: str = "", severity: int | None = None
+    ) -> dict[str, Any]: ...
+
+
+@dataclass
+class Outcome:
+    ip: str
+    signature: str
+    severity: int
+    count: int
+    reason: str
+    status: str  # "blocked", "dry-run", "refused"
+    detail: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ip": self.ip,
+            "signature": self.signature,
+            "severity": self.severity,
+            "hits": self.count,
+            "reason": self.reason,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Report:
+    stats: BlockStats = field(default_factory=BlockStats)
+    outcomes: list[Outcome] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "lines": self.stats.lines,
+            "candidates": self.stats.candidates,
+            "bad_lines": self.stats.bad,
+            "unresolved": self.stats.unresolved,
+            "hits": self.stats.hits,
+            "bytes": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "blocks": [o.as_json() for o in self.outcomes],
+            "warnings": self.warnings,
+        }
+
+
+def send(decision: Decision, client: BlockClient | None) -> Outcome:
+    """Ask for one block. DaemonUnavailable propagates: the run must fail."""
+    sig = decision.signature
+    outcome = Outcome(
+        decision.ip, sig.name, sig.severity, decision.count, decision.reason, "dry-run"
+    )
+    if client is None:
+        return outcome
+    try:
+        result = client.block(
+            decision.ip, reason=decision.reason, source=decision.source, severity=sig.severity
+        )
+    except RequestFailed as exc:
+        outcome.status, outcome.detail = "refused", f"{exc.code}: {exc.message}"
+        return outcome
+    outcome.status = "blocked"
+    until = result.get("until") or result.get("expires")
+    outcome.detail = f"until {until}" if until else ""
+    return outcome
+
+
+def scan_files(
+    paths: Sequence[Path],
+    scanner: Scanner,
+    store: StateStore,
+    client: BlockClient | None,
+    *,
+    max_line: int,
+    clock: Callable[[], float] = time.time,
+    progress: Callable[[int], None] | None = None,
+    start_at_end: bool = False,
+) -> Report:
+    """Scan every path from where the last run stopped. Raises DaemonUnavailable
+    (state untouched); otherwise updates `store` (the caller saves it)."""
+    started = time.monotonic()
+    report = Report()
+    thresholds = Thresholds.from_json(store.pending)
+    new_states: dict[str, FileState] = {}
+    for path in paths:
+        key = str(path.absolute())
+        sources, warnings = plan_reads(path, store.files.get(key), start_at_end)
+        report.warnings.extend(warnings)
+        for source in sources:
+            state = _scan_source(
+                source, scanner, thresholds, client, report, max_line, clock, progress
+            )
+            if state is not None:
+                new_states[key] = state
+    store.files.update(new_states)
+    now = clock()
+    thresholds.prune(now, {s.name: s.window for s in scanner.signatures})
+    store.pending = thresholds.to_json()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _scan_source(
+    source: Source,
+    scanner: Scanner,
+    thresholds: Thresholds,
+    client: BlockClient | None,
+    report: Report,
+    max_line: int,
+    clock: Callable[[], float],
+    progress: Callable[[int], None] | None,
+) -> FileState | None:
+    try:
+        f = open_log(source.path, source.compressed)
+    except OSError as exc:
+        report.warnings.append(f"{source.path}: cannot read: {exc.strerror}")
+        if source.live:
+            raise ScanError(f"{source.path}: cannot read: {exc.strerror}") from None
+        return None
+    report.files.append(str(source.path))
+    offset = source.start
+    with f:
+        try:
+            for chunk in iter_chunks(f, source.start, max_line, source.live):
+                report.bytes_read += chunk.end - offset
+                if progress is not None:
+                    progress(chunk.end - offset)
+                offset = chunk.end
+                report.stats.bad += chunk.overlong
+                if not chunk.data:
+                    continue
+                hits, stats = scanner.scan_block(chunk.data)
+                report.stats.add(stats)
+                for decision in decide(hits, thresholds, clock()):
+                    report.outcomes.append(send(decision, client))
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            # A damaged rotated .gz must not stop the live file from being read.
+            report.warnings.append(f"{source.path}: read error after byte {offset}: {exc}")
+            if source.live:
+                raise ScanError(f"{source.path}: read error: {exc}") from None
+        if source.live:
+            return state_of_open(f, offset)
+    return None
+
+
+class ScanError(Exception):
+    """A log that cannot be read; the message is for the user."""
+
+
+__all__ = [
+    "ClientError",
+    "DaemonUnavailable",
+    "Outcome",
+    "Report",
+    "ScanError",
+    "scan_files",
+    "send",
+]

@@ -1,0 +1,140 @@
+"""The click commands, run as the main CLI will run them (CliContext in ctx.obj)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imr.cli_context import CliContext
+from imr.config import Config, ServerConfig
+from imr.logscan.cli import rules, scan
+
+from logscan_helpers import FakeDaemon, benign, combined
+
+ATTACK = combined("203.0.113.50", "/mail/bin/msgimport")
+
+
+def _ctx(socket: Path) -> CliContext:
+    return CliContext(Config(server=ServerConfig(socket=socket)), Path("imr.toml"))
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Path:
+    path = tmp_path / "access.log"
+    path.write_text(benign(1) + ATTACK + benign(2))
+    return path
+
+
+def test_scan_dry_run_json(log: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        scan,
+        [str(log), "--dry-run", "--json", "--state-dir", str(tmp_path / "st")],
+        obj=_ctx(tmp_path / "none.sock"),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["lines"] == 3 and report["hits"] == 1
+    assert report["blocks"][0]["ip"] == "203.0.113.50"
+    assert report["blocks"][0]["status"] == "dry-run"
+    assert not (tmp_path / "st" / "state.json").exists()  # a dry run remembers nothing
+
+
+def test_scan_blocks_through_the_daemon(log: Path, tmp_path: Path, fake_daemon: FakeDaemon) -> None:
+    args = [str(log), "--state-dir", str(tmp_path / "st")]
+    result = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert result.exit_code == 0, result.output
+    assert "blocked 203.0.113.50 roundcube-msgimport" in result.output
+    request = fake_daemon.requests[0][1]
+    assert request["op"] == "block" and request["ip"] == "203.0.113.50"
+    assert request["source"] == "logscan:roundcube-msgimport" and request["severity"] == 6
+    again = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert again.exit_code == 0 and len(fake_daemon.requests) == 1  # nothing new
+
+
+def test_daemon_down_exits_3_without_traceback(log: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        scan, [str(log), "--state-dir", str(tmp_path / "st")], obj=_ctx(tmp_path / "none.sock")
+    )
+    assert result.exit_code == 3
+    assert "not running" in result.output and "Traceback" not in result.output
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        scan,
+        [str(tmp_path / "nope.log"), "--dry-run", "--state-dir", str(tmp_path)],
+        obj=_ctx(tmp_path / "s"),
+    )
+    assert result.exit_code == 1 and "no such file" in result.output
+    bad_filter = tmp_path / "bad.conf"
+    bad_filter.write_text("[Definition]\nfailregex = ^(<HOST>\n")
+    result = CliRunner().invoke(
+        scan,
+        [
+            str(tmp_path / "x.log"),
+            "--dry-run",
+            "--fail2ban-filter",
+            str(bad_filter),
+            "--state-dir",
+            str(tmp_path),
+        ],
+        obj=_ctx(tmp_path / "s"),
+    )
+    assert result.exit_code == 1 and "does not compile" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_state_dir_not_writable(log: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(
+        scan, [str(log), "--dry-run", "--state-dir", str(blocker / "sub")], obj=_ctx(tmp_path / "s")
+    )
+    assert result.exit_code == 1 and "state directory" in result.output
+
+
+def test_rules_list_and_test(tmp_path: Path) -> None:
+    listed = CliRunner().invoke(rules, ["list", "--json"], obj=_ctx(tmp_path / "s"))
+    assert listed.exit_code == 0
+    names = [r["name"] for r in json.loads(listed.output)]
+    assert {"code-red", "code-red-ii", "nimda", "dfind", "roundcube-msgimport", "morfeus"} <= set(
+        names
+    )
+    tested = CliRunner().invoke(rules, ["test", ATTACK.strip()], obj=_ctx(tmp_path / "s"))
+    assert tested.exit_code == 0
+    assert "match roundcube-msgimport ip=203.0.113.50" in tested.output
+    assert "bin/msgimport" in tested.output  # the evidence says why
+    miss = CliRunner().invoke(
+        rules, ["test", benign(3).strip(), "garbage"], obj=_ctx(tmp_path / "s")
+    )
+    assert miss.exit_code == 1
+    assert "no match" in miss.output and "unparsed: garbage" in miss.output
+
+
+def test_scan_with_a_fail2ban_filter(tmp_path: Path) -> None:
+    flt = tmp_path / "probe.conf"
+    flt.write_text(
+        '[Definition]\nfailregex = ^<HOST> -.*"GET /mail/bin/msgimport\n'
+        "ignoreregex =\ndatepattern = ^[^\\[]*\\[({DATE})\n"
+    )
+    log = tmp_path / "a.log"
+    log.write_text(ATTACK * 5 + benign(1))
+    result = CliRunner().invoke(
+        scan,
+        [
+            str(log),
+            "--dry-run",
+            "--json",
+            "--fail2ban-filter",
+            str(flt),
+            "--state-dir",
+            str(tmp_path / "st"),
+        ],
+        obj=_ctx(tmp_path / "s"),
+    )
+    assert result.exit_code == 0, result.output
+    blocks = json.loads(result.output)["blocks"]
+    assert [(b["ip"], b["signature"], b["hits"]) for b in blocks] == [("203.0.113.50", "probe", 5)]
