@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 packages=(
   iptables ipset nftables iproute2 socat netcat-openbsd procps
   python3 python3-venv python3-dev gcc sqlite3 util-linux
+  # Peers and tools for tests and benchmarks; their services must never start
+  # on the host (see policy-rc.d below): we only use their programs and files.
+  fail2ban iperf3
+  apache2 libapache2-mod-security2 nginx libnginx-mod-http-modsecurity lua-socket
+  modsecurity-crs curl
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -15,12 +20,20 @@ done
 if ((${#missing[@]})); then
   echo "bootstrap: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # Refuse every service start during the install (fail2ban would otherwise
+  # start and manage the host's firewall); remove the guard only if it is ours.
+  guard=/usr/sbin/policy-rc.d
+  ours=""
+  if [ ! -e "$guard" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod 755 "$guard" && ours=1
+  fi
   apt-get update -q >/dev/null
   apt-get install -y -q "${missing[@]}" >/dev/null
+  [ -n "$ours" ] && rm -f "$guard"
 fi
 
 # The kernel modules behind the firewall tools (no-ops where built in).
-for m in ip_tables ip6_tables iptable_filter ip6table_filter nf_tables ip_set xt_multiport nf_reject_ipv4 nf_reject_ipv6; do
+for m in ip_tables ip6_tables iptable_filter ip6table_filter nf_tables ip_set ip_set_hash_ip xt_set xt_multiport nf_reject_ipv4 nf_reject_ipv6; do
   modprobe -q "$m" 2>/dev/null || true
 done
 
