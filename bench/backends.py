@@ -1,0 +1,142 @@
+"""Compare the firewall backends: change latency, bulk load and per-packet cost.
+
+Run as root:  .venv/bin/python bench/backends.py [--quick]
+
+Everything happens in throwaway network namespaces (tests/netns.py); the host's
+firewall is never touched. Blocked addresses come from 2001:db8::/32 and the
+measured traffic is IPv6 UDP from an address that is not blocked, so every
+packet is checked against the whole blocklist and passes. The sender is iperf3
+(C, `-u -b 0 -l 64`, 2 s); the rate is what the server received.
+Prints a markdown table and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from imr.backends.base import Backend, KernelBlock
+from imr.backends.ipset import IpsetBackend
+from imr.backends.iptables import IptablesBackend
+from imr.backends.nftables import NftablesBackend
+from imr.config import FirewallConfig
+
+# The test helpers' namespaces (tests/ is not a package; mypy checks it on its own).
+from netns import Netns, connect, netns  # type: ignore[import-not-found, unused-ignore]
+
+PORT = 5201
+SERVER, CLIENT = "2001:db8:66::1", "2001:db8:66::66"
+EXPIRES = time.time() + 86400
+CONFIG = FirewallConfig(protocol="udp", ports=[str(PORT)])
+SEND_SECONDS = 2
+
+
+def addresses(count: int, offset: int = 0) -> list[KernelBlock]:
+    base = int(ipaddress.IPv6Address("2001:db8:1::")) + offset
+    return [KernelBlock(ipaddress.IPv6Address(base + i), EXPIRES) for i in range(count)]
+
+
+def timed(action: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def apply_each(backend: Backend, batches: Sequence[Sequence[KernelBlock]]) -> None:
+    for batch in batches:
+        backend.apply(batch, [])
+
+
+def udp_rate(server: Netns, client: Netns) -> float:
+    """Packets per second the server received from iperf3 over the veth."""
+    process = subprocess.Popen(
+        server.argv("iperf3", "-s", "-1", "-p", str(PORT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)
+        result = client.run(
+            *("iperf3", "-c", SERVER, "-p", str(PORT), "-u", "-b", "0", "-l", "64"),
+            *("-t", str(SEND_SECONDS), "-J"),
+            timeout=SEND_SECONDS + 15,
+        )
+        end = json.loads(result.stdout)["end"]["sum"]
+        return float(end["packets"] - end["lost_packets"]) / float(end["seconds"])
+    finally:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def bench(label: str, make: Callable[[], Backend], big: bool, quick: bool) -> dict[str, str]:
+    row = {"backend": label}
+    singles, batches = (20, 4) if quick else (100, 20)
+    with netns("imrb") as server, netns("imrb") as client, server.entered():
+        connect(server, client, [f"{SERVER}/64"], [f"{CLIENT}/64"])
+        backend = make()
+        backend.prepare()
+        row["pps, 0 blocked"] = f"{udp_rate(server, client):,.0f}"
+        blocks = addresses(singles)
+        seconds = timed(lambda: apply_each(backend, [[b] for b in blocks]))
+        row["apply 1 (ms/op)"] = f"{seconds / singles * 1000:.1f}"
+        chunks = [addresses(500, 1_000_000 + i * 500) for i in range(batches)]
+        seconds = timed(lambda: apply_each(backend, chunks))
+        row["apply 500 (ms/batch)"] = f"{seconds / batches * 1000:.0f}"
+        ten = addresses(10_000)
+        row["replace_all 10k (s)"] = f"{timed(lambda: backend.replace_all(ten)):.2f}"
+        assert len(backend.installed()) == 10_000
+        row["pps, 10k blocked"] = f"{udp_rate(server, client):,.0f}"
+        if big:
+            hundred = addresses(100_000)
+            row["replace_all 100k (s)"] = f"{timed(lambda: backend.replace_all(hundred)):.2f}"
+            assert len(backend.installed()) == 100_000
+            row["pps, 100k blocked"] = f"{udp_rate(server, client):,.0f}"
+        else:
+            row["replace_all 100k (s)"] = row["pps, 100k blocked"] = "skipped"
+        backend.teardown()
+        backend.close()
+    return row
+
+
+def table(rows: Sequence[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer single applies and batches")
+    parser.add_argument("--only", nargs="*", help="backend labels to run")
+    args = parser.parse_args()
+    if shutil.which("iperf3") is None:
+        print("iperf3 is needed: apt-get install iperf3", file=sys.stderr)
+        return 1
+    candidates: list[tuple[str, Callable[[], Backend], bool]] = [
+        ("iptables (nft)", lambda: IptablesBackend(CONFIG, "nft"), False),
+        ("iptables (legacy)", lambda: IptablesBackend(CONFIG, "legacy"), False),
+        ("nftables", lambda: NftablesBackend(CONFIG), True),
+        ("ipset (nft)", lambda: IpsetBackend(CONFIG, "nft"), True),
+    ]
+    rows = []
+    for label, make, big in candidates:
+        if args.only and label not in args.only:
+            continue
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        rows.append(bench(label, make, big, args.quick))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Log-scanner figures: imr scan vs fail2ban-regex on the same generated log, peak
+memory, and follow-mode latency (log write -> block request at a fake daemon).
+
+    .venv/bin/python bench/logscan_bench.py [--lines 1000000] [--skip-fail2ban]
+
+Prints one figure per line; docs/performance.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imr.client import Client  # noqa: E402
+from imr.logscan.engine import Scanner  # noqa: E402
+from imr.logscan.follow import Follower  # noqa: E402
+from imr.logscan.reader import StateStore  # noqa: E402
+from imr.logscan.runner import scan_files  # noqa: E402
+from imr.logscan.signatures import BUILTIN  # noqa: E402
+
+ATTACKS = [
+    "/mail/bin/msgimport",
+    "/w00tw00t.at.ISC.SANS.DFind:)",
+    "/user/soapCaller.bs",
+    "/scripts/root.exe?/c+dir",
+    "/c/winnt/system32/cmd.exe?/c+dir",
+    "/default.ida?" + "N" * 224 + "%u9090%u6858%ucbd3%u7801%u9090=a",
+    "http://www.example.org/",
+]
+PATHS = ["/", "/index.html", "/blog/2024/01/{}", "/static/app.{}.js", "/img/{}.png", "/search?q={}"]
+AGENTS = [
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",  # noqa: E501
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
+    "curl/8.4.0",
+    "Googlebot/2.1 (+http://www.google.com/bot.html)",
+]
+# The same attacks as one fail2ban filter (failregex per signature, as an operator would write).
+F2B_FILTER = r"""[Definition]
+failregex = ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^"]*bin/msgimport
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ /(?i:w00tw00t\.at\.)
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^"]*(?i:soapcaller\.bs)
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^" ?]*(?i:cmd|root)\.exe
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ /default\.ida\?[NX]{20,}
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ (?i:https?://)
+            ^<HOST> \S+ \S+ \[\] "[^"]*" \d+ \S+ "[^"]*" "[^"]*(?i:morfeus)
+ignoreregex =
+datepattern = ^[^\[]*\[({DATE})
+"""
+
+
+def generate(path: Path, lines: int) -> int:
+    rng = random.Random(2009)
+    attacks = 0
+    with open(path, "w") as out:
+        batch = []
+        for i in range(lines):
+            ip = f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"  # noqa: E501
+            if rng.random() < 0.01:
+                target, status, attacks = rng.choice(ATTACKS), 404, attacks + 1
+            else:
+                target, status = rng.choice(PATHS).format(i), 200
+            batch.append(
+                f'{ip} - - [08/Jan/2009:04:52:45 -0500] "GET {target} HTTP/1.1" {status} '
+                f'{rng.randint(100, 99999)} "https://example.org/ref" "{rng.choice(AGENTS)}"\n'
+            )
+            if len(batch) >= 10000:
+                out.write("".join(batch))
+                batch = []
+        out.write("".join(batch))
+    return attacks
+
+
+def bench_imr(log: Path, state: Path) -> dict[str, float]:
+    scanner = Scanner(BUILTIN)
+    with StateStore(state) as store:
+        t0 = time.perf_counter()
+        report = scan_files([log], scanner, store, None, max_line=65536)
+        seconds = time.perf_counter() - t0
+    return {
+        "lines": report.stats.lines,
+        "hits": report.stats.hits,
+        "seconds": seconds,
+        "lines_per_s": report.stats.lines / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench_fail2ban(log: Path, workdir: Path) -> dict[str, float] | None:
+    exe = shutil.which("fail2ban-regex")
+    if exe is None:
+        return None
+    flt = workdir / "imr-equivalent.conf"
+    flt.write_text(F2B_FILTER)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [exe, str(log), str(flt)], capture_output=True, text=True, timeout=900, check=False
+    )
+    seconds = time.perf_counter() - t0
+    matched = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("Lines:"):
+            # "Lines: 1000000 lines, 0 ignored, 9957 matched, 990043 missed"
+            matched = int(line.split(",")[2].split()[0])
+    return {"seconds": seconds, "matched": float(matched or 0)}
+
+
+def bench_follow(workdir: Path, samples: int = 50) -> list[float]:
+    """Write -> request at a fake daemon (a Unix socket we serve), per attacker line."""
+    sock_path = workdir / "fake.sock"
+    arrivals: list[float] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(16)
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = conn.recv(65536)
+                arrivals.append(time.perf_counter())
+                ip = json.loads(data).get("ip")
+                conn.sendall(
+                    json.dumps({"v": 1, "id": None, "ok": True, "result": {"ip": ip}}).encode()
+                    + b"\n"
+                )
+
+    log = workdir / "follow.log"
+    log.write_text("")
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    follower = Follower(
+        [log], Scanner(BUILTIN), Client(sock_path, 5), lambda o: None, poll_interval=1.0
+    )
+    follow_thread = threading.Thread(target=follower.run, args=(stop.is_set,), daemon=True)
+    follow_thread.start()
+    time.sleep(0.3)
+    latencies = []
+    with open(log, "a") as out:
+        for i in range(samples):
+            before = len(arrivals)
+            written = time.perf_counter()
+            out.write(
+                f'203.0.113.{i + 1} - - [08/Jan/2009:04:52:45 -0500] "GET /bin/msgimport HTTP/1.1" 404 1 "-" "-"\n'  # noqa: E501
+            )
+            out.flush()
+            deadline = time.perf_counter() + 5
+            while len(arrivals) == before and time.perf_counter() < deadline:
+                time.sleep(0.0005)
+            if len(arrivals) > before:
+                latencies.append(arrivals[-1] - written)
+            time.sleep(0.02)
+    stop.set()
+    follow_thread.join(5)
+    server_thread.join(5)
+    server.close()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--skip-fail2ban", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imr-logscan-bench-") as tmp:
+        work = Path(tmp)
+        log = work / "access.log"
+        attacks = generate(log, args.lines)
+        size = os.path.getsize(log)
+        print(f"log: {args.lines} lines, {size / 1e6:.0f} MB, {attacks} attack lines")
+        imr = bench_imr(log, work / "state")
+        print(
+            f"imr scan: {imr['seconds']:.2f} s, {imr['lines_per_s']:,.0f} lines/s, "
+            f"{imr['hits']:.0f} hits, peak RSS {imr['peak_rss_mb']:.0f} MB"
+        )
+        if not args.skip_fail2ban:
+            f2b = bench_fail2ban(log, work)
+            if f2b is None:
+                print("fail2ban-regex: not installed (apt-get install fail2ban)")
+            else:
+                rate = args.lines / f2b["seconds"]
+                print(
+                    f"fail2ban-regex: {f2b['seconds']:.2f} s, {rate:,.0f} lines/s, "
+                    f"{f2b['matched']:.0f} matched"
+                )
+                print(f"ratio imr/fail2ban: {imr['lines_per_s'] / rate:.1f}x")
+        lat = bench_follow(work)
+        if lat:
+            lat_ms = sorted(x * 1000 for x in lat)
+            print(
+                f"follow latency (write -> request at daemon socket), {len(lat)} samples: "
+                f"median {statistics.median(lat_ms):.2f} ms, "
+                f"p95 {lat_ms[int(len(lat_ms) * 0.95) - 1]:.2f} ms, "
+                f"max {lat_ms[-1]:.2f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
