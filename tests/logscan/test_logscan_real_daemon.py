@@ -1,0 +1,65 @@
+"""The log follower against the real daemon: a line written to a log becomes a kernel block.
+
+`imr watch` runs as an unprivileged user (the block role), the daemon as root
+with the iptables backend inside a throwaway namespace (tests/daemon_harness.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from daemon_harness import (
+    ATTACKER_V4,
+    BLOCKER,
+    SERVER_V4,
+    daemon_world,
+    ensure_test_users,
+    remove_test_users,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+
+DFIND = (
+    f'{ATTACKER_V4} - - [30/Jan/2009:13:36:51 -0500] "GET /w00tw00t.at.ISC.SANS.DFind:) HTTP/1.1"'
+    ' 400 311 "-" "-"\n'
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_users() -> Iterator[None]:
+    created = ensure_test_users()
+    yield
+    remove_test_users(created)
+
+
+def test_watch_turns_a_log_line_into_a_kernel_block() -> None:
+    with daemon_world() as world:
+        world.write_config()
+        assert world.start().returncode == 0
+        world.listen(80)
+        log = world.root / "access.log"
+        log.write_text("")
+        log.chmod(0o644)
+        argv = ["runuser", "-u", BLOCKER, "--", *world.imr_argv("watch", str(log))]
+        watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)  # let it start and watch the file
+            assert watcher.poll() is None, watcher.communicate()
+            with open(log, "a") as f:
+                f.write(DFIND)
+            written = time.monotonic()
+            blocked = world.wait_for(lambda: f"-s {ATTACKER_V4}/32" in world.rules(4), timeout=5)
+            latency = time.monotonic() - written
+            assert blocked, world.log_file.read_text()
+            print(f"log write to kernel rule (incl. polling iptables): {latency * 1000:.0f} ms")
+            assert world.probe(world.attacker, SERVER_V4, 80) == "EHOSTUNREACH"
+            shown = world.as_root("show", ATTACKER_V4, "--json")
+            assert '"source": "logscan:dfind"' in shown.stdout
+        finally:
+            watcher.terminate()
+            watcher.wait(10)
