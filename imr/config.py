@@ -6,7 +6,6 @@ daemon and the CLI; nothing else reads settings.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -19,13 +18,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from imr.core.durations import format_duration, parse_duration
+from imr.config_types import Duration, Network
 from imr.core.policy import Ladder
 from imr.logscan.settings import LogscanConfig
 
@@ -35,39 +33,6 @@ CONFIG_ENV = "IMR_CONFIG"
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names key, value and expectation."""
-
-
-def _duration(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 1h, 1d or 7d")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError("a duration must be longer than zero")
-        return value
-    if isinstance(value, str):
-        return parse_duration(value)
-    raise ValueError("expected a duration such as 1h, 1d or 7d")
-
-
-Duration = Annotated[
-    int, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str)
-]
-
-
-def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError("expected an address or network in CIDR form, e.g. 192.0.2.0/24")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError("expected an address or network in CIDR form, e.g. 192.0.2.0/24") from None
-
-
-Network = Annotated[
-    ipaddress.IPv4Network | ipaddress.IPv6Network,
-    BeforeValidator(_network),
-    PlainSerializer(str, return_type=str),
-]
 
 
 class Role(StrEnum):

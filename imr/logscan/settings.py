@@ -22,42 +22,14 @@ Example (TOML):
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imr.core.durations import parse_duration
+from imr.config_types import Duration, Network
 from imr.logscan.formats import LogFormat
-
-
-def _seconds(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 10m or 1h")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError("a duration must be longer than zero")
-        return value
-    if isinstance(value, str):
-        return parse_duration(value)
-    raise ValueError("expected a duration such as 30s, 10m or 1h")
-
-
-Seconds = Annotated[int, BeforeValidator(_seconds)]
-
-
-def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError("expected an address or network, e.g. 10.0.0.0/8")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError("expected an address or network, e.g. 10.0.0.0/8") from None
-
-
-ProxyNetwork = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 # Source tags go on the wire as "logscan:<name>" (≤ 64 chars, [A-Za-z0-9_.:/@+-]).
 RULE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$"
@@ -69,7 +41,7 @@ class _Model(BaseModel):
 
 class Threshold(_Model):
     hits: int = Field(ge=1, le=100_000)
-    window: Seconds
+    window: Duration
 
 
 class UserRule(_Model):
@@ -79,7 +51,7 @@ class UserRule(_Model):
     ignore_case: bool = True
     severity: int = Field(5, ge=1, le=10)
     hits: int = Field(1, ge=1, le=100_000)
-    window: Seconds = 600
+    window: Duration = 600
     description: str = Field("", max_length=120)
     # Literals one of which every matching line contains: lets the scanner skip
     # lines without parsing them. Without needles the rule is tried on every line.
@@ -107,7 +79,7 @@ class LogscanConfig(_Model):
     state_dir: Path = Path("/var/lib/imr/logscan")
     format: LogFormat = LogFormat.AUTO
     # Peers whose X-Forwarded-For is believed; they themselves are never blocked.
-    trusted_proxies: list[ProxyNetwork] = Field(default_factory=list)
+    trusted_proxies: list[Network] = Field(default_factory=list)
     # Per-signature overrides of the default hits/window.
     thresholds: dict[str, Threshold] = Field(default_factory=dict)
     disabled: list[str] = Field(default_factory=list)
@@ -116,4 +88,4 @@ class LogscanConfig(_Model):
     max_line_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     # fail2ban filters have no thresholds of their own; these mirror fail2ban's defaults.
     fail2ban_maxretry: int = Field(5, ge=1, le=100_000)
-    fail2ban_findtime: Seconds = 600
+    fail2ban_findtime: Duration = 600
