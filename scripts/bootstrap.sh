@@ -50,3 +50,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# Unprivileged clients (www-data, the test users) run .venv/bin/imr: every
+# directory above the checkout must be world-traversable, or those tests skip.
+dir=$PWD
+while [ "$dir" != "/" ]; do
+  if [ "$(( $(stat -c '%a' "$dir" | tail -c 2) & 1 ))" -eq 0 ]; then
+    echo "bootstrap: WARNING: $dir is not world-traversable; tests that run clients as" \
+         "unprivileged users will be skipped. Clone imr under a world-readable directory." >&2
+    break
+  fi
+  dir=$(dirname "$dir")
+done

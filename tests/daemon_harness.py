@@ -217,9 +217,32 @@ allowlist = ["198.51.100.0/24"]
         return False
 
 
+def require_unprivileged_access() -> None:
+    """Skip, saying why, when unprivileged users cannot run this checkout's imr.
+
+    The clients under test run as real users (runuser): they need every
+    directory above the checkout to be world-traversable.
+    """
+    probe = subprocess.run(
+        ["runuser", "-u", "nobody", "--", IMR, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if probe.returncode != 0:
+        import pytest
+
+        pytest.skip(
+            f"unprivileged users cannot run {IMR} ({probe.stderr.strip()[:120]}):"
+            " put the checkout under a world-readable directory"
+        )
+
+
 @contextlib.contextmanager
 def daemon_world(flavour: str = "nft") -> Iterator[Daemon]:
     """Three namespaces, a world-readable work directory, and cleanup whatever happens."""
+    require_unprivileged_access()
     namespaces: list[Netns] = []
     root = Path(tempfile.mkdtemp(prefix="imrtest-", dir="/tmp"))
     root.chmod(0o755)
