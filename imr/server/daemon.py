@@ -82,11 +82,12 @@ async def _serve(config: Config, broker: Broker, on_ready: Callable[[], None]) -
     listener = UnixListener(config.server, config.access, broker.handle, BrokerError)
     try:
         await listener.start()
+        status = broker.status()
         log.info(
             "ready: pid %d, %s, %d active blocks",
             os.getpid(),
-            broker.status()["backend_detail"],
-            broker.status()["active_blocks"],
+            status["backend_detail"],
+            status["active_blocks"],
         )
         on_ready()
         await stop.wait()
