@@ -41,6 +41,11 @@ class Peer:
         allowed = PERMITTED.get(op)
         return allowed is None or bool(self.roles & allowed)
 
+    @property
+    def principal(self) -> str:
+        """The stable identity that quotas and metrics count by (one per client, not per pid)."""
+        return f"uid:{self.uid}"
+
     def describe(self) -> str:
         return f"uid={self.uid}({self.user}) pid={self.pid}"
 
