@@ -21,12 +21,13 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import pytest
 
-from imr.backends.base import Backend, KernelBlock
+from imr.backends.base import Backend, Drift, Expected, KernelBlock, Slot, expected_counts, slot_of
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, IPNetwork, Target
 
 from netns import Netns, connect, netns
 
@@ -37,8 +38,29 @@ def ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
+def net(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text)
+
+
+def target(text: str) -> Target:
+    """An address, or a network if the text has a prefix shorter than the full length."""
+    found = ipaddress.ip_network(text, strict=False)
+    return found.network_address if found.prefixlen == found.max_prefixlen else found
+
+
+def order(targets: list[Target]) -> list[Target]:
+    def key(t: Target) -> tuple[int, int, int]:
+        if isinstance(t, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            return (t.version, int(t.network_address), t.prefixlen)
+        return (t.version, int(t), t.max_prefixlen)
+
+    return sorted(targets, key=key)
+
+
 V4_A, V4_B, V4_C = ip("192.0.2.10"), ip("192.0.2.11"), ip("198.51.100.7")
 V6_A, V6_B = ip("2001:db8::10"), ip("2001:db8:1::11")
+# Admin network blocks; NET4_A holds V4_C, which may be blocked on its own as well.
+NET4_A, NET4_B, NET6_A = net("198.51.100.0/24"), net("192.0.2.128/25"), net("2001:db8:5::/48")
 NEVER_BLOCKED = (ip("203.0.113.250"), ip("2001:db8:ffff::250"))
 FAR_FUTURE = 4_102_444_800.0  # 2100-01-01; expiry is the broker's business, not the backend's
 
@@ -49,8 +71,26 @@ LISTED_PORT, UNLISTED_PORT = 8080, 8081  # the config below lists 25 and 8000:80
 CONNECT_TIMEOUT = 1.5  # seconds; a REJECT answers at once, only a broken test waits
 
 
-def blocks(*addresses: IPAddress) -> list[KernelBlock]:
-    return [KernelBlock(address, FAR_FUTURE) for address in addresses]
+# The packet test for networks: the client's address is inside these, the server's is not.
+CLIENT_NET_V4, CLIENT_NET_V6 = net("203.0.113.64/26"), net("2001:db8:66::40/122")
+
+Damage = Literal["flush", "unhook", "delete"]
+
+
+def blocks(*targets: Target) -> list[KernelBlock]:
+    return [KernelBlock(target, FAR_FUTURE) for target in targets]
+
+
+def expected_for(wanted: list[KernelBlock]) -> dict[Slot, Expected]:
+    return expected_counts(((slot_of(b.address), b.expires_at) for b in wanted), 0.0)
+
+
+def repair(backend: Backend, drift: Drift, wanted: list[KernelBlock]) -> None:
+    """What the broker does with a drift report."""
+    if drift.structure:
+        backend.prepare()
+    if drift.entries:
+        backend.replace_all(wanted)
 
 
 class BackendConformance:
@@ -60,8 +100,9 @@ class BackendConformance:
 
     # -- read-back hooks (the subclass's own view of the kernel) -----------------
 
-    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
-        """Addresses imr's kernel objects of this family block, once per rule or element."""
+    def read_blocked(self, ns: Netns, family: int) -> list[Target]:
+        """Addresses and networks imr's kernel objects of this family block, once per rule or
+        element (never a marker element)."""
         raise NotImplementedError
 
     def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
@@ -85,6 +126,18 @@ class BackendConformance:
         preferably in a shape the current config would not produce."""
         raise NotImplementedError
 
+    def damage(self, ns: Netns, how: Damage) -> None:
+        """Break imr's objects as a careless admin or another tool would, with the usual tools:
+        "flush" empties the IPv4 address set or chain, "unhook" removes what sends packets to
+        imr (the INPUT jump; for nftables the rules of imr's base chain), "delete" removes
+        imr's objects altogether."""
+        raise NotImplementedError
+
+    def read_own_state(self, ns: Netns) -> list[str]:
+        """imr's kernel objects in a form that is equal after a faithful rebuild (without
+        kernel handles or running timers); by default `read_own_objects`."""
+        return self.read_own_objects(ns)
+
     # -- fixtures ---------------------------------------------------------------
 
     @pytest.fixture
@@ -107,13 +160,12 @@ class BackendConformance:
 
     # -- helpers ----------------------------------------------------------------
 
-    def blocked(self, ns: Netns) -> list[IPAddress]:
+    def blocked(self, ns: Netns) -> list[Target]:
         """Both families, sorted, duplicates kept (so a duplicate rule shows)."""
-        found = self.read_blocked(ns, 4) + self.read_blocked(ns, 6)
-        return sorted(found, key=lambda a: (a.version, int(a)))
+        return order(self.read_blocked(ns, 4) + self.read_blocked(ns, 6))
 
-    def expect(self, ns: Netns, *addresses: IPAddress) -> None:
-        assert self.blocked(ns) == sorted(addresses, key=lambda a: (a.version, int(a)))
+    def expect(self, ns: Netns, *targets: Target) -> None:
+        assert self.blocked(ns) == order(list(targets))
         for family in (4, 6):  # each address in its own family's table only
             assert all(a.version == family for a in self.read_blocked(ns, family))
 
@@ -188,6 +240,81 @@ class BackendConformance:
         for family in (4, 6):
             assert self.read_hook_positions(server_ns, family) == [1]
 
+    # -- network blocks (admin only; the broker checks roles and overlaps) -------
+
+    def test_networks_show_in_the_kernel(self, server_ns: Netns, backend: Backend) -> None:
+        backend.apply(blocks(NET4_A, NET6_A, V4_A), [])
+        self.expect(server_ns, NET4_A, NET6_A, V4_A)
+        assert backend.installed() == {NET4_A, NET6_A, V4_A}
+        backend.apply(blocks(NET4_A, NET6_A, V4_C), [])  # twice: no duplicate; an address inside
+        self.expect(server_ns, NET4_A, NET6_A, V4_A, V4_C)
+        backend.apply(blocks(NET4_B), [NET4_A, V4_A])
+        self.expect(server_ns, NET4_B, NET6_A, V4_C)
+        backend.apply([], [NET4_B, NET6_A, NET4_A])  # NET4_A is no longer there: no error
+        self.expect(server_ns, V4_C)
+
+    def test_replace_all_with_networks(self, server_ns: Netns, backend: Backend) -> None:
+        backend.apply(blocks(NET4_A, NET6_A, V6_A), [])
+        backend.replace_all(blocks(NET4_B, V4_C, V6_A, NET4_B))
+        self.expect(server_ns, NET4_B, V4_C, V6_A)
+        assert backend.installed() == {NET4_B, V4_C, V6_A}
+
+    # -- drift: someone changed imr's objects behind its back ------------------
+
+    DRIFT_STATE = (V4_A, V4_B, V6_A, NET4_A, NET6_A)
+
+    def test_check_finds_nothing_when_all_is_well(self, server_ns: Netns, backend: Backend) -> None:
+        empty = expected_counts([], 0.0)
+        drift = backend.check(empty)
+        assert drift == Drift(), drift.describe()
+        wanted = blocks(*self.DRIFT_STATE)
+        backend.apply(wanted, [])
+        expected = expected_for(wanted)
+        drift = backend.check(expected)
+        assert drift == Drift(), drift.describe()
+        assert backend.check(empty).entries  # the counts are really compared
+
+    @pytest.mark.parametrize("how", ["flush", "unhook", "delete"])
+    def test_drift_is_found_and_repaired_exactly(
+        self, server_ns: Netns, backend: Backend, how: Damage
+    ) -> None:
+        wanted = blocks(*self.DRIFT_STATE)
+        backend.apply(wanted, [])
+        before = self.read_own_state(server_ns)
+        expected = expected_for(wanted)
+
+        self.damage(server_ns, how)
+        assert self.read_own_state(server_ns) != before
+        drift = backend.check(expected)
+        assert drift.found, f"{how} went unnoticed"
+        if how == "flush":  # blocks lost, the structure is fine
+            assert drift.entries and not drift.structure, drift.describe()
+        if how == "delete":
+            assert drift.structure and drift.entries, drift.describe()
+
+        repair(backend, drift, wanted)
+        assert self.read_own_state(server_ns) == before
+        self.expect(server_ns, *self.DRIFT_STATE)
+        for family in (4, 6):
+            assert self.read_hook_positions(server_ns, family) == [1]
+        drift = backend.check(expected)
+        assert drift == Drift(), drift.describe()
+
+    def test_drift_repair_leaves_foreign_objects_alone(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        wanted = blocks(*self.DRIFT_STATE)
+        backend.apply(wanted, [])
+        self.add_foreign_objects(server_ns)
+        foreign = self.read_foreign_objects(server_ns)
+        expected = expected_for(wanted)
+        damages: list[Damage] = ["flush", "unhook", "delete"]
+        for how in damages:
+            self.damage(server_ns, how)
+            repair(backend, backend.check(expected), wanted)
+            assert self.read_foreign_objects(server_ns) == foreign, f"changed after {how}"
+        self.expect(server_ns, *self.DRIFT_STATE)
+
     # -- other people's rules ---------------------------------------------------
 
     def test_foreign_rules_and_chains_survive(
@@ -258,6 +385,17 @@ class BackendConformance:
             }
 
             backend.apply([], [ip(CLIENT_V4), ip(CLIENT_V6)])
+            assert _probe_all(client) == everything_open
+
+            # The same with the client's networks blocked instead (an admin's network block).
+            backend.apply(blocks(CLIENT_NET_V4, CLIENT_NET_V6), [])
+            assert _probe_all(client) == {
+                (SERVER_V4, LISTED_PORT): "EHOSTUNREACH",
+                (SERVER_V4, UNLISTED_PORT): "connected",
+                (SERVER_V6, LISTED_PORT): "EHOSTUNREACH",
+                (SERVER_V6, UNLISTED_PORT): "connected",
+            }
+            backend.apply([], [CLIENT_NET_V4, CLIENT_NET_V6])
             assert _probe_all(client) == everything_open
         backend.close()
 

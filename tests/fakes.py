@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.base import (
+    SLOTS,
+    Backend,
+    BackendError,
+    Drift,
+    Expected,
+    KernelBlock,
+    Slot,
+    count_problems,
+    slot_of,
+)
 from imr.config import Role
-from imr.core.addresses import IPAddress
+from imr.core.addresses import Target
 from imr.server.access import Peer
 
 ROOT = Peer(uid=0, gid=0, pid=1, user="root", roles=frozenset({Role.ADMIN}))
@@ -39,18 +49,21 @@ class RecordingBackend(Backend):
     name = "recording"
 
     def __init__(self) -> None:
-        self.kernel: dict[IPAddress, float] = {}
-        self.applies: list[tuple[list[KernelBlock], list[IPAddress]]] = []
-        self.refuse: set[IPAddress] = set()
+        self.kernel: dict[Target, float] = {}
+        self.applies: list[tuple[list[KernelBlock], list[Target]]] = []
+        self.refuse: set[Target] = set()
         self.prepared = 0
+        self.unhooked = False  # drift tests: "someone removed the jump from INPUT"
+        self.checks = 0
 
     def describe(self) -> str:
         return "recording (test double)"
 
     def prepare(self) -> None:
         self.prepared += 1
+        self.unhooked = False
 
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         for block in add:
             if block.address in self.refuse:
                 raise BackendError(f"refused {block.address}")
@@ -63,8 +76,17 @@ class RecordingBackend(Backend):
     def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
         self.kernel = {b.address: b.expires_at for b in blocks}
 
-    def installed(self) -> set[IPAddress]:
+    def installed(self) -> set[Target]:
         return set(self.kernel)
+
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        self.checks += 1
+        counts = dict.fromkeys(SLOTS, 0)
+        for target in self.kernel:
+            counts[slot_of(target)] += 1
+        where = {slot: f"recording {slot}" for slot in SLOTS}
+        structure = ("the jump is missing",) if self.unhooked else ()
+        return Drift(structure, count_problems(counts, expected, where))
 
     def teardown(self) -> None:
         self.kernel.clear()

@@ -11,7 +11,7 @@ import pytest
 from imr.backends.base import Backend, BackendError, KernelBlock
 from imr.backends.ipset import IpsetBackend
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, Target
 
 from backend_conformance import (
     FAR_FUTURE,
@@ -20,15 +20,17 @@ from backend_conformance import (
     V6_A,
     V6_B,
     BackendConformance,
+    Damage,
     MakeBackend,
     blocks,
-    ip,
+    target,
 )
 from netns import Netns
 
 CHAIN = "IMR"
 JUMP = f"-A INPUT -j {CHAIN}"
 SETS = {4: "imr4", 6: "imr6"}
+NET_SETS = {4: "imrnet4", 6: "imrnet6"}
 
 
 def members(ns: Netns, name: str) -> dict[str, int] | None:
@@ -62,8 +64,12 @@ class IpsetConformance(BackendConformance):
 
     # -- hooks ------------------------------------------------------------------
 
-    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
-        return [ip(entry) for entry in members(ns, SETS[family]) or {}]
+    def read_blocked(self, ns: Netns, family: int) -> list[Target]:
+        return [
+            target(entry)
+            for name in (SETS[family], NET_SETS[family])
+            for entry in members(ns, name) or {}
+        ]
 
     def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
         rules = [line for line in self.listing(ns, family, "INPUT") if line.startswith("-A ")]
@@ -103,6 +109,28 @@ class IpsetConformance(BackendConformance):
     def add_block_directly(self, ns: Netns, address: IPAddress) -> None:
         ns.run("ipset", "add", SETS[address.version], str(address))  # no timeout
 
+    def read_own_state(self, ns: Netns) -> list[str]:
+        """Rules, set names and every member of imr's sets (read_own_objects lists no members)."""
+        entries = [
+            f"{name} {entry}"
+            for name in (*SETS.values(), *NET_SETS.values())
+            for entry in sorted(members(ns, name) or {})
+        ]
+        return self.read_own_objects(ns) + entries
+
+    def damage(self, ns: Netns, how: Damage) -> None:
+        if how == "flush":
+            ns.run("ipset", "flush", SETS[4])
+            return
+        for family in (4, 6):
+            ns.run(self.tool(family), "-D", "INPUT", "-j", CHAIN)
+            if how == "delete":
+                ns.run(self.tool(family), "-F", CHAIN)
+                ns.run(self.tool(family), "-X", CHAIN)
+        if how == "delete":
+            for name in (*SETS.values(), *NET_SETS.values()):
+                ns.run("ipset", "destroy", name)
+
     @pytest.fixture
     def make_backend(self) -> MakeBackend:
         def make(config: FirewallConfig) -> Backend:
@@ -121,11 +149,14 @@ class IpsetConformance(BackendConformance):
         backend.prepare()
         backend.prepare()
         assert self.listing(server_ns, 4, CHAIN)[1:] == [
-            f"-A {CHAIN} -p udp -m set --match-set imr4 src -m multiport --dports 53,8000:8080"
+            f"-A {CHAIN} -p udp -m set --match-set {name} src -m multiport --dports 53,8000:8080"
             " -j REJECT --reject-with icmp-host-unreachable"
+            for name in ("imr4", "imrnet4")
         ]
-        header = server_ns.run("ipset", "list", "imr6", "-t").stdout
-        assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
+        for name, kind in (("imr6", "hash:ip"), ("imrnet6", "hash:net")):
+            header = server_ns.run("ipset", "list", name, "-t").stdout
+            assert f"Type: {kind}" in header
+            assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
 
     def test_timeouts_follow_expiry_and_escalation(
         self, server_ns: Netns, backend: Backend

@@ -14,22 +14,26 @@ from typing import Any
 import pytest
 
 import imr.backends.iptables as iptables_module
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.base import Backend, BackendError, Drift, KernelBlock
 from imr.backends.dryrun import DryRunBackend
 from imr.backends.iptables import IptablesBackend, detect_flavour
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, Target
 
 from backend_conformance import (
     FAR_FUTURE,
+    NET4_A,
     V4_A,
     V4_B,
     V6_A,
     V6_B,
     BackendConformance,
+    Damage,
     MakeBackend,
     blocks,
+    expected_for,
     ip,
+    target,
 )
 from netns import Netns, netns
 
@@ -55,12 +59,12 @@ class IptablesConformance(BackendConformance):
 
     # -- hooks ------------------------------------------------------------------
 
-    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
+    def read_blocked(self, ns: Netns, family: int) -> list[Target]:
         found = []
         for line in self.listing(ns, family):
             if line.startswith(f"-A {CHAIN} "):
                 words = line.split()
-                found.append(ip(words[words.index("-s") + 1].split("/")[0]))
+                found.append(target(words[words.index("-s") + 1]))
         return found
 
     def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
@@ -103,6 +107,16 @@ class IptablesConformance(BackendConformance):
             *("-A", CHAIN, "-s", str(address), "-p", "tcp", "-m", "multiport"),
             *("--dports", "443", "-j", "REJECT", "--reject-with", reject),
         )
+
+    def damage(self, ns: Netns, how: Damage) -> None:
+        if how == "flush":
+            ns.run(self.tool(4), "-F", CHAIN)
+            return
+        for family in (4, 6):
+            ns.run(self.tool(family), "-D", "INPUT", "-j", CHAIN)
+            if how == "delete":
+                ns.run(self.tool(family), "-F", CHAIN)
+                ns.run(self.tool(family), "-X", CHAIN)
 
     # -- fixtures ---------------------------------------------------------------
 
@@ -488,3 +502,14 @@ def test_dryrun_replace_all_and_teardown() -> None:
     assert backend.installed() == set()
     assert backend.describe().startswith("dryrun")
     assert backend.name == "dryrun"
+
+
+def test_dryrun_check_compares_its_counts() -> None:
+    backend = DryRunBackend()
+    wanted = blocks(V4_A, V6_A, NET4_A)
+    backend.apply(wanted, [])
+    assert backend.check(expected_for(wanted)) == Drift()
+    backend.apply([], [NET4_A])
+    assert backend.check(expected_for(wanted)).entries == (
+        "dryrun net4 entries holds 0 entries, expected 1",
+    )

@@ -9,25 +9,30 @@ from typing import Any
 
 import pytest
 
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.base import Backend, BackendError, Drift, KernelBlock, Slot, expected_counts
 from imr.backends.nftables import NftablesBackend
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, Target
 
 from backend_conformance import (
     FAR_FUTURE,
+    NET4_A,
+    NET6_A,
     V4_A,
     V4_B,
     V6_A,
     V6_B,
     BackendConformance,
+    Damage,
     MakeBackend,
     blocks,
-    ip,
+    target,
 )
-from netns import Netns
+from netns import Netns, netns
 
 SETS = {4: "blocked_v4", 6: "blocked_v6"}
+NET_SETS = {4: "blocked_net_v4", 6: "blocked_net_v6"}
+MARKERS = {"255.255.255.255", "ff00::"}  # one per address set, for the drift check
 
 
 def nft_json(ns: Netns, *command: str) -> list[dict[str, Any]]:
@@ -40,13 +45,29 @@ def nft_json(ns: Netns, *command: str) -> list[dict[str, Any]]:
     return [item for item in items if "metainfo" not in item]
 
 
-def elements(ns: Netns, family: int) -> list[dict[str, Any]]:
-    """The set's elements as {"val": ..., "timeout": ...} (timeout absent: none)."""
+def elements(ns: Netns, family: int, sets: dict[int, str] = SETS) -> list[dict[str, Any]]:
+    """The set's elements as {"val": ..., "timeout": ...} (timeout absent: none), without the
+    marker; a network's "val" is its CIDR text."""
     found = []
-    for item in nft_json(ns, "set", "inet", "imr", SETS[family]):
+    for item in nft_json(ns, "set", "inet", "imr", sets[family]):
         for entry in item["set"].get("elem", []):
-            found.append(entry["elem"] if isinstance(entry, dict) else {"val": entry})
+            element = dict(entry["elem"]) if isinstance(entry, dict) else {"val": entry}
+            if isinstance(element["val"], dict):
+                prefix = element["val"]["prefix"]
+                element["val"] = f"{prefix['addr']}/{prefix['len']}"
+            if element["val"] not in MARKERS:
+                found.append(element)
     return found
+
+
+def markers(ns: Netns) -> list[str]:
+    return [
+        entry if isinstance(entry, str) else entry["elem"]["val"]
+        for family in (4, 6)
+        for item in nft_json(ns, "set", "inet", "imr", SETS[family])
+        for entry in item["set"].get("elem", [])
+        if (entry if isinstance(entry, str) else entry["elem"]["val"]) in MARKERS
+    ]
 
 
 def is_own(item: dict[str, Any]) -> bool:
@@ -57,8 +78,12 @@ def is_own(item: dict[str, Any]) -> bool:
 class TestNftables(BackendConformance):
     # -- hooks ------------------------------------------------------------------
 
-    def read_blocked(self, ns: Netns, family: int) -> list[IPAddress]:
-        return [ip(element["val"]) for element in elements(ns, family)]
+    def read_blocked(self, ns: Netns, family: int) -> list[Target]:
+        return [
+            target(element["val"])
+            for sets in (SETS, NET_SETS)
+            for element in elements(ns, family, sets)
+        ]
 
     def read_hook_positions(self, ns: Netns, family: int) -> list[int]:
         """Our base chain's place among all input-hook chains that see this family."""
@@ -104,6 +129,34 @@ class TestNftables(BackendConformance):
     def add_block_directly(self, ns: Netns, address: IPAddress) -> None:
         # No timeout: a shape the backend never writes.
         ns.run("nft", "add", "element", "inet", "imr", SETS[address.version], f"{{ {address} }}")
+
+    def damage(self, ns: Netns, how: Damage) -> None:
+        command = {
+            "flush": "flush set inet imr blocked_v4",
+            "unhook": "flush chain inet imr input",
+            "delete": "delete table inet imr",
+        }[how]
+        ns.run("nft", command)
+
+    def read_own_state(self, ns: Netns) -> list[str]:
+        """Own objects without handles and running timers (they differ after a rebuild)."""
+        state = []
+        for item in nft_json(ns, "ruleset"):
+            if not is_own(item):
+                continue
+            (kind, body) = next(iter(item.items()))
+            body = {key: value for key, value in body.items() if key != "handle"}
+            if "elem" in body:
+                body["elem"] = sorted(
+                    json.dumps(
+                        {k: v for k, v in e["elem"].items() if k not in ("timeout", "expires")}
+                        if isinstance(e, dict)
+                        else e
+                    )
+                    for e in body["elem"]
+                )
+            state.append(json.dumps({kind: body}, sort_keys=True))
+        return sorted(state)
 
     @pytest.fixture
     def make_backend(self) -> MakeBackend:
@@ -165,7 +218,11 @@ class TestNftables(BackendConformance):
         listing = server_ns.run("nft", "list", "chain", "inet", "imr", "input").stdout
         lines = [line.strip() for line in listing.splitlines()]
         assert "type filter hook input priority filter - 10; policy accept;" in lines
-        assert [line for line in lines if "saddr" in line] == list(expected)
+        networks = [
+            line.replace("@blocked_v4", "@blocked_net_v4").replace("@blocked_v6", "@blocked_net_v6")
+            for line in expected
+        ]
+        assert [line for line in lines if "saddr" in line] == [*expected, *networks]
 
     def test_timeouts_follow_expiry_and_escalation(
         self, server_ns: Netns, backend: Backend
@@ -216,6 +273,41 @@ class TestNftables(BackendConformance):
         assert len(backend.installed()) == 99_762
         backend.apply(blocks(V6_B), v6[:10])  # and small changes still work on a big set
         assert len(self.read_blocked(server_ns, 6)) == 98_991
+        # The drift check reads no elements of the big set: it still sees a flush.
+        in_v4: list[tuple[Slot, float]] = [("v4", FAR_FUTURE)] * 762
+        in_v6: list[tuple[Slot, float]] = [("v6", FAR_FUTURE)] * 98_991
+        expected = expected_counts(in_v4 + in_v6, 0)
+        drift = backend.check(expected)
+        assert drift == Drift(), drift.describe()
+        server_ns.run("nft", "flush", "set", "inet", "imr", "blocked_v6")
+        assert backend.check(expected).entries == (
+            "set inet imr blocked_v6 lost its marker element ff00:: (flushed or deleted);"
+            " expected 98991 entries",
+        )
+
+    def test_markers_stay_out_of_the_way(self, server_ns: Netns, backend: Backend) -> None:
+        backend.apply(blocks(V4_A, V6_A), [])
+        backend.replace_all(blocks(V4_B))
+        backend.apply([], [V4_B])
+        assert sorted(markers(server_ns)) == sorted(MARKERS)  # always there, once each
+        assert backend.installed() == set()
+        backend.teardown()
+        assert markers(server_ns) == []
+
+    def test_network_sets_are_interval_sets_with_timeouts(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        now = time.time()
+        backend.apply([KernelBlock(NET4_A, now + 3600), KernelBlock(NET6_A, now + 600)], [])
+        backend.apply([KernelBlock(NET4_A, now + 86400)], [])  # escalated: longer timeout
+        for family, flags in ((4, ["interval", "timeout"]), (6, ["interval", "timeout"])):
+            (item,) = nft_json(server_ns, "set", "inet", "imr", NET_SETS[family])
+            assert item["set"]["flags"] == flags
+        timeouts = {
+            e["val"]: e.get("timeout") for f in (4, 6) for e in elements(server_ns, f, NET_SETS)
+        }
+        assert timeouts == {str(NET4_A): 86400, str(NET6_A): 600}
+        assert elements(server_ns, 4) == []  # the address sets hold no network
 
     def test_apply_recreates_a_table_someone_deleted(
         self, server_ns: Netns, backend: Backend
@@ -244,3 +336,29 @@ class TestNftables(BackendConformance):
         assert backend.installed() == {V6_B}
         backend.teardown()
         assert self.read_own_objects(server_ns) == []
+
+    def test_the_kept_context_follows_the_threads_namespace(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        # The libnftables context is kept between calls (closing it is slow after a delete);
+        # it must still act wherever the calling thread is now, and recover after a refusal.
+        backend.apply(blocks(V4_A), [])
+        with netns("imrk") as other:
+            with other.entered():
+                backend.prepare()
+                backend.apply(blocks(V4_B), [])
+                assert backend.installed() == {V4_B}
+            backend.apply(blocks(V6_A), [V4_A])
+            with other.entered():
+                backend.apply(blocks(V6_B), [V4_B])
+                assert backend.installed() == {V6_B}
+            self.expect(server_ns, V6_A)
+            self.expect(other, V6_B)
+        server_ns.run("nft", "delete table inet imr")
+        server_ns.run("nft", "add table inet imr; add set inet imr blocked_v4 { type ipv6_addr; }")
+        with pytest.raises(BackendError):  # a set of imr's name but the wrong type
+            backend.prepare()
+        server_ns.run("nft", "delete table inet imr")
+        backend.prepare()
+        backend.apply(blocks(V4_B), [])
+        self.expect(server_ns, V4_B)

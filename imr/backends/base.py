@@ -8,11 +8,13 @@ objects it owns (a chain, a table, a set); it never touches anything else.
 
 from __future__ import annotations
 
+import ipaddress
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from imr.core.addresses import IPAddress
+from imr.core.addresses import Target
 
 
 class BackendError(Exception):
@@ -21,8 +23,93 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class KernelBlock:
-    address: IPAddress
+    address: Target  # one address, or a network (admin blocks)
     expires_at: float  # epoch seconds; set backends turn it into a kernel timeout
+
+
+# Where a block lives in the kernel: single addresses and networks of each family are kept
+# apart (set backends use a hash set for addresses and an interval/net set for networks).
+Slot = Literal["v4", "v6", "net4", "net6"]
+SLOTS: tuple[Slot, ...] = ("v4", "v6", "net4", "net6")
+
+
+def slot_of(target: Target) -> Slot:
+    if isinstance(target, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return "net4" if target.version == 4 else "net6"
+    return "v4" if target.version == 4 else "v6"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """How many entries of a slot the broker expects in the kernel: at least `low`, at most
+    `high`. The two differ by the blocks about to expire, which a kernel timeout may lift a
+    moment before the broker does."""
+
+    low: int
+    high: int
+
+    def __contains__(self, count: object) -> bool:
+        return isinstance(count, int) and self.low <= count <= self.high
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low} to {self.high}"
+
+
+def slot_of_text(ip: str) -> Slot:
+    """The slot of a target as the state file writes it ("192.0.2.7", "2001:db8::/48"): cheap
+    enough for the drift check to run over 100,000 active blocks."""
+    if "/" in ip:
+        return "net6" if ":" in ip else "net4"
+    return "v6" if ":" in ip else "v4"
+
+
+def expected_counts(
+    entries: Iterable[tuple[Slot, float]], now: float, margin: float = 5.0
+) -> dict[Slot, Expected]:
+    """Expected entries per slot for the (slot, expires_at) of every block in force.
+
+    A block due within `margin` seconds (or overdue, not yet lifted) may already be gone
+    from a set with kernel timeouts, so it counts only towards the upper bound.
+    """
+    low = dict.fromkeys(SLOTS, 0)
+    high = dict.fromkeys(SLOTS, 0)
+    for slot, expires_at in entries:
+        high[slot] += 1
+        if expires_at > now + margin:
+            low[slot] += 1
+    return {slot: Expected(low[slot], high[slot]) for slot in SLOTS}
+
+
+@dataclass(frozen=True)
+class Drift:
+    """What `check()` found wrong with imr's kernel objects; empty when all is well.
+
+    `structure`: objects missing or changed (a chain, a set, the jump from
+    INPUT, imr's rules); `prepare()` restores them and keeps entries.
+    `entries`: slots whose entry count is not what the broker expects (a
+    flushed set or chain, a deleted table); `replace_all()` restores them.
+    """
+
+    structure: tuple[str, ...] = ()
+    entries: tuple[str, ...] = ()
+
+    @property
+    def found(self) -> bool:
+        return bool(self.structure or self.entries)
+
+    def describe(self) -> str:
+        return "; ".join((*self.structure, *self.entries)) or "no drift"
+
+
+def count_problems(
+    counts: Mapping[Slot, int], expected: Mapping[Slot, Expected], where: Mapping[Slot, str]
+) -> tuple[str, ...]:
+    """One line per slot whose count is out of range, naming the kernel object (`where`)."""
+    return tuple(
+        f"{where[slot]} holds {counts[slot]} entries, expected {expected[slot]}"
+        for slot in SLOTS
+        if counts[slot] not in expected[slot]
+    )
 
 
 class Backend(ABC):
@@ -37,7 +124,7 @@ class Backend(ABC):
         """Create imr's own chains/tables and hook them into INPUT. Idempotent."""
 
     @abstractmethod
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         """Add and remove blocks in one kernel transaction where the mechanism allows.
 
         Adding an address that is already blocked must not create a duplicate;
@@ -51,8 +138,16 @@ class Backend(ABC):
         """Make imr's kernel state exactly `blocks` (start-up reconcile), atomically if possible."""
 
     @abstractmethod
-    def installed(self) -> set[IPAddress]:
-        """The addresses imr's objects in the kernel block now (for reconcile and tests)."""
+    def installed(self) -> set[Target]:
+        """The addresses and networks imr's objects in the kernel block now (for tests)."""
+
+    @abstractmethod
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        """Whether imr's objects are intact and hold the expected number of entries.
+
+        Must stay cheap with 100,000 entries (the broker runs it every few
+        seconds): it reads structure and entry counts, never every entry.
+        """
 
     @abstractmethod
     def teardown(self) -> None:

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from imr.backends.base import Backend, KernelBlock
+from imr.backends.base import (
+    SLOTS,
+    Backend,
+    Drift,
+    Expected,
+    KernelBlock,
+    Slot,
+    count_problems,
+    slot_of,
+)
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import Target
 
 log = logging.getLogger("imr.backend")
 
@@ -24,7 +33,7 @@ class DryRunBackend(Backend):
 
     def __init__(self, config: FirewallConfig | None = None) -> None:
         self.chain = config.chain if config is not None else "IMR"
-        self._blocked: set[IPAddress] = set()
+        self._blocked: set[Target] = set()
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -33,7 +42,7 @@ class DryRunBackend(Backend):
     def prepare(self) -> None:
         log.info("dryrun: would create chain %s and jump to it from INPUT", self.chain)
 
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         # Same rule as the real backends: an address in both lists ends up blocked.
         adding = {block.address: block for block in add}
         with self._lock:
@@ -51,9 +60,17 @@ class DryRunBackend(Backend):
             self._blocked = {block.address for block in blocks}
             log.info("dryrun: would replace all blocks with %d addresses", len(self._blocked))
 
-    def installed(self) -> set[IPAddress]:
+    def installed(self) -> set[Target]:
         with self._lock:
             return set(self._blocked)
+
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        counts = dict.fromkeys(SLOTS, 0)
+        with self._lock:
+            for target in self._blocked:
+                counts[slot_of(target)] += 1
+        where = {slot: f"dryrun {slot} entries" for slot in SLOTS}
+        return Drift(entries=count_problems(counts, expected, where))
 
     def teardown(self) -> None:
         with self._lock:

@@ -1,11 +1,15 @@
-"""Blocked addresses as entries of two ipset hash:ip sets, matched by one iptables rule each.
+"""Blocked addresses as entries of ipset hash:ip sets, matched by one iptables rule each.
 
     ipset imr4: hash:ip family inet,  timeout 0, maxelem 262144
     ipset imr6: hash:ip family inet6, timeout 0, maxelem 262144
+    ipset imrnet4: hash:net family inet,  timeout 0, maxelem 262144   (admin network blocks)
+    ipset imrnet6: hash:net family inet6, timeout 0, maxelem 262144
     -I INPUT 1 -j IMR
-    -A IMR -m set --match-set imr4 src -p tcp -m multiport --dports 80,25 -j REJECT ...
+    -A IMR -p tcp -m set --match-set imr4 src -m multiport --dports 80,25 -j REJECT ...
+    -A IMR -p tcp -m set --match-set imrnet4 src -m multiport --dports 80,25 -j REJECT ...
 
-A packet costs one hash lookup per family however many addresses are blocked.
+A packet costs one hash lookup per family however many addresses are blocked
+(plus one per prefix length in use for networks, which hash:net tries in turn).
 The sets are created with `timeout 0` (entries without a timeout never expire)
 so that each entry can carry the block's remaining time: the kernel lifts a
 block on time even while the daemon is down. The kernel silently clamps entry
@@ -33,26 +37,45 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pyroute2.ipset import IPSet
 from pyroute2.netlink.exceptions import NetlinkError
 
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.base import (
+    SLOTS,
+    Backend,
+    BackendError,
+    Drift,
+    Expected,
+    KernelBlock,
+    Slot,
+    count_problems,
+    slot_of,
+)
 from imr.backends.iptables import FLAVOUR_LABELS, Flavour, detect_flavour, run_tool
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import Target
 
 log = logging.getLogger("imr.backend")
 
-SETS: dict[int, str] = {4: "imr4", 6: "imr6"}
+SETS: dict[Slot, str] = {"v4": "imr4", "v6": "imr6", "net4": "imrnet4", "net6": "imrnet6"}
+SET_TYPE: dict[Slot, str] = {
+    "v4": "hash:ip",
+    "v6": "hash:ip",
+    "net4": "hash:net",
+    "net6": "hash:net",
+}
+FAMILY_OF: dict[Slot, int] = {"v4": 4, "v6": 6, "net4": 4, "net6": 6}
+ETYPE: dict[Slot, str] = {"v4": "ip", "v6": "ip", "net4": "net", "net6": "net"}
 TEMPORARY = "-new"  # suffix of the set replace_all fills before the swap
 SOCKET_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 MAXELEM = 262_144  # the default 65,536 is too small for a large blocklist
 MAX_TIMEOUT = 2_147_483  # seconds; the kernel clamps anything longer to this
 RESTORE_TIMEOUT = 120.0
 _ENOENT = 2
+_LIST_HEADER = 1 << 2  # IPSET_FLAG_LIST_HEADER: what `ipset list -t` asks, no members
 
 
 def _timeout(expires_at: float, now: float) -> int:
@@ -97,8 +120,9 @@ class IpsetBackend(Backend):
 
     def describe(self) -> str:
         return (
-            f"ipset (hash:ip sets {SETS[4]}/{SETS[6]} with kernel-side timeouts, one rule per "
-            f"family in chain {self.chain}; iptables {FLAVOUR_LABELS[self.flavour]} flavour: "
+            f"ipset (hash:ip sets {SETS['v4']}/{SETS['v6']} with kernel-side timeouts, "
+            f"networks in hash:net sets {SETS['net4']}/{SETS['net6']}, one rule per set "
+            f"in chain {self.chain}; iptables {FLAVOUR_LABELS[self.flavour]} flavour: "
             f"{self._origin})"
         )
 
@@ -125,14 +149,18 @@ class IpsetBackend(Backend):
             raise BackendError(f"{' '.join(argv)}: {message}")
         return result.stdout
 
-    def _rule(self, family: int) -> list[str]:
+    def _rules(self, family: int) -> list[list[str]]:
+        """The chain's rules for one family: the address set's, then the network set's."""
+        return [self._rule(slot) for slot in SLOTS if FAMILY_OF[slot] == family]
+
+    def _rule(self, slot: Slot) -> list[str]:
         config = self.config
         # In the order `iptables -S` prints it, so that a listing compares with it.
         rule = [] if config.protocol == "all" else ["-p", config.protocol]
-        rule += ["-m", "set", "--match-set", SETS[family], "src"]
+        rule += ["-m", "set", "--match-set", SETS[slot], "src"]
         if config.ports:
             rule += ["-m", "multiport", "--dports", ",".join(config.ports)]
-        reject = config.reject_with_ipv4 if family == 4 else config.reject_with_ipv6
+        reject = config.reject_with_ipv4 if FAMILY_OF[slot] == 4 else config.reject_with_ipv6
         return [*rule, "-j", "REJECT", "--reject-with", reject]
 
     def _jumps(self, family: int) -> int:
@@ -145,7 +173,8 @@ class IpsetBackend(Backend):
         # Flush and append: a changed port list replaces the old rule. Not atomic, but the
         # window is one rule and prepare runs at start-up only.
         self._iptables(family, "-F", self.chain)
-        self._iptables(family, "-A", self.chain, *self._rule(family))
+        for rule in self._rules(family):
+            self._iptables(family, "-A", self.chain, *rule)
         jumps = self._jumps(family)
         if jumps == 0:
             self._iptables(family, "-I", "INPUT", "1", "-j", self.chain)
@@ -155,12 +184,13 @@ class IpsetBackend(Backend):
     # -- sets -----------------------------------------------------------------------
 
     @staticmethod
-    def _create(handle: Any, name: str, family: int) -> None:
+    def _create(handle: Any, slot: Slot) -> None:
+        name = SETS[slot]
         try:
             handle.create(
                 name,
-                stype="hash:ip",
-                family=SOCKET_FAMILY[family],
+                stype=SET_TYPE[slot],
+                family=SOCKET_FAMILY[FAMILY_OF[slot]],
                 exclusive=False,  # an existing set of the same type is fine
                 timeout=0,
                 maxelem=MAXELEM,
@@ -174,14 +204,14 @@ class IpsetBackend(Backend):
 
     def _prepare(self) -> None:
         with _ipset() as handle:
-            for family, name in SETS.items():
-                self._create(handle, name, family)
-        for family in SETS:
+            for slot in SLOTS:
+                self._create(handle, slot)
+        for family in (4, 6):
             self._prepare_rules(family)
 
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         now = time.time()
-        latest: dict[IPAddress, float] = {}
+        latest: dict[Target, float] = {}
         for block in add:
             latest[block.address] = max(block.expires_at, latest.get(block.address, 0.0))
         # A block that has already expired is not put in; it is taken out if still there.
@@ -198,7 +228,9 @@ class IpsetBackend(Backend):
                     raise BackendError(
                         f"ipset refused a change (batch half applied): {exc}"
                     ) from None
-                log.warning("ipset sets %s/%s are missing; creating them again", *SETS.values())
+                log.warning(
+                    "ipset sets %s are missing; creating them again", "/".join(SETS.values())
+                )
                 self._prepare()
                 try:
                     self._apply(adding, removing, now)
@@ -206,39 +238,48 @@ class IpsetBackend(Backend):
                     raise BackendError(f"ipset refused a change: {again}") from None
 
     @staticmethod
-    def _apply(adding: dict[IPAddress, float], removing: Sequence[IPAddress], now: float) -> None:
+    def _apply(adding: dict[Target, float], removing: Sequence[Target], now: float) -> None:
         with _ipset() as handle:
-            for address in removing:
-                family = SOCKET_FAMILY[address.version]
+            for target in removing:
+                slot = slot_of(target)
                 # Without NLM_F_EXCL the kernel ignores an absent entry.
-                handle.delete(SETS[address.version], str(address), family=family, exclusive=False)
-            for address, expires_at in adding.items():
+                handle.delete(
+                    SETS[slot],
+                    str(target),
+                    family=SOCKET_FAMILY[target.version],
+                    exclusive=False,
+                    etype=ETYPE[slot],
+                )
+            for target, expires_at in adding.items():
+                slot = slot_of(target)
                 handle.add(
-                    SETS[address.version],
-                    str(address),
-                    family=SOCKET_FAMILY[address.version],
+                    SETS[slot],
+                    str(target),
+                    family=SOCKET_FAMILY[target.version],
                     exclusive=False,  # a present entry just gets the new timeout
                     timeout=_timeout(expires_at, now),
+                    etype=ETYPE[slot],
                 )
 
     def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
         now = time.time()
-        latest: dict[IPAddress, float] = {}
+        latest: dict[Target, float] = {}
         for block in blocks:
             latest[block.address] = max(block.expires_at, latest.get(block.address, 0.0))
         with self._lock:
             self._prepare()
             lines = []
-            for family, name in SETS.items():
+            for slot, name in SETS.items():
                 fresh = name + TEMPORARY
-                inet = "inet" if family == 4 else "inet6"
+                inet = "inet" if FAMILY_OF[slot] == 4 else "inet6"
                 lines += [
-                    f"create {fresh} hash:ip family {inet} timeout 0 maxelem {MAXELEM} -exist",
+                    f"create {fresh} {SET_TYPE[slot]} family {inet} timeout 0 maxelem {MAXELEM}"
+                    " -exist",
                     f"flush {fresh}",  # a leftover of an interrupted run
                     *(
-                        f"add {fresh} {address} timeout {_timeout(at, now)}"
-                        for address, at in latest.items()
-                        if address.version == family and at > now
+                        f"add {fresh} {target} timeout {_timeout(at, now)}"
+                        for target, at in latest.items()
+                        if slot_of(target) == slot and at > now
                     ),
                     f"swap {fresh} {name}",  # atomic: a packet sees the old set or the new
                     f"destroy {fresh}",
@@ -262,8 +303,8 @@ class IpsetBackend(Backend):
         if result.returncode != 0:
             raise BackendError(f"ipset restore: {result.stderr.strip()[:400]}")
 
-    def installed(self) -> set[IPAddress]:
-        found: set[IPAddress] = set()
+    def installed(self) -> set[Target]:
+        found: set[Target] = set()
         with self._lock, _ipset() as handle:
             for name in SETS.values():
                 try:
@@ -279,12 +320,62 @@ class IpsetBackend(Backend):
                         text = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_from.get_attr(
                             "IPSET_ATTR_IPADDR_IPV6"
                         )
-                        found.add(ipaddress.ip_address(text))
+                        cidr = data.get_attr("IPSET_ATTR_CIDR")
+                        address = ipaddress.ip_address(text)
+                        if cidr is None or cidr == address.max_prefixlen:
+                            found.add(address)
+                        else:
+                            found.add(ipaddress.ip_network(f"{address}/{cidr}"))
         return found
+
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        """Set headers (their "Number of entries") and imr's few rules: cheap at any size."""
+        with self._lock:
+            structure: list[str] = []
+            counts = dict.fromkeys(SLOTS, 0)
+            with _ipset() as handle:
+                for slot, name in SETS.items():
+                    size = self._entries(handle, name)
+                    if size is None:
+                        structure.append(f"ipset {name} is missing")
+                    else:
+                        counts[slot] = size
+            for family in (4, 6):
+                tool = self._tool(family)
+                listing = self._iptables(family, "-S", self.chain, check=False)
+                if listing is None:
+                    structure.append(f"chain {self.chain} is missing ({tool})")
+                    continue
+                rules = [line.split() for line in listing.splitlines() if line.startswith("-A ")]
+                wanted = [["-A", self.chain, *rule] for rule in self._rules(family)]
+                if rules != wanted:
+                    structure.append(
+                        f"chain {self.chain} ({tool}) holds {len(rules)} rules, not imr's "
+                        f"{len(wanted)} set rules"
+                    )
+                if self._jumps(family) == 0:
+                    structure.append(f"the jump from INPUT to {self.chain} is missing ({tool})")
+            where = {slot: f"ipset {name}" for slot, name in SETS.items()}
+            return Drift(tuple(structure), count_problems(counts, expected, where))
+
+    @staticmethod
+    def _entries(handle: Any, name: str) -> int | None:
+        """The set's entry count from its header (no entries listed); None if it is missing."""
+        try:
+            messages = list(handle.list(name, flags=_LIST_HEADER))
+        except NetlinkError as exc:
+            if exc.code == _ENOENT:
+                return None
+            raise BackendError(f"ipset list -t {name}: {exc}") from None
+        for message in messages:
+            data = message.get_attr("IPSET_ATTR_DATA")
+            if data is not None and (count := data.get_attr("IPSET_ATTR_ELEMENTS")) is not None:
+                return int(count)
+        return None  # no header: no such set
 
     def teardown(self) -> None:
         with self._lock:
-            for family in SETS:
+            for family in (4, 6):
                 for _ in range(self._jumps(family)):
                     self._iptables(family, "-D", "INPUT", "-j", self.chain)
                 if self._iptables(family, "-S", self.chain, check=False) is not None:

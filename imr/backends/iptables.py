@@ -4,6 +4,7 @@ Layout (the same for both address families):
 
     -A INPUT -j IMR                      inserted once, at position 1, by prepare()
     -A IMR -s 192.0.2.7/32 -p tcp -m multiport --dports 80,25 -j REJECT --reject-with ...
+    -A IMR -s 203.0.113.0/24 -p tcp ...  a network block (admin only): one rule as well
 
 A host runs one of two iptables flavours and mixing them is never right:
 
@@ -32,13 +33,13 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends.base import Backend, BackendError, Drift, Expected, KernelBlock, Slot
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import Target
 
 log = logging.getLogger("imr.backend")
 
@@ -177,9 +178,9 @@ class RuleShape:
         dports = ",".join(_canonical_port(spec) for spec in config.ports) or None
         return cls(protocol, dports, {4: config.reject_with_ipv4, 6: config.reject_with_ipv6})
 
-    def tokens(self, address: IPAddress) -> list[str]:
+    def tokens(self, address: Target) -> list[str]:
         """The rule in `iptables -S` form (without "-A CHAIN"), so it compares with a listing."""
-        tokens = ["-s", f"{address}/{address.max_prefixlen}"]
+        tokens = ["-s", _cidr(address)]
         if self.protocol:
             tokens += ["-p", self.protocol]
         if self.dports:
@@ -195,16 +196,39 @@ def _canonical_port(spec: str) -> str:
     return f"{int(low)}:{int(high)}"
 
 
-def host_address(text: str) -> IPAddress | None:
-    """The address of a single-host source ("192.0.2.7/32", "192.0.2.7/255.255.255.255")."""
+def _cidr(target: Target) -> str:
+    """A source as `iptables -S` prints it: an address with its full prefix, or the network."""
+    if isinstance(target, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return f"{target}/{target.max_prefixlen}"
+    return str(target)
+
+
+def host_address(text: str) -> Target | None:
+    """What a rule's source blocks: an address ("192.0.2.7/32", "192.0.2.7/255.255.255.255")
+    or a network ("203.0.113.0/24", "2001:db8::/ffff:ffff::" from python-iptables); None for
+    anything else (no source at all, a negated one, a mask with holes)."""
+    address_text, _, mask = text.partition("/")
     try:
-        network = ipaddress.ip_network(text, strict=False)
+        address = ipaddress.ip_address(address_text)
+        prefix: int
+        if not mask:
+            prefix = address.max_prefixlen
+        elif mask.isdigit():
+            prefix = int(mask)
+        else:
+            bits = int(ipaddress.ip_address(mask))
+            prefix = bin(bits).count("1")
+            if bits != ((1 << prefix) - 1) << (address.max_prefixlen - prefix):
+                return None  # not a prefix
+        network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
     except ValueError:  # also "!192.0.2.7/32": a negated source is no block
         return None
-    return network.network_address if network.prefixlen == network.max_prefixlen else None
+    if network.prefixlen == network.max_prefixlen:
+        return network.network_address
+    return network if network.prefixlen > 0 else None  # "0.0.0.0/0": no source given
 
 
-def _source_of(tokens: Sequence[str]) -> IPAddress | None:
+def _source_of(tokens: Sequence[str]) -> Target | None:
     for index, token in enumerate(tokens[:-1]):
         if token in ("-s", "--source"):
             if index and tokens[index - 1] == "!":
@@ -223,22 +247,22 @@ R = TypeVar("R")  # a flavour's handle on one kernel rule
 class _Change:
     """What one family's commit changed, so that a failure in the other family can undo it."""
 
-    added: list[IPAddress] = field(default_factory=list)
-    removed: list[IPAddress] = field(default_factory=list)
+    added: list[Target] = field(default_factory=list)
+    removed: list[Target] = field(default_factory=list)
 
 
 @dataclass
 class _Plan(Generic[R]):
     delete: list[R] = field(default_factory=list)
-    append: list[IPAddress] = field(default_factory=list)
+    append: list[Target] = field(default_factory=list)
     change: _Change = field(default_factory=_Change)
 
 
 def _plan(
-    existing: Sequence[tuple[IPAddress | None, R]],
-    add: Sequence[IPAddress],
-    remove: Sequence[IPAddress],
-    is_wanted: Callable[[R, IPAddress], bool],
+    existing: Sequence[tuple[Target | None, R]],
+    add: Sequence[Target],
+    remove: Sequence[Target],
+    is_wanted: Callable[[R, Target], bool],
 ) -> _Plan[R]:
     """Deletes and appends that make the chain block `add` and not `remove`.
 
@@ -247,7 +271,7 @@ def _plan(
     shape keeps it; rules of another shape (ports changed in the configuration)
     and duplicates are replaced. An address in both lists ends up blocked.
     """
-    by_source: dict[IPAddress, list[R]] = {}
+    by_source: dict[Target, list[R]] = {}
     for source, rule in existing:
         if source is not None:
             by_source.setdefault(source, []).append(rule)
@@ -270,12 +294,24 @@ def _plan(
     return plan
 
 
-def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+def _unique(addresses: Iterable[Target]) -> list[Target]:
     return list(dict.fromkeys(addresses))
 
 
 # ---------------------------------------------------------------------------
 # The two flavours behind one small interface, one address family per call
+
+
+_SLOTS_OF: dict[Family, tuple[Slot, Slot]] = {4: ("v4", "net4"), 6: ("v6", "net6")}
+
+
+@dataclass(frozen=True)
+class _Survey:
+    """One family's part of the drift check: cheap counts, no per-rule parsing."""
+
+    chain: bool  # imr's chain exists
+    rules: int  # rules in it
+    jumps: int  # jumps to it from INPUT
 
 
 class _Driver(ABC):
@@ -289,20 +325,35 @@ class _Driver(ABC):
     def prepare(self, family: Family) -> None: ...
 
     @abstractmethod
-    def apply(
-        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
-    ) -> _Change:
+    def apply(self, family: Family, add: Sequence[Target], remove: Sequence[Target]) -> _Change:
         """Creates the chain and jump first if they are missing and there is something to add."""
 
     @abstractmethod
-    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    def replace_all(self, family: Family, addresses: Sequence[Target]) -> list[Target]:
         """Returns the addresses blocked before, for undoing."""
 
     @abstractmethod
-    def installed(self, family: Family) -> list[IPAddress]: ...
+    def installed(self, family: Family) -> list[Target]: ...
 
     @abstractmethod
     def teardown(self, family: Family) -> None: ...
+
+    def survey(self, family: Family) -> _Survey:
+        """Counted from the flavour's own `-S` listing: the C tool lists thousands of rules
+        in milliseconds, where parsing each rule (the write path) costs far more."""
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{self.flavour}"
+        chain = _NftDriver._run([tool, "-w", "10", "-S", self.chain])
+        if chain.returncode != 0:
+            table = _NftDriver._run([tool, "-w", "10", "-S"])
+            if table.returncode == 0 and f"-N {self.chain}" not in table.stdout.splitlines():
+                return _Survey(False, 0, 0)  # (iptables-nft calls a missing chain incompatible)
+            raise BackendError(f"{tool} -S {self.chain} failed: {_trim(chain.stderr)}")
+        prefix = f"-A {self.chain} "
+        rules = sum(1 for line in chain.stdout.splitlines() if line.startswith(prefix))
+        hooks = _NftDriver._run([tool, "-w", "10", "-S", "INPUT"])
+        if hooks.returncode != 0:
+            raise BackendError(f"{tool} -S INPUT failed: {_trim(hooks.stderr)}")
+        return _Survey(True, rules, hooks.stdout.splitlines().count(f"-A INPUT -j {self.chain}"))
 
 
 class _NftDriver(_Driver):
@@ -335,9 +386,7 @@ class _NftDriver(_Driver):
         if lines:
             self._commit(family, lines)
 
-    def apply(
-        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
-    ) -> _Change:
+    def apply(self, family: Family, add: Sequence[Target], remove: Sequence[Target]) -> _Change:
         rules = self._read_chain(family)
         lines = []
         if rules is None:
@@ -359,13 +408,13 @@ class _NftDriver(_Driver):
             self._commit(family, lines)
         return plan.change
 
-    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    def replace_all(self, family: Family, addresses: Sequence[Target]) -> list[Target]:
         rules = self._read_chain(family)
         if rules is None:
             if not addresses:
                 return []
             lines = [f"-N {self.chain}", f"-I INPUT 1 -j {self.chain}"]
-            previous: list[IPAddress] = []
+            previous: list[Target] = []
         else:
             lines = [f"-F {self.chain}"]
             previous = _sources(tokens for _, tokens in rules)
@@ -373,7 +422,7 @@ class _NftDriver(_Driver):
         self._commit(family, lines)
         return previous
 
-    def installed(self, family: Family) -> list[IPAddress]:
+    def installed(self, family: Family) -> list[Target]:
         return _sources(tokens for _, tokens in self._read_chain(family) or [])
 
     def teardown(self, family: Family) -> None:
@@ -383,7 +432,7 @@ class _NftDriver(_Driver):
         if lines:
             self._commit(family, lines)
 
-    def _append_line(self, address: IPAddress) -> str:
+    def _append_line(self, address: Target) -> str:
         return f"-A {self.chain} {' '.join(self.shape.tokens(address))}"
 
     def _read_chain(self, family: Family) -> list[tuple[str, list[str]]] | None:
@@ -439,7 +488,7 @@ class _NftDriver(_Driver):
             raise BackendError(f"{argv[0]} could not be run: {exc}") from None
 
 
-def _sources(rules: Iterable[Sequence[str]]) -> list[IPAddress]:
+def _sources(rules: Iterable[Sequence[str]]) -> list[Target]:
     return [source for tokens in rules if (source := _source_of(tokens)) is not None]
 
 
@@ -500,9 +549,7 @@ class _LegacyDriver(_Driver):
             if changed:
                 table.commit()
 
-    def apply(
-        self, family: Family, add: Sequence[IPAddress], remove: Sequence[IPAddress]
-    ) -> _Change:
+    def apply(self, family: Family, add: Sequence[Target], remove: Sequence[Target]) -> _Change:
         with self._table(family) as table:
             created = not table.is_chain(self.chain)
             if created:
@@ -526,9 +573,9 @@ class _LegacyDriver(_Driver):
                 table.commit()
             return plan.change
 
-    def replace_all(self, family: Family, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    def replace_all(self, family: Family, addresses: Sequence[Target]) -> list[Target]:
         with self._table(family) as table:
-            previous: list[IPAddress] = []
+            previous: list[Target] = []
             if table.is_chain(self.chain):
                 previous = self._sources(table)
                 table.flush_entries(self.chain)
@@ -543,7 +590,7 @@ class _LegacyDriver(_Driver):
             table.commit()
             return previous
 
-    def installed(self, family: Family) -> list[IPAddress]:
+    def installed(self, family: Family) -> list[Target]:
         with self._table(family) as table:
             return self._sources(table) if table.is_chain(self.chain) else []
 
@@ -584,7 +631,7 @@ class _LegacyDriver(_Driver):
                 if table is not None:
                     table.close()  # uncommitted changes are dropped (autocommit is off)
 
-    def _rule(self, address: IPAddress) -> Any:
+    def _rule(self, address: Target) -> Any:
         rule = self._iptc.Rule() if address.version == 4 else self._iptc.Rule6()
         rule.src = str(address)
         if self.shape.protocol:
@@ -608,7 +655,7 @@ class _LegacyDriver(_Driver):
     def _insert_jump(self, table: Any, family: Family) -> None:
         self._iptc.Chain(table, "INPUT").insert_rule(self._jump_rule(family), 0)
 
-    def _sources(self, table: Any) -> list[IPAddress]:
+    def _sources(self, table: Any) -> list[Target]:
         rules = self._iptc.Chain(table, self.chain).rules
         return [source for rule in rules if (source := host_address(rule.src)) is not None]
 
@@ -680,7 +727,7 @@ class IptablesBackend(Backend):
             for family in FAMILIES:
                 self._driver.prepare(family)
 
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         adds = _by_family(block.address for block in add)
         removes = _by_family(remove)
         with self._lock:
@@ -703,7 +750,7 @@ class IptablesBackend(Backend):
     def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
         wanted = _by_family(block.address for block in blocks)
         with self._lock:
-            done: list[tuple[Family, list[IPAddress]]] = []
+            done: list[tuple[Family, list[Target]]] = []
             try:
                 for family in FAMILIES:
                     done.append((family, self._driver.replace_all(family, wanted[family])))
@@ -717,7 +764,7 @@ class IptablesBackend(Backend):
                         )
                 raise
 
-    def installed(self) -> set[IPAddress]:
+    def installed(self) -> set[Target]:
         with self._lock:
             return {address for family in FAMILIES for address in self._driver.installed(family)}
 
@@ -726,9 +773,32 @@ class IptablesBackend(Backend):
             for family in FAMILIES:
                 self._driver.teardown(family)
 
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        """Chain, jump and rule count per family (one rule per address or network)."""
+        structure: list[str] = []
+        entries: list[str] = []
+        with self._lock:
+            for family in FAMILIES:
+                tool = f"{'iptables' if family == 4 else 'ip6tables'}-{self.flavour}"
+                survey = self._driver.survey(family)
+                single, network = (expected[slot] for slot in _SLOTS_OF[family])
+                wanted = Expected(single.low + network.low, single.high + network.high)
+                if not survey.chain:
+                    structure.append(f"chain {self._driver.chain} is missing ({tool})")
+                elif survey.jumps == 0:
+                    structure.append(
+                        f"the jump from INPUT to {self._driver.chain} is missing ({tool})"
+                    )
+                if survey.rules not in wanted:
+                    entries.append(
+                        f"chain {self._driver.chain} ({tool}) holds {survey.rules} rules, "
+                        f"expected {wanted}"
+                    )
+        return Drift(tuple(structure), tuple(entries))
 
-def _by_family(addresses: Iterable[IPAddress]) -> dict[Family, list[IPAddress]]:
-    split: dict[Family, list[IPAddress]] = {4: [], 6: []}
+
+def _by_family(addresses: Iterable[Target]) -> dict[Family, list[Target]]:
+    split: dict[Family, list[Target]] = {4: [], 6: []}
     for address in addresses:
         split[4 if address.version == 4 else 6].append(address)
     return split

@@ -1,20 +1,28 @@
-"""Blocked addresses as elements of two nftables hash sets, with kernel-side timeouts.
+"""Blocked addresses as elements of nftables hash sets, with kernel-side timeouts.
 
 imr owns one table and nothing else:
 
     table inet imr {
         set blocked_v4 { type ipv4_addr; flags timeout; }
         set blocked_v6 { type ipv6_addr; flags timeout; }
+        set blocked_net_v4 { type ipv4_addr; flags interval, timeout; }
+        set blocked_net_v6 { type ipv6_addr; flags interval, timeout; }
         chain input {
             type filter hook input priority -10; policy accept;
             ip saddr @blocked_v4 tcp dport { 25, 80 } reject with icmp type host-unreachable
             ip6 saddr @blocked_v6 tcp dport { 25, 80 } reject with icmpv6 type addr-unreachable
+            ip saddr @blocked_net_v4 tcp dport { 25, 80 } reject with icmp type host-unreachable
+            ip6 saddr @blocked_net_v6 tcp dport { 25, 80 } reject ...
         }
     }
 
 A packet costs one hash lookup per family however many addresses are blocked,
 and each element carries the block's remaining time as its timeout, so the
-kernel lifts a block on time even while the daemon is down.
+kernel lifts a block on time even while the daemon is down. Network blocks
+(admin only) live in separate interval sets, so inserting a single address
+never pays for interval bookkeeping. Each address set also holds one marker
+element (MARKERS) that the drift check looks up: if it is gone, someone
+flushed the set.
 
 Priority -10 runs the chain before every filter-priority (0) chain: iptables'
 INPUT in both flavours and the usual `inet filter` table. An accept elsewhere
@@ -24,29 +32,37 @@ on it, as the iptables backend's jump at INPUT position 1 does.
 
 Every change is one nftables transaction (all or nothing), run in-process
 through libnftables (the library behind `nft`) via ctypes, or through
-`nft -f -` if the library cannot be loaded. A libnftables context opens its
-netlink socket when it is created, so a fresh one is made for every call: it
-then always acts in the calling thread's network namespace.
+`nft -f -` if the library cannot be loaded. The libnftables context (and its
+netlink socket) is kept between calls: closing an nfnetlink socket waits for
+the kernel's deferred release of deleted set elements (an RCU grace period,
+~15 ms), so a context per call made every transaction that removed an element
+cost that much. The socket belongs to the network namespace it was opened in,
+so the context is remade when the calling thread is in another namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from imr.backends.base import Backend, BackendError, KernelBlock
+from imr.backends import nfnetlink
+from imr.backends.base import Backend, BackendError, Drift, Expected, KernelBlock, Slot, slot_of
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, Target
 
 log = logging.getLogger("imr.backend")
 
@@ -54,7 +70,20 @@ TABLE = "imr"
 FAMILY = "inet"
 CHAIN = "input"
 PRIORITY = -10
-SETS: dict[int, str] = {4: "blocked_v4", 6: "blocked_v6"}
+SETS: dict[Slot, str] = {
+    "v4": "blocked_v4",
+    "v6": "blocked_v6",
+    "net4": "blocked_net_v4",
+    "net6": "blocked_net_v6",
+}
+# Never a real block (the broker refuses broadcast and multicast addresses) and never a
+# packet's source (the kernel drops such packets before the input hook): the drift check's
+# sign that an address set still holds what imr put there.
+NETWORK_SLOTS: tuple[Slot, ...] = ("net4", "net6")
+MARKERS: dict[Slot, IPAddress] = {
+    "v4": ipaddress.IPv4Address("255.255.255.255"),
+    "v6": ipaddress.IPv6Address("ff00::"),
+}
 TOOL_TIMEOUT = 60.0  # seconds for `nft -f -`; 100,000 elements take well under one
 PACKAGE_HINT = "install the Debian package 'nftables' (apt-get install nftables)"
 # The kernel keeps timeouts in milliseconds in 64 bits; a longer block gets no timeout
@@ -89,6 +118,9 @@ class _Transport(ABC):
     def run(self, script: str, json_output: bool = False) -> str:
         """Run `script` (nft syntax) as one transaction; its output, or BackendError."""
 
+    def close(self) -> None:  # noqa: B027 - only a transport with handles needs it
+        """Release what is kept between calls."""
+
 
 class _LibNftables(_Transport):
     """libnftables.so.1 through ctypes: no process per change, nothing beyond libnftables1."""
@@ -112,25 +144,73 @@ class _LibNftables(_Transport):
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         self._lib = lib
+        self._kept = _KeptContext()
+        # A context is not thread-safe; the backend serialises too, this keeps run() safe alone.
+        self._mutex = threading.Lock()
+        # Free the kept context (releasing its namespace) when the transport goes away.
+        weakref.finalize(self, self._kept.free, lib)
+
+    def _context(self) -> int:
+        """The kept context, made anew if this thread is in another namespace (or process)."""
+        ns = os.stat("/proc/thread-self/ns/net")
+        where = (os.getpid(), ns.st_dev, ns.st_ino)
+        if self._kept.ctx is not None and where == self._kept.where:
+            return self._kept.ctx
+        self._kept.free(self._lib)
+        ctx: int | None = self._lib.nft_ctx_new(0)  # its netlink socket is in this namespace
+        if not ctx:
+            raise BackendError("libnftables: could not create a context")
+        self._lib.nft_ctx_buffer_output(ctx)
+        self._lib.nft_ctx_buffer_error(ctx)
+        self._kept.ctx, self._kept.where = ctx, where
+        return ctx
 
     def run(self, script: str, json_output: bool = False) -> str:
         lib = self._lib
-        ctx = lib.nft_ctx_new(0)  # opens its netlink socket in this thread's namespace
-        if not ctx:
-            raise BackendError("libnftables: could not create a context")
-        try:
-            lib.nft_ctx_buffer_output(ctx)
-            lib.nft_ctx_buffer_error(ctx)
-            if json_output:
-                lib.nft_ctx_output_set_flags(ctx, _JSON_OUTPUT)
+        with self._mutex:
+            ctx = self._context()
+            lib.nft_ctx_output_set_flags(ctx, _JSON_OUTPUT if json_output else 0)
             rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
+            # Reading a buffer also empties it for the next call.
             output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
             error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-        finally:
-            lib.nft_ctx_free(ctx)
+            if rc != 0:
+                # Start the next call afresh: no socket or cache state outlives a failure.
+                self._kept.free(lib)
+        if len(script) > _TRIM_AFTER:
+            _release_heap()
         if rc != 0:
             raise BackendError(f"nftables refused the change: {_trim(error)}")
         return output
+
+    def close(self) -> None:
+        with self._mutex:
+            self._kept.free(self._lib)
+
+
+# libnftables parses a 100,000-element script into ~50 MB of small allocations and frees
+# them afterwards, but glibc keeps freed heap for reuse: the daemon's RSS would stay that
+# much higher for its whole life. After a script this big, hand free heap back to the OS.
+_TRIM_AFTER = 1 << 20  # bytes of script (~20,000 elements)
+
+
+def _release_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@dataclass
+class _KeptContext:
+    """A libnftables context kept between calls, and where it was made."""
+
+    ctx: int | None = None
+    where: tuple[int, int, int] | None = None  # (pid, namespace device, namespace inode)
+
+    def free(self, lib: ctypes.CDLL) -> None:
+        # A context inherited over fork is the parent's: only forgotten, never freed here.
+        if self.ctx is not None and self.where is not None and self.where[0] == os.getpid():
+            lib.nft_ctx_free(self.ctx)
+        self.ctx = self.where = None
 
 
 class _NftCommand(_Transport):
@@ -168,9 +248,19 @@ def _trim(text: str, limit: int = 400) -> str:
 # ---------------------------------------------------------------------------
 # The script pieces
 
+_SET_KINDS: tuple[tuple[Slot, str, str], ...] = (
+    ("v4", "ipv4_addr", "timeout"),
+    ("v6", "ipv6_addr", "timeout"),
+    # No auto-merge: with it, nft merges neighbouring intervals and their timeouts
+    # into one element. The broker never lets two network blocks overlap instead
+    # (the kernel refuses overlapping intervals without it).
+    ("net4", "ipv4_addr", "interval, timeout"),
+    ("net6", "ipv6_addr", "interval, timeout"),
+)
 
-def _rules(config: FirewallConfig) -> dict[int, str]:
-    """The reject rule for each family, from the same settings as the iptables backend."""
+
+def _rules(config: FirewallConfig) -> list[str]:
+    """One reject rule per set, from the same settings as the iptables backend."""
     protocol = None if config.protocol == "all" else config.protocol
     match = ""
     if config.ports:
@@ -178,10 +268,14 @@ def _rules(config: FirewallConfig) -> dict[int, str]:
         match = f" {protocol} dport {{ {ports} }}"
     elif protocol:
         match = f" meta l4proto {protocol}"
-    return {
-        4: f"ip saddr @{SETS[4]}{match} {_REJECT_V4[config.reject_with_ipv4]}",
-        6: f"ip6 saddr @{SETS[6]}{match} {_REJECT_V6[config.reject_with_ipv6]}",
-    }
+    v4 = _REJECT_V4[config.reject_with_ipv4]
+    v6 = _REJECT_V6[config.reject_with_ipv6]
+    return [
+        f"ip saddr @{SETS['v4']}{match} {v4}",
+        f"ip6 saddr @{SETS['v6']}{match} {v6}",
+        f"ip saddr @{SETS['net4']}{match} {v4}",
+        f"ip6 saddr @{SETS['net6']}{match} {v6}",
+    ]
 
 
 def _port(spec: str) -> str:
@@ -197,24 +291,40 @@ def _timeout(seconds: int) -> str:
     return f" timeout {seconds // 86400}d{seconds % 86400}s"
 
 
-def _element(address: IPAddress, expires_at: float, now: float) -> str:
+def _element(target: Target | str, expires_at: float, now: float) -> str:
     remaining = math.ceil(expires_at - now)
-    return f"{address}{_timeout(remaining) if remaining <= MAX_TIMEOUT else ''}"
+    return f"{target}{_timeout(remaining) if remaining <= MAX_TIMEOUT else ''}"
 
 
 def _elements(set_name: str, elements: Sequence[str], verb: str = "add") -> str:
     return f"{verb} element {FAMILY} {TABLE} {set_name} {{ {', '.join(elements)} }}\n"
 
 
-def _addresses_in(listing: Any) -> list[IPAddress]:
-    """Addresses of every set element in `nft -j list ...` output."""
-    found: list[IPAddress] = []
+def _markers() -> str:
+    """Puts the marker elements back (adding a present element is a no-op)."""
+    return "".join(_elements(SETS[slot], [str(marker)]) for slot, marker in MARKERS.items())
+
+
+def _targets_in(listing: Any) -> list[Target]:
+    """Addresses and networks of every set element in `nft -j list ...` output."""
+    found: list[Target] = []
     for item in listing.get("nftables", []):
         for entry in item.get("set", {}).get("elem", []):
             value = entry["elem"]["val"] if isinstance(entry, dict) else entry
             if isinstance(value, str):
                 found.append(ipaddress.ip_address(value))
+            elif isinstance(value, dict) and "prefix" in value:
+                prefix = value["prefix"]
+                found.append(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
     return found
+
+
+def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, float]:
+    """Each target once, with its latest expiry."""
+    latest: dict[Target, float] = {}
+    for block in blocks:
+        latest[block.address] = max(block.expires_at, latest.get(block.address, block.expires_at))
+    return latest
 
 
 # ---------------------------------------------------------------------------
@@ -244,52 +354,53 @@ class NftablesBackend(Backend):
 
     def describe(self) -> str:
         return (
-            f"nftables (table {FAMILY} {TABLE}: hash sets {SETS[4]}/{SETS[6]} with "
-            f"kernel-side timeouts, one lookup per packet at any size; via {self._via})"
+            f"nftables (table {FAMILY} {TABLE}: hash sets {SETS['v4']}/{SETS['v6']} with "
+            f"kernel-side timeouts, one lookup per packet at any size, networks in interval "
+            f"sets {SETS['net4']}/{SETS['net6']}; via {self._via})"
         )
 
     def _structure(self) -> str:
-        """Creates what is missing and rewrites the two rules; set elements are kept."""
+        """Creates what is missing and rewrites the rules; set elements are kept."""
+        sets = "".join(
+            f"add set {FAMILY} {TABLE} {SETS[slot]} {{ type {kind}; flags {flags}; }}\n"
+            for slot, kind, flags in _SET_KINDS
+        )
+        rules = "".join(f"add rule {FAMILY} {TABLE} {CHAIN} {rule}\n" for rule in self._rules)
         return (
             f"add table {FAMILY} {TABLE}\n"
-            f"add set {FAMILY} {TABLE} {SETS[4]} {{ type ipv4_addr; flags timeout; }}\n"
-            f"add set {FAMILY} {TABLE} {SETS[6]} {{ type ipv6_addr; flags timeout; }}\n"
-            f"add chain {FAMILY} {TABLE} {CHAIN} "
+            + sets
+            + _markers()
+            + f"add chain {FAMILY} {TABLE} {CHAIN} "
             f"{{ type filter hook input priority {PRIORITY}; policy accept; }}\n"
-            f"flush chain {FAMILY} {TABLE} {CHAIN}\n"
-            f"add rule {FAMILY} {TABLE} {CHAIN} {self._rules[4]}\n"
-            f"add rule {FAMILY} {TABLE} {CHAIN} {self._rules[6]}\n"
+            f"flush chain {FAMILY} {TABLE} {CHAIN}\n" + rules
         )
 
     def prepare(self) -> None:
         with self._lock:
             self._transport.run(self._structure())
 
-    def apply(self, add: Sequence[KernelBlock], remove: Sequence[IPAddress]) -> None:
+    def apply(self, add: Sequence[KernelBlock], remove: Sequence[Target]) -> None:
         now = time.time()
-        latest: dict[IPAddress, float] = {}
-        for block in add:
-            latest[block.address] = max(
-                block.expires_at, latest.get(block.address, block.expires_at)
-            )
+        latest = _latest(add)
         # A block that has already expired is not put in; it is taken out if still there.
-        expired = [address for address, expires_at in latest.items() if expires_at <= now]
-        adding = {address: at for address, at in latest.items() if at > now}
+        expired = [target for target, expires_at in latest.items() if expires_at <= now]
+        adding = {target: at for target, at in latest.items() if at > now}
         removing = [a for a in dict.fromkeys([*remove, *expired]) if a not in adding]
         script = ""
-        for family, set_name in SETS.items():
-            gone = [str(a) for a in removing if a.version == family]
-            new = [a for a in adding if a.version == family]
+        for slot, set_name in SETS.items():
+            gone = [str(a) for a in removing if slot_of(a) == slot]
+            new = [a for a in adding if slot_of(a) == slot]
             # Deleting an absent element aborts the whole transaction and nft 1.0.6 has no
             # `destroy`; adding first (a no-op for a present element) makes the delete always
             # valid. Re-adding does not change a present element's timeout either, so every
             # added address is deleted and added again with its own timeout (an escalation).
-            touched = gone + [str(a) for a in new]
+            texts = {a: str(a) for a in new}  # ipaddress's str() is slow: once per address
+            touched = gone + list(texts.values())
             if touched:
                 script += _elements(set_name, touched)
                 script += _elements(set_name, touched, "delete")
             if new:
-                script += _elements(set_name, [_element(a, adding[a], now) for a in new])
+                script += _elements(set_name, [_element(texts[a], adding[a], now) for a in new])
         if not script:
             return
         with self._lock:
@@ -304,31 +415,87 @@ class NftablesBackend(Backend):
 
     def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
         now = time.time()
-        latest: dict[IPAddress, float] = {}
-        for block in blocks:
-            latest[block.address] = max(
-                block.expires_at, latest.get(block.address, block.expires_at)
-            )
+        latest = _latest(blocks)
         script = self._structure()
-        for family, set_name in SETS.items():
+        for slot, set_name in SETS.items():
             script += f"flush set {FAMILY} {TABLE} {set_name}\n"
             elements = [
-                _element(a, at, now) for a, at in latest.items() if a.version == family and at > now
+                _element(a, at, now) for a, at in latest.items() if slot_of(a) == slot and at > now
             ]
             if elements:
                 script += _elements(set_name, elements)
+        script += _markers()
         with self._lock:
             self._transport.run(script)  # one transaction: the old and new sets never mix
 
-    def installed(self) -> set[IPAddress]:
+    def installed(self) -> set[Target]:
         with self._lock:
             if not self._has_table():
                 return set()
-            found: set[IPAddress] = set()
-            for family, set_name in SETS.items():
+            found: set[Target] = set()
+            for slot, set_name in SETS.items():
                 listing = self._list(f"list set {FAMILY} {TABLE} {set_name}", missing_ok=True)
-                found.update(a for a in _addresses_in(listing) if a.version == family)
+                found.update(
+                    a for a in _targets_in(listing) if slot_of(a) == slot and a != MARKERS.get(slot)
+                )
             return found
+
+    def check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        """Structure and markers through raw netlink: a few lookups, at any set size.
+
+        Counting a hash set's elements means dumping them all (0.2 s of kernel
+        time at 100,000), so the address sets carry a marker element instead
+        (MARKERS): a flush or a deleted set takes it away. The network sets are
+        small (admin blocks only) and are counted.
+        """
+        with self._lock:
+            try:
+                return self._check(expected)
+            except (OSError, nfnetlink.NetlinkReadError) as exc:
+                raise BackendError(f"cannot read table {FAMILY} {TABLE}: {exc}") from None
+
+    def _check(self, expected: Mapping[Slot, Expected]) -> Drift:
+        shape = nfnetlink.table_shape(FAMILY, TABLE)
+        structure: list[str] = []
+        entries: list[str] = []
+        if not shape.sets and not shape.chains:
+            structure.append(f"table {FAMILY} {TABLE} is missing")
+        else:
+            structure += [
+                f"set {FAMILY} {TABLE} {name} is missing"
+                for name in SETS.values()
+                if name not in shape.sets
+            ]
+            if CHAIN not in shape.chains:
+                structure.append(f"chain {FAMILY} {TABLE} {CHAIN} is missing")
+            else:
+                rules = nfnetlink.rule_count(FAMILY, TABLE, CHAIN)
+                if rules != len(self._rules):
+                    structure.append(
+                        f"chain {FAMILY} {TABLE} {CHAIN} holds {rules} rules, "
+                        f"expected {len(self._rules)}"
+                    )
+        for slot, marker in MARKERS.items():
+            name = SETS[slot]
+            if not nfnetlink.has_element(FAMILY, TABLE, name, marker.packed):
+                entries.append(
+                    f"set {FAMILY} {TABLE} {name} lost its marker element {marker} "
+                    f"(flushed or deleted); expected {expected[slot]} entries"
+                )
+        counts: dict[Slot, int] = {
+            slot: nfnetlink.element_count(FAMILY, TABLE, SETS[slot], intervals=True) or 0
+            for slot in NETWORK_SLOTS
+        }
+        entries += [
+            f"set {FAMILY} {TABLE} {SETS[slot]} holds {count} networks, expected {expected[slot]}"
+            for slot, count in counts.items()
+            if count not in expected[slot]
+        ]
+        return Drift(tuple(structure), tuple(entries))
+
+    def close(self) -> None:
+        with self._lock:
+            self._transport.close()
 
     def teardown(self) -> None:
         with self._lock:
@@ -356,14 +523,10 @@ class NftablesBackend(Backend):
         )
 
     def _complete(self) -> bool:
-        """Whether imr's table has both sets and its chain."""
-        if not self._has_table():
-            return False
-        listing = self._list(f"list table {FAMILY} {TABLE}", missing_ok=True)
-        names = {
-            (kind, item[kind].get("name"))
-            for item in listing.get("nftables", [])
-            for kind in ("set", "chain")
-            if kind in item
-        }
-        return {("set", SETS[4]), ("set", SETS[6]), ("chain", CHAIN)} <= names
+        """Whether imr's table has its sets and its chain (read over netlink: nft would
+        fetch every element first)."""
+        try:
+            shape = nfnetlink.table_shape(FAMILY, TABLE)
+        except (OSError, nfnetlink.NetlinkReadError):
+            return False  # the retry with the full structure decides
+        return set(SETS.values()) <= shape.sets and CHAIN in shape.chains

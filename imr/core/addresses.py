@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# What one block covers: a single address (anyone with the block role), or a network (admins).
+Target = IPAddress | IPNetwork
 
 # Longest textual IPv6 address with an embedded IPv4 tail is 45 characters.
 MAX_ADDRESS_TEXT = 64
 _ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:/%]+")
 _HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
+_PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")  # decimal, no leading zeros, no netmask form
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class RefusalCode(StrEnum):
@@ -31,6 +35,7 @@ class RefusalCode(StrEnum):
     LINK_LOCAL = "link_local_address"
     OWN = "own_address"
     ALLOWLISTED = "allowlisted"
+    TOO_WIDE = "network_too_wide"
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,107 @@ def protection_refusal(
     for network in allowlist:
         if address.version == network.version and address in network:
             return Refusal(RefusalCode.ALLOWLISTED, f"{address} is in the allowlist ({network})")
+    return None
+
+
+def parse_network(text: str) -> IPNetwork | Refusal:
+    """Parse a network in CIDR form ("203.0.113.0/24"); IPv4-mapped IPv6 becomes IPv4.
+
+    Strict: the prefix is a decimal number (no netmask form) and host bits must
+    be zero, so the operator sees exactly what will be blocked.
+    """
+    if not text or len(text) > MAX_ADDRESS_TEXT or not text.isascii() or not text.isprintable():
+        return Refusal(RefusalCode.INVALID, f"{_show(text)} is not a network")
+    address_text, slash, prefix_text = text.partition("/")
+    if not slash or not _ADDRESS_CHARS.fullmatch(text) or "%" in text:
+        return Refusal(
+            RefusalCode.INVALID, f"{_show(text)} is not an IP address or a network in CIDR form"
+        )
+    if not _PREFIX.fullmatch(prefix_text):
+        return Refusal(
+            RefusalCode.INVALID, f"{_show(text)}: the prefix length must be a decimal number"
+        )
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return Refusal(
+            RefusalCode.INVALID, f"{_show(text)} is not an IP address or a network in CIDR form"
+        )
+    if network.network_address != ipaddress.ip_address(address_text):
+        return Refusal(
+            RefusalCode.INVALID,
+            f"{_show(text)} has host bits set; the network is {network}",
+        )
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        # Inside ::ffff:0:0/96: the low 32 bits are the IPv4 network.
+        mapped = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
+
+
+def parse_target(text: str) -> Target | Refusal:
+    """An address, or a network when the text has a prefix ("/24").
+
+    A full-length prefix ("/32", "/128") is the single address it names.
+    """
+    if "/" not in text:
+        return parse_address(text)
+    network = parse_network(text)
+    if isinstance(network, Refusal) or network.prefixlen < network.max_prefixlen:
+        return network
+    return network.network_address
+
+
+# Ranges no network block may touch, with the same codes as single addresses get.
+_SPECIAL_NETWORKS: tuple[tuple[IPNetwork, RefusalCode, str], ...] = (
+    (ipaddress.IPv4Network("0.0.0.0/32"), RefusalCode.UNSPECIFIED, "the unspecified address"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), RefusalCode.LOOPBACK, "loopback addresses"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), RefusalCode.MULTICAST, "multicast addresses"),
+    (ipaddress.IPv4Network("255.255.255.255/32"), RefusalCode.BROADCAST, "the broadcast address"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), RefusalCode.LINK_LOCAL, "link-local addresses"),
+    (ipaddress.IPv6Network("::/128"), RefusalCode.UNSPECIFIED, "the unspecified address"),
+    (ipaddress.IPv6Network("::1/128"), RefusalCode.LOOPBACK, "the loopback address"),
+    (ipaddress.IPv6Network("ff00::/8"), RefusalCode.MULTICAST, "multicast addresses"),
+    (ipaddress.IPv6Network("fe80::/10"), RefusalCode.LINK_LOCAL, "link-local addresses"),
+    (_MAPPED, RefusalCode.INVALID, "IPv4-mapped addresses (block the IPv4 network instead)"),
+)
+
+
+def network_refusal(
+    network: IPNetwork,
+    min_prefix: Mapping[int, int],
+    own_addresses: frozenset[IPAddress],
+    broadcast_addresses: frozenset[IPAddress],
+    allowlist: Iterable[IPNetwork],
+) -> Refusal | None:
+    """Refuse a network that is too wide or touches anything a single block may not.
+
+    `min_prefix` maps the IP version to the shortest prefix allowed (the
+    configuration's limit); /0 is refused whatever it says.
+    """
+    widest = max(1, min_prefix[network.version])
+    if network.prefixlen < widest:
+        return Refusal(
+            RefusalCode.TOO_WIDE,
+            f"{network} is too wide: IPv{network.version} networks may be /{widest} or longer",
+        )
+    for special, code, what in _SPECIAL_NETWORKS:
+        if network.version == special.version and network.overlaps(special):
+            return Refusal(code, f"{network} covers {what}")
+    for address in sorted(own_addresses, key=str):
+        if address.version == network.version and address in network:
+            return Refusal(
+                RefusalCode.OWN, f"{network} contains {address}, an address of this host"
+            )
+    for address in sorted(broadcast_addresses, key=str):
+        if address.version == network.version and address in network:
+            return Refusal(
+                RefusalCode.BROADCAST,
+                f"{network} contains {address}, a broadcast address of this host",
+            )
+    for allowed in allowlist:
+        if allowed.version == network.version and network.overlaps(allowed):
+            return Refusal(RefusalCode.ALLOWLISTED, f"{network} overlaps the allowlist ({allowed})")
     return None
 
 
