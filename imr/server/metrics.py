@@ -1,0 +1,141 @@
+"""Prometheus metrics of one daemon, and the HTTP endpoint that serves them.
+
+Every daemon has its own `Metrics` (its own CollectorRegistry: no global
+state, so tests can run several brokers in one process). The broker always
+counts, which costs a lock and an addition per event; the endpoint is
+started only when `metrics.enabled` is set, and runs prometheus_client's
+WSGI server in its own threads, so a slow or hostile scraper never holds
+up the event loop or the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_wsgi_server
+
+from imr.config import MetricsConfig, Role
+from imr.server.access import Peer
+
+log = logging.getLogger("imr.metrics")
+
+# Batches hold 1 to 512 changes (broker.MAX_BATCH).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A block waits for one fsync'd transaction and one firewall call: milliseconds, or a
+# second or more for iptables-legacy under load.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot listen; the message says where and why."""
+
+
+class Metrics:
+    """The daemon's counters, by name; the broker and its helpers call the methods below."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.active_blocks = Gauge(
+            "imr_active_blocks", "Active blocks, by firewall backend.", ["backend"], registry=r
+        )
+        self.requests = Counter(
+            "imr_requests",
+            "Requests answered, by op, the caller's role and the result (ok or the error code).",
+            ["op", "role", "result"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "imr_refusals",
+            "Requests refused, by reason (the error code): forbidden, allowlisted, rate_limited...",
+            ["reason"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "imr_quota_refusals",
+            "Block requests refused by a quota, by the limit that refused them.",
+            ["limit"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "imr_batch_size",
+            "Changes committed per writer batch (one state transaction, one firewall call).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "imr_request_duration_seconds",
+            "Time from a request's arrival to its answer, by op.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.expiries = Counter("imr_expiries", "Blocks lifted because they expired.", registry=r)
+        self.drift_repairs = Counter(
+            "imr_drift_repairs",
+            "Differences between the firewall and the state file that imr repaired, by kind.",
+            ["kind"],
+            registry=r,
+        )
+
+    def request_done(self, op: str, peer: Peer, result: str, seconds: float) -> None:
+        self.requests.labels(op, role_label(peer), result).inc()
+        self.latency.labels(op).observe(seconds)
+        if result not in ("ok", "internal_error", "cancelled"):
+            self.refusals.labels(result).inc()
+
+    def quota_refused(self, limit: str) -> None:
+        self.quota_refusals.labels(limit).inc()
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def expired(self, count: int) -> None:
+        if count:
+            self.expiries.inc(count)
+
+    def set_active(self, backend: str, count: int) -> None:
+        self.active_blocks.labels(backend).set(count)
+
+    def drift_repaired(self, kind: str, count: int = 1) -> None:
+        """For the drift check; `kind` is one of a small fixed set (e.g. "missing", "extra")."""
+        self.drift_repairs.labels(kind).inc(count)
+
+
+def role_label(peer: Peer) -> str:
+    """One role per request for the label: the most powerful the caller has."""
+    for role in (Role.ADMIN, Role.BLOCK, Role.READ):
+        if role in peer.roles:
+            return role.value
+    return "none"
+
+
+class MetricsServer:
+    """The /metrics endpoint on the configured address, in prometheus_client's own threads."""
+
+    def __init__(self, config: MetricsConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        host, port = self._config.host, self._config.port
+        try:
+            self._server, self._thread = start_wsgi_server(
+                port, addr=host, registry=self._metrics.registry
+            )
+        except OSError as exc:
+            raise MetricsError(
+                f"metrics.listen = {self._config.listen!r}: cannot listen: {exc.strerror or exc}"
+            ) from None
+        log.info("metrics on http://%s/metrics", self._config.listen)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
