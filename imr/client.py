@@ -1,14 +1,19 @@
-"""A small synchronous client for the daemon's Unix socket (CLI, log scanner, scripts).
+"""A small synchronous client for the daemon (CLI, log scanner, scripts).
 
-Standard library only, so short-lived callers start fast.
+The Unix socket by default; or TCP (`TcpTarget`), with TLS and a client
+certificate, or a bearer token sent as the first line. Standard library only,
+so short-lived callers start fast.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ClientError(Exception):
@@ -28,10 +33,50 @@ class RequestFailed(ClientError):
         self.message = message
 
 
+@dataclass(frozen=True)
+class TcpTarget:
+    """A daemon's TCP listener: tcp://HOST:PORT (loopback, token) or tls://HOST:PORT."""
+
+    host: str
+    port: int
+    tls: bool
+    ca_file: Path | None = None  # trust this CA for the daemon's certificate (else the system's)
+    cert_file: Path | None = None  # client certificate (PEM), mapped in access.certificates
+    key_file: Path | None = None  # its key, unless inside cert_file
+    token: str | None = None  # sent as the first line when there is no certificate
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> TcpTarget:
+        """Parse tcp://HOST:PORT or tls://HOST:PORT ([::1]:7700 for IPv6); ValueError if bad."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("tcp", "tls"):
+            raise ValueError(f"{url!r}: expected tcp://HOST:PORT or tls://HOST:PORT")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ValueError(f"{url!r}: expected tcp://HOST:PORT or tls://HOST:PORT")
+        return cls(parts.hostname, port, parts.scheme == "tls", **options)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'tls' if self.tls else 'tcp'}://{host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class Client:
-    def __init__(self, socket_path: Path | str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: Path | str = "", timeout: float = 10.0, *, tcp: TcpTarget | None = None
+    ) -> None:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
+        self.tcp = tcp
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one JSON request; return the `result` of an ok reply or raise."""
@@ -55,41 +100,109 @@ class Client:
         return self.request("unblock", ip=ip, reason=reason)
 
     def _round_trip(self, line: bytes) -> dict[str, Any]:
+        sock = self._connect_tcp() if self.tcp is not None else self._connect_unix()
+        try:
+            if self.tcp is not None and self.tcp.token is not None:
+                auth = {"v": 1, "op": "auth", "token": self.tcp.token}
+                sock.sendall(json.dumps(auth).encode() + b"\n")
+                reply = _decode(_read_line(sock, self.timeout))
+                if not reply.get("ok"):
+                    error = reply.get("error") or {}
+                    raise RequestFailed(
+                        str(error.get("code", "error")), str(error.get("message", ""))
+                    )
+            sock.sendall(line)
+            data = _read_line(sock, self.timeout)
+        except ssl.SSLError as exc:
+            # TLS 1.3: a refused client certificate shows up here, on the first read.
+            raise ClientError(
+                f"{self.tcp}: the daemon refused the TLS session: {_tls_reason(exc)}"
+            ) from None
+        except DaemonUnavailable:
+            if self.tcp is not None and self.tcp.tls:
+                # It accepted the handshake, then hung up without a word: it
+                # refused our certificate (or lack of one).
+                raise ClientError(
+                    f"{self.tcp}: the daemon refused the TLS session: it hung up without a"
+                    " reply (a missing, unknown or expired client certificate?)"
+                ) from None
+            raise
+        finally:
+            sock.close()
+        return _decode(data)
+
+    def _connect_unix(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            try:
-                sock.connect(str(self.socket_path))
-            except FileNotFoundError:
-                raise DaemonUnavailable(
-                    f"the imr daemon is not running (no socket at {self.socket_path})"
-                ) from None
-            except ConnectionRefusedError:
-                raise DaemonUnavailable(
-                    f"the imr daemon is not running (nothing listens on {self.socket_path})"
-                ) from None
-            except PermissionError:
-                raise ClientError(
-                    f"permission denied on {self.socket_path}:"
-                    " this user is not in the socket's group"
-                ) from None
-            except TimeoutError:
-                raise DaemonUnavailable(
-                    f"the imr daemon did not accept within {self.timeout}s"
-                ) from None
-            sock.sendall(line)
-            data = _read_line(sock, self.timeout)
-        finally:
+            sock.connect(str(self.socket_path))
+        except FileNotFoundError:
             sock.close()
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            raise ClientError(
-                f"the daemon sent something that is not JSON: {data[:80]!r}"
+            raise DaemonUnavailable(
+                f"the imr daemon is not running (no socket at {self.socket_path})"
             ) from None
-        if not isinstance(reply, dict):
-            raise ClientError("the daemon sent a reply that is not a JSON object")
-        return reply
+        except ConnectionRefusedError:
+            sock.close()
+            raise DaemonUnavailable(
+                f"the imr daemon is not running (nothing listens on {self.socket_path})"
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise ClientError(
+                f"permission denied on {self.socket_path}: this user is not in the socket's group"
+            ) from None
+        except TimeoutError:
+            sock.close()
+            raise DaemonUnavailable(
+                f"the imr daemon did not accept within {self.timeout}s"
+            ) from None
+        return sock
+
+    def _connect_tcp(self) -> socket.socket:
+        target = self.tcp
+        assert target is not None  # noqa: S101 - only called with a target
+        try:
+            context = target.ssl_context() if target.tls else None
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ClientError(f"cannot load the TLS files for {target}: {exc}") from None
+        try:
+            sock = socket.create_connection((target.host, target.port), timeout=self.timeout)
+        except ConnectionRefusedError:
+            raise DaemonUnavailable(f"nothing listens on {target}") from None
+        except TimeoutError:
+            raise DaemonUnavailable(f"{target} did not accept within {self.timeout}s") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"cannot connect to {target}: {exc.strerror or exc}") from None
+        if context is None:
+            return sock
+        try:
+            return context.wrap_socket(sock, server_hostname=target.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise ClientError(
+                f"{target}: the daemon's certificate does not verify: {exc.verify_message}"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ClientError(f"{target}: TLS handshake failed: {_tls_reason(exc)}") from None
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    if data.startswith(b"error "):  # the daemon answers in text before it knows the form
+        code, _, message = data[6:].decode("utf-8", "replace").strip().partition(": ")
+        raise RequestFailed(code, message)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise ClientError(f"the daemon sent something that is not JSON: {data[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise ClientError("the daemon sent a reply that is not a JSON object")
+    return reply
+
+
+def _tls_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason).lower().replace("_", " ") if reason else str(exc)
 
 
 def _read_line(sock: socket.socket, timeout: float) -> bytes:

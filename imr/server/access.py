@@ -1,19 +1,26 @@
 """Who is asking, and what they may do.
 
-Clients are identified by the kernel (SO_PEERCRED on the Unix socket), never
-by anything they say. Roles come from the config: users and groups map to
-roles; root is always admin. A user with no role may only ping.
+Clients are identified by the kernel or by cryptography, never by anything
+they merely say: on the Unix socket by SO_PEERCRED (users and groups map to
+roles; root is always admin); on TCP by a verified client certificate
+(access.certificates) or a bearer token whose hash is in the config
+(access.tokens). A client with no role may only ping.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
+import hmac
 import os
 import pwd
+import secrets
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from imr.config import AccessConfig, Role
 
@@ -28,14 +35,39 @@ PERMITTED: dict[str, frozenset[Role]] = {
     "export": frozenset({Role.READ, Role.ADMIN}),
 }
 
+# uid, gid and pid of a TCP client: it is no local process. The state file
+# keeps them in its uid/pid columns; the daemon's log names the client.
+REMOTE_ID = -1
+
+# OpenSSL's long attribute names (ssl.getpeercert) -> the short names the config uses.
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "domainComponent": "DC",
+    "emailAddress": "emailAddress",
+    "serialNumber": "serialNumber",
+}
+
 
 @dataclass(frozen=True)
 class Peer:
+    """One connected client.
+
+    Local (Unix socket): uid/gid/pid from the kernel, `user` its name.
+    Remote (TCP): uid = gid = pid = REMOTE_ID, `user` the identity
+    ("cert:CN=web1.example" or "token:web1"), `remote` its address and port.
+    """
+
     uid: int
     gid: int
     pid: int
     user: str
     roles: frozenset[Role]
+    remote: str | None = None
 
     def may(self, op: str) -> bool:
         allowed = PERMITTED.get(op)
@@ -44,10 +76,15 @@ class Peer:
     @property
     def principal(self) -> str:
         """The stable identity that quotas and metrics count by (one per client, not per pid)."""
-        return f"uid:{self.uid}"
+        return self.user if self.remote is not None else f"uid:{self.uid}"
 
     def describe(self) -> str:
+        if self.remote is not None:
+            return f"{self.user} from {self.remote}"
         return f"uid={self.uid}({self.user}) pid={self.pid}"
+
+
+# Unix socket peers ------------------------------------------------------------------
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -75,6 +112,80 @@ def roles_for(
         if group in access.groups:
             roles |= _as_set(access.groups[group])
     return frozenset(roles)
+
+
+# TCP peers: certificates ----------------------------------------------------------------
+
+Subject = tuple[tuple[str, str], ...]
+
+
+def certificate_subject(peercert: Mapping[str, Any]) -> Subject:
+    """The subject of a verified certificate (ssl.getpeercert()) as (short name, value) pairs."""
+    pairs = []
+    for rdn in peercert.get("subject", ()):
+        for name, value in rdn:
+            pairs.append((_SHORT_NAMES.get(name, name), str(value)))
+    return tuple(pairs)
+
+
+def subject_text(subject: Subject) -> str:
+    """'CN=web1.example,O=Example', in the certificate's order."""
+    return ",".join(f"{name}={value}" for name, value in subject)
+
+
+def certificate_roles(subject: Subject, access: AccessConfig) -> frozenset[Role] | None:
+    """Roles of every key whose attributes the subject all has; None if no key matches.
+
+    Keys are canonical already (config.canonical_subject): "CN=a,O=b".
+    """
+    have = set(subject)
+    roles: set[Role] | None = None
+    for key, mapped in access.certificates.items():
+        wanted = {tuple(part.split("=", 1)) for part in key.split(",")}
+        if wanted <= have:
+            roles = (roles or set()) | _as_set(mapped)
+    return None if roles is None else frozenset(roles)
+
+
+def identify_certificate(subject: Subject, remote: str, access: AccessConfig) -> Peer | None:
+    roles = certificate_roles(subject, access)
+    if roles is None:
+        return None
+    return _remote_peer(f"cert:{subject_text(subject)}", roles, remote)
+
+
+# TCP peers: tokens ----------------------------------------------------------------------
+
+TOKEN_PREFIX = "imr_"  # noqa: S105 - marks tokens in files, not a secret
+
+
+def new_token() -> str:
+    """256 random bits: a single SHA-256 of it is as good as a slow password hash."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def identify_token(token: str, remote: str, access: AccessConfig) -> Peer | None:
+    """The peer whose configured hash matches `token`, or None."""
+    digest = hash_token(token)
+    found: str | None = None
+    # Compare with every entry in constant time; no early exit.
+    for name, entry in access.tokens.items():
+        if hmac.compare_digest(digest, entry.sha256) and found is None:
+            found = name
+    if found is None:
+        return None
+    return _remote_peer(f"token:{found}", frozenset(_as_set(access.tokens[found].role)), remote)
+
+
+def _remote_peer(identity: str, roles: frozenset[Role], remote: str) -> Peer:
+    return Peer(REMOTE_ID, REMOTE_ID, REMOTE_ID, identity, roles, remote)
+
+
+# Helpers ----------------------------------------------------------------------------
 
 
 def _as_set(value: Role | list[Role]) -> set[Role]:

@@ -1,9 +1,11 @@
-"""The Unix socket listener: framing, limits, peer identity. No policy here.
+"""The listeners' shared conversation, and the Unix socket listener. No policy here.
 
-Every connection is identified once by SO_PEERCRED; then each line is one
-request and gets one reply line. Limits keep a hostile or broken client from
-hurting anyone else: bounded line length, bounded connections, an idle
-timeout, and a write timeout for clients that never read.
+A listener accepts a connection and works out who the client is (an
+`Admission`); from then on `Conversations` runs the same protocol for every
+listener (Unix socket here, TCP in tcp_listener.py): each line is one request
+and gets one reply line. Limits keep a hostile or broken client from hurting
+anyone else: bounded line length, bounded connections, an idle timeout, and a
+write timeout for clients that never read.
 """
 
 from __future__ import annotations
@@ -14,31 +16,196 @@ import grp
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from imr.config import AccessConfig, ServerConfig
 from imr.protocol import (
+    AuthRequest,
     ProtocolError,
     Request,
     encode_json_reply,
     encode_text_reply,
     error_reply,
     ok_reply,
-    parse_request,
+    parse_message,
 )
 from imr.server.access import Peer, identify, peer_credentials
 
 log = logging.getLogger("imr.listener")
 
 Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
+TokenCheck = Callable[[str], Peer | None]
 WRITE_TIMEOUT = 5.0
 DISCARD_SECONDS = 1.0
 
 
 class ListenerError(Exception):
     """The socket cannot be set up (another daemon runs, bad group, no permission)."""
+
+
+class Listener(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a listener knows about a client when it connects, before any line."""
+
+    who: str  # for log lines: the peer's description, or its address until it authenticates
+    peer: Peer | None = None  # known at once (Unix socket, mapped certificate)
+    authenticate: TokenCheck | None = None  # set when the client may send `auth TOKEN`
+    refusal: str | None = None  # why a client that is not identified cannot be served
+
+
+class Conversations:
+    """The per-connection protocol every listener shares: framing, limits, answers."""
+
+    def __init__(self, config: ServerConfig, handler: Handler, error_type: type[Exception]) -> None:
+        self._config = config
+        self._handler = handler
+        self._error_type = error_type  # exceptions with .code/.message that become error replies
+        self.open = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[bool]:
+        """Count one connection while it lives; yields False past max_connections."""
+        self.open += 1
+        try:
+            yield self.open <= self._config.max_connections
+        finally:
+            self.open -= 1
+
+    async def refuse_busy(self, writer: asyncio.StreamWriter) -> None:
+        log.warning("refused a connection: %d connections open", self.open - 1)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self.send(
+                writer,
+                encode_text_reply(error_reply(None, "busy", "too many connections; try again")),
+            )
+
+    async def serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+    ) -> None:
+        """Converse until the client leaves, idles out or breaks a rule; then close."""
+        try:
+            await self._conversation(reader, writer, admission)
+        except (ConnectionError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            await close_quietly(writer)
+
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+    ) -> None:
+        peer = admission.peer
+        while True:
+            who = peer.describe() if peer is not None else admission.who
+            try:
+                # asyncio.timeout, not wait_for: no task per line (~20 us a request).
+                async with asyncio.timeout(self._config.idle_timeout):
+                    line = await reader.readline()
+            except TimeoutError:
+                return
+            except ValueError:
+                # Longer than max_line_bytes: the rest of the line cannot be
+                # trusted to be framed, so answer and hang up.
+                log.warning("line too long from %s", who)
+                await self.send(
+                    writer,
+                    encode_text_reply(
+                        error_reply(
+                            None,
+                            "line_too_long",
+                            f"a request line may be at most {self._config.max_line_bytes} bytes",
+                        )
+                    ),
+                )
+                return
+            if not line:
+                return
+            if not line.endswith(b"\n"):
+                return  # the client closed mid-line: nothing complete to answer
+            if peer is None:
+                # Until it is identified a client gets one line: a good `auth`, or goodbye.
+                reply, peer = self._authenticate(line, admission)
+                await self.send(writer, reply)
+                if peer is None:
+                    return
+                continue
+            await self.send(writer, await self._answer(line, peer))
+
+    def _authenticate(self, line: bytes, admission: Admission) -> tuple[bytes, Peer | None]:
+        encode = _encoder(line)
+        refusal = admission.refusal or "send `auth TOKEN` first"
+        try:
+            message, _ = parse_message(line.rstrip(b"\r\n"))
+        except ProtocolError as exc:
+            log.warning("refused %s: not authenticated, sent a bad line", admission.who)
+            return encode(error_reply(None, "unauthenticated", f"{refusal} ({exc.message})")), None
+        if not isinstance(message, AuthRequest) or admission.authenticate is None:
+            log.warning("refused %s %s: %s", message.op, admission.who, refusal)
+            return encode(error_reply(message.id, "unauthenticated", refusal)), None
+        peer = admission.authenticate(message.token)
+        if peer is None:
+            log.warning("refused %s: unknown token", admission.who)
+            return encode(error_reply(message.id, "unauthenticated", "unknown token")), None
+        log.info("authenticated %s (roles %s)", peer.describe(), _roles(peer))
+        result = {"kind": "auth", "principal": peer.principal, "roles": sorted(peer.roles)}
+        return encode(ok_reply(message.id, result)), peer
+
+    async def _answer(self, line: bytes, peer: Peer) -> bytes:
+        encode = _encoder(line)
+        request_id = None
+        try:
+            message, _ = parse_message(line.rstrip(b"\r\n"))
+            request_id = message.id
+            if isinstance(message, AuthRequest):
+                raise ProtocolError(
+                    "bad_request", f"this connection is already identified as {peer.principal}"
+                )
+            result = await self._handler(message, peer)
+            reply = ok_reply(request_id, result)
+        except ProtocolError as exc:
+            log.info("bad request from %s: %s", peer.describe(), exc.message)
+            reply = error_reply(request_id, exc.code, exc.message)
+        except self._error_type as exc:
+            reply = error_reply(
+                request_id, getattr(exc, "code", "error"), getattr(exc, "message", str(exc))
+            )
+        except Exception:
+            log.exception("request from %s failed", peer.describe())
+            reply = error_reply(request_id, "internal_error", "the daemon failed; see its log")
+        return encode(reply)
+
+    @staticmethod
+    async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        if writer.transport.get_write_buffer_size():  # only then can drain() wait at all
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+def _encoder(line: bytes) -> Callable[[dict[str, Any]], bytes]:
+    """A JSON line is answered in JSON, anything else in the text form."""
+    return encode_json_reply if line.lstrip().startswith(b"{") else encode_text_reply
+
+
+def _roles(peer: Peer) -> str:
+    return ",".join(sorted(peer.roles)) or "none"
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 class UnixListener:
@@ -48,15 +215,20 @@ class UnixListener:
         access: AccessConfig,
         handler: Handler,
         error_type: type[Exception],
+        inherited: socket.socket | None = None,
     ) -> None:
         self._config = config
+        # A listening socket made by someone else (systemd's imr.socket): used
+        # as it is (its mode and group are the socket unit's), never unlinked.
+        self._inherited = inherited
         self._access = access
-        self._handler = handler
-        self._error_type = error_type  # exceptions with .code/.message that become error replies
+        self._conversations = Conversations(config, handler, error_type)
         self._server: asyncio.AbstractServer | None = None
-        self._connections = 0
 
     async def start(self) -> None:
+        if self._inherited is not None:
+            await self._start_inherited(self._inherited)
+            return
         path = self._config.socket
         group_id = self._group_id()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,9 +244,16 @@ class UnixListener:
             raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
-        if group_id is not None:
-            os.chown(path, -1, group_id)
-        path.chmod(self._config.socket_mode_bits)
+        try:
+            if group_id is not None:
+                os.chown(path, -1, group_id)
+            path.chmod(self._config.socket_mode_bits)
+        except OSError as exc:
+            # e.g. under imr.service without CAP_CHOWN: there imr.socket makes the socket.
+            raise ListenerError(
+                f"cannot set the group and mode of {path}: {exc.strerror}"
+                " (under systemd, start imr.socket: it makes the socket)"
+            ) from None
         log.info(
             "listening on %s (mode %s, group %s)",
             path,
@@ -86,8 +265,33 @@ class UnixListener:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                self._config.socket.unlink()
+            if self._inherited is None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._config.socket.unlink()
+
+    async def _start_inherited(self, sock: socket.socket) -> None:
+        path = self._config.socket
+        extra: dict[str, Any] = {}
+        if sys.version_info >= (3, 13):
+            extra["cleanup_socket"] = False  # 3.13+ would unlink the socket unit's file
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=self._config.max_line_bytes, **extra
+        )
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            group_id = self._group_id()
+            wrong_group = group_id is not None and info.st_gid != group_id
+            if stat.S_IMODE(info.st_mode) != self._config.socket_mode_bits or wrong_group:
+                log.warning(
+                    "%s (from systemd) has mode %04o gid %d, the config says %s group %s:"
+                    " make SocketMode=/SocketGroup= in imr.socket match the config",
+                    path,
+                    stat.S_IMODE(info.st_mode),
+                    info.st_gid,
+                    self._config.socket_mode,
+                    self._config.socket_group or "root",
+                )
+        log.info("listening on %s (socket passed by systemd)", path)
 
     def _group_id(self) -> int | None:
         name = self._config.socket_group
@@ -118,82 +322,19 @@ class UnixListener:
         raise ListenerError(f"another imr daemon is already listening on {path}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
-        try:
-            if self._connections > self._config.max_connections:
-                log.warning("refused a connection: %d connections open", self._connections - 1)
-                await self._send(
-                    writer,
-                    encode_text_reply(error_reply(None, "busy", "too many connections; try again")),
-                )
+        with self._conversations.slot() as admitted:
+            if not admitted:
+                await self._conversations.refuse_busy(writer)
+                await close_quietly(writer)
                 return
-            sock = writer.get_extra_info("socket")
-            pid, uid, gid = peer_credentials(sock)
-            peer = identify(pid, uid, gid, self._access)
-            await self._conversation(reader, writer, peer)
-        except (ConnectionError, TimeoutError):
-            pass
-        except Exception:
-            log.exception("connection handler failed")
-        finally:
-            self._connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _conversation(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
-    ) -> None:
-        while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), self._config.idle_timeout)
-            except TimeoutError:
+                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+                peer = identify(pid, uid, gid, self._access)
+            except Exception:
+                log.exception("cannot identify a client of the Unix socket")
+                await close_quietly(writer)
                 return
-            except ValueError:
-                # Longer than max_line_bytes: the rest of the line cannot be
-                # trusted to be framed, so answer and hang up.
-                log.warning("line too long from %s", peer.describe())
-                await self._send(
-                    writer,
-                    encode_text_reply(
-                        error_reply(
-                            None,
-                            "line_too_long",
-                            f"a request line may be at most {self._config.max_line_bytes} bytes",
-                        )
-                    ),
-                )
-                return
-            if not line:
-                return
-            if not line.endswith(b"\n"):
-                return  # the client closed mid-line: nothing complete to answer
-            await self._send(writer, await self._answer(line, peer))
-
-    async def _answer(self, line: bytes, peer: Peer) -> bytes:
-        is_json = line.lstrip().startswith(b"{")
-        encode = encode_json_reply if is_json else encode_text_reply
-        request_id = None
-        try:
-            request, is_json = parse_request(line.rstrip(b"\r\n"))
-            request_id = request.id
-            result = await self._handler(request, peer)
-            reply = ok_reply(request_id, result)
-        except ProtocolError as exc:
-            log.info("bad request from %s: %s", peer.describe(), exc.message)
-            reply = error_reply(None, exc.code, exc.message)
-        except self._error_type as exc:
-            reply = error_reply(
-                request_id, getattr(exc, "code", "error"), getattr(exc, "message", str(exc))
-            )
-        except Exception:
-            log.exception("request from %s failed", peer.describe())
-            reply = error_reply(request_id, "internal_error", "the daemon failed; see its log")
-        return encode(reply)
-
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            await self._conversations.serve(reader, writer, Admission(peer.describe(), peer))
 
 
 async def _discard_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
