@@ -12,6 +12,8 @@ packages=(
   fail2ban iperf3
   apache2 libapache2-mod-security2 nginx libnginx-mod-http-modsecurity lua-socket
   modsecurity-crs curl
+  # systemd-analyze (unit checks), systemd-socket-activate; libseccomp for the sandbox test.
+  systemd python3-seccomp
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -33,7 +35,8 @@ if ((${#missing[@]})); then
 fi
 
 # The kernel modules behind the firewall tools (no-ops where built in).
-for m in ip_tables ip6_tables iptable_filter ip6table_filter nf_tables ip_set ip_set_hash_ip xt_set xt_multiport nf_reject_ipv4 nf_reject_ipv6; do
+# The same list that imr.service's hosts load at boot (contrib/systemd/imr-modules.conf).
+for m in $(grep -v '^#' contrib/systemd/imr-modules.conf); do
   modprobe -q "$m" 2>/dev/null || true
 done
 
