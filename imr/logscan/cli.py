@@ -23,10 +23,12 @@ from imr.logscan.engine import Scanner, signatures_from_config
 from imr.logscan.fail2ban import FilterError, load_filter
 from imr.logscan.follow import Follower
 from imr.logscan.formats import LogFormat
+from imr.logscan.httpbl import ClientAddresses, HttpBLScan, HttpBLUnavailable, from_settings
 from imr.logscan.reader import StateError, StateStore
 from imr.logscan.runner import Outcome, Report, ScanError, scan_files
 from imr.logscan.settings import LogscanConfig
 from imr.logscan.signatures import Signature
+from imr.reputation.settings import ReputationSettings
 
 EXIT_DAEMON = 3
 _PROGRESS_MIN_BYTES = 32 << 20  # smaller logs finish before a bar is worth drawing
@@ -65,6 +67,26 @@ def _scanner(config: LogscanConfig, fmt: str | None, filters: tuple[Path, ...]) 
     )
 
 
+def _httpbl(
+    ctx: click.Context, config: LogscanConfig, flag: bool | None, fmt: str | None, *, follow: bool
+) -> HttpBLScan | None:
+    """The http:BL check when asked for (--httpbl, else logscan.httpbl); exit 2 if unusable."""
+    if not (config.httpbl if flag is None else flag):
+        return None
+    obj = ctx.obj
+    section = getattr(obj.config, "reputation", None) if isinstance(obj, CliContext) else None
+    settings = section if isinstance(section, ReputationSettings) else ReputationSettings()
+    addresses = ClientAddresses(
+        LogFormat(fmt) if fmt else config.format,
+        tuple(config.trusted_proxies),
+        config.max_line_bytes,
+    )
+    try:
+        return from_settings(settings, addresses, config.httpbl_max_lookups, follow=follow)
+    except HttpBLUnavailable as exc:
+        raise click.UsageError(f"--httpbl: {exc}", ctx) from None
+
+
 def _client(ctx: click.Context, dry_run: bool) -> Any:
     if dry_run:
         return None
@@ -87,6 +109,13 @@ _filter_option = click.option(
     multiple=True,
     type=click.Path(path_type=Path, dir_okay=False),
     help="Use this fail2ban filter.d file instead of the built-in signatures (repeatable).",
+)
+_httpbl_option = click.option(
+    "--httpbl/--no-httpbl",
+    "use_httpbl",
+    default=None,
+    help="Also look every client address up in http:BL and block the listed ones"
+    " (default: logscan.httpbl; needs [reputation.httpbl] with a key).",
 )
 
 
@@ -114,6 +143,7 @@ def _outcome_line(o: Outcome) -> str:
     is_flag=True,
     help="For a log never seen before, start at its end instead of its beginning.",
 )
+@_httpbl_option
 @click.pass_context
 def scan(
     ctx: click.Context,
@@ -124,17 +154,21 @@ def scan(
     filters: tuple[Path, ...],
     state_dir: Path | None,
     from_end: bool,
+    use_httpbl: bool | None,
 ) -> None:
     """Scan the lines added to PATHS since the last run (for cron)."""
     config = logscan_config(ctx)
     scanner = _scanner(config, fmt, filters)
+    httpbl = _httpbl(ctx, config, use_httpbl, fmt, follow=False)
     client = _client(ctx, dry_run)
     for path in paths:
         if not path.exists() and not _has_rotated(path):
             raise click.ClickException(f"{path}: no such file")
     try:
         with StateStore(state_dir or config.state_dir) as store:
-            report = _run_with_progress(paths, scanner, store, client, config, from_end, as_json)
+            report = _run_with_progress(
+                paths, scanner, store, client, config, from_end, as_json, httpbl
+            )
             if not dry_run:
                 store.save()
     except (StateError, ScanError) as exc:
@@ -162,6 +196,7 @@ def _run_with_progress(
     config: LogscanConfig,
     from_end: bool,
     as_json: bool,
+    httpbl: HttpBLScan | None,
 ) -> Report:
     total = 0
     for path in paths:
@@ -169,7 +204,13 @@ def _run_with_progress(
             total += path.stat().st_size
     if as_json or not sys.stderr.isatty() or total < _PROGRESS_MIN_BYTES:
         return scan_files(
-            paths, scanner, store, client, max_line=config.max_line_bytes, start_at_end=from_end
+            paths,
+            scanner,
+            store,
+            client,
+            max_line=config.max_line_bytes,
+            start_at_end=from_end,
+            httpbl=httpbl,
         )
     with click.progressbar(length=total, label="scanning", file=sys.stderr) as bar:
         return scan_files(
@@ -180,6 +221,7 @@ def _run_with_progress(
             max_line=config.max_line_bytes,
             start_at_end=from_end,
             progress=bar.update,
+            httpbl=httpbl,
         )
 
 
@@ -199,6 +241,13 @@ def _print_report(report: Report, as_json: bool) -> None:
         f"{s.hits} hits, {len(report.outcomes)} blocks, {s.bad} bad lines",
         err=True,
     )
+    if report.httpbl is not None:
+        h = report.httpbl
+        click.echo(
+            f"http:BL: {h['lookups']} lookups, {h['listed']} listed, {h['to_block']} to block, "
+            f"{h['errors']} failed, {h['over_cap']} over the cap",
+            err=True,
+        )
 
 
 @click.command("watch")
@@ -208,6 +257,7 @@ def _print_report(report: Report, as_json: bool) -> None:
 @_format_option
 @_filter_option
 @click.option("--from-start", is_flag=True, help="Read the files from the beginning first.")
+@_httpbl_option
 @click.pass_context
 def watch(
     ctx: click.Context,
@@ -217,10 +267,12 @@ def watch(
     fmt: str | None,
     filters: tuple[Path, ...],
     from_start: bool,
+    use_httpbl: bool | None,
 ) -> None:
     """Follow PATHS (rotation-aware) and block attackers as lines arrive."""
     config = logscan_config(ctx)
     scanner = _scanner(config, fmt, filters)
+    httpbl = _httpbl(ctx, config, use_httpbl, fmt, follow=True)
     client = _client(ctx, dry_run)
     for path in paths:
         if not path.parent.is_dir():
@@ -235,7 +287,13 @@ def watch(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     follower = Follower(
-        paths, scanner, client, report, max_line=config.max_line_bytes, start_at_end=not from_start
+        paths,
+        scanner,
+        client,
+        report,
+        max_line=config.max_line_bytes,
+        start_at_end=not from_start,
+        httpbl=httpbl,
     )
     follower.run(stop.is_set)
 

@@ -25,7 +25,9 @@ from typing import IO
 
 from imr.client import ClientError
 from imr.logscan.engine import BlockStats, Decision, Scanner, Thresholds, decide
-from imr.logscan.runner import BlockClient, Outcome, send
+from imr.logscan.httpbl import HttpBLScan
+from imr.logscan.runner import BlockClient, Outcome, send, send_verdict
+from imr.reputation.httpbl import Verdict
 
 _IN_MODIFY = 0x002
 _IN_ATTRIB = 0x004
@@ -140,8 +142,10 @@ class Follower:
     poll_interval: float = 1.0
     start_at_end: bool = True
     stats: BlockStats = field(default_factory=BlockStats)
+    # Lookups run in its worker thread; verdicts are collected on each wake-up.
+    httpbl: HttpBLScan | None = None
     _thresholds: Thresholds = field(default_factory=Thresholds)
-    _retry: deque[Decision] = field(default_factory=lambda: deque(maxlen=10_000))
+    _retry: deque[Decision | Verdict] = field(default_factory=lambda: deque(maxlen=10_000))
     _retry_at: float = 0.0
 
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -156,6 +160,8 @@ class Follower:
         except OSError as exc:
             print(f"imr watch: inotify unavailable ({exc}); polling every 50 ms", file=sys.stderr)
             notify, self.poll_interval = None, 0.05
+        if self.httpbl is not None:
+            self.httpbl.start()
         try:
             while not should_stop():
                 self._drain(tails)
@@ -168,6 +174,8 @@ class Follower:
                 tail.close()
             if notify is not None:
                 notify.close()
+            if self.httpbl is not None:
+                self.httpbl.stop()
 
     def _drain(self, tails: list[_Tail]) -> None:
         for tail in tails:
@@ -179,6 +187,11 @@ class Follower:
                 tail.close()
                 tail.open(False)
                 self._consume(tail)
+        if self.httpbl is not None:
+            for warning in self.httpbl.take_warnings():
+                print(f"imr watch: {warning}", file=sys.stderr)
+            for verdict in self.httpbl.ready():
+                self._send(verdict)
         if self._retry and self.clock() >= self._retry_at:
             self._flush_retries()
 
@@ -192,10 +205,19 @@ class Follower:
             self.stats.add(stats)
             for decision in decide(hits, self._thresholds, self.clock()):
                 self._send(decision)
+                if self.httpbl is not None:
+                    self.httpbl.skip(decision.ip)
+            if self.httpbl is not None:
+                self.httpbl.submit_block(block)  # never waits: a worker looks them up
 
-    def _send(self, decision: Decision) -> None:
+    def _deliver(self, item: Decision | Verdict) -> Outcome:
+        if isinstance(item, Decision):
+            return send(item, self.client)
+        return send_verdict(item, self.client)
+
+    def _send(self, decision: Decision | Verdict) -> None:
         try:
-            self.report(send(decision, self.client))
+            self.report(self._deliver(decision))
         except ClientError as exc:  # daemon down or socket unusable: keep it for later
             print(f"imr watch: {exc}; will retry", file=sys.stderr)
             self._retry.append(decision)
@@ -205,7 +227,7 @@ class Follower:
         while self._retry:
             decision = self._retry.popleft()
             try:
-                self.report(send(decision, self.client))
+                self.report(self._deliver(decision))
             except ClientError:
                 self._retry.appendleft(decision)
                 self._retry_at = self.clock() + 5.0

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
 from imr.logscan.engine import BlockStats, Decision, Scanner, Thresholds, decide
@@ -27,6 +27,10 @@ from imr.logscan.reader import (
     plan_reads,
     state_of_open,
 )
+from imr.reputation.httpbl import Verdict
+
+if TYPE_CHECKING:
+    from imr.logscan.httpbl import HttpBLScan
 
 
 class BlockClient(Protocol):
@@ -65,6 +69,7 @@ class Report:
     files: list[str] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
+    httpbl: dict[str, int] | None = None  # lookup counts when --httpbl was on
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +83,7 @@ class Report:
             "seconds": round(self.seconds, 3),
             "blocks": [o.as_json() for o in self.outcomes],
             "warnings": self.warnings,
+            **({"httpbl": self.httpbl} if self.httpbl is not None else {}),
         }
 
 
@@ -87,12 +93,25 @@ def send(decision: Decision, client: BlockClient | None) -> Outcome:
     outcome = Outcome(
         decision.ip, sig.name, sig.severity, decision.count, decision.reason, "dry-run"
     )
+    return _deliver(outcome, client, decision.source, sig.severity)
+
+
+def send_verdict(verdict: Verdict, client: BlockClient | None) -> Outcome:
+    """Ask for the block an http:BL verdict calls for (source "httpbl", as `imr check --block`)."""
+    outcome = Outcome(
+        verdict.ip, "httpbl", verdict.severity or 1, 1, verdict.reason(), "dry-run", verdict.why
+    )
+    # None lets the daemon apply its normal ladder (severity 1), as `imr check --block` does.
+    return _deliver(outcome, client, "httpbl", verdict.severity)
+
+
+def _deliver(
+    outcome: Outcome, client: BlockClient | None, source: str, severity: int | None
+) -> Outcome:
     if client is None:
         return outcome
     try:
-        result = client.block(
-            decision.ip, reason=decision.reason, source=decision.source, severity=sig.severity
-        )
+        result = client.block(outcome.ip, reason=outcome.reason, source=source, severity=severity)
     except RequestFailed as exc:
         outcome.status, outcome.detail = "refused", f"{exc.code}: {exc.message}"
         return outcome
@@ -112,9 +131,13 @@ def scan_files(
     clock: Callable[[], float] = time.time,
     progress: Callable[[int], None] | None = None,
     start_at_end: bool = False,
+    httpbl: HttpBLScan | None = None,
 ) -> Report:
     """Scan every path from where the last run stopped. Raises DaemonUnavailable
-    (state untouched); otherwise updates `store` (the caller saves it)."""
+    (state untouched); otherwise updates `store` (the caller saves it).
+
+    With `httpbl`, every client address is also looked up (after the block's
+    signature decisions were sent, so a slow resolver delays no signature block)."""
     started = time.monotonic()
     report = Report()
     thresholds = Thresholds.from_json(store.pending)
@@ -125,7 +148,7 @@ def scan_files(
         report.warnings.extend(warnings)
         for source in sources:
             state = _scan_source(
-                source, scanner, thresholds, client, report, max_line, clock, progress
+                source, scanner, thresholds, client, report, max_line, clock, progress, httpbl
             )
             if state is not None:
                 new_states[key] = state
@@ -133,6 +156,9 @@ def scan_files(
     now = clock()
     thresholds.prune(now, {s.name: s.window for s in scanner.signatures})
     store.pending = thresholds.to_json()
+    if httpbl is not None:
+        report.warnings.extend(httpbl.take_warnings())
+        report.httpbl = httpbl.counts()
     report.seconds = time.monotonic() - started
     return report
 
@@ -146,6 +172,7 @@ def _scan_source(
     max_line: int,
     clock: Callable[[], float],
     progress: Callable[[int], None] | None,
+    httpbl: HttpBLScan | None = None,
 ) -> FileState | None:
     try:
         f = open_log(source.path, source.compressed)
@@ -170,6 +197,11 @@ def _scan_source(
                 report.stats.add(stats)
                 for decision in decide(hits, thresholds, clock()):
                     report.outcomes.append(send(decision, client))
+                    if httpbl is not None:
+                        httpbl.skip(decision.ip)  # blocked already: no lookup needed
+                if httpbl is not None:
+                    for verdict in httpbl.check_block(chunk.data):
+                        report.outcomes.append(send_verdict(verdict, client))
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
             # A damaged rotated .gz must not stop the live file from being read.
             report.warnings.append(f"{source.path}: read error after byte {offset}: {exc}")
@@ -192,4 +224,5 @@ __all__ = [
     "ScanError",
     "scan_files",
     "send",
+    "send_verdict",
 ]
