@@ -118,6 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer single applies and batches")
     parser.add_argument("--only", nargs="*", help="backend labels to run")
+    parser.add_argument("--rows", type=Path, help="append result rows (JSON lines) for run-all")
     args = parser.parse_args()
     if shutil.which("iperf3") is None:
         print("iperf3 is needed: apt-get install iperf3", file=sys.stderr)
@@ -135,6 +136,15 @@ def main() -> int:
         print(f"running {label} ...", file=sys.stderr, flush=True)
         rows.append(bench(label, make, big, args.quick))
     print(table(rows))
+    if args.rows is not None:
+        with args.rows.open("a") as out:
+            for row in rows:
+                label = row["backend"]
+                for measure, value in row.items():
+                    if measure != "backend":
+                        line = {"bench": "backends", "measure": f"{label}: {measure}"}
+                        out.write(json.dumps({**line, "imr": value, "fail2ban": "", "ratio": ""}))
+                        out.write("\n")
     return 0
 
 

@@ -1,161 +1,214 @@
-"""Block latency and throughput through the real daemon, over the Unix socket.
+"""Block latency and throughput through the real daemon, over the Unix socket, per backend.
 
-Runs the daemon as root inside a network namespace it creates (and deletes),
-with the backend named on the command line, and measures:
-  - single-block latency: request to acknowledgement (the kernel entry and the
-    state row exist when the reply arrives), one client, sequential;
+Run as root:
+
+    .venv/bin/python bench/daemon_blocks.py                  # nftables, ipset, iptables
+    .venv/bin/python bench/daemon_blocks.py --backend nftables --count 20000
+    .venv/bin/python bench/daemon_blocks.py --quick          # what bench/run-all runs
+
+For each backend the daemon runs as root in a network namespace the script
+creates (and deletes), and this measures:
+  - single-block latency, request to acknowledgement: one client, one request
+    at a time; when the reply arrives the state row is committed (fsync) and
+    the kernel entry exists;
   - throughput: distinct addresses blocked and acknowledged per second with 1
-    and with 50 concurrent clients (each on its own connection);
-  - restart to ready with the blocks made above.
-Addresses come from 2001:db8::/32 (documentation). Prints a markdown table.
+    client and with 50 concurrent clients (each on its own connection, each
+    sending its next request when its reply came);
+  - the daemon's CPU time per block (user + system, all threads) in the
+    50-client run: what bounds the throughput on a machine with few cores;
+  - afterwards, that the kernel holds every address acknowledged.
+Addresses come from 2001:db8::/32. The load client is one asyncio process on
+the same machine: it shares the CPUs with the daemon.
 
-    .venv/bin/python bench/daemon_blocks.py --backend iptables --count 2000
+With fail2ban installed (Debian package fail2ban), the same namespace setup
+runs a fail2ban-server of its own (bench/_fail2ban.py, nftables action) and
+bans addresses with `fail2ban-client set JAIL banip`, 500 per call (its best
+case: one client process per ban would be far slower), timed until the
+kernel holds them all; the ratio is imr's 50-client rate over that.
+
+`--profile FILE` records the daemon with py-spy (pip install py-spy) during
+the 50-client run of the first backend (raw collapsed stacks, GIL holder only).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import shutil
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-IMR = str(Path(sys.executable).parent / "imr")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _fail2ban
+from _common import (
+    BenchDaemon,
+    Rows,
+    bench_daemon,
+    block_load,
+    load,
+    percentile,
+    require_root,
+    run,
+    v6_address,
+)
+
+BACKENDS = ["nftables", "ipset", "iptables"]
+FAIL2BAN_BANS = 2000
 
 
-def addresses(start: int) -> Iterator[str]:
-    for n in itertools.count(start):
-        yield f"2001:db8:{(n >> 32) & 0xFFFF:x}:{(n >> 16) & 0xFFFF:x}::{n & 0xFFFF:x}"
+def process_cpu(pid: int) -> float:
+    """User + system seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Connection:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
+def kernel_count(daemon: BenchDaemon) -> int:
+    """Bench addresses (2001:db8::/32) imr's objects in the kernel hold; a backend's own
+    markers (a sentinel element, say) are not counted."""
+    if daemon.backend == "nftables":
+        out = daemon.in_ns("nft", "-j", "list", "set", "inet", "imr", "blocked_v6").stdout
+        values = [
+            e["elem"]["val"] if isinstance(e, dict) else e
+            for item in json.loads(out)["nftables"]
+            if "set" in item
+            for e in item["set"].get("elem", [])
+        ]
+    elif daemon.backend == "ipset":
+        values = daemon.in_ns("ipset", "list", "imr6").stdout.split()
+    elif daemon.backend == "iptables":
+        values = daemon.in_ns(f"ip6tables-{daemon.flavour}", "-S", "IMR").stdout.split()
+        values = [v.split("/")[0] for v in values]
+    else:
+        return -1
+    return sum(1 for v in values if isinstance(v, str) and v.startswith("2001:db8:"))
 
-    def block(self, ip: str) -> None:
-        self.sock.sendall(json.dumps({"v": 1, "op": "block", "ip": ip}).encode() + b"\n")
-        reply = json.loads(self.file.readline())
-        if not reply["ok"]:
-            raise RuntimeError(reply["error"])
 
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+def bench_backend(
+    backend: str, count: int, clients: int, rows: Rows, profile: Path | None
+) -> float:
+    """Rows for one backend; returns the 50-client rate."""
+    with bench_daemon(backend, prefix="imrblk") as daemon:
+        daemon.start()
+        next_ip = iter(range(10**7))
+
+        def fresh(n: int) -> list[str]:
+            return [v6_address(next(next_ip)) for _ in range(n)]
+
+        block_load(daemon.socket, fresh(min(200, count)), 1)  # warm-up (imports, caches)
+
+        elapsed, latencies = block_load(daemon.socket, fresh(count), 1)
+        rows.add(
+            f"{backend}: single-block latency p50 / p99 (1 client)",
+            f"{percentile(latencies, 0.5) * 1000:.2f} ms"
+            f" / {percentile(latencies, 0.99) * 1000:.2f} ms",
+        )
+        rows.add(f"{backend}: throughput, 1 client", f"{count / elapsed:,.0f} blocks/s")
+
+        many = count * 2
+        pid = daemon.pid()
+        spy = None
+        if profile is not None:
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-o",
+                    str(profile),
+                    "-f",
+                    "raw",
+                    "-r",
+                    "250",
+                    "--gil",
+                    "--threads",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+        cpu0 = process_cpu(pid)
+        elapsed, latencies = block_load(daemon.socket, fresh(many), clients)
+        cpu = process_cpu(pid) - cpu0
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(60)
+        rate = many / elapsed
+        rows.add(
+            f"{backend}: throughput, {clients} clients",
+            f"{rate:,.0f} blocks/s (p50 {percentile(latencies, 0.5) * 1000:.1f} ms,"
+            f" p99 {percentile(latencies, 0.99) * 1000:.1f} ms)",
+        )
+        rows.add(
+            f"{backend}: daemon CPU per block, {clients} clients", f"{cpu / many * 1e6:.0f} µs"
+        )
+        expected = min(200, count) + count + many
+        found = kernel_count(daemon)
+        status = daemon.status()
+        if found != expected or status["active_blocks"] != expected:
+            raise SystemExit(
+                f"{backend}: kernel holds {found}, daemon {status['active_blocks']},"
+                f" expected {expected}"
+            )
+        rows.add(f"{backend}: kernel entries after the run (all acknowledged)", f"{found:,}")
+        return rate
 
 
-def run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+def bench_fail2ban(bans: int, rows: Rows, imr_rate: float) -> None:
+    ns = f"imrf2b-{os.getpid()}"
+    run(["ip", "netns", "add", ns])
+    try:
+        with _fail2ban.fail2ban(ns) as f2b:
+            f2b.start()
+            ips = [v6_address(10**6 + i) for i in range(bans)]
+            t0 = time.perf_counter()
+            f2b.ban(ips)
+            if f2b.wait_in_kernel(bans, timeout=600, poll=0.05) is None:
+                raise SystemExit(f"fail2ban did not put {bans} bans in the kernel in 600 s")
+            rate = bans / (time.perf_counter() - t0)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    rows.add(
+        f"ban throughput: imr nftables 50 clients vs fail2ban {_fail2ban.version()}"
+        f" ({bans:,} bans, banip 500 per call, nftables action)",
+        f"{imr_rate:,.0f} blocks/s",
+        f"{rate:,.0f} bans/s",
+        f"{imr_rate / rate:,.0f} x",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="iptables")
-    parser.add_argument("--flavour", default="nft", choices=["nft", "legacy"])
-    parser.add_argument("--count", type=int, default=2000, help="blocks per measurement")
+    parser.add_argument("--backend", action="append", choices=[*BACKENDS, "dryrun"])
+    parser.add_argument("--count", type=int, default=4000, help="blocks for the 1-client runs")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="fewer blocks (bench/run-all)")
+    parser.add_argument("--skip-fail2ban", action="store_true")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon")
+    parser.add_argument("--rows", type=Path, help="append result rows (JSON lines) here")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the daemon changes the firewall of a namespace it creates")
-
-    ns = f"imrbench-{os.getpid()}"
-    work = Path(tempfile.mkdtemp(prefix="imrbench-"))
-    config = work / "imr.toml"
-    config.write_text(
-        f'[server]\nsocket = "{work}/imr.sock"\npid_file = "{work}/imr.pid"\n'
-        f'log_file = "{work}/imr.log"\nmax_connections = {args.clients + 8}\n'
-        f'[state]\npath = "{work}/state.db"\n'
-        f'[firewall]\nbackend = "{args.backend}"\niptables_flavour = "{args.flavour}"\n'
-        "ports = [80, 443]\n"
-    )
-    imr = [IMR, "--config", str(config)]
-    run(["ip", "netns", "add", ns])
-    rows: list[tuple[str, str]] = []
-    try:
-        run(["ip", "netns", "exec", ns, *imr, "server", "start"])
-        socket_path = work / "imr.sock"
-        source = addresses(1)
-
-        # Latency: sequential, one connection.
-        conn = Connection(socket_path)
-        latencies = []
-        for _ in range(args.count):
-            ip = next(source)
-            t0 = time.perf_counter()
-            conn.block(ip)
-            latencies.append(time.perf_counter() - t0)
-        conn.close()
-        latencies.sort()
-        p50 = statistics.median(latencies) * 1000
-        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-        rows.append(("single-block latency p50 / p99 (1 client)", f"{p50:.2f} ms / {p99:.2f} ms"))
-        rows.append(("throughput, 1 client", f"{args.count / sum(latencies):,.0f} blocks/s"))
-
-        # Throughput: many clients at once, each its own connection and addresses.
-        per_client = max(1, args.count // args.clients)
-        batches = [[next(source) for _ in range(per_client)] for _ in range(args.clients)]
-        connections = [Connection(socket_path) for _ in range(args.clients)]
-        barrier = threading.Barrier(args.clients + 1)
-
-        def worker(c: Connection, ips: list[str]) -> None:
-            barrier.wait()
-            for ip in ips:
-                c.block(ip)
-
-        threads = [
-            threading.Thread(target=worker, args=(c, b))
-            for c, b in zip(connections, batches, strict=True)
-        ]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-        for c in connections:
-            c.close()
-        total = per_client * args.clients
-        rows.append((f"throughput, {args.clients} clients", f"{total / elapsed:,.0f} blocks/s"))
-
-        active = args.count + total
-        run([*imr, "server", "stop"])
-        t0 = time.perf_counter()
-        run(["ip", "netns", "exec", ns, *imr, "server", "start"])
-        rows.append(
-            (f"restart to ready, {active:,} active blocks", f"{time.perf_counter() - t0:.2f} s")
-        )
-        status = json.loads(run([*imr, "server", "status", "--json"]).stdout)
-        rss_kb = int(
-            next(
-                line.split()[1]
-                for line in Path(f"/proc/{status['pid']}/status").read_text().splitlines()
-                if line.startswith("VmRSS:")
-            )
-        )
-        rows.append(
-            (f"daemon RSS with {status['active_blocks']:,} blocks", f"{rss_kb / 1024:.0f} MB")
-        )
-        backend = status["backend_detail"]
-    finally:
-        subprocess.run([*imr, "server", "stop"], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
-        shutil.rmtree(work, ignore_errors=True)
-
-    print(f"backend: {backend}; {args.count} blocks per measurement\n")
-    print("| measure | value |\n| --- | --- |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    require_root()
+    backends = args.backend or BACKENDS
+    rows = Rows("daemon_blocks")
+    print(f"daemon_blocks: {load()} at start", file=sys.stderr)
+    nft_rate = None
+    for i, backend in enumerate(backends):
+        count = args.count
+        if args.quick:
+            count = 1000
+        if backend == "iptables":  # per-address rules: ~10-100 ms a change as the chain grows
+            count = min(count, 150 if args.quick else 500)
+        rate = bench_backend(backend, count, args.clients, rows, args.profile if i == 0 else None)
+        if backend == "nftables":
+            nft_rate = rate
+    if nft_rate is not None and not args.skip_fail2ban and _fail2ban.available():
+        bench_fail2ban(500 if args.quick else FAIL2BAN_BANS, rows, nft_rate)
+    print(f"daemon_blocks: {load()} at end", file=sys.stderr)
+    rows.print_table()
+    rows.save(args.rows)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class StoreError(Exception):
     """The state file cannot be opened or is from a newer imr."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the daemon holds one per active block
 class BlockRecord:
     id: int
     ip: str
@@ -94,6 +95,13 @@ class HitRecord:
     uid: int | None
     pid: int | None
     block_id: int | None
+
+
+def _shared_strings(row: tuple[Any, ...]) -> list[Any]:
+    """A blocks row with its reason and source interned (columns 6 and 7)."""
+    fields = list(row)
+    fields[6], fields[7] = sys.intern(fields[6]), sys.intern(fields[7])
+    return fields
 
 
 _BLOCK_COLUMNS = (
@@ -207,8 +215,10 @@ class Store:
     def active_blocks(self) -> list[BlockRecord]:
         rows = self._db.execute(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE lifted_at IS NULL ORDER BY blocked_at"
-        ).fetchall()
-        return [BlockRecord(*row) for row in rows]
+        )
+        # The daemon keeps these for its whole life (100,000 of them, say): reasons and
+        # sources repeat, so they share one string each; rows are not all held at once.
+        return [BlockRecord(*_shared_strings(row)) for row in rows]
 
     def offence_count(self, ip: str) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM blocks WHERE ip = ?", (ip,)).fetchone()

@@ -1,0 +1,74 @@
+"""Which active blocks `imr list` shows: the filters, as a pure function of the in-memory index.
+
+The daemon answers `list` from its own index of active blocks, never from the
+kernel (listing a set of 100,000 elements takes seconds). The filters combine
+(all must match):
+
+- `since`: blocked within this many seconds before `now`;
+- `reason`: the block's reason contains this text (case-insensitive);
+- `source`: the block's source tag is exactly this (case-sensitive, like the tags);
+- `limit`: at most this many rows, the oldest first (the order of the listing).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+
+class Listable(Protocol):
+    """What the filters read of a block (imr.store.BlockRecord has it)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def blocked_at(self) -> float: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+R = TypeVar("R", bound=Listable)
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    since: float | None = None  # seconds
+    reason: str | None = None
+    source: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listing(Generic[R]):
+    rows: list[R]
+    matched: int  # how many matched the filters before the limit
+
+
+def select_blocks(records: Iterable[R], query: ListQuery, now: float) -> Listing[R]:
+    """The records matching `query`, ordered by (blocked_at, id), cut to `query.limit`."""
+    matching = list(records)
+    if query.since is not None:
+        cutoff = now - query.since
+        matching = [r for r in matching if r.blocked_at >= cutoff]
+    if query.source is not None:
+        source = query.source
+        matching = [r for r in matching if r.source == source]
+    if query.reason:
+        needle = query.reason.casefold()
+        matching = [r for r in matching if needle in r.reason.casefold()]
+
+    def order(r: R) -> tuple[float, int]:
+        return (r.blocked_at, r.id)
+
+    if query.limit is not None and query.limit < len(matching):
+        rows = heapq.nsmallest(query.limit, matching, key=order)
+    else:
+        rows = sorted(matching, key=order)
+    return Listing(rows, len(matching))
