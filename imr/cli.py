@@ -15,13 +15,20 @@ import click
 
 from imr import __version__
 from imr.cli_context import CliContext
-from imr.client import ClientError, DaemonUnavailable, RequestFailed
+from imr.client import ClientError, DaemonUnavailable, RequestFailed, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
+from imr.core.durations import parse_duration
+from imr.doctor import doctor
 from imr.logscan.cli import rules, scan, watch
+from imr.protocol import MAX_LIST_LIMIT
+from imr.reputation.cli import register as register_reputation
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+
+
+_FILE = click.Path(path_type=Path, dir_okay=False)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -49,9 +56,30 @@ def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
     default=None,
     help="Configuration file (default: $IMR_CONFIG or /etc/imr/imr.toml).",
 )
+@click.option(
+    "--connect",
+    metavar="URL",
+    envvar="IMR_CONNECT",
+    default=None,
+    help="Talk to a daemon's TCP listener: tls://HOST:PORT, or tcp://127.0.0.1:PORT (loopback).",
+)
+@click.option("--tls-ca", type=_FILE, envvar="IMR_TLS_CA", help="CA of the daemon's certificate.")
+@click.option("--tls-cert", type=_FILE, envvar="IMR_TLS_CERT", help="Client certificate (PEM).")
+@click.option("--tls-key", type=_FILE, envvar="IMR_TLS_KEY", help="Its key, if not in --tls-cert.")
+@click.option(
+    "--token-file", type=_FILE, envvar="IMR_TOKEN_FILE", help="File holding a bearer token."
+)
 @click.version_option(__version__, prog_name="imr")
 @click.pass_context
-def main(ctx: click.Context, config_file: Path | None) -> None:
+def main(
+    ctx: click.Context,
+    config_file: Path | None,
+    connect: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    token_file: Path | None,
+) -> None:
     """imr: block attackers in the kernel firewall on request of unprivileged clients."""
     path = config_path(config_file)
     try:
@@ -59,7 +87,39 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
         config = load_config(path, missing_ok=path == DEFAULT_CONFIG_PATH)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
-    ctx.obj = CliContext(config, path)
+    tcp = _tcp_target(connect, tls_ca, tls_cert, tls_key, token_file)
+    ctx.obj = CliContext(config, path, tcp)
+
+
+def _tcp_target(
+    url: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    token_file: Path | None,
+) -> TcpTarget | None:
+    """--connect and its options -> a TcpTarget; usage errors exit 2."""
+    if url is None:
+        if any(v is not None for v in (ca, cert, key, token_file)):
+            fail("--tls-ca, --tls-cert, --tls-key and --token-file need --connect", EXIT_USAGE)
+        return None
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"--token-file {token_file}: cannot read: {exc}", EXIT_USAGE)
+        if not token or any(c.isspace() for c in token):
+            fail(f"--token-file {token_file}: expected one token on one line", EXIT_USAGE)
+    if key is not None and cert is None:
+        fail("--tls-key needs --tls-cert", EXIT_USAGE)
+    try:
+        target = TcpTarget.from_url(url, ca_file=ca, cert_file=cert, key_file=key, token=token)
+    except ValueError as exc:
+        fail(f"--connect {exc}", EXIT_USAGE)
+    if not target.tls and (ca or cert):
+        fail("--tls-ca and --tls-cert need a tls:// address", EXIT_USAGE)
+    return target
 
 
 # Daemon --------------------------------------------------------------------------
@@ -72,18 +132,27 @@ def server() -> None:
 
 @server.command("start")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, containers).")
+@click.option(
+    "--log-json", is_flag=True, help='Log JSON lines (same as server.log_format = "json").'
+)
 @click.pass_obj
-def server_start(ctx: CliContext, foreground: bool) -> None:
+def server_start(ctx: CliContext, foreground: bool, log_json: bool) -> None:
     """Start the daemon (as root)."""
     from imr.server.daemon import DaemonError, configure_logging, run_foreground, start_background
 
+    config = ctx.config
+    if log_json:
+        server_config = config.server.model_copy(update={"log_format": "json"})
+        config = config.model_copy(update={"server": server_config})
     try:
         if foreground:
             configure_logging(None)
-            run_foreground(ctx.config)
+            run_foreground(config)
         else:
-            pid = start_background(ctx.config, configure_logging)
-            click.echo(f"imr started (pid {pid}), listening on {ctx.config.server.socket}")
+            pid = start_background(config, configure_logging)
+            tcp = config.server.tcp
+            also = f" and tcp {tcp.listen} port {tcp.port}" if tcp.enabled else ""
+            click.echo(f"imr started (pid {pid}), listening on {config.server.socket}{also}")
     except DaemonError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -167,18 +236,46 @@ def unblock(ctx: CliContext, ip: str, reason: str) -> None:
     click.echo(f"unblocked {result['ip']}")
 
 
+def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many rows.")
+@click.option(
+    "--since",
+    metavar="DURATION",
+    callback=_duration_option,
+    help="Only blocks made within this long (90s, 30m, 1h, 1d, 2w).",
+)
+@click.option("--reason", metavar="TEXT", default=None, help="Reason contains TEXT (any case).")
+@click.option("--source", metavar="TAG", default=None, help="Source tag is exactly TAG.")
+@click.option(
+    "--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=None, help="At most N rows."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of blocks).")
 @click.pass_obj
-def list_blocks(ctx: CliContext, as_json: bool, limit: int | None) -> None:
-    """Active blocks (roles: read, admin)."""
-    blocks = call(ctx, "list", limit=limit)["blocks"]
+def list_blocks(
+    ctx: CliContext,
+    since: int | None,
+    reason: str | None,
+    source: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
+    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit)
+    blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
         return
+    filtered = any(v is not None for v in (since, reason, source))
     if not blocks:
-        click.echo("no active blocks")
+        click.echo("no matching active blocks" if filtered else "no active blocks")
         return
     rows = [["IP", "BLOCKED AT", "EXPIRES AT", "OFFENCE", "BY", "SOURCE", "REASON"]]
     for b in blocks:
@@ -194,6 +291,9 @@ def list_blocks(ctx: CliContext, as_json: bool, limit: int | None) -> None:
             ]
         )
     click.echo(_table(rows))
+    matched = result.get("matched", len(blocks))
+    if matched > len(blocks):
+        click.echo(f"({len(blocks)} of {matched} matching; raise --limit for more)", err=True)
 
 
 @main.command()
@@ -247,6 +347,68 @@ def export(ctx: CliContext, as_json: bool) -> None:
     click.echo(json.dumps(call(ctx, "export"), indent=2))
 
 
+@main.command()
+@click.pass_obj
+def ping(ctx: CliContext) -> None:
+    """Does the daemon answer this client? Exit 0 if so (any role, even none)."""
+    result = call(ctx, "ping")
+    click.echo(f"pong (imr {result.get('version', '?')})")
+
+
+# Tokens for TCP clients -------------------------------------------------------------
+
+
+@main.group("token")
+def token_group() -> None:
+    """Bearer tokens for TCP clients without a certificate (docs/security.md)."""
+
+
+@token_group.command("new")
+@click.argument("name")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    required=True,
+    type=click.Choice(["block", "read", "admin"]),
+    help="Role of the token's holder (repeat for several).",
+)
+@click.option(
+    "--output",
+    type=_FILE,
+    default=None,
+    help="Write the token to this new file (mode 0600) instead of printing it.",
+)
+def token_new(name: str, roles: tuple[str, ...], output: Path | None) -> None:
+    """Mint a token for NAME; print the line to add to [access.tokens] (only its hash)."""
+    import os
+    import re
+
+    from imr.config import TOKEN_NAME
+    from imr.server.access import hash_token, new_token
+
+    if not re.match(TOKEN_NAME, name):
+        fail(f"token name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ . -", EXIT_USAGE)
+    token = new_token()
+    if output is not None:
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            fail(f"--output {output}: {exc.strerror} (it must not exist yet)", EXIT_USAGE)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(token + "\n")
+    role = json.dumps(roles[0]) if len(set(roles)) == 1 else json.dumps(sorted(set(roles)))
+    entry = f'{name} = {{ sha256 = "{hash_token(token)}", role = {role} }}'
+    if output is None:
+        click.echo(f"# the token for {name}: give it to the client (--token-file); shown once")
+        click.echo(token)
+    else:
+        click.echo(f"# the token for {name} is in {output} (mode 0600)")
+    click.echo("# add to the daemon's configuration, then restart the daemon:")
+    click.echo("[access.tokens]")
+    click.echo(entry)
+
+
 # Configuration --------------------------------------------------------------------
 
 
@@ -274,6 +436,8 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
 main.add_command(scan)
 main.add_command(watch)
 main.add_command(rules)
+main.add_command(doctor)
+register_reputation(main)
 
 
 # Helpers --------------------------------------------------------------------------
@@ -283,6 +447,8 @@ def _who(entry: dict[str, Any]) -> str:
     uid, pid = entry.get("uid"), entry.get("pid")
     if uid is None:
         return "-"
+    if uid < 0:
+        return "tcp client"  # access.REMOTE_ID: the daemon's log names it
     return f"uid {uid}" + (f" pid {pid}" if pid else "")
 
 

@@ -6,6 +6,7 @@ daemon and the CLI; nothing else reads settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,13 +20,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from imr.config_types import Duration, Network
 from imr.core.policy import Ladder
+from imr.core.quota import QuotaLimits
 from imr.logscan.settings import LogscanConfig
+from imr.reputation.settings import ReputationSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/imr/imr.toml")
 CONFIG_ENV = "IMR_CONFIG"
@@ -45,6 +49,57 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+class TcpConfig(_Section):
+    """The TCP listener for clients on other hosts (docs/security.md, "Network clients").
+
+    Off by default. Loopback only unless allow_non_loopback; any other address
+    needs TLS too, so tokens and requests never cross a network in clear.
+    """
+
+    enabled: bool = False
+    listen: str = "127.0.0.1"  # one IPv4 or IPv6 address; 0.0.0.0 / :: mean every address
+    port: int = Field(7700, ge=0, le=65535)  # 0: any free port (tests)
+    tls_cert: Path | None = None  # the daemon's certificate chain (PEM)
+    tls_key: Path | None = None  # its private key (PEM); may be inside tls_cert
+    client_ca: Path | None = None  # CA that signs client certificates (access.certificates)
+    allow_non_loopback: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError("expected an IP address such as 127.0.0.1 or ::1") from None
+
+    @model_validator(mode="after")
+    def _safe(self) -> TcpConfig:
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key needs tls_cert")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca (client certificates) needs TLS: set tls_cert and tls_key")
+        if not _is_loopback(self.listen):
+            if not self.allow_non_loopback:
+                raise ValueError(
+                    f"listen = {self.listen!r} is not a loopback address: set"
+                    " allow_non_loopback = true to accept clients from other hosts"
+                )
+            if self.tls_cert is None:
+                raise ValueError(
+                    f"listen = {self.listen!r} is not a loopback address and needs TLS:"
+                    " set tls_cert and tls_key (and client_ca for client certificates)"
+                )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
 class ServerConfig(_Section):
     socket: Path = Path("/run/imr/imr.sock")
     socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
@@ -54,6 +109,9 @@ class ServerConfig(_Section):
     max_connections: int = Field(64, ge=1, le=10_000)
     max_line_bytes: int = Field(4096, ge=256, le=1_048_576)
     idle_timeout: float = Field(30.0, gt=0, le=3600)
+    tcp: TcpConfig = Field(default_factory=TcpConfig)
+    # "json": one JSON object per log line (ts, level, logger, message, fields) for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def socket_mode_bits(self) -> int:
@@ -104,6 +162,10 @@ class FirewallConfig(_Section):
     per_address_warning: int = Field(2000, ge=1)
     # Which iptables the host uses; "auto" asks the host (see backends/iptables.py).
     iptables_flavour: Literal["auto", "nft", "legacy"] = "auto"
+    # How often the daemon checks that imr's kernel objects are intact (drift) and repairs
+    # them; the check reads structure and entry counts only, so it stays cheap at scale.
+    drift_check: bool = True
+    drift_interval: Duration = 10
     chain: str = Field("IMR", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,27}$")
     protocol: Literal["tcp", "udp", "all"] = "tcp"
     ports: list[PortSpec] = Field(default_factory=list)  # empty: every port
@@ -141,17 +203,129 @@ class FirewallConfig(_Section):
         return self
 
 
+# Certificate subject attributes a key in access.certificates may name (OpenSSL's short names).
+SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "DC", "emailAddress", "serialNumber")
+_ATTRIBUTE_BY_LOWER = {name.lower(): name for name in SUBJECT_ATTRIBUTES}
+TOKEN_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # noqa: S105 - a pattern, not a secret
+
+
+def canonical_subject(key: str) -> str:
+    """'cn = web1, O=Example' -> 'CN=web1,O=Example'; ValueError for anything else."""
+    parts = []
+    for part in key.split(","):
+        name, eq, value = part.partition("=")
+        attribute = _ATTRIBUTE_BY_LOWER.get(name.strip().lower())
+        if not eq or attribute is None or not value.strip():
+            raise ValueError(
+                "expected ATTRIBUTE=value pairs separated by commas, such as"
+                f" 'CN=web1.example' or 'CN=web1.example,O=Example'"
+                f" (attributes: {', '.join(SUBJECT_ATTRIBUTES)})"
+            )
+        parts.append(f"{attribute}={value.strip()}")
+    return ",".join(parts)
+
+
+class TokenConfig(_Section):
+    """One bearer token: only its SHA-256 is stored (`imr token new` prints this entry)."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Role | list[Role]
+
+
 class AccessConfig(_Section):
-    """Maps local users and groups to roles. root is always admin."""
+    """Maps local users and groups, and TCP clients, to roles. root is always admin."""
 
     users: dict[str, Role | list[Role]] = Field(default_factory=dict)
     groups: dict[str, Role | list[Role]] = Field(default_factory=dict)
+    # TCP clients with a certificate from server.tcp.client_ca: a key matches a
+    # certificate whose subject has every attribute=value it names ("CN=web1.example").
+    certificates: dict[str, Role | list[Role]] = Field(default_factory=dict)
+    # TCP clients without a certificate: name -> hashed token and role.
+    tokens: dict[Annotated[str, Field(pattern=TOKEN_NAME)], TokenConfig] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("certificates")
+    @classmethod
+    def _subjects(cls, mapping: dict[str, Role | list[Role]]) -> dict[str, Role | list[Role]]:
+        result: dict[str, Role | list[Role]] = {}
+        for key, roles in mapping.items():
+            try:
+                canonical = canonical_subject(key)
+            except ValueError as exc:
+                raise ValueError(f"{key!r}: {exc}") from None
+            if canonical in result:
+                raise ValueError(f"{key!r} names the same subject as another key")
+            result[canonical] = roles
+        return result
 
 
 class ProtectConfig(_Section):
     """Addresses never blocked, besides loopback and the host's own addresses."""
 
     allowlist: list[Network] = Field(default_factory=list)
+    # The widest network an admin may block (CIDR prefix length); /0 is never accepted.
+    network_min_prefix_v4: int = Field(16, ge=1, le=32)
+    network_min_prefix_v6: int = Field(32, ge=1, le=128)
+
+    @property
+    def network_min_prefix(self) -> dict[int, int]:
+        return {4: self.network_min_prefix_v4, 6: self.network_min_prefix_v6}
+
+
+class QuotaConfig(_Section):
+    """Limits on what block-role clients can make imr do (docs/operations.md, Quotas); 0: none.
+
+    A client is a principal: a Unix uid, a certificate or a token. Admins are
+    exempt unless admin_exempt is false.
+    """
+
+    blocks_per_minute: int = Field(60, ge=0)  # new blocks per client in any 60 s window
+    active_per_client: int = Field(10_000, ge=0)
+    active_global: int = Field(200_000, ge=0)
+    hits_per_minute: int = Field(600, ge=0)  # reports of already-blocked addresses per client
+    admin_exempt: bool = True
+
+    def to_limits(self) -> QuotaLimits:
+        return QuotaLimits(
+            self.blocks_per_minute, self.active_per_client, self.active_global, self.hits_per_minute
+        )
+
+
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d{1,5})$")
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (docs/operations.md, Metrics): off, and loopback-only, by default."""
+
+    enabled: bool = False
+    allow_non_loopback: bool = False  # the page has no authentication; keep it local
+    listen: str = "127.0.0.1:9737"  # an address literal and port: "127.0.0.1:9737", "[::1]:9737"
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_address_and_port(cls, value: str, info: ValidationInfo) -> str:
+        m = _LISTEN.match(value)
+        if not m or not 1 <= int(m.group("port")) <= 65535:
+            raise ValueError("expected address:port, e.g. '127.0.0.1:9737' or '[::1]:9737'")
+        try:
+            address = ipaddress.ip_address(m.group("v6") or m.group("v4"))
+        except ValueError:
+            raise ValueError("expected an IP address literal, not a host name") from None
+        if not address.is_loopback and not info.data.get("allow_non_loopback"):
+            raise ValueError(
+                "not a loopback address; set metrics.allow_non_loopback = true"
+                " to expose metrics on the network"
+            )
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
 
 
 class Config(_Section):
@@ -162,6 +336,9 @@ class Config(_Section):
     access: AccessConfig = Field(default_factory=AccessConfig)
     protect: ProtectConfig = Field(default_factory=ProtectConfig)
     logscan: LogscanConfig = Field(default_factory=LogscanConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    reputation: ReputationSettings = Field(default_factory=ReputationSettings)
 
     def to_toml(self) -> str:
         return _to_toml(self.model_dump(mode="json"))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from imr.config_types import Duration
 
 PROTOCOL_VERSION = 1
 MAX_REASON = 200
@@ -59,8 +61,13 @@ class ShowRequest(_Request):
 
 
 class ListRequest(_Request):
+    """Active blocks from the daemon's memory; every filter given must match (docs/protocol.md)."""
+
     op: Literal["list"]
     limit: int | None = Field(None, ge=1, le=MAX_LIST_LIMIT)
+    since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
+    reason: str | None = Field(None, min_length=1, max_length=MAX_REASON)  # substring, any case
+    source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
 
 
 class StatusRequest(_Request):
@@ -73,6 +80,13 @@ class PingRequest(_Request):
 
 class ExportRequest(_Request):
     op: Literal["export"]
+
+
+class AuthRequest(_Request):
+    """The first line of a TCP connection without a client certificate (not on the socket)."""
+
+    op: Literal["auth"]
+    token: str = Field(min_length=1, max_length=256)
 
 
 Request = Annotated[
@@ -94,11 +108,23 @@ def timestamp(epoch: float | None) -> str | None:
     """Wire form of a time: ISO 8601 in UTC, to the second."""
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))  # 2x datetime's speed
 
 
 def parse_request(line: bytes) -> tuple[Request, bool]:
     """Parse one request line (without its newline). Returns (request, is_json)."""
+    message, is_json = _parse(line, allow_auth=False)
+    if isinstance(message, AuthRequest):  # pragma: no cover - allow_auth=False never makes one
+        raise ProtocolError("bad_request", "auth is not a request")
+    return message, is_json
+
+
+def parse_message(line: bytes) -> tuple[Request | AuthRequest, bool]:
+    """parse_request, and also the `auth` line (docs/protocol.md, "TCP and authentication")."""
+    return _parse(line, allow_auth=True)
+
+
+def _parse(line: bytes, *, allow_auth: bool) -> tuple[Request | AuthRequest, bool]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -107,13 +133,23 @@ def parse_request(line: bytes) -> tuple[Request, bool]:
     if not text:
         raise ProtocolError("bad_request", "empty request")
     if text.startswith("{"):
-        return _parse_json(text), True
-    return _parse_text(text), False
+        return _parse_json(text, allow_auth), True
+    return _parse_text(text, allow_auth), False
 
 
-def _parse_json(text: str) -> Request:
+def _parse_json(text: str, allow_auth: bool = False) -> Request | AuthRequest:
     try:
-        data = json.loads(text)
+        data = _DECODER.decode(text)
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 writer (the
+        # state file, the log, a text reply) can encode. pydantic refuses them in
+        # string fields too; this refuses them anywhere, with a message that says so.
+        # Only an escape can make one (the line was strict UTF-8): plain lines skip it.
+        if "\\u" in text:
+            json.dumps(data, ensure_ascii=False).encode()
+    except _DuplicateKey as exc:
+        raise ProtocolError("bad_request", str(exc)) from None
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_request", "request holds a lone surrogate escape") from None
     except (ValueError, RecursionError):
         raise ProtocolError("bad_request", "request is not valid JSON") from None
     if not isinstance(data, dict):
@@ -126,12 +162,35 @@ def _parse_json(text: str) -> Request:
             f" this daemon speaks v{PROTOCOL_VERSION}",
         )
     op = data.get("op")
+    if allow_auth and op == "auth":
+        try:
+            return AuthRequest.model_validate(data)
+        except ValidationError as exc:
+            raise ProtocolError("bad_request", _first_error(exc, nested=False)) from None
     if op not in OPS:
         raise ProtocolError("bad_request", f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}")
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
         raise ProtocolError("bad_request", _first_error(exc)) from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a repeated key: parsers disagree on which one wins."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise _DuplicateKey(f"duplicate key {repeated[:32]!r}: each key may appear once")
+    return data
+
+
+# Made once: json.loads with a hook builds a new decoder for every line.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 _TEXT_VERBS = {
@@ -145,11 +204,16 @@ _TEXT_VERBS = {
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _parse_text(text: str) -> Request:
+def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
     if _CONTROL.search(text):
         raise ProtocolError("bad_request", "control characters are not allowed")
     verb, _, rest = text.partition(" ")
     verb = verb.lower()
+    if allow_auth and verb == "auth":
+        token = rest.strip()
+        if not token or " " in token or len(token) > 256:
+            raise ProtocolError("bad_request", "usage: auth TOKEN")
+        return AuthRequest(op="auth", token=token)
     if verb not in _TEXT_VERBS:
         raise ProtocolError(
             "bad_request", f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
@@ -168,6 +232,8 @@ def _parse_text(text: str) -> Request:
             if not free_text:
                 raise ProtocolError("bad_request", f"usage: {verb} ADDRESS")
             data["reason"] = tail.strip()
+    elif verb == "list" and rest:
+        data.update(_list_options(rest))
     elif rest:
         raise ProtocolError("bad_request", f"usage: {verb}")
     try:
@@ -176,9 +242,26 @@ def _parse_text(text: str) -> Request:
         raise ProtocolError("bad_request", _first_error(exc)) from None
 
 
-def _first_error(exc: ValidationError) -> str:
+_LIST_OPTIONS = ("since", "reason", "source", "limit")
+
+
+def _list_options(rest: str) -> dict[str, str]:
+    """`list since=1h source=logscan reason=ssh limit=50`: each KEY=VALUE once, no spaces."""
+    options: dict[str, str] = {}
+    for word in rest.split():
+        key, sep, value = word.partition("=")
+        if not sep or key not in _LIST_OPTIONS or key in options or not value:
+            raise ProtocolError(
+                "bad_request", "usage: list [since=DURATION] [reason=TEXT] [source=TAG] [limit=N]"
+            )
+        options[key] = value
+    return options
+
+
+def _first_error(exc: ValidationError, nested: bool = True) -> str:
     error = exc.errors()[0]
-    key = ".".join(str(p) for p in error["loc"][1:]) or "request"
+    # A union's errors start with the member's tag ("block"); a plain model's do not.
+    key = ".".join(str(p) for p in error["loc"][1 if nested else 0 :]) or "request"
     return f"{key}: {error['msg'].removeprefix('Value error, ')}"
 
 
@@ -198,8 +281,11 @@ def error_reply(request_id: str | None, code: str, message: str) -> dict[str, An
     }
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call
+
+
 def encode_json_reply(reply: dict[str, Any]) -> bytes:
-    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+    return _COMPACT.encode(reply).encode() + b"\n"
 
 
 def encode_text_reply(reply: dict[str, Any]) -> bytes:
@@ -237,4 +323,6 @@ def _summarise(result: dict[str, Any]) -> str:
         )
     if kind == "pong":
         return "pong"
+    if kind == "auth":
+        return f"authenticated {result['principal']} (roles {','.join(result['roles']) or 'none'})"
     return json.dumps(result, separators=(",", ":"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 _HERE = Path(__file__).parent
-for _folder in (_HERE, _HERE / "logscan", _HERE / "modsecurity"):
+for _folder in (_HERE, _HERE / "logscan", _HERE / "modsecurity", _HERE / "reputation"):
     sys.path.insert(0, str(_folder))
 
 from logscan_helpers import FakeClient, FakeDaemon  # noqa: E402 - needs the path above

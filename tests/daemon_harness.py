@@ -54,6 +54,8 @@ def ensure_test_users() -> list[str]:
     for user in (BLOCKER, READER, NOBODY):
         try:
             pwd.getpwnam(user)
+            # Left over from an interrupted run, perhaps without the group: repair it.
+            subprocess.run(["usermod", "--append", "--groups", GROUP, user], check=True)
         except KeyError:
             subprocess.run(
                 [

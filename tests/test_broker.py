@@ -219,8 +219,13 @@ def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
     backend.refuse.add(addr(bad))
     good = [f"203.0.113.{i}" for i in range(1, 40)] + [f"2001:db8::{i:x}" for i in range(2, 30)]
 
+    # 68 new blocks at once from one client: more than the default quota lets through.
+    config = Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "quota": {"blocks_per_minute": 0}}
+    )
+
     async def scenario() -> None:
-        async with running(tmp_path, backend=backend) as (broker, _, _clock, store):
+        async with running(tmp_path, config, backend=backend) as (broker, _, _clock, store):
             results = await asyncio.gather(
                 *(block(broker, ip) for ip in [*good[:20], bad, *good[20:]]),
                 return_exceptions=True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import ipaddress
 import logging
 import os
 import time
@@ -23,19 +24,31 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from imr import __version__
-from imr.backends.base import Backend, KernelBlock
-from imr.config import Config
+from imr.backends.base import (
+    Backend,
+    BackendError,
+    Drift,
+    KernelBlock,
+    expected_counts,
+    slot_of_text,
+)
+from imr.config import Config, Role
 from imr.core.addresses import (
     IPAddress,
+    IPNetwork,
     Refusal,
     RefusalCode,
+    Target,
     intrinsic_refusal,
-    parse_address,
+    network_refusal,
+    parse_target,
     protection_refusal,
 )
 from imr.core.clock import Clock
 from imr.core.durations import format_duration
+from imr.core.listing import ListQuery, select_blocks
 from imr.core.policy import Action, decide
+from imr.core.quota import LogThrottle, QuotaLedger, QuotaRefusal, Reservation
 from imr.protocol import (
     BlockRequest,
     ExportRequest,
@@ -48,12 +61,14 @@ from imr.protocol import (
     timestamp,
 )
 from imr.server.access import Peer
+from imr.server.metrics import Metrics
 from imr.store import BlockRecord, HitRecord, Store
 
 log = logging.getLogger("imr.broker")
 
 MAX_BATCH = 512
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
+QUOTA_LOG_INTERVAL = 10.0  # seconds: at most one quota-refusal line per client and limit
 
 
 class BrokerError(Exception):
@@ -77,14 +92,18 @@ class AddressView(Protocol):
 
 @dataclass
 class _BlockChange:
-    address: IPAddress
+    address: Target  # a network only from an admin
     request: BlockRequest
     peer: Peer
+    # Quotas: may this change make a new block (admitted, or exempt)? The reservation
+    # is given back unless it does. A hit on an active block is admitted without one.
+    may_create: bool = False
+    reservation: Reservation | None = None
 
 
 @dataclass
 class _UnblockChange:
-    address: IPAddress
+    address: Target
     request: UnblockRequest
     peer: Peer
 
@@ -109,12 +128,14 @@ _AnyChange = _BlockChange | _UnblockChange | _ExpireChange
 class _Outcome:
     result: dict[str, Any] | None = None
     error: BrokerError | None = None
+    readmit: bool = False  # a hit turned into a new block: pass the quota first, then retry
 
 
 @dataclass
 class _BatchResult:
     outcomes: list[_Outcome]
     changed: dict[str, BlockRecord | None] = field(default_factory=dict)  # None: lifted
+    expired: int = 0  # blocks lifted because their time came (metrics)
 
 
 class Broker:
@@ -126,6 +147,9 @@ class Broker:
         clock: Clock,
         local: AddressView,
         backend_choice: str = "",
+        *,
+        metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._backend_choice = backend_choice
@@ -139,8 +163,16 @@ class Broker:
         self._expiry: list[tuple[float, str]] = []  # heap; stale entries are skipped
         self._queue: asyncio.Queue[_Queued] | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
+        # Held by the writer loop from a batch's start until it is published, and by the drift
+        # check: so the check compares the kernel with an index that matches it.
+        self._turn = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
+        self.metrics = metrics or Metrics()  # counted always; served only if configured
+        # Quotas run on a monotonic clock: a wall-clock step must not lock clients out.
+        self._monotonic = monotonic
+        self._quota = QuotaLedger(config.quota.to_limits())
+        self._quota_log = LogThrottle(QUOTA_LOG_INTERVAL)
 
     # Life cycle -------------------------------------------------------------------
 
@@ -152,11 +184,14 @@ class Broker:
         """
         now = self._clock.now()
         keep: list[BlockRecord] = []
+        kernel: list[KernelBlock] = []  # parsed once here: 100,000 parses cost seconds
         with self._store.transaction():
             for record in self._store.active_blocks():
-                refusal = self._protected(stored_address(record.ip))
+                address = stored_address(record.ip)
+                refusal = self._protected(address)
                 if record.expires_at <= now:
                     self._store.lift(record.id, now, "expired", "imr")
+                    self.metrics.expired(1)
                     log.info(
                         "expired %s while the daemon was down (due %s)",
                         record.ip,
@@ -167,11 +202,17 @@ class Broker:
                     log.warning("lifted %s at start: %s", record.ip, refusal.message)
                 else:
                     keep.append(record)
+                    kernel.append(KernelBlock(address, record.expires_at))
         self._backend.prepare()
-        self._backend.replace_all([self._kernel_block(r) for r in keep])
+        self._backend.replace_all(kernel)
+        del kernel
         self._active = {r.ip: r for r in keep}
         self._expiry = [(r.expires_at, r.ip) for r in keep]
         heapq.heapify(self._expiry)
+        # Who made each block counts against its quota again (Peer.principal of a Unix
+        # client; blocks from other listeners count only in the global total after a restart).
+        self._quota.restore({r.ip: f"uid:{r.uid}" for r in keep if r.uid is not None})
+        self.metrics.set_active(self._backend.name, len(self._active))
         log.info("restored %d active blocks into %s", len(keep), self._backend.describe())
         self._warn_if_too_many_rules()
 
@@ -181,6 +222,8 @@ class Broker:
             asyncio.create_task(self._write_loop(), name="imr-writer"),
             asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
         ]
+        if self._config.firewall.drift_check:
+            self._tasks.append(asyncio.create_task(self._drift_loop(), name="imr-drift"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -192,6 +235,21 @@ class Broker:
 
     async def handle(self, request: Request, peer: Peer) -> dict[str, Any]:
         """Run one request for an identified peer; raise BrokerError for a refusal."""
+        started, result = time.monotonic(), "cancelled"  # the client went away, or we stop
+        try:
+            reply = await self._dispatch(request, peer)
+            result = "ok"
+            return reply
+        except BrokerError as exc:
+            result = exc.code
+            raise
+        except Exception:
+            result = "internal_error"
+            raise
+        finally:
+            self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
+
+    async def _dispatch(self, request: Request, peer: Peer) -> dict[str, Any]:
         if not peer.may(request.op):
             log.warning(
                 "refused %s by %s: role %s may not %s",
@@ -220,16 +278,69 @@ class Broker:
 
     async def _block(self, request: BlockRequest, peer: Peer) -> dict[str, Any]:
         address = self._blockable(request.ip, request.op, peer)
-        return await self._submit(_BlockChange(address, request, peer))
+        change = _BlockChange(address, request, peer)
+        active = self._active.get(str(address))
+        if active is None or active.expires_at <= self._clock.now():
+            self._admit(change)  # may make a new block: the quota decides, before queueing
+        else:
+            self._admit_hit(change)  # a hit row only; bounded too, or hits could fill the disk
+        return await self._submit(change)
+
+    def _admit_hit(self, change: _BlockChange) -> None:
+        peer = change.peer
+        if self._config.quota.admin_exempt and Role.ADMIN in peer.roles:
+            return
+        now = self._monotonic()
+        refusal = self._quota.admit_hit(peer.principal, now)
+        if refusal is not None:
+            self._refuse_quota(change, refusal, now)
+
+    def _admit(self, change: _BlockChange) -> None:
+        """Reserve the change's share of its client's quota, or refuse it (docs: Quotas)."""
+        peer = change.peer
+        if self._config.quota.admin_exempt and Role.ADMIN in peer.roles:
+            change.may_create = True
+            return
+        now = self._monotonic()
+        admitted = self._quota.admit(peer.principal, now, len(self._active))
+        if isinstance(admitted, Reservation):
+            change.may_create, change.reservation = True, admitted
+            return
+        self._refuse_quota(change, admitted, now)
+
+    def _refuse_quota(self, change: _BlockChange, refusal: QuotaRefusal, now: float) -> None:
+        peer = change.peer
+        self.metrics.quota_refused(refusal.limit)
+        suppressed = self._quota_log.allow((peer.principal, refusal.limit), now)
+        if suppressed is not None:
+            log.warning(
+                "refused block %s by %s (%s): %s%s",
+                change.address,
+                peer.describe(),
+                peer.principal,
+                refusal.message,
+                f"; {suppressed} more refused since the last such line" if suppressed else "",
+                extra={
+                    "event": "quota_refused",
+                    "principal": peer.principal,
+                    "code": refusal.code,
+                    "limit": refusal.limit,
+                    "ip": str(change.address),
+                    "suppressed": suppressed,
+                },
+            )
+        raise BrokerError(refusal.code, refusal.message)
 
     async def _unblock(self, request: UnblockRequest, peer: Peer) -> dict[str, Any]:
-        parsed = parse_address(request.ip)
+        parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(parsed.code, parsed.message)
         return await self._submit(_UnblockChange(parsed, request, peer))
 
-    def _blockable(self, text: str, op: str, peer: Peer) -> IPAddress:
-        parsed = parse_address(text)
+    def _blockable(self, text: str, op: str, peer: Peer) -> Target:
+        parsed = parse_target(text)
+        if isinstance(parsed, IPNetwork):
+            self._network_allowed(parsed, op, peer)
         refusal = self._protected(parsed)
         if refusal is not None or isinstance(parsed, Refusal):
             refusal = refusal or Refusal(RefusalCode.INVALID, "not an address")
@@ -237,9 +348,38 @@ class Broker:
             raise BrokerError(refusal.code, refusal.message)
         return parsed
 
-    def _protected(self, parsed: IPAddress | Refusal) -> Refusal | None:
+    def _network_allowed(self, network: IPNetwork, op: str, peer: Peer) -> None:
+        """Networks are for admins, and may not overlap another active network block (nftables
+        interval sets refuse overlaps; one block per address keeps the history clear too)."""
+        if Role.ADMIN not in peer.roles:
+            log.warning(
+                "refused %s %s by %s: networks need the admin role", op, network, peer.describe()
+            )
+            raise BrokerError(
+                RefusalCode.NETWORK,
+                f"{network} is a network; user {peer.user} may block single addresses only"
+                " (network blocks need the admin role)",
+            )
+        key = str(network)
+        for ip in self._active:
+            if "/" in ip and ip != key and network.overlaps(ipaddress.ip_network(ip)):
+                log.warning("refused %s %s by %s: overlaps %s", op, network, peer.describe(), ip)
+                raise BrokerError(
+                    "network_overlaps",
+                    f"{network} overlaps the blocked network {ip}; unblock that first",
+                )
+
+    def _protected(self, parsed: Target | Refusal) -> Refusal | None:
         if isinstance(parsed, Refusal):
             return parsed
+        if isinstance(parsed, IPNetwork):
+            return network_refusal(
+                parsed,
+                self._config.protect.network_min_prefix,
+                self._local.own,
+                self._local.broadcast,
+                self._config.protect.allowlist,
+            )
         return intrinsic_refusal(parsed) or protection_refusal(
             parsed,
             self._local.own,
@@ -256,13 +396,17 @@ class Broker:
 
     def _list(self, request: ListRequest) -> dict[str, Any]:
         now = self._clock.now()
-        records = sorted(self._active.values(), key=lambda r: (r.blocked_at, r.id))
-        if request.limit is not None:
-            records = records[: request.limit]
-        return {"kind": "list", "blocks": [block_info(r, now) for r in records]}
+        query = ListQuery(request.since, request.reason, request.source, request.limit)
+        listing = select_blocks(self._active.values(), query, now)
+        return {
+            "kind": "list",
+            "blocks": [block_info(r, now) for r in listing.rows],
+            "matched": listing.matched,
+            "active": len(self._active),
+        }
 
     async def _show(self, request: ShowRequest) -> dict[str, Any]:
-        parsed = parse_address(request.ip)
+        parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(parsed.code, parsed.message)
         ip = str(parsed)
@@ -327,6 +471,52 @@ class Broker:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
 
+    # Drift ------------------------------------------------------------------------
+
+    async def _drift_loop(self) -> None:
+        interval = self._config.firewall.drift_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_drift()
+            except BackendError as exc:  # the tool's own message says enough
+                log.error("drift check failed: %s; trying again in %d s", exc, interval)
+            except Exception:
+                log.exception("drift check failed; trying again in %d s", interval)
+
+    async def check_drift(self) -> Drift:
+        """Check imr's kernel objects against the index and repair them (the drift loop calls
+        it every firewall.drift_interval; tests call it). Returns what was found."""
+        async with self._turn:  # between batches: the index matches what the writer applied
+            drift: Drift = await self._in_writer(self._check_and_repair)
+            return drift
+
+    def _check_and_repair(self) -> Drift:
+        """In the writer thread, so it never runs beside a batch's kernel change."""
+        now = self._clock.now()
+        records = list(self._active.values())  # not changed while the turn is held
+        expected = expected_counts(((slot_of_text(r.ip), r.expires_at) for r in records), now)
+        drift = self._backend.check(expected)
+        if not drift.found:
+            return drift
+        log.warning("drift in %s: %s; repairing", self._backend.name, drift.describe())
+        done = []
+        if drift.structure:
+            self._backend.prepare()  # imr's chains/sets/rules and the jump; entries are kept
+            self.metrics.drift_repaired("structure")
+            done.append("re-created imr's kernel objects")
+        if drift.entries:
+            live = [self._kernel_block(r) for r in records if r.expires_at > now]
+            self._backend.replace_all(live)
+            self.metrics.drift_repaired("entries")
+            done.append(f"restored {len(live)} blocks from the state")
+        after = self._backend.check(expected)
+        if after.found:
+            log.error("drift remains after the repair: %s", after.describe())
+        else:
+            log.warning("drift repaired: %s", "; ".join(done))
+        return drift
+
     # The writer -------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
@@ -338,13 +528,22 @@ class Broker:
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
             changes = [queued.change for queued in batch]
-            try:
-                result = await self._in_writer(self._commit_isolated, changes)
-            except Exception as exc:  # never lose the waiting clients: tell them
-                log.exception("writer failed")
-                result = _BatchResult([_Outcome(error=_internal(exc)) for _ in batch])
-            self._publish(result)
+            async with self._turn:  # the drift check waits until this batch is published
+                try:
+                    result = await self._in_writer(self._commit_isolated, changes)
+                except Exception as exc:  # never lose the waiting clients: tell them
+                    log.exception("writer failed")
+                    result = _BatchResult([_Outcome(error=_internal(exc)) for _ in batch])
+                self.metrics.batch(len(batch))
+                self.metrics.expired(result.expired)
+                self._publish(result)
+            # Settle every reservation before any readmission, so none counts twice.
             for queued, outcome in zip(batch, result.outcomes, strict=True):
+                self._settle_quota(queued.change, outcome)
+            for queued, outcome in zip(batch, result.outcomes, strict=True):
+                if outcome.readmit and isinstance(queued.change, _BlockChange):
+                    self._readmit(queued, queued.change, queue)
+                    continue
                 future = queued.future
                 if future.done():  # the client went away
                     continue
@@ -353,13 +552,39 @@ class Broker:
                 else:
                     future.set_result(outcome.result or {})
 
+    def _readmit(
+        self, queued: _Queued, change: _BlockChange, queue: asyncio.Queue[_Queued]
+    ) -> None:
+        """A hit whose block was lifted before the writer got to it: a new block, if the quota
+        allows; so no request makes a block without passing the quota."""
+        try:
+            self._admit(change)
+        except BrokerError as exc:
+            if not queued.future.done():
+                queued.future.set_exception(exc)
+            return
+        queue.put_nowait(queued)
+
+    def _settle_quota(self, change: _AnyChange, outcome: _Outcome) -> None:
+        if not isinstance(change, _BlockChange) or change.reservation is None:
+            return  # nothing reserved (or a readmission without one, settled already)
+        made = outcome.error is None and (outcome.result or {}).get("action") == "block"
+        if made:
+            self._quota.commit(change.reservation, str(change.address))
+        else:  # refused, failed, or a hit after all: the share goes back
+            self._quota.release(change.reservation)
+
     def _publish(self, result: _BatchResult) -> None:
         for ip, record in result.changed.items():
+            previous = self._active.get(ip)
+            if record is None or (previous is not None and previous.id != record.id):
+                self._quota.lifted(ip)  # this block no longer counts against its client
             if record is None:
                 self._active.pop(ip, None)
             else:
                 self._active[ip] = record
                 heapq.heappush(self._expiry, (record.expires_at, ip))
+        self.metrics.set_active(self._backend.name, len(self._active))
         self._warn_if_too_many_rules()
 
     def _warn_if_too_many_rules(self) -> None:
@@ -396,6 +621,7 @@ class Broker:
             result = self._commit_isolated(part, merged.changed)
             merged.outcomes.extend(result.outcomes)
             merged.changed.update(result.changed)
+            merged.expired += result.expired
         return merged
 
     def _commit(
@@ -407,7 +633,7 @@ class Broker:
             self._backend.apply(work.kernel_add, work.kernel_remove)
         for line in work.log_lines:
             log.info("%s", line)
-        return _BatchResult(outcomes, work.changed)
+        return _BatchResult(outcomes, work.changed, work.expired)
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
         return KernelBlock(stored_address(record.ip), record.expires_at)
@@ -428,8 +654,9 @@ class _Work:
         self.now = now
         self.changed: dict[str, BlockRecord | None] = dict(earlier)
         self.kernel_add: list[KernelBlock] = []
-        self.kernel_remove: list[IPAddress] = []
+        self.kernel_remove: list[Target] = []
         self.log_lines: list[str] = []
+        self.expired = 0
 
     def run(self, change: _AnyChange) -> _Outcome:
         match change:
@@ -448,6 +675,7 @@ class _Work:
             self.store.lift(current.id, self.now, "expired", "imr")
             current = replace(current, lifted_at=self.now, lift_reason="expired")
             self.changed[ip] = None
+            self.expired += 1
         previous: BlockRecord | None
         if current is not None and current.lifted_at is None:
             previous = current
@@ -457,6 +685,8 @@ class _Work:
             self.ladder, previous.as_previous() if previous else None, self.now, request.severity
         )
         reason, source = request.reason, request.source
+        if decision.action is Action.BLOCK and not change.may_create:
+            return _Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
         if decision.action is Action.BLOCK:
             record = self.store.insert_block(
                 ip, self.now, decision.expires_at, decision.rung, reason, source, peer.uid, peer.pid
@@ -511,15 +741,17 @@ class _Work:
             self.changed[ip] = None
             self.kernel_remove.append(stored_address(ip))
             lifted.append(ip)
+            self.expired += 1
             self.log_lines.append(
                 f"expired {ip} (blocked {timestamp(current.blocked_at)}, rung {current.rung})"
             )
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
-def stored_address(ip: str) -> IPAddress:
-    """An address read back from the state file, where only valid ones are written."""
-    parsed = parse_address(ip)
+def stored_address(ip: str) -> Target:
+    """An address (or network, in CIDR form) read back from the state file, where only valid
+    ones are written."""
+    parsed = parse_target(ip)
     if isinstance(parsed, Refusal):
         raise ValueError(f"state file holds an invalid address {ip!r}")
     return parsed

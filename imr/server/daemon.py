@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +25,18 @@ from imr.backends.base import Backend, BackendError
 from imr.config import Config
 from imr.core.clock import SystemClock
 from imr.server.broker import Broker, BrokerError
-from imr.server.listener import ListenerError, UnixListener
+from imr.server.jsonlog import use_log_format
+from imr.server.listener import Listener, ListenerError, UnixListener
 from imr.server.local_addresses import LocalAddresses
+from imr.server.metrics import MetricsError, MetricsServer
+from imr.server.systemd import (
+    ActivationError,
+    Notifier,
+    listen_fds,
+    unix_listener_for,
+    watchdog_interval,
+)
+from imr.server.tcp_listener import TcpListener
 from imr.store import Store, StoreError
 
 log = logging.getLogger("imr.daemon")
@@ -42,11 +53,19 @@ class DaemonError(Exception):
 
 def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
     """Run until SIGTERM/SIGINT. Raises DaemonError if start-up fails."""
+    use_log_format(config.server.log_format)
     if config.firewall.backend != "dryrun" and os.geteuid() != 0:
         raise DaemonError(
             "the daemon must run as root to change the firewall"
             ' (or set firewall.backend = "dryrun" to try it without root)'
         )
+    # systemd (contrib/systemd): readiness and watchdog over $NOTIFY_SOCKET, and
+    # the listening socket from imr.socket; all absent outside systemd.
+    notifier = Notifier.from_environ(os.environ)
+    try:
+        inherited = unix_listener_for(listen_fds(os.environ, os.getpid()), config.server.socket)
+    except ActivationError as exc:
+        raise DaemonError(str(exc)) from None
     with _pid_file(config.server.pid_file):
         store = _open_store(config)
         backend: Backend | None = None
@@ -57,11 +76,12 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
             log.info("firewall backend %s: %s", backend.name, selection.why)
             local.start()
             broker = Broker(config, store, backend, SystemClock(), local, selection.why)
+            notifier.status("starting: putting active blocks back into the kernel")
             broker.reconcile()
-            asyncio.run(_serve(config, broker, on_ready))
+            asyncio.run(_serve(config, broker, on_ready, notifier, inherited))
         except BackendError as exc:
             raise DaemonError(f"firewall backend: {exc}") from None
-        except ListenerError as exc:
+        except (ListenerError, MetricsError) as exc:
             raise DaemonError(str(exc)) from None
         except RuntimeError as exc:
             raise DaemonError(str(exc)) from None
@@ -73,15 +93,32 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
     log.info("stopped; blocks stay in force in the kernel and the state file")
 
 
-async def _serve(config: Config, broker: Broker, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    config: Config,
+    broker: Broker,
+    on_ready: Callable[[], None],
+    notifier: Notifier | None = None,
+    inherited: socket.socket | None = None,
+) -> None:
+    notifier = notifier or Notifier(None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await broker.start()
-    listener = UnixListener(config.server, config.access, broker.handle, BrokerError)
+    listeners: list[Listener] = [
+        UnixListener(config.server, config.access, broker.handle, BrokerError, inherited)
+    ]
+    if config.server.tcp.enabled:  # off by default: clients on other hosts (tcp_listener.py)
+        listeners.append(TcpListener(config.server, config.access, broker.handle, BrokerError))
+    watchdog: asyncio.Task[None] | None = None
+    # Prometheus endpoint (off by default) in its own threads: scrapes never wait on the loop.
+    metrics = MetricsServer(config.metrics, broker.metrics) if config.metrics.enabled else None
     try:
-        await listener.start()
+        if metrics is not None:
+            metrics.start()
+        for listener in listeners:
+            await listener.start()
         status = broker.status()
         log.info(
             "ready: pid %d, %s, %d active blocks",
@@ -90,11 +127,29 @@ async def _serve(config: Config, broker: Broker, on_ready: Callable[[], None]) -
             status["active_blocks"],
         )
         on_ready()
+        # READY=1 only now: the socket accepts requests and the kernel holds every block.
+        notifier.ready(f"serving: {status['backend_detail']}, {status['active_blocks']} active")
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is not None:
+            watchdog = asyncio.create_task(_watchdog(notifier, interval))
         await stop.wait()
         log.info("stopping")
+        notifier.stopping()
     finally:
-        await listener.close()
+        if watchdog is not None:
+            watchdog.cancel()
+        if metrics is not None:
+            metrics.stop()
+        for listener in reversed(listeners):
+            await listener.close()
         await broker.stop()
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the event loop: if the loop hangs, systemd restarts the daemon."""
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 def _open_store(config: Config) -> Store:
