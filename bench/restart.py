@@ -7,8 +7,9 @@ Run as root:
     .venv/bin/python bench/restart.py --quick            # what bench/run-all runs
 
 For each size N the state file is seeded directly through imr.store.Store
-with N active blocks (2001:db8::/32 addresses, expiring in a day), then
-`imr server start` is timed until it returns: it returns once the daemon
+with N active blocks (2001:db8::/32 addresses in canonical text, as the daemon
+writes them, expiring in a day), then `imr server start` is timed until it
+returns: it returns once the daemon
 answers on its socket, after start-up put every block into the kernel in one
 step. Then the script checks that the kernel holds all N entries and that
 the daemon reports N active blocks, reads the daemon's RSS, stops it (blocks
@@ -23,6 +24,7 @@ started again and timed until the kernel holds all N bans again.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import subprocess
 import sys
@@ -47,9 +49,9 @@ def seed(daemon: BenchDaemon, count: int) -> None:
     try:
         with store.transaction():
             for i in range(count):
-                store.insert_block(
-                    v6_address(i), now - 60, now + 86400, 1, "bench seed", "bench", 0, 1
-                )
+                # Canonical text, as the daemon writes it (str() of the parsed address).
+                ip = str(ipaddress.IPv6Address(v6_address(i)))
+                store.insert_block(ip, now - 60, now + 86400, 1, "bench seed", "bench", 0, 1)
     finally:
         store.close()
 

@@ -18,10 +18,7 @@ from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable, RequestFailed, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
 from imr.core.durations import parse_duration
-from imr.doctor import doctor
-from imr.logscan.cli import rules, scan, watch
 from imr.protocol import MAX_LIST_LIMIT
-from imr.reputation.cli import register as register_reputation
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -48,7 +45,38 @@ def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
         fail(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _MainGroup(click.Group):
+    """`imr`, with the log-scanning, reputation and doctor commands imported only when asked
+    for: `imr server start` (the daemon forks from that process and keeps what it imported)
+    and the client commands then skip httpx and dnspython (~0.1 s and several MB)."""
+
+    _extras_loaded = False
+
+    def _load_extras(self) -> None:
+        if self._extras_loaded:
+            return
+        self._extras_loaded = True
+        from imr.doctor import doctor
+        from imr.logscan.cli import rules, scan, watch
+        from imr.reputation.cli import register as register_reputation
+
+        for command in (scan, watch, rules, doctor):
+            self.add_command(command)
+        register_reputation(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._extras_loaded:
+            self._load_extras()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_extras()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",
@@ -432,12 +460,6 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
 
 
 # Log scanning (imr/logscan) ------------------------------------------------------
-
-main.add_command(scan)
-main.add_command(watch)
-main.add_command(rules)
-main.add_command(doctor)
-register_reputation(main)
 
 
 # Helpers --------------------------------------------------------------------------

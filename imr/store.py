@@ -97,10 +97,13 @@ class HitRecord:
     block_id: int | None
 
 
-def _shared_strings(row: tuple[Any, ...]) -> list[Any]:
-    """A blocks row with its reason and source interned (columns 6 and 7)."""
+def _shared_strings(row: tuple[Any, ...], uids: dict[int, int]) -> list[Any]:
+    """A blocks row with its reason and source interned (columns 6 and 7), and its uid
+    (column 8) shared through `uids`: a uid past 256 is otherwise one int object per row."""
     fields = list(row)
     fields[6], fields[7] = sys.intern(fields[6]), sys.intern(fields[7])
+    if fields[8] is not None:
+        fields[8] = uids.setdefault(fields[8], fields[8])
     return fields
 
 
@@ -213,12 +216,15 @@ class Store:
     # Reads --------------------------------------------------------------------
 
     def active_blocks(self) -> list[BlockRecord]:
+        """Every block in force, oldest row first (by id: sorting by blocked_at cost SQLite
+        a temporary B-tree; listings sort for themselves)."""
         rows = self._db.execute(
-            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE lifted_at IS NULL ORDER BY blocked_at"
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE lifted_at IS NULL ORDER BY id"
         )
-        # The daemon keeps these for its whole life (100,000 of them, say): reasons and
-        # sources repeat, so they share one string each; rows are not all held at once.
-        return [BlockRecord(*_shared_strings(row)) for row in rows]
+        # The daemon keeps these for its whole life (100,000 of them, say): reasons, sources
+        # and uids repeat, so they share one object each; rows are not all held at once.
+        uids: dict[int, int] = {}
+        return [BlockRecord(*_shared_strings(row, uids)) for row in rows]
 
     def offence_count(self, ip: str) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM blocks WHERE ip = ?", (ip,)).fetchone()

@@ -60,7 +60,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from imr.backends import nfnetlink
-from imr.backends.base import Backend, BackendError, Drift, Expected, KernelBlock, Slot, slot_of
+from imr.backends.base import (
+    Backend,
+    BackendError,
+    Drift,
+    Expected,
+    KernelBlock,
+    Slot,
+    slot_of,
+    slot_of_text,
+)
 from imr.config import FirewallConfig
 from imr.core.addresses import IPAddress, Target
 
@@ -291,9 +300,9 @@ def _timeout(seconds: int) -> str:
     return f" timeout {seconds // 86400}d{seconds % 86400}s"
 
 
-def _element(target: Target | str, expires_at: float, now: float) -> str:
+def _element(text: str, expires_at: float, now: float) -> str:
     remaining = math.ceil(expires_at - now)
-    return f"{target}{_timeout(remaining) if remaining <= MAX_TIMEOUT else ''}"
+    return f"{text}{_timeout(remaining) if remaining <= MAX_TIMEOUT else ''}"
 
 
 def _elements(set_name: str, elements: Sequence[str], verb: str = "add") -> str:
@@ -319,11 +328,13 @@ def _targets_in(listing: Any) -> list[Target]:
     return found
 
 
-def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, float]:
-    """Each target once, with its latest expiry."""
-    latest: dict[Target, float] = {}
+def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
+    """Each target once, as its block with the latest expiry."""
+    latest: dict[Target, KernelBlock] = {}
     for block in blocks:
-        latest[block.address] = max(block.expires_at, latest.get(block.address, block.expires_at))
+        seen = latest.get(block.address)
+        if seen is None or block.expires_at > seen.expires_at:
+            latest[block.address] = block
     return latest
 
 
@@ -383,24 +394,24 @@ class NftablesBackend(Backend):
         now = time.time()
         latest = _latest(add)
         # A block that has already expired is not put in; it is taken out if still there.
-        expired = [target for target, expires_at in latest.items() if expires_at <= now]
-        adding = {target: at for target, at in latest.items() if at > now}
+        expired = [target for target, block in latest.items() if block.expires_at <= now]
+        adding = {target: block for target, block in latest.items() if block.expires_at > now}
         removing = [a for a in dict.fromkeys([*remove, *expired]) if a not in adding]
         script = ""
         for slot, set_name in SETS.items():
             gone = [str(a) for a in removing if slot_of(a) == slot]
-            new = [a for a in adding if slot_of(a) == slot]
+            new = [block for a, block in adding.items() if slot_of(a) == slot]
             # Deleting an absent element aborts the whole transaction and nft 1.0.6 has no
             # `destroy`; adding first (a no-op for a present element) makes the delete always
             # valid. Re-adding does not change a present element's timeout either, so every
             # added address is deleted and added again with its own timeout (an escalation).
-            texts = {a: str(a) for a in new}  # ipaddress's str() is slow: once per address
-            touched = gone + list(texts.values())
+            # block.text, not str(): ipaddress's str() is slow.
+            touched = gone + [block.text for block in new]
             if touched:
                 script += _elements(set_name, touched)
                 script += _elements(set_name, touched, "delete")
             if new:
-                script += _elements(set_name, [_element(texts[a], adding[a], now) for a in new])
+                script += _elements(set_name, [_element(b.text, b.expires_at, now) for b in new])
         if not script:
             return
         with self._lock:
@@ -415,15 +426,20 @@ class NftablesBackend(Backend):
 
     def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
         now = time.time()
-        latest = _latest(blocks)
+        # One pass over the blocks, by their canonical text (100,000 at start-up: hashing
+        # and formatting ipaddress objects here cost a second).
+        latest: dict[str, float] = {}
+        for block in blocks:
+            if block.expires_at > latest.get(block.text, now):
+                latest[block.text] = block.expires_at
+        elements: dict[Slot, list[str]] = {slot: [] for slot in SETS}
+        for text, expires_at in latest.items():
+            elements[slot_of_text(text)].append(_element(text, expires_at, now))
         script = self._structure()
         for slot, set_name in SETS.items():
             script += f"flush set {FAMILY} {TABLE} {set_name}\n"
-            elements = [
-                _element(a, at, now) for a, at in latest.items() if slot_of(a) == slot and at > now
-            ]
-            if elements:
-                script += _elements(set_name, elements)
+            if elements[slot]:
+                script += _elements(set_name, elements[slot])
         script += _markers()
         with self._lock:
             self._transport.run(script)  # one transaction: the old and new sets never mix

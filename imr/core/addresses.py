@@ -23,6 +23,7 @@ _ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:/%]+")
 _HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 _PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")  # decimal, no leading zeros, no netmask form
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")  # made once: not per check
 
 
 class RefusalCode(StrEnum):
@@ -69,13 +70,16 @@ def parse_address(text: str) -> IPAddress | Refusal:
         )
     if "%" in text:
         return Refusal(RefusalCode.INVALID, f"{_show(text)}: zone indexes are not accepted")
+    # The family is known from the text (only IPv6 has ":"): ip_address() would try IPv4
+    # first and pay for its exception on every IPv6 address.
     try:
-        address = ipaddress.ip_address(text)
+        if ":" not in text:
+            return ipaddress.IPv4Address(text)
+        address = ipaddress.IPv6Address(text)
     except ValueError:
         return Refusal(RefusalCode.INVALID, f"{_show(text)} is not an IP address")
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address
+    mapped = address.ipv4_mapped
+    return address if mapped is None else mapped
 
 
 def intrinsic_refusal(address: IPAddress) -> Refusal | None:
@@ -86,7 +90,7 @@ def intrinsic_refusal(address: IPAddress) -> Refusal | None:
         return Refusal(RefusalCode.LOOPBACK, f"{address} is a loopback address")
     if address.is_multicast:
         return Refusal(RefusalCode.MULTICAST, f"{address} is a multicast address")
-    if address == ipaddress.IPv4Address("255.255.255.255"):
+    if isinstance(address, ipaddress.IPv4Address) and address == _LIMITED_BROADCAST:
         return Refusal(RefusalCode.BROADCAST, f"{address} is the broadcast address")
     if address.is_link_local:
         # Link-local peers are on our own segment (routers, neighbours): blocking

@@ -13,10 +13,13 @@ so list/show/status answer from memory without locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import heapq
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +190,7 @@ class Broker:
         kernel: list[KernelBlock] = []  # parsed once here: 100,000 parses cost seconds
         with self._store.transaction():
             for record in self._store.active_blocks():
-                address = stored_address(record.ip)
+                address, text = stored_target(record.ip)
                 refusal = self._protected(address)
                 if record.expires_at <= now:
                     self._store.lift(record.id, now, "expired", "imr")
@@ -202,7 +205,7 @@ class Broker:
                     log.warning("lifted %s at start: %s", record.ip, refusal.message)
                 else:
                     keep.append(record)
-                    kernel.append(KernelBlock(address, record.expires_at))
+                    kernel.append(KernelBlock(address, record.expires_at, text))
         self._backend.prepare()
         self._backend.replace_all(kernel)
         del kernel
@@ -211,9 +214,13 @@ class Broker:
         heapq.heapify(self._expiry)
         # Who made each block counts against its quota again (Peer.principal of a Unix
         # client; blocks from other listeners count only in the global total after a restart).
-        self._quota.restore({r.ip: f"uid:{r.uid}" for r in keep if r.uid is not None})
+        # One principal string per uid, shared by all its blocks (not one per block).
+        principals = {uid: f"uid:{uid}" for uid in {r.uid for r in keep} if uid is not None}
+        self._quota.restore({r.ip: principals[r.uid] for r in keep if r.uid is not None})
         self.metrics.set_active(self._backend.name, len(self._active))
-        log.info("restored %d active blocks into %s", len(keep), self._backend.describe())
+        del keep
+        _release_free_heap()
+        log.info("restored %d active blocks into %s", len(self._active), self._backend.describe())
         self._warn_if_too_many_rules()
 
     async def start(self) -> None:
@@ -636,7 +643,8 @@ class Broker:
         return _BatchResult(outcomes, work.changed, work.expired)
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
-        return KernelBlock(stored_address(record.ip), record.expires_at)
+        address, text = stored_target(record.ip)
+        return KernelBlock(address, record.expires_at, text)
 
     def current(self, ip: str, changed: dict[str, BlockRecord | None]) -> BlockRecord | None:
         if ip in changed:
@@ -748,6 +756,16 @@ class _Work:
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
+def _release_free_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim).
+
+    Start-up with 100,000 blocks allocates and frees tens of MB (rows, the kernel script, its
+    parsing); glibc would otherwise keep ~10 MB of it for the daemon's whole life.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def stored_address(ip: str) -> Target:
     """An address (or network, in CIDR form) read back from the state file, where only valid
     ones are written."""
@@ -755,6 +773,32 @@ def stored_address(ip: str) -> Target:
     if isinstance(parsed, Refusal):
         raise ValueError(f"state file holds an invalid address {ip!r}")
     return parsed
+
+
+def stored_target(ip: str) -> tuple[Target, str]:
+    """stored_address(ip) and its canonical text, cheaply for the text the daemon writes.
+
+    Start-up reads 100,000 of these, and ipaddress parses and formats in Python (~10 µs an
+    address). The daemon writes str() of a parsed target, so a single address is taken on a
+    cheap check in C: inet_pton must accept the text and inet_ntop must print it back the
+    same. That proves the text is a bare address literal in canonical form (nothing else can
+    reach the kernel script), and the address is built from the packed bytes, so the
+    protection checks see exactly what the kernel gets. Networks, texts with an IPv4 tail
+    in IPv6 (C and Python print those differently) and anything else take the full parse.
+    """
+    if "/" not in ip:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        if family == socket.AF_INET or "." not in ip:
+            try:
+                packed = socket.inet_pton(family, ip)
+            except (OSError, ValueError):
+                packed = b""
+            if packed and socket.inet_ntop(family, packed) == ip:
+                if family == socket.AF_INET:
+                    return ipaddress.IPv4Address(packed), ip
+                return ipaddress.IPv6Address(packed), ip
+    target = stored_address(ip)
+    return target, str(target)
 
 
 def _internal(exc: Exception) -> BrokerError:
