@@ -60,6 +60,20 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+@contextlib.contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (also for other SQLite files)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT leaves the transaction open: roll it back too.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class StoreError(Exception):
     """The state file cannot be opened or is from a newer imr."""
 
@@ -146,18 +160,9 @@ class Store:
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={number + 1}")
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One durable transaction: committed (fsync'd) on success, rolled back on error."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            # A failed COMMIT leaves the transaction open: roll it back too.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        return immediate_transaction(self._db)
 
     # Writes (inside transaction()) ------------------------------------------
 

@@ -7,6 +7,7 @@ these paths let every test directory import them. mypy sees the same paths
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ _HERE = Path(__file__).parent
 for _folder in (_HERE, _HERE / "logscan", _HERE / "modsecurity", _HERE / "reputation"):
     sys.path.insert(0, str(_folder))
 
+from daemon_harness import ensure_test_users, remove_test_users  # noqa: E402
 from logscan_helpers import FakeClient, FakeDaemon  # noqa: E402 - needs the path above
 
 
@@ -34,3 +36,13 @@ def fake_daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
         yield daemon
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def test_users() -> Iterator[None]:
+    """The real unprivileged test users (daemon_harness), made for a module and removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create users")
+    created = ensure_test_users()
+    yield
+    remove_test_users(created)

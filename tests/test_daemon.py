@@ -29,18 +29,12 @@ from daemon_harness import (
     SERVER_V6,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.usefixtures("test_users"),
+]
 
 
 @pytest.fixture

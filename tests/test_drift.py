@@ -15,7 +15,6 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,6 @@ from daemon_harness import (
     SERVER_V4,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 from fakes import ROOT, RecordingBackend
 
@@ -189,15 +186,6 @@ def test_drift_checks_never_run_beside_a_batch(tmp_path: Path) -> None:
 # The real daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
-
-
-@pytest.fixture(scope="module")
-def test_users() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 def start(world: Daemon, backend: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 from test_drift import REPAIR_WAIT, start
@@ -28,22 +27,16 @@ from daemon_harness import (
     TESTS,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 from netns import Netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.usefixtures("test_users"),
+]
 
 ROUNDS = 25
 ADDRESSES = [f"203.0.113.{n}" for n in range(10, 34)]  # the imr work, beside the attacker's
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 def add_persistent_foreign_objects(ns: Netns) -> None:

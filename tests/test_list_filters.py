@@ -22,8 +22,6 @@ from daemon_harness import (
     READER,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
 NOW = 1_700_000_000.0
@@ -138,13 +136,6 @@ def test_bad_filters_are_refused_with_a_reason(line: str, message: str) -> None:
 # -- the real daemon -----------------------------------------------------------------
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
-
-
-@pytest.fixture(scope="module")
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 @pytest.fixture

@@ -26,8 +26,6 @@ from daemon_harness import (
     READER,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -89,13 +87,6 @@ def test_json_log_lines_carry_fields_and_stay_one_line() -> None:
 
 
 # The real daemon ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 @pytest.fixture

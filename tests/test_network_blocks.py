@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,6 @@ from daemon_harness import (
     SERVER_V4,
     SERVER_V6,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 from fakes import ROOT, WEB
 
@@ -182,15 +179,6 @@ def test_a_network_block_survives_a_restart(tmp_path: Path) -> None:
 # The real daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
-
-
-@pytest.fixture(scope="module")
-def test_users() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 @needs_root

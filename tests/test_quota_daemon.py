@@ -25,11 +25,12 @@ from daemon_harness import (
     PYTHON,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.usefixtures("test_users"),
+]
 
 # Run as a test user: open one connection per address, send every request before
 # reading any reply (all in flight at once), print one error code or "ok" per line.
@@ -48,13 +49,6 @@ for s, ip in zip(conns, addresses):
     reply = json.loads(s.makefile("rb").readline())
     print(ip, "ok" if reply["ok"] else reply["error"]["code"])
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 @pytest.fixture

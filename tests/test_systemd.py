@@ -42,8 +42,6 @@ from daemon_harness import (
     IMR,
     Daemon,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
 UNITS_DIR = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
@@ -213,13 +211,6 @@ def test_a_passed_socket_at_another_path_is_refused(tmp_path: Path) -> None:
 
 
 # The real daemon under a fake service manager --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from imr.reputation.exports import Incident
+from imr.store import immediate_transaction
 
 MAX_BACKOFF = 86400.0
 
@@ -336,13 +337,5 @@ class Outbox:
                 [(service, key, ip, now) for key, ip in entries],
             )
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return immediate_transaction(self._db)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,23 +17,17 @@ from daemon_harness import (
     BLOCKER,
     SERVER_V4,
     daemon_world,
-    ensure_test_users,
-    remove_test_users,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.usefixtures("test_users"),
+]
 
 DFIND = (
     f'{ATTACKER_V4} - - [30/Jan/2009:13:36:51 -0500] "GET /w00tw00t.at.ISC.SANS.DFind:) HTTP/1.1"'
     ' 400 311 "-" "-"\n'
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_users() -> Iterator[None]:
-    created = ensure_test_users()
-    yield
-    remove_test_users(created)
 
 
 def test_watch_turns_a_log_line_into_a_kernel_block() -> None:
