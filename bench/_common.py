@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import os
@@ -27,9 +28,12 @@ IMR = str(Path(sys.executable).parent / "imr")
 
 
 def v6_address(n: int) -> str:
-    """The n-th address of 2001:db8::/32 (documentation), never ::0."""
-    n += 1
-    return f"2001:db8:{(n >> 32) & 0xFFFF:x}:{(n >> 16) & 0xFFFF:x}::{n & 0xFFFF:x}"
+    """The n-th address of 2001:db8::/32 (documentation), never ::0, in canonical text as
+    real clients send it (a web server prints addresses that way)."""
+    return str(ipaddress.IPv6Address(V6_BASE + n + 1))
+
+
+V6_BASE = int(ipaddress.IPv6Address("2001:db8::"))
 
 
 def run(argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -178,34 +182,46 @@ async def _client(
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ips: Sequence[str],
     latencies: list[float],
+    per_request: int,
 ) -> None:
+    """One connection: its next request when the reply came; every address must be blocked."""
     reader, writer = conn
-    for ip in ips:
-        line = b'{"v":1,"op":"block","ip":"' + ip.encode() + b'"}\n'
+    for start in range(0, len(ips), per_request):
+        chunk = ips[start : start + per_request]
+        if per_request == 1:
+            line = b'{"v":1,"op":"block","ip":"' + chunk[0].encode() + b'"}\n'
+        else:
+            line = json.dumps({"v": 1, "op": "block_many", "ips": list(chunk)}).encode() + b"\n"
         t0 = time.perf_counter()
         writer.write(line)
         reply = await reader.readline()
         latencies.append(time.perf_counter() - t0)
-        if b'"ok":true' not in reply:
-            raise RuntimeError(f"block {ip} failed: {reply[:200]!r}")
+        if b'"ok":true' not in reply or b'"ok":false' in reply:
+            raise RuntimeError(f"block {chunk[0]}... failed: {reply[:200]!r}")
 
 
-def block_load(path: Path, ips: Sequence[str], clients: int) -> tuple[float, list[float]]:
+def block_load(
+    path: Path, ips: Sequence[str], clients: int, per_request: int = 1
+) -> tuple[float, list[float]]:
     """Block `ips` over `clients` connections, each sending its next request after the reply.
 
-    Returns (seconds from the first request to the last reply, per-request latencies).
-    One asyncio process is cheaper per request than threads, so the client
-    takes as little as it can of the CPU it shares with the daemon.
+    `per_request` > 1 sends that many addresses per `block_many` request. Returns (seconds
+    from the first request to the last reply, per-request latencies). One asyncio process
+    is cheaper per request than threads, so the client takes as little as it can of the
+    CPU it shares with the daemon.
     """
     shares = [ips[i::clients] for i in range(clients) if ips[i::clients]]
     latencies: list[float] = []
 
     async def main() -> float:
-        conns = [await asyncio.open_unix_connection(str(path)) for _ in shares]
+        conns = [await asyncio.open_unix_connection(str(path), limit=2**20) for _ in shares]
         try:
             t0 = time.perf_counter()
             await asyncio.gather(
-                *(_client(c, s, latencies) for c, s in zip(conns, shares, strict=True))
+                *(
+                    _client(c, s, latencies, per_request)
+                    for c, s in zip(conns, shares, strict=True)
+                )
             )
             return time.perf_counter() - t0
         finally:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 
 from imr import __version__
 from imr.cli_context import CliContext
-from imr.client import ClientError, DaemonUnavailable, RequestFailed, TcpTarget
+from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
 from imr.core.durations import parse_duration
 from imr.protocol import MAX_LIST_LIMIT
@@ -26,6 +27,7 @@ EXIT_NOT_RUNNING = 3
 
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
+_T = TypeVar("_T")
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -35,8 +37,17 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
     """One request to the daemon; every client error becomes a message and an exit code."""
+    return _asking(lambda client: client.request(op, **fields), ctx)
+
+
+def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[dict[str, Any]]:
+    """block_many in as many requests as the line limit needs; errors as in call()."""
+    return _asking(lambda client: client.block_many(ips, **fields), ctx)
+
+
+def _asking(ask: Callable[[Client], _T], ctx: CliContext) -> _T:
     try:
-        return ctx.client().request(op, **fields)
+        return ask(ctx.client())
     except DaemonUnavailable as exc:
         fail(str(exc), EXIT_NOT_RUNNING)
     except RequestFailed as exc:
@@ -228,7 +239,12 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("ip")
+@click.argument("ips", nargs=-1, metavar="IP...")
+@click.option(
+    "--from-file",
+    type=click.File("r"),
+    help="Also block the first word of each line of this file ('-': standard input).",
+)
 @click.option("--reason", default="", help="Why (kept in the state file and logs).")
 @click.option("--source", default="cli", show_default=True, help="Tag naming the reporter.")
 @click.option(
@@ -240,18 +256,51 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def block(
-    ctx: CliContext, ip: str, reason: str, source: str, severity: int | None, as_json: bool
+    ctx: CliContext,
+    ips: tuple[str, ...],
+    from_file: TextIO | None,
+    reason: str,
+    source: str,
+    severity: int | None,
+    as_json: bool,
 ) -> None:
-    """Block IP (roles: block, admin)."""
-    result = call(ctx, "block", ip=ip, reason=reason, source=source, severity=severity)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
+    """Block each IP (roles: block, admin).
+
+    Several addresses go as block_many requests: each is checked and answered on its
+    own; the exit status is 1 if any was refused.
+    """
+    wanted = list(ips)
+    if from_file is not None:
+        # The first word of each line ("203.0.113.7 seen 3 times"); blank and # lines skipped.
+        wanted += [line.split()[0] for line in from_file if line.strip()[:1] not in ("", "#")]
+    if not wanted:
+        fail("give at least one address (or --from-file)", EXIT_USAGE)
     verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
-    click.echo(
-        f"{verb[result['action']]} {result['ip']} until {result['expires_at']}"
-        f" (rung {result['rung']}, offence {result['offence']}: {result['why']})"
-    )
+    if len(wanted) == 1 and from_file is None:
+        result = call(ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        click.echo(
+            f"{verb[result['action']]} {result['ip']} until {result['expires_at']}"
+            f" (rung {result['rung']}, offence {result['offence']}: {result['why']})"
+        )
+        return
+    results = call_many(ctx, wanted, reason=reason, source=source, severity=severity)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for item in results:
+            if item["ok"]:
+                click.echo(
+                    f"{verb[item['action']]} {item['ip']} until {item['expires_at']}"
+                    f" (rung {item['rung']}, offence {item['offence']})"
+                )
+            else:
+                error = item["error"]
+                click.echo(f"refused {item['ip']}: {error['message']} [{error['code']}]")
+    if not all(item["ok"] for item in results):
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

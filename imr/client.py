@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,27 @@ class Client:
         self, ip: str, reason: str = "", source: str = "", severity: int | None = None
     ) -> dict[str, Any]:
         return self.request("block", ip=ip, reason=reason, source=source, severity=severity)
+
+    def block_many(
+        self,
+        ips: Sequence[str],
+        reason: str = "",
+        source: str = "",
+        severity: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Block every address; one result per distinct address, in order (`ok` false: refused).
+
+        Sent as `block_many` requests that each fit the daemon's default line limit, so a
+        list of any length works; RequestFailed only for a request refused as a whole
+        (forbidden, say), and then nothing of that request was done.
+        """
+        results: list[dict[str, Any]] = []
+        for chunk in _chunks(ips, reason, source):
+            reply = self.request(
+                "block_many", ips=chunk, reason=reason, source=source, severity=severity
+            )
+            results.extend(reply["results"])
+        return results
 
     def unblock(self, ip: str, reason: str = "") -> dict[str, Any]:
         return self.request("unblock", ip=ip, reason=reason)
@@ -185,6 +207,28 @@ class Client:
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise ClientError(f"{target}: TLS handshake failed: {_tls_reason(exc)}") from None
+
+
+# What a block_many line may hold: the daemon's default server.max_line_bytes (4096) with
+# room for the fields around the addresses, and the protocol's cap on addresses.
+_LINE_BUDGET = 3800
+_MAX_ADDRESSES = 1000
+
+
+def _chunks(ips: Sequence[str], reason: str, source: str) -> Iterator[list[str]]:
+    """Split addresses into block_many requests that each fit one line."""
+    fixed = len(json.dumps(reason)) + len(json.dumps(source)) + 100
+    chunk: list[str] = []
+    size = fixed
+    for ip in dict.fromkeys(ips):  # each address once: the daemon refuses repeats
+        cost = len(json.dumps(ip)) + 1
+        if chunk and (size + cost > _LINE_BUDGET or len(chunk) == _MAX_ADDRESSES):
+            yield chunk
+            chunk, size = [], fixed
+        chunk.append(ip)
+        size += cost
+    if chunk:
+        yield chunk
 
 
 def _decode(data: bytes) -> dict[str, Any]:

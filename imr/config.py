@@ -112,6 +112,9 @@ class ServerConfig(_Section):
     tcp: TcpConfig = Field(default_factory=TcpConfig)
     # "json": one JSON object per log line (ts, level, logger, message, fields) for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # Lines a second about single changes (blocked/escalated/hit/unblocked/expired); past it,
+    # one summary line a second. The state file keeps every change. 0: no limit.
+    log_changes_per_second: int = Field(100, ge=0, le=1_000_000)
 
     @property
     def socket_mode_bits(self) -> int:

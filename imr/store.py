@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,14 @@ class BlockRecord:
         return PreviousBlock(self.blocked_at, self.rung, self.expires_at, self.lifted_at)
 
 
+@dataclass(frozen=True, slots=True)
+class Offences:
+    """An address's block history as the repeat ladder sees it."""
+
+    count: int  # blocks it ever had: the next one is offence count + 1
+    last: BlockRecord | None  # the latest block that counts (see Store.offences)
+
+
 @dataclass(frozen=True)
 class HitRecord:
     id: int
@@ -176,8 +184,10 @@ class Store:
         source: str,
         uid: int | None,
         pid: int | None,
+        offence: int | None = None,  # known already (from offences()): saves a query
     ) -> BlockRecord:
-        offence = self.offence_count(ip) + 1
+        if offence is None:
+            offence = self.offences([ip])[ip].count + 1
         cursor = self._db.execute(
             "INSERT INTO blocks"
             " (ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
@@ -187,6 +197,34 @@ class Store:
         block_id = int(cursor.lastrowid or 0)
         return BlockRecord(
             block_id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid
+        )
+
+    def next_block_id(self) -> int:
+        """The id the next block gets (as SQLite would choose it: max + 1); for insert_blocks."""
+        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM blocks").fetchone()[0])
+
+    def insert_blocks(self, records: Sequence[BlockRecord]) -> None:
+        """Many new blocks in one statement, with the ids their records carry (from
+        next_block_id(), inside the same transaction: the only writer holds it)."""
+        self._db.executemany(
+            "INSERT INTO blocks"
+            " (id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.id,
+                    r.ip,
+                    r.blocked_at,
+                    r.expires_at,
+                    r.rung,
+                    r.offence,
+                    r.reason,
+                    r.source,
+                    r.uid,
+                    r.pid,
+                )
+                for r in records
+            ],
         )
 
     def escalate(self, block_id: int, rung: int, expires_at: float) -> None:
@@ -218,6 +256,15 @@ class Store:
             (ip, at, outcome, reason, source, uid, pid, block_id),
         )
 
+    def record_hits(self, hits: Sequence[tuple[Any, ...]]) -> None:
+        """Many record_hit()s in one statement: (ip, at, outcome, reason, source, uid, pid,
+        block_id) each."""
+        self._db.executemany(
+            "INSERT INTO hits (ip, at, outcome, reason, source, uid, pid, block_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            hits,
+        )
+
     # Reads --------------------------------------------------------------------
 
     def active_blocks(self) -> list[BlockRecord]:
@@ -231,23 +278,28 @@ class Store:
         uids: dict[int, int] = {}
         return [BlockRecord(*_shared_strings(row, uids)) for row in rows]
 
-    def offence_count(self, ip: str) -> int:
-        row = self._db.execute("SELECT COUNT(*) FROM blocks WHERE ip = ?", (ip,)).fetchone()
-        return int(row[0])
+    def offences(self, ips: Sequence[str]) -> dict[str, Offences]:
+        """The history the ladder needs for each address, in one query per 500 addresses.
 
-    def last_offence(self, ip: str) -> BlockRecord | None:
-        """The latest block that counts for the repeat ladder.
-
-        A block an admin lifted by hand is taken as a pardon (a false
-        positive, usually) and does not make the next block a repeat.
+        `last` is the latest block that counts for the repeat ladder: a block an admin
+        lifted by hand is taken as a pardon (a false positive, usually) and does not make
+        the next block a repeat. Every address asked for gets an entry.
         """
-        row = self._db.execute(
-            f"SELECT {_BLOCK_COLUMNS} FROM blocks"
-            " WHERE ip = ? AND (lift_reason IS NULL OR lift_reason != 'unblocked')"
-            " ORDER BY blocked_at DESC, id DESC LIMIT 1",
-            (ip,),
-        ).fetchone()
-        return BlockRecord(*row) if row else None
+        found = {ip: Offences(0, None) for ip in ips}
+        unique = list(found)
+        for start in range(0, len(unique), 500):  # well inside SQLite's variable limit
+            part = unique[start : start + 500]
+            rows = self._db.execute(
+                f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip IN ({','.join('?' * len(part))})"
+                " ORDER BY blocked_at, id",
+                part,
+            )
+            for row in rows:
+                record = BlockRecord(*row)
+                earlier = found[record.ip]
+                counts = record.lift_reason != "unblocked"
+                found[record.ip] = Offences(earlier.count + 1, record if counts else earlier.last)
+        return found
 
     def history(self, ip: str) -> tuple[list[BlockRecord], list[HitRecord]]:
         blocks = self._db.execute(

@@ -9,6 +9,7 @@ import pytest
 from imr.core.addresses import (
     Refusal,
     RefusalCode,
+    canonical_target,
     intrinsic_refusal,
     network_refusal,
     parse_address,
@@ -204,3 +205,38 @@ def test_the_width_limit_comes_from_the_caller_but_never_allows_everything() -> 
     refusal = network_refusal(network, LIMITS, OWN, BROADCAST, ALLOW)
     assert refusal is not None
     assert refusal.message == "203.0.0.0/15 is too wide: IPv4 networks may be /16 or longer"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.0.0.1",
+        "::1",
+        "0.0.0.0",
+        "::",
+        "255.255.255.255",
+        "224.0.0.1",
+        "ff02::1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "01.2.3.4",
+        "127.1",
+        "1.2.3.4; rm -rf /",
+        "203.0.113.7\x00",
+        "2001:db8::1::2",
+        "2001:DB8::7",
+        "::ffff:127.0.0.1",
+        "::ffff:7f00:1",
+        "203.0.113.0/24",
+        "203.0.113.7/32",
+        "example.org",
+        "\uff12\uff10\uff13.0.113.7",  # full-width digits
+    ],
+)
+def test_canonical_target_agrees_with_the_full_parse(text: str) -> None:
+    """The C fast path for requests may only differ in speed: same target, same refusal."""
+    parsed = parse_target(text)
+    if isinstance(parsed, Refusal):
+        assert canonical_target(text) == parsed
+    else:
+        assert canonical_target(text) == (parsed, str(parsed))

@@ -116,7 +116,7 @@ def _deliver(
         outcome.status, outcome.detail = "refused", f"{exc.code}: {exc.message}"
         return outcome
     outcome.status = "blocked"
-    until = result.get("until") or result.get("expires")
+    until = result.get("expires_at")  # the daemon's block reply (docs/protocol.md)
     outcome.detail = f"until {until}" if until else ""
     return outcome
 

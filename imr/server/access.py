@@ -20,6 +20,7 @@ import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from imr.config import AccessConfig, Role
@@ -28,6 +29,7 @@ from imr.config import AccessConfig, Role
 # reach the socket, so hooks can health-check without privileges.
 PERMITTED: dict[str, frozenset[Role]] = {
     "block": frozenset({Role.BLOCK, Role.ADMIN}),
+    "block_many": frozenset({Role.BLOCK, Role.ADMIN}),
     "unblock": frozenset({Role.ADMIN}),
     "list": frozenset({Role.READ, Role.ADMIN}),
     "show": frozenset({Role.READ, Role.ADMIN}),
@@ -73,12 +75,21 @@ class Peer:
         allowed = PERMITTED.get(op)
         return allowed is None or bool(self.roles & allowed)
 
-    @property
+    # Cached: asked for every address of every request (a flood makes that a hot path).
+    @cached_property
     def principal(self) -> str:
         """The stable identity that quotas and metrics count by (one per client, not per pid)."""
         return self.user if self.remote is not None else f"uid:{self.uid}"
 
+    @cached_property
+    def is_admin(self) -> bool:
+        return Role.ADMIN in self.roles
+
     def describe(self) -> str:
+        return self._description
+
+    @cached_property
+    def _description(self) -> str:
         if self.remote is not None:
             return f"{self.user} from {self.remote}"
         return f"uid={self.uid}({self.user}) pid={self.pid}"

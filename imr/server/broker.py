@@ -19,7 +19,6 @@ import heapq
 import ipaddress
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,13 +34,14 @@ from imr.backends.base import (
     expected_counts,
     slot_of_text,
 )
-from imr.config import Config, Role
+from imr.config import Config
 from imr.core.addresses import (
     IPAddress,
     IPNetwork,
     Refusal,
     RefusalCode,
     Target,
+    canonical_target,
     intrinsic_refusal,
     network_refusal,
     parse_target,
@@ -50,9 +50,11 @@ from imr.core.addresses import (
 from imr.core.clock import Clock
 from imr.core.durations import format_duration
 from imr.core.listing import ListQuery, select_blocks
-from imr.core.policy import Action, decide
+from imr.core.log_budget import LineBudget
+from imr.core.policy import Action, Decision, decide
 from imr.core.quota import LogThrottle, QuotaLedger, QuotaRefusal, Reservation
 from imr.protocol import (
+    BlockManyRequest,
     BlockRequest,
     ExportRequest,
     ListRequest,
@@ -65,7 +67,7 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
-from imr.store import BlockRecord, HitRecord, Store
+from imr.store import BlockRecord, HitRecord, Offences, Store
 
 log = logging.getLogger("imr.broker")
 
@@ -96,8 +98,12 @@ class AddressView(Protocol):
 @dataclass
 class _BlockChange:
     address: Target  # a network only from an admin
-    request: BlockRequest
+    ip: str  # str(address): the index key and the state file's text (formatting is slow)
+    reason: str
+    source: str
+    severity: int
     peer: Peer
+    compact: bool = False  # answer with block_many's short per-address result
     # Quotas: may this change make a new block (admitted, or exempt)? The reservation
     # is given back unless it does. A hit on an active block is admitted without one.
     may_create: bool = False
@@ -139,6 +145,7 @@ class _BatchResult:
     outcomes: list[_Outcome]
     changed: dict[str, BlockRecord | None] = field(default_factory=dict)  # None: lifted
     expired: int = 0  # blocks lifted because their time came (metrics)
+    log_lines: list[str] = field(default_factory=list)  # one per change, for the operator
 
 
 class Broker:
@@ -176,6 +183,7 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._quota_log = LogThrottle(QUOTA_LOG_INTERVAL)
+        self._change_log = LineBudget(config.server.log_changes_per_second)
 
     # Life cycle -------------------------------------------------------------------
 
@@ -269,6 +277,8 @@ class Broker:
         match request:
             case BlockRequest():
                 return await self._block(request, peer)
+            case BlockManyRequest():
+                return await self._block_many(request, peer)
             case UnblockRequest():
                 return await self._unblock(request, peer)
             case ListRequest():
@@ -284,18 +294,54 @@ class Broker:
         raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
 
     async def _block(self, request: BlockRequest, peer: Peer) -> dict[str, Any]:
-        address = self._blockable(request.ip, request.op, peer)
-        change = _BlockChange(address, request, peer)
-        active = self._active.get(str(address))
+        change = self._block_change(request.ip, request, peer)
+        return await self._submit(change)
+
+    async def _block_many(self, request: BlockManyRequest, peer: Peer) -> dict[str, Any]:
+        """Each address as its own block request: own checks, own quota share, own outcome.
+
+        All the admitted ones are queued at once, so they usually share one batch (one
+        state transaction, one kernel transaction); a refusal or failure of one address
+        answers only that address.
+        """
+        results: list[dict[str, Any] | None] = [None] * len(request.ips)
+        waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        for index, text in enumerate(request.ips):
+            try:
+                change = self._block_change(text, request, peer, compact=True)
+            except BrokerError as exc:
+                results[index] = _refused_item(text, exc)
+                continue
+            waiting.append((index, self._enqueue(change)))
+        for index, future in waiting:
+            try:
+                results[index] = await future
+            except BrokerError as exc:
+                results[index] = _refused_item(request.ips[index], exc)
+        items = [item for item in results if item is not None]
+        counts = dict.fromkeys(("blocked", "escalated", "recorded", "refused"), 0)
+        for item in items:
+            counts[_COUNTED.get(item.get("action", ""), "refused")] += 1
+        return {"kind": "block_many", "results": items, "counts": counts}
+
+    def _block_change(
+        self, text: str, request: BlockRequest | BlockManyRequest, peer: Peer, compact: bool = False
+    ) -> _BlockChange:
+        """Check and admit one address; raise BrokerError for a refusal."""
+        address, ip = self._blockable(text, request.op, peer)
+        change = _BlockChange(
+            address, ip, request.reason, request.source, request.severity, peer, compact
+        )
+        active = self._active.get(ip)
         if active is None or active.expires_at <= self._clock.now():
             self._admit(change)  # may make a new block: the quota decides, before queueing
         else:
             self._admit_hit(change)  # a hit row only; bounded too, or hits could fill the disk
-        return await self._submit(change)
+        return change
 
     def _admit_hit(self, change: _BlockChange) -> None:
         peer = change.peer
-        if self._config.quota.admin_exempt and Role.ADMIN in peer.roles:
+        if self._config.quota.admin_exempt and peer.is_admin:
             return
         now = self._monotonic()
         refusal = self._quota.admit_hit(peer.principal, now)
@@ -305,7 +351,7 @@ class Broker:
     def _admit(self, change: _BlockChange) -> None:
         """Reserve the change's share of its client's quota, or refuse it (docs: Quotas)."""
         peer = change.peer
-        if self._config.quota.admin_exempt and Role.ADMIN in peer.roles:
+        if self._config.quota.admin_exempt and peer.is_admin:
             change.may_create = True
             return
         now = self._monotonic()
@@ -344,11 +390,13 @@ class Broker:
             raise BrokerError(parsed.code, parsed.message)
         return await self._submit(_UnblockChange(parsed, request, peer))
 
-    def _blockable(self, text: str, op: str, peer: Peer) -> Target:
-        parsed = parse_target(text)
-        if isinstance(parsed, IPNetwork):
-            self._network_allowed(parsed, op, peer)
-        refusal = self._protected(parsed)
+    def _blockable(self, text: str, op: str, peer: Peer) -> tuple[Target, str]:
+        """The target to block and its canonical text; BrokerError if it may not be."""
+        parsed = canonical_target(text)
+        target = parsed if isinstance(parsed, Refusal) else parsed[0]
+        if isinstance(target, IPNetwork):
+            self._network_allowed(target, op, peer)
+        refusal = self._protected(target)
         if refusal is not None or isinstance(parsed, Refusal):
             refusal = refusal or Refusal(RefusalCode.INVALID, "not an address")
             log.warning("refused %s %r by %s: %s", op, text[:64], peer.describe(), refusal.message)
@@ -358,7 +406,7 @@ class Broker:
     def _network_allowed(self, network: IPNetwork, op: str, peer: Peer) -> None:
         """Networks are for admins, and may not overlap another active network block (nftables
         interval sets refuse overlaps; one block per address keeps the history clear too)."""
-        if Role.ADMIN not in peer.roles:
+        if not peer.is_admin:
             log.warning(
                 "refused %s %s by %s: networks need the admin role", op, network, peer.describe()
             )
@@ -395,11 +443,15 @@ class Broker:
         )
 
     async def _submit(self, change: _AnyChange) -> dict[str, Any]:
+        return await self._enqueue(change)
+
+    def _enqueue(self, change: _AnyChange) -> asyncio.Future[dict[str, Any]]:
+        """Queue a change for the writer; the future gets its outcome."""
         if self._queue is None:
             raise RuntimeError("the broker has not been started")
         queued = _Queued(change, asyncio.get_running_loop().create_future())
-        await self._queue.put(queued)
-        return await queued.future
+        self._queue.put_nowait(queued)  # unbounded: admission (quotas, connections) bounds it
+        return queued.future
 
     def _list(self, request: ListRequest) -> dict[str, Any]:
         now = self._clock.now()
@@ -474,6 +526,7 @@ class Broker:
         while True:
             try:
                 await self.expire_due()
+                self._report_held_back()  # a flood's last second, once it is over
             except Exception:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
@@ -544,6 +597,7 @@ class Broker:
                 self.metrics.batch(len(batch))
                 self.metrics.expired(result.expired)
                 self._publish(result)
+            self._log_changes(result.log_lines)
             # Settle every reservation before any readmission, so none counts twice.
             for queued, outcome in zip(batch, result.outcomes, strict=True):
                 self._settle_quota(queued.change, outcome)
@@ -594,6 +648,25 @@ class Broker:
         self.metrics.set_active(self._backend.name, len(self._active))
         self._warn_if_too_many_rules()
 
+    def _log_changes(self, lines: list[str]) -> None:
+        """One line per change, up to server.log_changes_per_second (the state file has
+        every change; under a flood the log says how many it left out)."""
+        self._report_held_back()
+        for line in lines[: self._change_log.admit(len(lines), self._monotonic())]:
+            log.info("%s", line)
+
+    def _report_held_back(self) -> None:
+        held = self._change_log.held_back(self._monotonic())
+        if held:
+            log.info(
+                "%d more changes in the last second not logged one by one"
+                " (server.log_changes_per_second = %d); `imr list --since 1m` and"
+                " `imr show IP` have them all",
+                held,
+                self._change_log.per_second,
+                extra={"event": "changes_not_logged", "count": held},
+            )
+
     def _warn_if_too_many_rules(self) -> None:
         limit = self._config.firewall.per_address_warning
         if self._backend.name == "iptables" and not self._warned_size and len(self._active) > limit:
@@ -629,6 +702,7 @@ class Broker:
             merged.outcomes.extend(result.outcomes)
             merged.changed.update(result.changed)
             merged.expired += result.expired
+            merged.log_lines += result.log_lines
         return merged
 
     def _commit(
@@ -636,11 +710,11 @@ class Broker:
     ) -> _BatchResult:
         work = _Work(self, self._clock.now(), earlier)
         with self._store.transaction():
+            work.prefetch(batch)
             outcomes = [work.run(change) for change in batch]
+            work.flush()
             self._backend.apply(work.kernel_add, work.kernel_remove)
-        for line in work.log_lines:
-            log.info("%s", line)
-        return _BatchResult(outcomes, work.changed, work.expired)
+        return _BatchResult(outcomes, work.changed, work.expired, work.log_lines)
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
         address, text = stored_target(record.ip)
@@ -665,6 +739,66 @@ class _Work:
         self.kernel_remove: list[Target] = []
         self.log_lines: list[str] = []
         self.expired = 0
+        self.hits: list[tuple[Any, ...]] = []  # written together by flush()
+        self.new_blocks: list[BlockRecord] = []  # likewise; before any UPDATE (it may be theirs)
+        self.next_id: int | None = None
+        # Block history of new addresses, read for the whole batch in one query; an address
+        # this batch writes for is dropped from it (then read on its own, fresh).
+        self.offences: dict[str, Offences] = {}
+
+    def prefetch(self, batch: Sequence[_AnyChange]) -> None:
+        new = [
+            change.ip
+            for change in batch
+            if isinstance(change, _BlockChange)
+            and self.broker.current(change.ip, self.changed) is None
+        ]
+        if new:
+            self.offences = self.store.offences(new)
+
+    def flush(self) -> None:
+        """Write the batch's new blocks and hits (one statement each: ~2x faster per row)."""
+        self._insert_pending()
+        self.store.record_hits(self.hits)
+        self.hits.clear()
+
+    def _insert_pending(self) -> None:
+        if self.new_blocks:
+            self.store.insert_blocks(self.new_blocks)
+            self.new_blocks.clear()
+
+    def _lift(self, record: BlockRecord, reason: str, by: str) -> None:
+        self._insert_pending()
+        self.store.lift(record.id, self.now, reason, by)
+        self.offences.pop(record.ip, None)
+
+    def _new_block(
+        self, ip: str, decision: Decision, change: _BlockChange, offence: int | None
+    ) -> BlockRecord:
+        if offence is None:  # this batch wrote for the address already: count afresh
+            self._insert_pending()
+            offence = self.store.offences([ip])[ip].count + 1
+        if self.next_id is None:
+            self.next_id = self.store.next_block_id()
+        record = BlockRecord(
+            self.next_id,
+            ip,
+            self.now,
+            decision.expires_at,
+            decision.rung,
+            offence,
+            change.reason,
+            change.source,
+            change.peer.uid,
+            change.peer.pid,
+        )
+        self.next_id += 1
+        self.new_blocks.append(record)
+        return record
+
+    def _offences(self, ip: str) -> Offences:
+        found = self.offences.pop(ip, None)
+        return found if found is not None else self.store.offences([ip])[ip]
 
     def run(self, change: _AnyChange) -> _Outcome:
         match change:
@@ -676,41 +810,44 @@ class _Work:
                 return self._expire(change)
 
     def _block(self, change: _BlockChange) -> _Outcome:
-        request, peer, ip = change.request, change.peer, str(change.address)
+        peer, ip = change.peer, change.ip
         current = self.broker.current(ip, self.changed)
         if current is not None and current.expires_at <= self.now:
             # Due but not yet lifted by the expiry loop: lift it now, then decide afresh.
-            self.store.lift(current.id, self.now, "expired", "imr")
+            self._lift(current, "expired", "imr")
             current = replace(current, lifted_at=self.now, lift_reason="expired")
             self.changed[ip] = None
             self.expired += 1
         previous: BlockRecord | None
+        offences: Offences | None = None
         if current is not None and current.lifted_at is None:
             previous = current
         else:
-            previous = self.store.last_offence(ip)
+            offences = self._offences(ip)
+            previous = offences.last
         decision = decide(
-            self.ladder, previous.as_previous() if previous else None, self.now, request.severity
+            self.ladder, previous.as_previous() if previous else None, self.now, change.severity
         )
-        reason, source = request.reason, request.source
+        reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return _Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
         if decision.action is Action.BLOCK:
-            record = self.store.insert_block(
-                ip, self.now, decision.expires_at, decision.rung, reason, source, peer.uid, peer.pid
+            record = self._new_block(
+                ip, decision, change, offences.count + 1 if offences is not None else None
             )
-            self.kernel_add.append(KernelBlock(change.address, record.expires_at))
+            self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
         else:
             record = current
             if decision.action is Action.ESCALATE:
+                self._insert_pending()
                 self.store.escalate(record.id, decision.rung, decision.expires_at)
                 record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
                 # Re-adding updates kernel timeouts (set backends); never duplicates.
-                self.kernel_add.append(KernelBlock(change.address, record.expires_at))
-        self.store.record_hit(
-            ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id
+                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+        self.hits.append(
+            (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
         )
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
@@ -722,6 +859,17 @@ class _Work:
             f" offence={record.offence} ({decision.why}) by {peer.describe()}"
             f" source={source or '-'} reason={reason!r}"
         )
+        if change.compact:
+            return _Outcome(
+                {
+                    "ip": ip,
+                    "ok": True,
+                    "action": decision.action.value,
+                    "expires_at": timestamp(record.expires_at),
+                    "rung": record.rung,
+                    "offence": record.offence,
+                }
+            )
         result = block_info(record, self.now)
         result.update(kind="block", action=decision.action.value, why=decision.why)
         return _Outcome(result)
@@ -731,7 +879,7 @@ class _Work:
         current = self.broker.current(ip, self.changed)
         if current is None:
             return _Outcome(error=BrokerError("not_blocked", f"{ip} is not blocked"))
-        self.store.lift(current.id, self.now, "unblocked", change.peer.describe())
+        self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
         self.log_lines.append(
@@ -745,7 +893,7 @@ class _Work:
             current = self.broker.current(ip, self.changed)
             if current is None or current.expires_at > self.now:
                 continue  # escalated or unblocked since it was found due
-            self.store.lift(current.id, self.now, "expired", "imr")
+            self._lift(current, "expired", "imr")
             self.changed[ip] = None
             self.kernel_remove.append(stored_address(ip))
             lifted.append(ip)
@@ -776,29 +924,20 @@ def stored_address(ip: str) -> Target:
 
 
 def stored_target(ip: str) -> tuple[Target, str]:
-    """stored_address(ip) and its canonical text, cheaply for the text the daemon writes.
+    """stored_address(ip) and its canonical text, cheaply for the text the daemon writes
+    (start-up reads 100,000 of these; see canonical_target)."""
+    parsed = canonical_target(ip)
+    if isinstance(parsed, Refusal):
+        raise ValueError(f"state file holds an invalid address {ip!r}")
+    return parsed
 
-    Start-up reads 100,000 of these, and ipaddress parses and formats in Python (~10 µs an
-    address). The daemon writes str() of a parsed target, so a single address is taken on a
-    cheap check in C: inet_pton must accept the text and inet_ntop must print it back the
-    same. That proves the text is a bare address literal in canonical form (nothing else can
-    reach the kernel script), and the address is built from the packed bytes, so the
-    protection checks see exactly what the kernel gets. Networks, texts with an IPv4 tail
-    in IPv6 (C and Python print those differently) and anything else take the full parse.
-    """
-    if "/" not in ip:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        if family == socket.AF_INET or "." not in ip:
-            try:
-                packed = socket.inet_pton(family, ip)
-            except (OSError, ValueError):
-                packed = b""
-            if packed and socket.inet_ntop(family, packed) == ip:
-                if family == socket.AF_INET:
-                    return ipaddress.IPv4Address(packed), ip
-                return ipaddress.IPv6Address(packed), ip
-    target = stored_address(ip)
-    return target, str(target)
+
+_COUNTED = {"block": "blocked", "escalate": "escalated", "record": "recorded"}
+
+
+def _refused_item(ip: str, exc: BrokerError) -> dict[str, Any]:
+    """block_many's answer for one address that was refused or failed."""
+    return {"ip": ip, "ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
 def _internal(exc: Exception) -> BrokerError:

@@ -40,7 +40,7 @@ class FakeClient:
         if ip in self.refuse:
             raise RequestFailed(self.refuse[ip], f"{ip} refused")
         self.blocked.append({"ip": ip, "reason": reason, "source": source, "severity": severity})
-        return {"ip": ip, "until": "2099-01-01T00:00:00Z"}
+        return {"ip": ip, "expires_at": "2099-01-01T00:00:00Z"}
 
     @property
     def ips(self) -> list[str]:

@@ -6,6 +6,7 @@ with the iptables backend inside a throwaway namespace (tests/daemon_harness.py)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -55,4 +56,6 @@ def test_watch_turns_a_log_line_into_a_kernel_block() -> None:
             assert '"source": "logscan:dfind"' in shown.stdout
         finally:
             watcher.terminate()
-            watcher.wait(10)
+            out, _ = watcher.communicate(timeout=10)
+        expires = json.loads(shown.stdout)["active"]["expires_at"]
+        assert f"blocked {ATTACKER_V4} dfind" in out and f"(until {expires})" in out, out
