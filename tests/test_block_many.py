@@ -212,14 +212,19 @@ def test_a_flood_logs_a_summary_instead_of_every_line(
 
     async def scenario() -> None:
         async with running(tmp_path, config) as (broker, _, _clock, store):
-            await block_many(broker, ips)
+            await block_many(broker, ips, source="wave", reason="flood")
             assert len(store.active_blocks()) == 200  # every change is in the state file
             await asyncio.sleep(1.3)  # the expiry loop reports the finished window
 
     with caplog.at_level("INFO", logger="imr.broker"):
         asyncio.run(scenario())
     lines = [r.getMessage() for r in caplog.records if r.name == "imr.broker"]
-    assert len([line for line in lines if line.startswith("blocked ")]) == 10
+    blocked = [line for line in lines if line.startswith("blocked ")]
+    assert len(blocked) == 10
+    assert blocked[0].startswith("blocked 2001:db8::2 until ")
+    assert blocked[0].endswith(
+        " rung=1 offence=1 (first offence) by uid=33(www-data) pid=4242 source=wave reason='flood'"
+    )
     assert any(line.startswith("190 more changes in the last second") for line in lines), lines
 
 

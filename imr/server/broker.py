@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import heapq
 import ipaddress
 import logging
@@ -145,7 +146,8 @@ class _BatchResult:
     outcomes: list[_Outcome]
     changed: dict[str, BlockRecord | None] = field(default_factory=dict)  # None: lifted
     expired: int = 0  # blocks lifted because their time came (metrics)
-    log_lines: list[str] = field(default_factory=list)  # one per change, for the operator
+    # One per change, for the operator; formatted only if logged (a flood logs few of them).
+    log_lines: list[Callable[[], str]] = field(default_factory=list)
 
 
 class Broker:
@@ -648,12 +650,12 @@ class Broker:
         self.metrics.set_active(self._backend.name, len(self._active))
         self._warn_if_too_many_rules()
 
-    def _log_changes(self, lines: list[str]) -> None:
+    def _log_changes(self, lines: list[Callable[[], str]]) -> None:
         """One line per change, up to server.log_changes_per_second (the state file has
         every change; under a flood the log says how many it left out)."""
         self._report_held_back()
         for line in lines[: self._change_log.admit(len(lines), self._monotonic())]:
-            log.info("%s", line)
+            log.info("%s", line())
 
     def _report_held_back(self) -> None:
         held = self._change_log.held_back(self._monotonic())
@@ -737,7 +739,7 @@ class _Work:
         self.changed: dict[str, BlockRecord | None] = dict(earlier)
         self.kernel_add: list[KernelBlock] = []
         self.kernel_remove: list[Target] = []
-        self.log_lines: list[str] = []
+        self.log_lines: list[Callable[[], str]] = []
         self.expired = 0
         self.hits: list[tuple[Any, ...]] = []  # written together by flush()
         self.new_blocks: list[BlockRecord] = []  # likewise; before any UPDATE (it may be theirs)
@@ -851,14 +853,7 @@ class _Work:
         )
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
-        verb = {"block": "blocked", "escalate": "escalated", "record": "hit on blocked"}[
-            decision.action.value
-        ]
-        self.log_lines.append(
-            f"{verb} {ip} until {timestamp(record.expires_at)} rung={record.rung}"
-            f" offence={record.offence} ({decision.why}) by {peer.describe()}"
-            f" source={source or '-'} reason={reason!r}"
-        )
+        self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return _Outcome(
                 {
@@ -882,9 +877,8 @@ class _Work:
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
-        self.log_lines.append(
-            f"unblocked {ip} by {change.peer.describe()} reason={change.request.reason!r}"
-        )
+        by, reason = change.peer.describe(), change.request.reason
+        self.log_lines.append(lambda: f"unblocked {ip} by {by} reason={reason!r}")
         return _Outcome({"kind": "unblock", "ip": ip})
 
     def _expire(self, change: _ExpireChange) -> _Outcome:
@@ -898,9 +892,7 @@ class _Work:
             self.kernel_remove.append(stored_address(ip))
             lifted.append(ip)
             self.expired += 1
-            self.log_lines.append(
-                f"expired {ip} (blocked {timestamp(current.blocked_at)}, rung {current.rung})"
-            )
+            self.log_lines.append(functools.partial(_expiry_line, current))
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
@@ -938,6 +930,20 @@ _COUNTED = {"block": "blocked", "escalate": "escalated", "record": "recorded"}
 def _refused_item(ip: str, exc: BrokerError) -> dict[str, Any]:
     """block_many's answer for one address that was refused or failed."""
     return {"ip": ip, "ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+
+def _expiry_line(record: BlockRecord) -> str:
+    return f"expired {record.ip} (blocked {timestamp(record.blocked_at)}, rung {record.rung})"
+
+
+def _change_line(decision: Decision, record: BlockRecord, change: _BlockChange) -> str:
+    """The log line of a block request's outcome (the request's own reason and source)."""
+    verb = {"block": "blocked", "escalate": "escalated", "record": "hit on blocked"}
+    return (
+        f"{verb[decision.action.value]} {record.ip} until {timestamp(record.expires_at)}"
+        f" rung={record.rung} offence={record.offence} ({decision.why})"
+        f" by {change.peer.describe()} source={change.source or '-'} reason={change.reason!r}"
+    )
 
 
 def _internal(exc: Exception) -> BrokerError:

@@ -37,6 +37,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Label children by (op, roles, result): a few dozen keys at most (fixed sets).
+        self._children: dict[
+            tuple[str, frozenset[Role], str], tuple[Counter, Histogram, Counter | None]
+        ] = {}
         r = self.registry
         self.active_blocks = Gauge(
             "imr_active_blocks", "Active blocks, by firewall backend.", ["backend"], registry=r
@@ -81,10 +85,21 @@ class Metrics:
         )
 
     def request_done(self, op: str, peer: Peer, result: str, seconds: float) -> None:
-        self.requests.labels(op, role_label(peer), result).inc()
-        self.latency.labels(op).observe(seconds)
-        if result not in ("ok", "internal_error", "cancelled"):
-            self.refusals.labels(result).inc()
+        key = (op, peer.roles, result)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a tuple per call: once per key
+            children = self._children[key] = (
+                self.requests.labels(op, role_label(peer), result),
+                self.latency.labels(op),
+                self.refusals.labels(result)
+                if result not in ("ok", "internal_error", "cancelled")
+                else None,
+            )
+        requests, latency, refusals = children
+        requests.inc()
+        latency.observe(seconds)
+        if refusals is not None:
+            refusals.inc()
 
     def quota_refused(self, limit: str) -> None:
         self.quota_refusals.labels(limit).inc()
