@@ -218,10 +218,7 @@ def block_load(
         try:
             t0 = time.perf_counter()
             await asyncio.gather(
-                *(
-                    _client(c, s, latencies, per_request)
-                    for c, s in zip(conns, shares, strict=True)
-                )
+                *(_client(c, s, latencies, per_request) for c, s in zip(conns, shares, strict=True))
             )
             return time.perf_counter() - t0
         finally:
