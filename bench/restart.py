@@ -14,6 +14,13 @@ answers on its socket, after start-up put every block into the kernel in one
 step. Then the script checks that the kernel holds all N entries and that
 the daemon reports N active blocks, reads the daemon's RSS, stops it (blocks
 stay) and times a second start with the kernel already full (a restart).
+Each start is also split into phases by the daemon log's time stamps (ms):
+until the backend is chosen (the CLI's and the daemon's imports, the config,
+the fork, the state file), reconcile (from the host's addresses read to "restored":
+reading the rows, checking them, loading the kernel, the in-memory index), and
+the rest until `imr server start` returned (listening, the CLI's exit). And the
+CPU time both processes spent (the CLI until it returned, the daemon until it
+was ready): on a shared machine the wall time waits for the CPU, this does not.
 
 With fail2ban installed, the same is done with fail2ban: N bans (a modest
 N: fail2ban re-adds bans one by one at start) are made and put in the
@@ -24,8 +31,10 @@ started again and timed until the kernel holds all N bans again.
 from __future__ import annotations
 
 import argparse
+import datetime
 import ipaddress
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -56,11 +65,47 @@ def seed(daemon: BenchDaemon, count: int) -> None:
         store.close()
 
 
+# The daemon log's lines that end each phase, in order.
+PHASES = (
+    ("backend chosen", "firewall backend "),
+    ("addresses read", "local addresses: "),
+    ("reconciled", "restored "),
+)
+
+
+def timed_start(daemon: BenchDaemon) -> tuple[float, str]:
+    """`imr server start` in seconds, and its phases from the daemon log's time stamps."""
+    log = daemon.work / "imr.log"
+    log.write_text("")  # only this start's lines
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.time()
+    seconds = daemon.start()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cli_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    # utime and stime of the daemon (fields 14 and 15 of /proc/PID/stat, in clock ticks).
+    stat = Path(f"/proc/{daemon.pid()}/stat").read_text().rsplit(")", 1)[1].split()
+    daemon_cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    marks: list[str] = []
+    last = 0.0
+    lines = log.read_text().splitlines()
+    for name, text in PHASES:
+        line = next((line for line in lines if f": {text}" in line), None)
+        if line is None:
+            marks.append(f"{name} ?")
+            continue
+        stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        marks.append(f"{name} +{stamp - began - last:.2f}")
+        last = stamp - began
+    marks.append(f"returned +{seconds - last:.2f}")
+    marks.append(f"CPU {cli_cpu + daemon_cpu:.2f} s: CLI {cli_cpu:.2f}, daemon {daemon_cpu:.2f}")
+    return seconds, ", ".join(marks)
+
+
 def bench_size(backend: str, count: int, rows: Rows) -> float:
     """Rows for one size; returns the restart time (kernel already holding the blocks)."""
     with bench_daemon(backend, prefix="imrrst") as daemon:
         seed(daemon, count)
-        cold = daemon.start()
+        cold, cold_phases = timed_start(daemon)
         found = kernel_count(daemon)
         status = daemon.status()
         if found != count or status["active_blocks"] != count:
@@ -69,11 +114,16 @@ def bench_size(backend: str, count: int, rows: Rows) -> float:
             )
         rss = rss_mb(daemon.pid())
         daemon.stop()
-        warm = daemon.start()
+        warm, warm_phases = timed_start(daemon)
         if kernel_count(daemon) != count:
             raise SystemExit(f"{backend} {count}: kernel lost blocks over a restart")
-    rows.add(f"{backend}: start to ready, {count:,} active blocks, empty kernel", f"{cold:.2f} s")
-    rows.add(f"{backend}: restart to ready, {count:,} active blocks", f"{warm:.2f} s")
+    rows.add(
+        f"{backend}: start to ready, {count:,} active blocks, empty kernel",
+        f"{cold:.2f} s ({cold_phases})",
+    )
+    rows.add(
+        f"{backend}: restart to ready, {count:,} active blocks", f"{warm:.2f} s ({warm_phases})"
+    )
     rows.add(f"{backend}: daemon RSS with {count:,} active blocks", f"{rss:.0f} MB")
     return warm
 

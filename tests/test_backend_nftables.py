@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from imr.backends import nfnetlink
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock, Slot, expected_counts
 from imr.backends.nftables import NftablesBackend
 from imr.config import FirewallConfig
@@ -20,6 +21,7 @@ from backend_conformance import (
     NET6_A,
     V4_A,
     V4_B,
+    V4_C,
     V6_A,
     V6_B,
     BackendConformance,
@@ -257,7 +259,9 @@ class TestNftables(BackendConformance):
             time.sleep(0.25)
         assert self.blocked(server_ns) == [V4_B]
 
-    def test_replace_all_with_100000_addresses(self, server_ns: Netns, backend: Backend) -> None:
+    def test_replace_all_with_100000_addresses(
+        self, server_ns: Netns, backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
         base = int(ipaddress.IPv6Address("2001:db8::"))
         v6 = [ipaddress.IPv6Address(base + i) for i in range(1, 99_001)]
         v4 = [
@@ -271,6 +275,7 @@ class TestNftables(BackendConformance):
         assert len(found[4]) == 762 and len(found[6]) == 99_000  # three /24s hold 762 hosts
         assert set(found[4]) == set(v4) and set(found[6]) == set(v6)
         assert len(backend.installed()) == 99_762
+        assert "loading the sets over netlink failed" not in caplog.text  # the netlink batch did it
         backend.apply(blocks(V6_B), v6[:10])  # and small changes still work on a big set
         assert len(self.read_blocked(server_ns, 6)) == 98_991
         # The drift check reads no elements of the big set: it still sees a flush.
@@ -362,3 +367,85 @@ class TestNftables(BackendConformance):
         backend.prepare()
         backend.apply(blocks(V4_B), [])
         self.expect(server_ns, V4_B)
+
+    # -- replace_all's netlink batch ----------------------------------------------
+
+    def test_the_netlink_batch_and_the_script_make_the_same_sets(
+        self, server_ns: Netns, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        now = time.time()
+        wanted = [
+            KernelBlock(V4_A, now + 3600),
+            KernelBlock(V4_B, FAR_FUTURE),
+            KernelBlock(V4_B, now + 60),  # the same address twice: the later expiry wins
+            KernelBlock(V6_A, now + 86400 * 7),
+            KernelBlock(V6_B, 1e300),  # beyond the kernel's range: no timeout at all
+            # Networks: two adjacent ones (no end element between them), one starting at
+            # zero (no zero end element first) and one reaching the top of the space (no end).
+            KernelBlock(target("198.51.100.0/25"), now + 600),
+            KernelBlock(target("198.51.100.128/25"), now + 1200),
+            KernelBlock(target("203.0.113.0/24"), now + 1800),
+            KernelBlock(target("::/16"), now + 2400),
+            KernelBlock(target("2001:db8:5::/48"), now + 3000),
+            KernelBlock(target("ff00::/8"), now + 3600),
+        ]
+        states = []
+        for bulk in (True, False):
+            backend = NftablesBackend(BackendConformance.default_config, bulk_netlink=bulk)
+            backend.apply(blocks(V4_C, NET4_A), [])  # replaced: must go
+            backend.replace_all(wanted)
+            states.append(
+                {
+                    family: {
+                        e["val"]: e.get("timeout")
+                        for sets in (SETS, NET_SETS)
+                        for e in elements(server_ns, family, sets)
+                    }
+                    for family in (4, 6)
+                }
+            )
+            assert sorted(markers(server_ns)) == sorted(MARKERS)
+            backend.teardown()
+            backend.close()
+        assert "loading the sets over netlink failed" not in caplog.text
+        netlink, script = states
+        assert netlink.keys() == script.keys()
+        for family in netlink:
+            assert netlink[family].keys() == script[family].keys()
+            for value, timeout in netlink[family].items():
+                # The two runs start a moment apart: a timeout may round a second apart.
+                other = script[family][value]
+                if timeout is None or other is None:
+                    assert timeout is other, value
+                else:
+                    assert abs(timeout - other) <= 1, value
+        assert (netlink[4][str(V4_B)] or 0) > 86400 * 365  # FAR_FUTURE, not now + 60
+        assert netlink[6][str(V6_B)] is None
+        assert netlink[6]["ff00::/8"] == pytest.approx(3600, abs=2)
+        assert len(netlink[4]) == 2 + 3 and len(netlink[6]) == 2 + 3
+
+    def test_a_refused_batch_changes_nothing_and_replace_all_falls_back(
+        self,
+        server_ns: Netns,
+        backend: Backend,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        backend.apply(blocks(V4_A, V6_A), [])
+        # A real refusal: the batch flushes blocked_v4 and fills it, but names a set that does
+        # not exist. The kernel aborts the whole transaction: blocked_v4 keeps V4_A.
+        v4 = nfnetlink.address_element(V4_B.packed, 60_000)
+        with pytest.raises(nfnetlink.NetlinkWriteError, match="No such file or directory"):
+            nfnetlink.replace_elements("inet", "imr", {"blocked_v4": [v4], "no_such_set": [v4]})
+        self.expect(server_ns, V4_A, V6_A)
+        # replace_all answers a failed batch with the nft script, and says so.
+        real = nfnetlink.replace_elements
+
+        def refuse(family: str, table: str, sets: Any) -> None:
+            real(family, table, {**sets, "no_such_set": []})
+
+        monkeypatch.setattr(nfnetlink, "replace_elements", refuse)
+        backend.replace_all(blocks(V4_B, V6_B))
+        self.expect(server_ns, V4_B, V6_B)
+        assert sorted(markers(server_ns)) == sorted(MARKERS)
+        assert "loading the sets over netlink failed (nf_tables batch: message" in caplog.text

@@ -1,13 +1,18 @@
-"""Cheap reads of nf_tables over raw netlink, for the nftables backend's drift check.
+"""nf_tables over raw netlink: cheap reads for the drift check, and the bulk element load.
 
 nft 1.0.6 fetches every element of every set before it answers anything about
 a table, even `list chain` or `get element`: 0.4 s with 100,000 blocked
 addresses. The drift check runs every few seconds, so it asks the kernel
 directly instead: the names of a table's sets and chains, the number of rules
 in a chain, whether a set holds one given element (one lookup), and the
-number of elements in a small set. Read only; every change goes through nft.
+number of elements in a small set.
 
-A socket is opened per call, so it reads the calling thread's network namespace.
+One write: `replace_elements` flushes sets and fills them again in one
+nfnetlink batch (one kernel transaction), for the start-up load of 100,000
+blocks, where libnftables spends ~0.5 s parsing and evaluating a text script.
+Every other change goes through nft.
+
+A socket is opened per call, so it acts in the calling thread's network namespace.
 """
 
 from __future__ import annotations
@@ -16,21 +21,43 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+from imr.netlink import (
+    ERROR,
+    NETLINK_CAP_ACK,
+    NLA,
+    NLA_F_NESTED,
+    NLA_MAX_PAYLOAD,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    attributes,
+    message,
+    messages,
+    nested,
+    nla,
+    string,
+    text,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 16
+NFNL_MSG_BATCH_END = 17
 NFT_MSG_GETCHAIN = 4
 NFT_MSG_GETRULE = 7
 NFT_MSG_GETSET = 10
+NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
+NFT_MSG_DELSETELEM = 14
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
-
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 
 NFTA_TABLE = 1  # NFTA_SET_TABLE, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_ELEM_LIST_TABLE
 NFTA_SET_NAME = 2
@@ -41,16 +68,13 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_FLAGS = 3
+NFTA_SET_ELEM_TIMEOUT = 4
 NFTA_DATA_VALUE = 1
 NFT_SET_ELEM_INTERVAL_END = 1
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big-endian, 0 here)
-_NLA = struct.Struct("=HH")
+_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big-endian)
 RECV_BUFFER = 1 << 20
-TIMEOUT = 10.0  # seconds; the kernel answers a dump at once
+TIMEOUT = 10.0  # seconds; the kernel answers a dump at once, and commits 100,000 in ~0.1 s
 
 
 class NetlinkReadError(Exception):
@@ -59,6 +83,11 @@ class NetlinkReadError(Exception):
     def __init__(self, code: int, what: str) -> None:
         super().__init__(f"{what}: {os.strerror(code)}")
         self.code = code
+
+
+class NetlinkWriteError(Exception):
+    """The kernel refused a batch, or did not answer it: nothing of it was committed,
+    unless the answer was lost (then all of it was)."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +102,13 @@ def table_shape(family: str, table: str) -> TableShape:
     try:
         sets = {
             name
-            for attrs in _dump(NFT_MSG_GETSET, family, _string(NFTA_TABLE, table))
-            if _text(attrs.get(NFTA_TABLE)) == table and (name := _text(attrs.get(NFTA_SET_NAME)))
+            for attrs in _dump(NFT_MSG_GETSET, family, string(NFTA_TABLE, table))
+            if text(attrs.get(NFTA_TABLE)) == table and (name := text(attrs.get(NFTA_SET_NAME)))
         }
         chains = {
             name
-            for attrs in _dump(NFT_MSG_GETCHAIN, family, _string(NFTA_TABLE, table))
-            if _text(attrs.get(NFTA_TABLE)) == table and (name := _text(attrs.get(NFTA_CHAIN_NAME)))
+            for attrs in _dump(NFT_MSG_GETCHAIN, family, string(NFTA_TABLE, table))
+            if text(attrs.get(NFTA_TABLE)) == table and (name := text(attrs.get(NFTA_CHAIN_NAME)))
         }
     except NetlinkReadError as exc:
         if exc.code == errno.ENOENT:  # no such table
@@ -90,12 +119,12 @@ def table_shape(family: str, table: str) -> TableShape:
 
 def rule_count(family: str, table: str, chain: str) -> int:
     """Rules in the chain (0 if the table or chain does not exist)."""
-    request = _string(NFTA_TABLE, table) + _string(NFTA_RULE_CHAIN, chain)
+    request = string(NFTA_TABLE, table) + string(NFTA_RULE_CHAIN, chain)
     try:
         return sum(
             1
             for attrs in _dump(NFT_MSG_GETRULE, family, request)
-            if _text(attrs.get(NFTA_TABLE)) == table and _text(attrs.get(NFTA_RULE_CHAIN)) == chain
+            if text(attrs.get(NFTA_TABLE)) == table and text(attrs.get(NFTA_RULE_CHAIN)) == chain
         )
     except NetlinkReadError as exc:
         if exc.code == errno.ENOENT:
@@ -111,14 +140,14 @@ def element_count(family: str, table: str, set_name: str, intervals: bool = Fals
     start and its end (flagged); only starts are counted. Expired elements are
     not dumped.
     """
-    request = _string(NFTA_TABLE, table) + _string(NFTA_SET_ELEM_LIST_SET, set_name)
+    request = string(NFTA_TABLE, table) + string(NFTA_SET_ELEM_LIST_SET, set_name)
     count = 0
     try:
         for attrs in _dump(NFT_MSG_GETSETELEM, family, request):
             elements = attrs.get(NFTA_SET_ELEM_LIST_ELEMENTS)
             if elements is None:
                 continue
-            for kind, body in _attributes(elements):
+            for kind, body in attributes(elements):
                 if kind != NFTA_LIST_ELEM:
                     continue
                 if intervals and _is_interval_end(body):
@@ -136,11 +165,11 @@ def has_element(family: str, table: str, set_name: str, key: bytes) -> bool:
 
     False also when the set or table does not exist.
     """
-    element = _nested(NFTA_LIST_ELEM, _nested(NFTA_SET_ELEM_KEY, _nla(NFTA_DATA_VALUE, key)))
+    element = nested(NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, nla(NFTA_DATA_VALUE, key)))
     request = (
-        _string(NFTA_TABLE, table)
-        + _string(NFTA_SET_ELEM_LIST_SET, set_name)
-        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, element)
+        string(NFTA_TABLE, table)
+        + string(NFTA_SET_ELEM_LIST_SET, set_name)
+        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, element)
     )
     try:
         for _ in _exchange(NFT_MSG_GETSETELEM, family, request, dump=False):
@@ -153,79 +182,183 @@ def has_element(family: str, table: str, set_name: str, key: bytes) -> bool:
 
 
 def _is_interval_end(element: memoryview) -> bool:
-    for kind, body in _attributes(element):
+    for kind, body in attributes(element):
         if kind == NFTA_SET_ELEM_FLAGS and len(body) >= 4:
             return bool(struct.unpack_from("!I", body)[0] & NFT_SET_ELEM_INTERVAL_END)
     return False
 
 
 # ---------------------------------------------------------------------------
-# The wire
+# The bulk load
 
 
-def _nla(kind: int, data: bytes) -> bytes:
-    return _NLA.pack(_NLA.size + len(data), kind) + data + b"\0" * (-len(data) % 4)
+def address_element(key: bytes, timeout_ms: int | None) -> bytes:
+    """One NFTA_LIST_ELEM: `key` packed in network order, with a timeout unless None."""
+    if timeout_ms is None:
+        return _PLAIN_HEAD[len(key)] + key
+    return _TIMED_HEAD[len(key)] + key + TIMEOUT_HEAD + timeout_ms.to_bytes(8, "big")
 
 
-def _nested(kind: int, data: bytes) -> bytes:
-    return _nla(kind | NLA_F_NESTED, data)
+def element_head(key_size: int) -> bytes:
+    """What precedes a key of `key_size` bytes (4 or 16) in an element with a timeout:
+    element_head(n) + key + TIMEOUT_HEAD + 8 bytes of milliseconds (big-endian) is
+    address_element(key, ms), for callers that build 100,000 of them."""
+    return _TIMED_HEAD[key_size]
 
 
-def _string(kind: int, value: str) -> bytes:
-    return _nla(kind, value.encode() + b"\0")
+def interval_elements(intervals: Sequence[tuple[bytes, bytes | None, int | None]]) -> list[bytes]:
+    """The elements of an interval set holding `intervals`, encoded as nft 1.0.6 does.
+
+    Each interval is (first key, key after the last or None at the top of the address
+    space, timeout in ms or None), sorted and not overlapping. The kernel keeps an
+    interval as a start element (with the timeout) and an end element (flagged
+    INTERVAL_END, also where the next interval starts at the same key); nft also adds an
+    end element at key zero first when the first interval does not start there.
+    """
+    found: list[bytes] = []
+    if intervals and any(intervals[0][0]):
+        found.append(_interval_end(bytes(len(intervals[0][0]))))
+    for start, end, timeout_ms in intervals:
+        found.append(address_element(start, timeout_ms))
+        if end is not None:
+            found.append(_interval_end(end))
+    return found
 
 
-def _text(value: memoryview | None) -> str | None:
-    return bytes(value).split(b"\0", 1)[0].decode(errors="replace") if value is not None else None
+def replace_elements(family: str, table: str, sets: Mapping[str, Sequence[bytes]]) -> None:
+    """Flush each named set and add its elements (from `address_element`/`interval_elements`),
+    all in one nfnetlink batch: the kernel commits it as one transaction, so the old and
+    the new contents never mix. Raises NetlinkWriteError (nothing changed) or OSError."""
+    nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
+    table_attr = string(NFTA_TABLE, table)
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    parts: list[bytes] = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, _BATCH_GEN)]
+    sequence = 0
+    # Every flush first, then the adds (each set's elements in runs of at most 64 KiB).
+    for name in sets:
+        sequence += 1
+        body = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
+        parts.append(message(_DELSETELEM, flags, sequence, body))
+    for name, elements in sets.items():
+        head = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
+        for chunk in _chunks(elements):
+            sequence += 1
+            body = head + NLA.pack(NLA.size + len(chunk), _ELEMENTS) + chunk
+            parts.append(message(_NEWSETELEM, flags | NLM_F_CREATE, sequence, body))
+    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence + 1, _BATCH_GEN))
+    batch = b"".join(parts)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        # The kernel takes a batch as one datagram, and refuses one larger than the send
+        # buffer (4 MB at 100,000 IPv6 elements): raise the buffer for it, as nft does.
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch) + 4096)
+        sent = sock.send(batch)
+        if sent != len(batch):
+            raise NetlinkWriteError(f"nf_tables batch: sent {sent} of {len(batch)} bytes")
+        _await_acks(sock, set(range(1, sequence + 1)))
 
 
-def _attributes(data: memoryview) -> Iterator[tuple[int, memoryview]]:
-    offset = 0
-    while offset + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size:
-            break  # malformed: stop rather than loop
-        yield kind & NLA_TYPE_MASK, data[offset + _NLA.size : offset + length]
-        offset += (length + 3) & ~3
+def _await_acks(sock: socket.socket, pending: set[int]) -> None:
+    """Read one ACK per message; the first error (the batch was aborted) raises."""
+    buffer = bytearray(RECV_BUFFER)
+    while pending:
+        try:
+            size = sock.recv_into(buffer)
+        except TimeoutError:
+            raise NetlinkWriteError(
+                f"nf_tables batch: no answer for {len(pending)} messages in {TIMEOUT:.0f} s"
+            ) from None
+        for kind, _flags, sequence, payload in messages(memoryview(buffer)[:size]):
+            if kind != NLMSG_ERROR or len(payload) < ERROR.size:
+                continue
+            code = -ERROR.unpack_from(payload)[0]
+            if code:
+                raise NetlinkWriteError(
+                    f"nf_tables batch: message {sequence} refused: {os.strerror(code)}"
+                )
+            pending.discard(sequence)
 
 
-def _dump(message: int, family: str, attributes: bytes) -> Iterator[dict[int, memoryview]]:
-    return _exchange(message, family, attributes, dump=True)
+def _chunks(elements: Sequence[bytes]) -> Iterator[bytes]:
+    """The elements joined into runs that fit one attribute (a 16-bit length)."""
+    run: list[bytes] = []
+    size = 0
+    for element in elements:
+        if size + len(element) > NLA_MAX_PAYLOAD and run:
+            yield b"".join(run)
+            run, size = [], 0
+        run.append(element)
+        size += len(element)
+    if run:
+        yield b"".join(run)
+
+
+def _interval_end(key: bytes) -> bytes:
+    flags = nla(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
+    return nested(NFTA_LIST_ELEM, flags + nested(NFTA_SET_ELEM_KEY, nla(NFTA_DATA_VALUE, key)))
+
+
+def _element_heads(timeout: bool) -> dict[int, bytes]:
+    """The bytes before the key of an element, for IPv4 and IPv6 keys (4 and 16 bytes)."""
+    heads = {}
+    for size in (4, 16):
+        data = NLA.size + size
+        key = NLA.size + data
+        element = NLA.size + key + (NLA.size + 8 if timeout else 0)
+        heads[size] = (
+            NLA.pack(element, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + NLA.pack(key, NFTA_SET_ELEM_KEY | NLA_F_NESTED)
+            + NLA.pack(data, NFTA_DATA_VALUE)
+        )
+    return heads
+
+
+_PLAIN_HEAD = _element_heads(timeout=False)
+_TIMED_HEAD = _element_heads(timeout=True)
+TIMEOUT_HEAD = NLA.pack(NLA.size + 8, NFTA_SET_ELEM_TIMEOUT)
+_ELEMENTS = NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED
+_NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+_DELSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM
+# nfgenmsg of the batch messages: AF_UNSPEC, version 0, res_id = the subsystem (big-endian).
+_BATCH_GEN = struct.pack("!BBH", 0, 0, NFNL_SUBSYS_NFTABLES)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _dump(message_type: int, family: str, attrs: bytes) -> Iterator[dict[int, memoryview]]:
+    return _exchange(message_type, family, attrs, dump=True)
 
 
 def _exchange(
-    message: int, family: str, attributes: bytes, dump: bool
+    message_type: int, family: str, attrs: bytes, dump: bool
 ) -> Iterator[dict[int, memoryview]]:
     """Each reply message's top-level attributes (type -> payload); a non-dump request has
     one reply."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.settimeout(TIMEOUT)
         sock.bind((0, 0))
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | message
-        body = _NFGEN.pack(NFPROTO[family], 0, 0) + attributes
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | message_type
+        body = _NFGEN.pack(NFPROTO[family], 0, 0) + attrs
         sequence = 1
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-        sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, sequence, 0) + body)
+        sock.send(message(kind, flags, sequence, body))
         buffer = bytearray(RECV_BUFFER)
         while True:
             size = sock.recv_into(buffer)
-            view = memoryview(buffer)[:size]
-            offset = 0
-            while offset + _HEADER.size <= size:
-                length, reply, _flags, seq, _pid = _HEADER.unpack_from(view, offset)
-                if length < _HEADER.size:
-                    return
-                payload = view[offset + _HEADER.size : offset + length]
-                offset += (length + 3) & ~3
+            for reply, _flags, seq, payload in messages(memoryview(buffer)[:size]):
                 if seq != sequence:
                     continue
                 if reply == NLMSG_DONE:
                     return
                 if reply == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
+                    code = -ERROR.unpack_from(payload)[0]
                     if code:
                         raise NetlinkReadError(code, "nf_tables netlink read")
                     return
-                yield dict(_attributes(payload[_NFGEN.size :]))
+                yield dict(attributes(payload[_NFGEN.size :]))
                 if not dump:
                     return

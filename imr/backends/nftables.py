@@ -38,6 +38,12 @@ the kernel's deferred release of deleted set elements (an RCU grace period,
 ~15 ms), so a context per call made every transaction that removed an element
 cost that much. The socket belongs to the network namespace it was opened in,
 so the context is remade when the calling thread is in another namespace.
+
+`replace_all` (start-up, drift repair) is the exception: after the structure
+through libnftables, the sets are flushed and filled in one raw nfnetlink batch
+(nfnetlink.replace_elements), still one transaction; libnftables took ~0.6 s
+to parse and evaluate 100,000 elements as text. If the batch fails, the same
+change is made with the nft script, and the log says why.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -338,6 +345,48 @@ def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
     return latest
 
 
+def _encoded(latest: Mapping[str, float], now: float) -> dict[str, list[bytes]]:
+    """Every set's elements for `nfnetlink.replace_elements`, markers included: each
+    target (canonical text) with its remaining time as the timeout, as `_element` writes it.
+    OSError or ValueError for a text that is not an address or network."""
+    found: dict[Slot, list[bytes]] = {slot: [] for slot in SETS}
+    intervals: dict[Slot, list[tuple[bytes, bytes | None, int | None]]] = {
+        slot: [] for slot in NETWORK_SLOTS
+    }
+    v4, v6 = found["v4"], found["v6"]
+    # The common case spelled out (100,000 addresses: a call per element doubles the time).
+    head4, head6 = nfnetlink.element_head(4), nfnetlink.element_head(16)
+    timeout_head = nfnetlink.TIMEOUT_HEAD
+    pton, ceil = socket.inet_pton, math.ceil
+    for text, expires_at in latest.items():
+        remaining = ceil(expires_at - now)
+        if remaining <= MAX_TIMEOUT and "/" not in text:
+            ms = (remaining * 1000).to_bytes(8, "big")
+            if ":" in text:
+                v6.append(head6 + pton(socket.AF_INET6, text) + timeout_head + ms)
+            else:
+                v4.append(head4 + pton(socket.AF_INET, text) + timeout_head + ms)
+            continue
+        timeout = remaining * 1000 if remaining <= MAX_TIMEOUT else None
+        if "/" not in text:
+            family = socket.AF_INET6 if ":" in text else socket.AF_INET
+            found[slot_of_text(text)].append(nfnetlink.address_element(pton(family, text), timeout))
+            continue
+        network = ipaddress.ip_network(text)  # admin blocks: a few
+        after = int(network.broadcast_address) + 1
+        end = (
+            after.to_bytes(len(network.network_address.packed), "big")
+            if after < (1 << network.max_prefixlen)
+            else None
+        )
+        intervals[slot_of(network)].append((network.network_address.packed, end, timeout))
+    for slot, marker in MARKERS.items():
+        found[slot].append(nfnetlink.address_element(marker.packed, None))
+    for slot, spans in intervals.items():
+        found[slot] = nfnetlink.interval_elements(sorted(spans))
+    return {SETS[slot]: found[slot] for slot in SETS}
+
+
 # ---------------------------------------------------------------------------
 # The backend
 
@@ -345,9 +394,13 @@ def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
 class NftablesBackend(Backend):
     name = "nftables"
 
-    def __init__(self, config: FirewallConfig, use_library: bool = True) -> None:
-        """`use_library=False` forces `nft -f -` (the fallback), for tests and comparison."""
+    def __init__(
+        self, config: FirewallConfig, use_library: bool = True, bulk_netlink: bool = True
+    ) -> None:
+        """`use_library=False` forces `nft -f -` (the fallback), `bulk_netlink=False` the
+        script for `replace_all`: for tests and comparison."""
         self.config = config
+        self._bulk_netlink = bulk_netlink
         self._rules = _rules(config)
         self._transport: _Transport
         why = ""
@@ -432,16 +485,29 @@ class NftablesBackend(Backend):
         for block in blocks:
             if block.expires_at > latest.get(block.text, now):
                 latest[block.text] = block.expires_at
-        elements: dict[Slot, list[str]] = {slot: [] for slot in SETS}
-        for text, expires_at in latest.items():
-            elements[slot_of_text(text)].append(_element(text, expires_at, now))
-        script = self._structure()
-        for slot, set_name in SETS.items():
-            script += f"flush set {FAMILY} {TABLE} {set_name}\n"
-            if elements[slot]:
-                script += _elements(set_name, elements[slot])
-        script += _markers()
         with self._lock:
+            if self._bulk_netlink:
+                # The structure (which keeps elements) through nft, then every set flushed
+                # and filled in one netlink batch: one kernel transaction, so the old and
+                # new sets never mix. ~0.25 s at 100,000 against ~0.6 s for libnftables
+                # parsing the same as a script.
+                self._transport.run(self._structure())
+                try:
+                    nfnetlink.replace_elements(FAMILY, TABLE, _encoded(latest, now))
+                    return
+                except (OSError, ValueError, nfnetlink.NetlinkWriteError) as exc:
+                    log.warning(
+                        "loading the sets over netlink failed (%s); loading them with nft", exc
+                    )
+            elements: dict[Slot, list[str]] = {slot: [] for slot in SETS}
+            for text, expires_at in latest.items():
+                elements[slot_of_text(text)].append(_element(text, expires_at, now))
+            script = self._structure()
+            for slot, set_name in SETS.items():
+                script += f"flush set {FAMILY} {TABLE} {set_name}\n"
+                if elements[slot]:
+                    script += _elements(set_name, elements[slot])
+            script += _markers()
             self._transport.run(script)  # one transaction: the old and new sets never mix
 
     def installed(self) -> set[Target]:

@@ -1,0 +1,77 @@
+"""The netlink wire format, shared by imr's raw-netlink readers and writers.
+
+Only what imr speaks: the message header, attributes (TLVs) and their parsing.
+Callers open their own sockets (AF_NETLINK with NETLINK_NETFILTER or
+NETLINK_ROUTE); a socket belongs to the network namespace of the thread that
+opened it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+NLA_MAX_PAYLOAD = 0xFFFF - 4  # an attribute's length is 16 bits, header included
+
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # errors do not echo the failed request (a batch message is ~64 KiB)
+SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python build
+
+HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+NLA = struct.Struct("=HH")  # nlattr: len, type (host order; payloads are usually big-endian)
+ERROR = struct.Struct("=i")  # nlmsgerr's first field: 0 (an ACK) or -errno
+
+
+def align(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def nla(kind: int, data: bytes) -> bytes:
+    return NLA.pack(NLA.size + len(data), kind) + data + b"\0" * (-len(data) % 4)
+
+
+def nested(kind: int, data: bytes) -> bytes:
+    return nla(kind | NLA_F_NESTED, data)
+
+
+def string(kind: int, value: str) -> bytes:
+    return nla(kind, value.encode() + b"\0")
+
+
+def text(value: memoryview | None) -> str | None:
+    """A NUL-terminated string attribute's text; None for a missing attribute."""
+    return bytes(value).split(b"\0", 1)[0].decode(errors="replace") if value is not None else None
+
+
+def message(kind: int, flags: int, sequence: int, body: bytes) -> bytes:
+    return HEADER.pack(HEADER.size + len(body), kind, flags, sequence, 0) + body
+
+
+def attributes(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(type without flags, payload) of each attribute in `data`; stops at a malformed one."""
+    offset = 0
+    while offset + NLA.size <= len(data):
+        length, kind = NLA.unpack_from(data, offset)
+        if length < NLA.size:
+            break  # malformed: stop rather than loop
+        yield kind & NLA_TYPE_MASK, data[offset + NLA.size : offset + length]
+        offset += align(length)
+
+
+def messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
+    """(type, flags, sequence, payload) of each message in one received datagram."""
+    offset = 0
+    while offset + HEADER.size <= len(data):
+        length, kind, flags, sequence, _pid = HEADER.unpack_from(data, offset)
+        if length < HEADER.size:
+            return  # malformed: stop rather than loop
+        yield kind, flags, sequence, data[offset + HEADER.size : offset + length]
+        offset += align(length)
