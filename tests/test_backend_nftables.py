@@ -449,3 +449,50 @@ class TestNftables(BackendConformance):
         self.expect(server_ns, V4_B, V6_B)
         assert sorted(markers(server_ns)) == sorted(MARKERS)
         assert "loading the sets over netlink failed (nf_tables batch: message" in caplog.text
+
+    # -- apply's netlink batches ------------------------------------------------------
+
+    def test_apply_over_netlink_and_the_script_make_the_same_sets(
+        self, server_ns: Netns, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        now = time.time()
+        changes: list[tuple[list[KernelBlock], list[Target]]] = [
+            ([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, now + 600)], [V4_C]),  # C absent
+            ([KernelBlock(V4_A, now + 86400), KernelBlock(V4_B, FAR_FUTURE)], []),  # escalation
+            ([KernelBlock(V6_B, 1e300), KernelBlock(V4_C, now - 5)], [V6_A]),  # no timeout; past
+            ([KernelBlock(V6_A, now + 60)], [V4_B]),
+        ]
+        states = []
+        for netlink in (True, False):
+            backend = NftablesBackend(BackendConformance.default_config, element_netlink=netlink)
+            backend.prepare()
+            for add, remove in changes:
+                backend.apply(add, remove)
+            states.append(
+                {e["val"]: e.get("timeout") for f in (4, 6) for e in elements(server_ns, f)}
+            )
+            assert sorted(markers(server_ns)) == sorted(MARKERS)
+            backend.teardown()
+            backend.close()
+        assert "using nft" not in caplog.text  # the netlink path did every change
+        over_netlink, by_script = states
+        assert over_netlink.keys() == by_script.keys() == {str(V4_A), str(V6_A), str(V6_B)}
+        assert over_netlink[str(V6_B)] is None and by_script[str(V6_B)] is None
+        for value in (str(V4_A), str(V6_A)):
+            mine, theirs = over_netlink[value], by_script[value]
+            assert mine is not None and theirs is not None and abs(mine - theirs) <= 1, value
+        assert over_netlink[str(V4_A)] == pytest.approx(86400, abs=2)
+
+    def test_a_refused_netlink_change_falls_back_and_the_next_one_is_netlink_again(
+        self, server_ns: Netns, backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        backend.apply(blocks(V4_A), [])
+        server_ns.run("nft", "delete", "table", "inet", "imr")  # so the batch fails: ENOENT
+        caplog.set_level("INFO", logger="imr.backend")
+        backend.apply(blocks(V6_A), [V4_A])  # the script rebuilds the table and applies
+        assert "nftables change over netlink failed" in caplog.text
+        self.expect(server_ns, V6_A)
+        caplog.clear()
+        backend.apply(blocks(V4_B), [V6_A])
+        assert "over netlink failed" not in caplog.text
+        self.expect(server_ns, V4_B)

@@ -7,12 +7,16 @@ directly instead: the names of a table's sets and chains, the number of rules
 in a chain, whether a set holds one given element (one lookup), and the
 number of elements in a small set.
 
-One write: `replace_elements` flushes sets and fills them again in one
-nfnetlink batch (one kernel transaction), for the start-up load of 100,000
-blocks, where libnftables spends ~0.5 s parsing and evaluating a text script.
-Every other change goes through nft.
+Writes are nfnetlink batches of set-element messages (each batch is one kernel
+transaction): `replace_elements` flushes sets and fills them again, for the
+start-up load of 100,000 blocks (libnftables spends ~0.5 s parsing and
+evaluating that as a text script); `ElementWriter` sends the single-address
+changes of every block, unblock and expiry on a kept socket (libnftables made
+~10 netlink round trips fetching its cache before each of them). Structure
+(tables, chains, rules) and network blocks still go through nft.
 
-A socket is opened per call, so it acts in the calling thread's network namespace.
+Reads and `replace_elements` open a socket per call, so they act in the calling
+thread's network namespace; `ElementWriter` checks the namespace on every batch.
 """
 
 from __future__ import annotations
@@ -225,44 +229,122 @@ def interval_elements(intervals: Sequence[tuple[bytes, bytes | None, int | None]
     return found
 
 
+# A step of a batch: (ADD or DELETE, set name, encoded elements). DELETE with no elements
+# flushes the set; ADD with none sends nothing.
+ADD = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+DELETE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM
+Step = tuple[int, str, Sequence[bytes]]
+
+
+def element_batch(
+    family: str, table: str, steps: Sequence[Step], first: int
+) -> tuple[bytes, range]:
+    """One nfnetlink batch of `steps`, in order; its messages are numbered from `first` and
+    each asks for an ACK. Returns the bytes and the numbers to await."""
+    nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
+    table_attr = string(NFTA_TABLE, table)
+    parts: list[bytes] = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first - 1, _BATCH_GEN)]
+    sequence = first - 1
+    for kind, name, elements in steps:
+        head = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == ADD else 0)
+        if not elements and kind == DELETE:
+            sequence += 1
+            parts.append(message(kind, flags, sequence, head))  # no list: the whole set
+            continue
+        # Each set's elements in runs of at most 64 KiB (an attribute's length is 16 bits).
+        for chunk in _chunks(elements):
+            sequence += 1
+            body = head + NLA.pack(NLA.size + len(chunk), _ELEMENTS) + chunk
+            parts.append(message(kind, flags, sequence, body))
+    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence + 1, _BATCH_GEN))
+    return b"".join(parts), range(first, sequence + 1)
+
+
 def replace_elements(family: str, table: str, sets: Mapping[str, Sequence[bytes]]) -> None:
     """Flush each named set and add its elements (from `address_element`/`interval_elements`),
     all in one nfnetlink batch: the kernel commits it as one transaction, so the old and
     the new contents never mix. Raises NetlinkWriteError (nothing changed) or OSError."""
-    nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
-    table_attr = string(NFTA_TABLE, table)
-    flags = NLM_F_REQUEST | NLM_F_ACK
-    parts: list[bytes] = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, _BATCH_GEN)]
-    sequence = 0
-    # Every flush first, then the adds (each set's elements in runs of at most 64 KiB).
-    for name in sets:
-        sequence += 1
-        body = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
-        parts.append(message(_DELSETELEM, flags, sequence, body))
-    for name, elements in sets.items():
-        head = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
-        for chunk in _chunks(elements):
-            sequence += 1
-            body = head + NLA.pack(NLA.size + len(chunk), _ELEMENTS) + chunk
-            parts.append(message(_NEWSETELEM, flags | NLM_F_CREATE, sequence, body))
-    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence + 1, _BATCH_GEN))
-    batch = b"".join(parts)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+    steps: list[Step] = [(DELETE, name, ()) for name in sets]  # every flush first
+    steps += [(ADD, name, elements) for name, elements in sets.items()]
+    batch, sequences = element_batch(family, table, steps, 1)
+    with _batch_socket() as sock:
+        _send(sock, batch, sequences)
+
+
+class ElementWriter:
+    """Small element batches (every block, unblock and expiry) over one kept socket.
+
+    A socket per batch would cost its close: closing an nfnetlink socket after a delete
+    waits for the kernel's deferred release of the deleted elements (an RCU grace period,
+    ~15 ms). The socket acts in the namespace it was opened in, so it is opened anew when
+    the calling thread is in another namespace (or process); and after any failure, so no
+    answer of an earlier batch is ever read as this one's. Not thread-safe: the caller
+    serialises (the nftables backend's lock).
+    """
+
+    def __init__(self, family: str, table: str) -> None:
+        self.family, self.table = family, table
+        self._sock: socket.socket | None = None
+        self._where: tuple[int, int, int] | None = None
+        self._next = 1
+
+    def commit(self, steps: Sequence[Step]) -> None:
+        """One transaction; NetlinkWriteError or OSError if it was refused (nothing done)."""
+        sock = self._socket()
+        batch, sequences = element_batch(self.family, self.table, steps, self._next)
+        self._next = 1 if sequences.stop > 1 << 30 else sequences.stop + 1
+        try:
+            _send(sock, batch, sequences)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self._where is not None and self._where[0] == os.getpid():
+                self._sock.close()  # (one inherited over fork is the parent's: only dropped)
+            self._sock = self._where = None
+
+    def _socket(self) -> socket.socket:
+        ns = os.stat("/proc/thread-self/ns/net")
+        where = (os.getpid(), ns.st_dev, ns.st_ino)
+        if self._sock is None or where != self._where:
+            self.close()
+            self._sock, self._where = _batch_socket(), where
+        return self._sock
+
+
+def _batch_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
         sock.settimeout(TIMEOUT)
         sock.bind((0, 0))
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        # The kernel takes a batch as one datagram, and refuses one larger than the send
-        # buffer (4 MB at 100,000 IPv6 elements): raise the buffer for it, as nft does.
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _send(sock: socket.socket, batch: bytes, sequences: range) -> None:
+    # The kernel takes a batch as one datagram, and refuses one larger than the send
+    # buffer (4 MB at 100,000 IPv6 elements): raise the buffer for it, as nft does.
+    if len(batch) > _DEFAULT_SNDBUF:
         sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch) + 4096)
-        sent = sock.send(batch)
-        if sent != len(batch):
-            raise NetlinkWriteError(f"nf_tables batch: sent {sent} of {len(batch)} bytes")
-        _await_acks(sock, set(range(1, sequence + 1)))
+    sent = sock.send(batch)
+    if sent != len(batch):
+        raise NetlinkWriteError(f"nf_tables batch: sent {sent} of {len(batch)} bytes")
+    _await_acks(sock, set(sequences))
+
+
+_DEFAULT_SNDBUF = 1 << 16  # below the kernel's smallest default (net.core.wmem_default)
+_ACK_BUFFER = 1 << 16  # not RECV_BUFFER: a 1 MB buffer per change is an mmap and munmap
 
 
 def _await_acks(sock: socket.socket, pending: set[int]) -> None:
     """Read one ACK per message; the first error (the batch was aborted) raises."""
-    buffer = bytearray(RECV_BUFFER)
+    buffer = bytearray(_ACK_BUFFER)  # ACKs are 36 bytes each (NETLINK_CAP_ACK)
     while pending:
         try:
             size = sock.recv_into(buffer)
@@ -319,8 +401,6 @@ _PLAIN_HEAD = _element_heads(timeout=False)
 _TIMED_HEAD = _element_heads(timeout=True)
 TIMEOUT_HEAD = NLA.pack(NLA.size + 8, NFTA_SET_ELEM_TIMEOUT)
 _ELEMENTS = NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED
-_NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
-_DELSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM
 # nfgenmsg of the batch messages: AF_UNSPEC, version 0, res_id = the subsystem (big-endian).
 _BATCH_GEN = struct.pack("!BBH", 0, 0, NFNL_SUBSYS_NFTABLES)
 
