@@ -277,3 +277,20 @@ def test_cli_blocks_many_addresses_as_the_web_user(world: Daemon) -> None:
     reader = world.as_user(READER, "block", "203.0.113.250", "203.0.113.251", "--json")
     assert reader.returncode == 1 and "not allowed to block_many" in reader.stderr
     assert world.state_rows("SELECT COUNT(*) FROM blocks WHERE ip LIKE '203.0.113.25_'") == [(0,)]
+
+
+def test_refusals_are_logged_once_per_client_and_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [f"203.0.113.{i}.{i}" for i in range(300)] + ["127.0.0.1", "::1"]
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (broker, _, _clock, _store):
+            result = await block_many(broker, bad)
+            assert result["counts"]["refused"] == 302
+
+    with caplog.at_level("WARNING", logger="imr.broker"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(lines) == 2, lines  # one invalid_address line, one loopback_address line
+    assert lines[0].startswith("refused block_many '203.0.113.0.0' by uid=33(www-data)")

@@ -185,6 +185,7 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._quota_log = LogThrottle(QUOTA_LOG_INTERVAL)
+        self._refusal_log = LogThrottle(QUOTA_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
 
     # Life cycle -------------------------------------------------------------------
@@ -401,7 +402,18 @@ class Broker:
         refusal = self._protected(target)
         if refusal is not None or isinstance(parsed, Refusal):
             refusal = refusal or Refusal(RefusalCode.INVALID, "not an address")
-            log.warning("refused %s %r by %s: %s", op, text[:64], peer.describe(), refusal.message)
+            # One line per client and refusal code every 10 s: a block_many of 1,000 bad
+            # addresses, or a loop of them, cannot flood the log.
+            suppressed = self._refusal_log.allow((peer.principal, refusal.code), self._monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "refused %s %r by %s: %s%s",
+                    op,
+                    text[:64],
+                    peer.describe(),
+                    refusal.message,
+                    f"; {suppressed} more like it since the last such line" if suppressed else "",
+                )
             raise BrokerError(refusal.code, refusal.message)
         return parsed
 
