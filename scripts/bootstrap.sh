@@ -9,7 +9,7 @@ packages=(
   python3 python3-venv python3-dev gcc sqlite3 util-linux
   # Peers and tools for tests and benchmarks; their services must never start
   # on the host (see policy-rc.d below): we only use their programs and files.
-  fail2ban iperf3
+  fail2ban
   apache2 libapache2-mod-security2 nginx libnginx-mod-http-modsecurity lua-socket
   modsecurity-crs curl
   # systemd-analyze (unit checks), systemd-socket-activate; libseccomp for the sandbox test.
