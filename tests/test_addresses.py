@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
 
 from imr.core.addresses import (
+    IPAddress,
+    IPNetwork,
+    ProtectionIndex,
     Refusal,
     RefusalCode,
+    address_of_packed,
+    canonical_packed,
     canonical_target,
     intrinsic_refusal,
     network_refusal,
@@ -240,3 +246,171 @@ def test_canonical_target_agrees_with_the_full_parse(text: str) -> None:
         assert canonical_target(text) == parsed
     else:
         assert canonical_target(text) == (parsed, str(parsed))
+
+
+# ProtectionIndex: start-up's checks on packed bytes must give exactly the ipaddress checks'
+# verdicts and messages. Own and allowlisted ranges nest, overlap and touch on purpose.
+INDEX_OWN = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("192.0.2.1", "203.0.113.5", "2001:db8::1", "2001:db8:3::ffff", "fe80::1")
+)
+INDEX_BROADCAST = frozenset(ipaddress.ip_address(a) for a in ("192.0.2.255", "203.0.113.255"))
+INDEX_ALLOW = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "198.51.100.0/24",
+        "198.51.100.128/25",  # inside the one above
+        "203.0.113.64/26",
+        "203.0.113.128/26",  # touches the one above
+        "203.0.113.96/28",  # inside the first of the two
+        "10.0.0.0/8",
+        "2001:db8:1::/48",
+        "2001:db8:1:5::/64",
+        "2001:db8:2::/64",
+        "2001:db8:1:ffff::/64",  # the last /64 of 2001:db8:1::/48
+        "::ffff:0:0/96",
+        "ffff:ffff:ffff:ffff::/64",  # the end of the address space
+    )
+)
+# Every range the checks (or ProtectionIndex's byte tests) treat specially.
+SPECIAL_RANGES = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "0.0.0.0/32",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "255.255.255.255/32",
+        "::/128",
+        "::1/128",
+        "::/80",
+        "::/96",
+        "::ffff:0:0/96",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+    )
+)
+
+
+def _edges(network: IPNetwork) -> list[int]:
+    first, last = int(network.network_address), int(network.broadcast_address)
+    top = (1 << network.max_prefixlen) - 1
+    return [n for n in (first - 1, first, first + 1, last - 1, last, last + 1) if 0 <= n <= top]
+
+
+def _index_corpus() -> list[IPAddress]:
+    rng = random.Random(11)  # noqa: S311 - test data, repeatable
+    values: list[tuple[int, int]] = []
+    for network in SPECIAL_RANGES + INDEX_ALLOW:
+        values += [(network.version, n) for n in _edges(network)]
+        # Random addresses inside the range.
+        host_bits = network.max_prefixlen - network.prefixlen
+        base = int(network.network_address)
+        values += [(network.version, base + rng.getrandbits(host_bits)) for _ in range(50)]
+    for address in INDEX_OWN | INDEX_BROADCAST:
+        values += [(address.version, int(address) + d) for d in (-1, 0, 1)]
+    for version in (4, 6):
+        top = 32 if version == 4 else 128
+        values += [(version, 0), (version, (1 << top) - 1)]
+        values += [(version, rng.getrandbits(top)) for _ in range(20000)]
+        if version == 6:  # documentation and global unicast space, where blocks are
+            values += [(6, (0x2001_0DB8 << 96) + rng.getrandbits(96)) for _ in range(5000)]
+            values += [(6, (0x2 << 124) + rng.getrandbits(124)) for _ in range(5000)]
+    return [ipaddress.IPv4Address(n) if v == 4 else ipaddress.IPv6Address(n) for v, n in values]
+
+
+def test_protection_index_gives_the_ipaddress_checks_verdict_and_message() -> None:
+    index = ProtectionIndex.build(INDEX_OWN, INDEX_BROADCAST, INDEX_ALLOW)
+    corpus = _index_corpus()
+    plain = 0
+    refused: set[RefusalCode] = set()
+    for address in corpus:
+        expected = intrinsic_refusal(address) or protection_refusal(
+            address, INDEX_OWN, INDEX_BROADCAST, INDEX_ALLOW
+        )
+        assert index.refusal(address.packed) == expected, address
+        if index.plain(address.packed):
+            assert expected is None, address
+            plain += 1
+        if expected is not None:
+            refused.add(expected.code)
+    # The corpus reaches every refusal, and the byte test clears nearly all random addresses.
+    assert refused == {
+        RefusalCode.UNSPECIFIED,
+        RefusalCode.LOOPBACK,
+        RefusalCode.MULTICAST,
+        RefusalCode.BROADCAST,
+        RefusalCode.LINK_LOCAL,
+        RefusalCode.OWN,
+        RefusalCode.ALLOWLISTED,
+    }
+    assert plain > 0.8 * len(corpus)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("0.0.0.0", RefusalCode.UNSPECIFIED),
+        ("127.255.255.255", RefusalCode.LOOPBACK),
+        ("239.255.255.255", RefusalCode.MULTICAST),
+        ("255.255.255.255", RefusalCode.BROADCAST),
+        ("169.254.0.0", RefusalCode.LINK_LOCAL),
+        ("::", RefusalCode.UNSPECIFIED),
+        ("::1", RefusalCode.LOOPBACK),
+        ("ff00::", RefusalCode.MULTICAST),
+        ("febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff", RefusalCode.LINK_LOCAL),
+        ("192.0.2.1", RefusalCode.OWN),
+        ("192.0.2.255", RefusalCode.BROADCAST),
+        ("203.0.113.127", RefusalCode.ALLOWLISTED),  # where two allowlisted ranges touch
+        ("203.0.113.128", RefusalCode.ALLOWLISTED),
+        ("2001:db8:1:ffff:ffff:ffff:ffff:ffff", RefusalCode.ALLOWLISTED),
+        ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", RefusalCode.MULTICAST),
+        ("198.51.101.0", None),
+        ("203.0.113.192", None),
+        ("2001:db8:2:1::", None),
+        ("fec0::1", None),
+        ("240.0.0.1", None),  # reserved, but not refused: the byte test sends it to the checks
+    ],
+)
+def test_protection_index_on_chosen_addresses(text: str, code: RefusalCode | None) -> None:
+    index = ProtectionIndex.build(INDEX_OWN, INDEX_BROADCAST, INDEX_ALLOW)
+    refusal = index.refusal(ipaddress.ip_address(text).packed)
+    assert (refusal.code if refusal else None) is code
+
+
+def test_protection_index_without_protections_still_refuses_special_addresses() -> None:
+    index = ProtectionIndex.build(frozenset(), frozenset(), ())
+    assert index.plain(ipaddress.ip_address("198.51.100.7").packed)
+    assert index.plain(ipaddress.ip_address("2001:db8::7").packed)
+    refusal = index.refusal(ipaddress.ip_address("fe80::7").packed)
+    assert refusal == Refusal(RefusalCode.LINK_LOCAL, "fe80::7 is a link-local address")
+
+
+@pytest.mark.parametrize(
+    ("text", "packed"),
+    [
+        ("203.0.113.7", bytes([203, 0, 113, 7])),
+        ("2001:db8::7", bytes.fromhex("20010db8000000000000000000000007")),
+        ("::", bytes(16)),
+        ("2001:DB8::7", None),  # not canonical
+        ("2001:db8:0::7", None),
+        ("::ffff:192.0.2.7", None),  # an IPv4 tail: parse_address makes it IPv4
+        ("::192.0.2.7", None),
+        ("::ffff:c000:207", None),  # C prints it with an IPv4 tail
+        ("203.0.113.7/32", None),
+        ("203.0.113.0/24", None),
+        ("203.0.113.07", None),
+        ("203.0.113.7\x00", None),
+        ("fe80::1%eth0", None),
+        ("example.org", None),
+        ("", None),
+    ],
+)
+def test_canonical_packed(text: str, packed: bytes | None) -> None:
+    assert canonical_packed(text) == packed
+    if packed is not None:
+        address = address_of_packed(packed)
+        assert address == parse_address(text) and str(address) == text

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from imr.backends.base import KernelBlock
+from imr.backends.base import BackendError, KernelBlock
 from imr.config import Config
+from imr.core.addresses import (
+    Refusal,
+    intrinsic_refusal,
+    network_refusal,
+    protection_refusal,
+)
 from imr.server.broker import Broker, stored_address, stored_target
 from imr.store import Store
 
@@ -160,3 +167,149 @@ def test_a_hostile_row_stops_the_restore_before_the_kernel_is_touched(tmp_path: 
     with pytest.raises(ValueError, match="invalid address"):
         _reconciled(tmp_path, backend)
     assert backend.kernel == {ipaddress.ip_address("203.0.113.250"): far}
+
+
+# Start-up decides nearly every row on its packed bytes (ProtectionIndex) and the rest with
+# the full checks; the outcome must be what the full checks alone decide, row by row.
+PROTECT = {"allowlist": ["198.51.100.0/24", "203.0.113.64/26", "2001:db8:1::/48"]}
+OWN = ("192.0.2.1", "2001:db8::1")
+BROADCAST = ("192.0.2.255",)
+
+CHOSEN_ROWS = [
+    "127.0.0.1",
+    "::1",
+    "0.0.0.0",
+    "::",
+    "224.0.0.1",
+    "ff02::1",
+    "169.254.3.4",
+    "fe80::1",
+    "255.255.255.255",
+    "192.0.2.1",  # own
+    "2001:db8::1",
+    "192.0.2.255",  # broadcast
+    "198.51.100.0",  # allowlist edges, in and out
+    "198.51.100.255",
+    "198.51.99.255",
+    "198.51.101.0",
+    "203.0.113.63",
+    "203.0.113.64",
+    "203.0.113.127",
+    "203.0.113.128",
+    "2001:db8:1::",
+    "2001:db8:1:ffff:ffff:ffff:ffff:ffff",
+    "2001:db8:2::",
+    "::ffff:192.0.2.1",  # IPv4-mapped own address: not canonical, the full path folds it
+    "::ffff:203.0.113.9",
+    "2001:DB8::7",  # not canonical
+    "203.0.113.0/28",  # networks: the full path
+    "198.51.100.0/25",  # inside the allowlist
+    "192.0.2.0/30",  # holds an own address
+    "2001:db8:5::/48",
+    "10.0.0.0/8",  # too wide
+]
+
+
+def _rows_to_restore() -> list[str]:
+    rng = random.Random(5)  # noqa: S311 - test data, repeatable
+    rows = dict.fromkeys(CHOSEN_ROWS)
+    for _ in range(1500):
+        rows[str(ipaddress.IPv4Address(rng.getrandbits(32)))] = None
+        rows[str(ipaddress.IPv6Address(rng.getrandbits(128)))] = None
+        rows[str(ipaddress.IPv6Address((0x2001_0DB8 << 96) + rng.getrandbits(96)))] = None
+        # Inside the allowlisted /48 or next to it.
+        rows[str(ipaddress.IPv6Address((0x2001_0DB8_0001 << 80) + rng.getrandbits(81)))] = None
+        rows[str(ipaddress.IPv4Address((198 << 24) + (51 << 16) + rng.getrandbits(10)))] = None
+    return list(rows)
+
+
+def _full_check(text: str, config: Config, local: FixedAddresses) -> Refusal | None:
+    target = stored_address(text)
+    allow = config.protect.allowlist
+    if isinstance(target, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        limits = config.protect.network_min_prefix
+        return network_refusal(target, limits, local.own, local.broadcast, allow)
+    return intrinsic_refusal(target) or protection_refusal(
+        target, local.own, local.broadcast, allow
+    )
+
+
+def test_restore_decides_every_row_as_the_full_checks_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    rows = _rows_to_restore()
+    # Every fifth row expired while the daemon was down (protected ones among them).
+    due = {ip: clock.now() + (-60 if i % 5 == 0 else 3600 + i) for i, ip in enumerate(rows)}
+    store = Store(tmp_path / "state.db")
+    with store.transaction():
+        for ip in rows:
+            store.insert_block(ip, clock.now() - 7200, due[ip], 1, "scan", "test", 100000, 99)
+    config = Config.model_validate({"protect": PROTECT})
+    local = FixedAddresses(*OWN, broadcast=BROADCAST)
+    backend = _TextRecording()
+    broker = Broker(config, store, backend, clock, local)
+    with caplog.at_level(logging.INFO, logger="imr.broker"):
+        broker.reconcile()
+
+    expected: dict[str, str | None] = {}
+    messages = set()
+    for ip in rows:
+        refusal = _full_check(ip, config, local)
+        if due[ip] <= clock.now():
+            expected[ip] = "expired"
+        elif refusal is not None:
+            expected[ip] = "protected"
+            messages.add(f"lifted {ip} at start: {refusal.message}")
+        else:
+            expected[ip] = None
+    lifted = {ip: store.history(ip)[0][-1].lift_reason for ip in rows}
+    store.close()
+    assert lifted == expected
+    kept = [ip for ip in rows if expected[ip] is None]
+    protected = [ip for ip in rows if expected[ip] == "protected"]
+    assert len(kept) > 4000 and len(protected) > 500  # both paths are exercised
+    assert messages <= {r.getMessage() for r in caplog.records}
+    targets = {stored_address(ip): due[ip] for ip in kept}
+    assert backend.kernel == targets
+    assert backend.texts == sorted(str(t) for t in targets)
+    for block_address in backend.kernel:  # the fast path builds the same objects
+        assert type(block_address) is type(stored_address(str(block_address)))
+    assert broker.status()["active_blocks"] == len(kept)
+
+
+class _FailingBackend(RecordingBackend):
+    """A kernel load that fails in prepare or in replace_all."""
+
+    def __init__(self, error: Exception, where: str) -> None:
+        super().__init__()
+        self.error, self.where = error, where
+
+    def prepare(self) -> None:
+        if self.where == "prepare":
+            raise self.error
+        super().prepare()
+
+    def replace_all(self, blocks: Sequence[KernelBlock]) -> None:
+        if self.where == "replace_all":
+            raise self.error
+        super().replace_all(blocks)
+
+
+@pytest.mark.parametrize("where", ["prepare", "replace_all"])
+def test_a_failed_kernel_load_raises_from_reconcile_and_nothing_is_published(
+    tmp_path: Path, where: str
+) -> None:
+    far = FakeClock().now() + 86400
+    _seed(tmp_path / "state.db", [("2001:db8::7", 100000), ("203.0.113.7", 100000)], far)
+    error = BackendError("the kernel said no")
+    backend = _FailingBackend(error, where)
+    store = Store(tmp_path / "state.db")
+    broker = Broker(Config.model_validate({}), store, backend, FakeClock(), FixedAddresses(*OWN))
+    with pytest.raises(BackendError) as raised:
+        broker.reconcile()
+    assert raised.value is error
+    assert broker.status()["active_blocks"] == 0
+    assert not backend.kernel
+    assert len(store.active_blocks()) == 2  # nothing lifted: the next start tries again
+    store.close()
