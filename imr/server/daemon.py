@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
             broker = Broker(config, store, backend, SystemClock(), local, selection.why)
             notifier.status("starting: putting active blocks back into the kernel")
             broker.reconcile()
+            _tune_garbage_collector()
             asyncio.run(_serve(config, broker, on_ready, notifier, inherited))
         except BackendError as exc:
             raise DaemonError(f"firewall backend: {exc}") from None
@@ -91,6 +93,20 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
                 backend.close()
             store.close()
     log.info("stopped; blocks stay in force in the kernel and the state file")
+
+
+def _tune_garbage_collector() -> None:
+    """Keep Python's cycle collector from walking every active block again and again.
+
+    The daemon holds one record (and index, heap and quota entries) per active block:
+    100,000 of them are ~400,000 tracked objects, and a flood that adds blocks makes the
+    collector run full passes over all of them (a flood of 66,000 blocks: 0.47 s of
+    ~4.4 s of CPU, 7 full passes). The restored blocks are frozen out of the collector
+    (they are freed by reference counting as usual when they expire), and it runs less
+    often: the daemon makes few reference cycles (an exception's traceback, say).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 async def _serve(
