@@ -151,14 +151,16 @@ def test_foreign_writers_are_left_alone_and_imr_survives_a_foreign_flush(backend
         assert world.probe(world.attacker, SERVER_V4, 80) == "EHOSTUNREACH"
 
         # Someone flushes everything; imr's drift check puts its own state back.
+        repairs = world.log_file.read_text().count("drift repaired")
         if backend == "nftables":
             world.server.run("nft", "flush", "ruleset")
         else:
             world.server.run("iptables-nft", "-F")
             world.server.run("ipset", "flush")
-        assert imr_blocks_v4(world, backend) == set()
+        # Not read back empty here: the 1 s drift check may have repaired it already. The
+        # log's new "drift repaired" line below shows that the flush hit imr's objects.
         assert world.wait_for(lambda: imr_blocks_v4(world, backend) == expected, REPAIR_WAIT), (
             world.log_file.read_text()[-2000:]
         )
         assert world.probe(world.attacker, SERVER_V4, 80) == "EHOSTUNREACH"
-        assert "drift repaired" in world.log_file.read_text()
+        assert world.log_file.read_text().count("drift repaired") > repairs

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import sqlite3
 import ssl
 import stat
@@ -349,6 +350,39 @@ def test_overlong_line_over_tls_is_refused_and_closed(tmp_path: Path, pki: Pki) 
             (pong,) = await exchange(served.port, client_context(pki, "block"), b"ping\n")
             assert pong == b"ok pong\n"
             assert served.backend.kernel == {}
+
+    run(scenario)
+
+
+def test_replies_before_an_overlong_line_are_not_lost(tmp_path: Path) -> None:
+    """Pipelined lines, then one too long, then more: every earlier reply and the refusal
+    arrive, then EOF. (The daemon closed with the rest unread, the kernel reset the TCP
+    connection, and the client lost the replies it had not read yet: tests/test_fuzz.py
+    found it.)"""
+
+    async def scenario() -> None:
+        async with serving(
+            tmp_path, None, certificates={}, tokens=TOKENS, max_line_bytes=1024
+        ) as served:
+            loop = asyncio.get_running_loop()
+            # A plain socket: what arrives stays in the kernel until we read it, as for a
+            # blocking client (an asyncio client would read it in at once).
+            with socket.create_connection(("127.0.0.1", served.port)) as sock:
+                sock.setblocking(False)
+                lines = f"auth {WEB_TOKEN}\n".encode() + b"ping\n" * 20 + b"x" * 20_000 + b"\n"
+                # ... and 1 MB more, still arriving when the daemon hangs up.
+                sending = asyncio.create_task(loop.sock_sendall(sock, lines + b"ping\n" * 200_000))
+                await asyncio.sleep(0.5)  # the daemon has answered and hung up
+                with contextlib.suppress(OSError):
+                    await asyncio.wait_for(sending, 5)
+                received = b""
+                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+                    received += chunk
+            replies = received.splitlines(keepends=True)
+            assert replies[0].startswith(b"ok authenticated")
+            assert replies[1:21] == [b"ok pong\n"] * 20
+            assert replies[21].startswith(b"error line_too_long:")
+            assert len(replies) == 22  # then EOF, not a reset
 
     run(scenario)
 

@@ -129,6 +129,9 @@ class Conversations:
                         )
                     ),
                 )
+                # Closing with the rest of that line unread would reset the connection,
+                # and the client would lose this reply and those before it.
+                await _discard_then_close(reader, writer)
                 return
             if not line:
                 return
