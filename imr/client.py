@@ -212,7 +212,7 @@ class Client:
 # What a block_many line may hold: the daemon's default server.max_line_bytes (4096) with
 # room for the fields around the addresses, and the protocol's cap on addresses.
 _LINE_BUDGET = 3800
-_MAX_ADDRESSES = 1000
+_MAX_ADDRESSES = 1000  # protocol.MAX_BLOCK_MANY (not imported: this module is stdlib only)
 
 
 def _chunks(ips: Sequence[str], reason: str, source: str) -> Iterator[list[str]]:

@@ -8,6 +8,7 @@ opened it.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 
@@ -75,3 +76,11 @@ def messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
             return  # malformed: stop rather than loop
         yield kind, flags, sequence, data[offset + HEADER.size : offset + length]
         offset += align(length)
+
+
+def where_we_are() -> tuple[int, int, int]:
+    """(pid, device, inode) of the calling thread's network namespace, in this process: a
+    netlink socket acts in the namespace it was opened in, and one inherited over fork is
+    the parent's, so a kept socket is reopened when this changes."""
+    ns = os.stat("/proc/thread-self/ns/net")
+    return os.getpid(), ns.st_dev, ns.st_ino

@@ -173,20 +173,24 @@ class Store:
         source: str,
         uid: int | None,
         pid: int | None,
-        offence: int | None = None,  # known already (from offences()): saves a query
     ) -> BlockRecord:
-        if offence is None:
-            offence = self.offences([ip])[ip].count + 1
-        cursor = self._db.execute(
-            "INSERT INTO blocks"
-            " (ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid),
+        """One new block, its offence number counted from the history (the daemon's writer
+        uses insert_blocks for a batch)."""
+        offence = self.offences([ip])[ip].count + 1
+        record = BlockRecord(
+            self.next_block_id(),
+            ip,
+            blocked_at,
+            expires_at,
+            rung,
+            offence,
+            reason,
+            source,
+            uid,
+            pid,
         )
-        block_id = int(cursor.lastrowid or 0)
-        return BlockRecord(
-            block_id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid
-        )
+        self.insert_blocks([record])
+        return record
 
     def next_block_id(self) -> int:
         """The id the next block gets (as SQLite would choose it: max + 1); for insert_blocks."""
@@ -239,11 +243,7 @@ class Store:
         pid: int | None,
         block_id: int | None,
     ) -> None:
-        self._db.execute(
-            "INSERT INTO hits (ip, at, outcome, reason, source, uid, pid, block_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (ip, at, outcome, reason, source, uid, pid, block_id),
-        )
+        self.record_hits([(ip, at, outcome, reason, source, uid, pid, block_id)])
 
     def record_hits(self, hits: Sequence[tuple[Any, ...]]) -> None:
         """Many record_hit()s in one statement: (ip, at, outcome, reason, source, uid, pid,

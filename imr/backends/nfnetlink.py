@@ -49,6 +49,7 @@ from imr.netlink import (
     nla,
     string,
     text,
+    where_we_are,
 )
 
 NETLINK_NETFILTER = 12
@@ -307,8 +308,7 @@ class ElementWriter:
             self._sock = self._where = None
 
     def _socket(self) -> socket.socket:
-        ns = os.stat("/proc/thread-self/ns/net")
-        where = (os.getpid(), ns.st_dev, ns.st_ino)
+        where = where_we_are()
         if self._sock is None or where != self._where:
             self.close()
             self._sock, self._where = _batch_socket(), where

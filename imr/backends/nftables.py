@@ -84,6 +84,7 @@ from imr.backends.base import (
 )
 from imr.config import FirewallConfig
 from imr.core.addresses import IPAddress, IPNetwork, Target
+from imr.netlink import where_we_are
 
 log = logging.getLogger("imr.backend")
 
@@ -173,8 +174,7 @@ class _LibNftables(_Transport):
 
     def _context(self) -> int:
         """The kept context, made anew if this thread is in another namespace (or process)."""
-        ns = os.stat("/proc/thread-self/ns/net")
-        where = (os.getpid(), ns.st_dev, ns.st_ino)
+        where = where_we_are()
         if self._kept.ctx is not None and where == self._kept.where:
             return self._kept.ctx
         self._kept.free(self._lib)
@@ -350,6 +350,13 @@ def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
     return latest
 
 
+def _timeout_ms(expires_at: float, now: float) -> int | None:
+    """A netlink element's timeout: the remaining time in whole seconds rounded up, as
+    `_element` writes it; None (no timeout) beyond what the kernel can hold."""
+    remaining = math.ceil(expires_at - now)
+    return remaining * 1000 if remaining <= MAX_TIMEOUT else None
+
+
 def _address_steps(
     adding: Iterable[KernelBlock], removing: Sequence[IPAddress], now: float
 ) -> list[nfnetlink.Step]:
@@ -366,11 +373,10 @@ def _address_steps(
         touched = [nfnetlink.address_element(key, None) for key in gone + keys]
         if not touched:
             continue
-        timed = []
-        for block, key in zip(new, keys, strict=True):
-            remaining = math.ceil(block.expires_at - now)
-            ms = remaining * 1000 if remaining <= MAX_TIMEOUT else None
-            timed.append(nfnetlink.address_element(key, ms))
+        timed = [
+            nfnetlink.address_element(key, _timeout_ms(block.expires_at, now))
+            for block, key in zip(new, keys, strict=True)
+        ]
         set_name = SETS[slot]
         steps += [(nfnetlink.ADD, set_name, touched), (nfnetlink.DELETE, set_name, touched)]
         if timed:
@@ -400,7 +406,7 @@ def _encoded(latest: Mapping[str, float], now: float) -> dict[str, list[bytes]]:
             else:
                 v4.append(head4 + pton(socket.AF_INET, text) + timeout_head + ms)
             continue
-        timeout = remaining * 1000 if remaining <= MAX_TIMEOUT else None
+        timeout = _timeout_ms(expires_at, now)
         if "/" not in text:
             family = socket.AF_INET6 if ":" in text else socket.AF_INET
             found[slot_of_text(text)].append(nfnetlink.address_element(pton(family, text), timeout))

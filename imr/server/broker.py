@@ -43,6 +43,7 @@ from imr.core.addresses import (
     Refusal,
     RefusalCode,
     Target,
+    address_of_packed,
     canonical_packed,
     canonical_target,
     intrinsic_refusal,
@@ -76,7 +77,8 @@ log = logging.getLogger("imr.broker")
 
 MAX_BATCH = 512
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
-QUOTA_LOG_INTERVAL = 10.0  # seconds: at most one quota-refusal line per client and limit
+# Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class BrokerError(Exception):
@@ -186,8 +188,8 @@ class Broker:
         # Quotas run on a monotonic clock: a wall-clock step must not lock clients out.
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
-        self._quota_log = LogThrottle(QUOTA_LOG_INTERVAL)
-        self._refusal_log = LogThrottle(QUOTA_LOG_INTERVAL)
+        self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
+        self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
 
     # Life cycle -------------------------------------------------------------------
@@ -202,8 +204,7 @@ class Broker:
         protection = ProtectionIndex.build(
             self._local.own, self._local.broadcast, self._config.protect.allowlist
         )
-        plain, packed_of = protection.plain, canonical_packed
-        v4, v6 = ipaddress.IPv4Address, ipaddress.IPv6Address  # address_of_packed, inlined
+        plain = protection.plain
         keep: list[BlockRecord] = []
         kernel: list[KernelBlock] = []  # parsed once here: 100,000 parses cost seconds
         with self._store.transaction():
@@ -212,11 +213,10 @@ class Broker:
                 # that nothing protects, checked on its packed bytes (~0.1 s for 100,000
                 # rows; ~0.3 s through ipaddress objects). The rest: the full checks below.
                 ip, expires_at = record.ip, record.expires_at
-                packed = packed_of(ip)
+                packed = canonical_packed(ip)
                 if packed is not None and expires_at > now and plain(packed):
-                    single = v6(packed) if len(packed) == 16 else v4(packed)
                     keep.append(record)
-                    kernel.append(KernelBlock(single, expires_at, ip))
+                    kernel.append(KernelBlock(address_of_packed(packed), expires_at, ip))
                     continue
                 address, text = stored_target(record.ip)
                 refusal = self._protected(address)
@@ -318,7 +318,7 @@ class Broker:
 
     async def _block(self, request: BlockRequest, peer: Peer) -> dict[str, Any]:
         change = self._block_change(request.ip, request, peer)
-        return await self._submit(change)
+        return await self._enqueue(change)
 
     async def _block_many(self, request: BlockManyRequest, peer: Peer) -> dict[str, Any]:
         """Each address as its own block request: own checks, own quota share, own outcome.
@@ -411,7 +411,7 @@ class Broker:
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(parsed.code, parsed.message)
-        return await self._submit(_UnblockChange(parsed, request, peer))
+        return await self._enqueue(_UnblockChange(parsed, request, peer))
 
     def _blockable(self, text: str, op: str, peer: Peer) -> tuple[Target, str]:
         """The target to block and its canonical text; BrokerError if it may not be."""
@@ -475,9 +475,6 @@ class Broker:
             self._local.broadcast,
             self._config.protect.allowlist,
         )
-
-    async def _submit(self, change: _AnyChange) -> dict[str, Any]:
-        return await self._enqueue(change)
 
     def _enqueue(self, change: _AnyChange) -> asyncio.Future[dict[str, Any]]:
         """Queue a change for the writer; the future gets its outcome."""
@@ -554,7 +551,7 @@ class Broker:
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
         if due:
-            await self._submit(_ExpireChange(due))
+            await self._enqueue(_ExpireChange(due))
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -807,11 +804,8 @@ class _Work:
         self.offences.pop(record.ip, None)
 
     def _new_block(
-        self, ip: str, decision: Decision, change: _BlockChange, offence: int | None
+        self, ip: str, decision: Decision, change: _BlockChange, offence: int
     ) -> BlockRecord:
-        if offence is None:  # this batch wrote for the address already: count afresh
-            self._insert_pending()
-            offence = self.store.offences([ip])[ip].count + 1
         if self.next_id is None:
             self.next_id = self.store.next_block_id()
         record = BlockRecord(
@@ -831,8 +825,13 @@ class _Work:
         return record
 
     def _offences(self, ip: str) -> Offences:
+        """The address's history: from the batch's query, or read afresh (with this batch's
+        pending rows written first) if the batch has written for it since."""
         found = self.offences.pop(ip, None)
-        return found if found is not None else self.store.offences([ip])[ip]
+        if found is None:
+            self._insert_pending()
+            found = self.store.offences([ip])[ip]
+        return found
 
     def run(self, change: _AnyChange) -> _Outcome:
         match change:
@@ -865,10 +864,9 @@ class _Work:
         reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return _Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
-        if decision.action is Action.BLOCK:
-            record = self._new_block(
-                ip, decision, change, offences.count + 1 if offences is not None else None
-            )
+        if decision.action is Action.BLOCK:  # so previous was no active block: offences read
+            offence = (offences or self._offences(ip)).count + 1
+            record = self._new_block(ip, decision, change, offence)
             self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
