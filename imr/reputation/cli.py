@@ -360,6 +360,11 @@ FORMATS = ("dshield", "abuseipdb", "csv", "json")
 @click.option(
     "--submit", is_flag=True, help="Also submit to the service's API (dshield, abuseipdb)."
 )
+@click.option(
+    "--include-pardoned",
+    is_flag=True,
+    help="Also blocks an admin lifted as false positives (unblocked, protected).",
+)
 @_from_option
 @click.pass_context
 def report(
@@ -368,9 +373,12 @@ def report(
     since: str,
     output: Path | None,
     submit: bool,
+    include_pardoned: bool,
     history: HistorySource,
 ) -> None:
-    """Build a report of the blocks made since --since, in a service's format."""
+    """Build a report of the blocks made since --since, in a service's format.
+
+    Blocks lifted as false positives are left out unless --include-pardoned."""
     settings = _settings(ctx)
     if submit and fmt not in ("dshield", "abuseipdb"):
         _fail("--submit works with --format dshield or abuseipdb", EXIT_USAGE)
@@ -378,20 +386,13 @@ def report(
         _fail("DShield needs reputation.dshield.userid", EXIT_USAGE)
     window = _duration(since)
     incidents = _incidents(ctx, time.time() - window, history)
-    zone = settings.zone()
-    text = {
-        "json": lambda: exports.to_json(incidents, zone),
-        "csv": lambda: exports.to_csv(incidents, zone),
-        "abuseipdb": lambda: exports.to_abuseipdb_csv(incidents, settings.abuseipdb, zone),
-        "dshield": lambda: exports.to_dshield(incidents, settings.dshield, zone),
-    }[fmt]()
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        try:
-            output.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            _fail(f"{output}: cannot write: {exc.strerror or exc}")
+    if not include_pardoned:
+        incidents, pardoned = exports.without_pardoned(incidents)
+        if pardoned:
+            click.echo(f"{pardoned} pardoned block(s) left out (--include-pardoned)", err=True)
+    if fmt == "dshield" and (ipv6 := exports.dshield_ipv6_left_out(incidents)):
+        click.echo(f"{ipv6} IPv6 block(s) left out: DShield takes IPv4 only", err=True)
+    _write(_render(fmt, incidents, settings), output)
     if submit:
         result = _submit(settings, fmt, incidents)
         click.echo(result.line(), err=True)
@@ -399,6 +400,49 @@ def report(
             click.echo(f"  refused {error}", err=True)
         if result.stopped:
             ctx.exit(EXIT_FAILED)
+
+
+def _render(fmt: str, incidents: list[Incident], settings: ReputationSettings) -> list[str]:
+    """The report's text, as one file or (AbuseIPDB's bulk limits) several."""
+    zone = settings.zone()
+    if fmt == "abuseipdb":
+        return exports.to_abuseipdb_parts(incidents, settings.abuseipdb, zone)
+    return [
+        {
+            "json": lambda: exports.to_json(incidents, zone),
+            "csv": lambda: exports.to_csv(incidents, zone),
+            "dshield": lambda: exports.to_dshield(incidents, settings.dshield, zone),
+        }[fmt]()
+    ]
+
+
+def _write(parts: list[str], output: Path | None) -> None:
+    if output is None:
+        if len(parts) > 1:
+            _fail(
+                f"the report passes AbuseIPDB's bulk limits ({exports.BULK_MAX_LINES:,} lines or"
+                f" {exports.BULK_MAX_BYTES:,} bytes per file): use --output FILE to write"
+                f" {len(parts)} files (FILE-1, FILE-2, ...), or a shorter --since"
+            )
+        click.echo(parts[0], nl=False)
+        return
+    paths = [output]
+    if len(parts) > 1:
+        paths = [
+            output.with_name(f"{output.stem}-{n}{output.suffix}") for n in range(1, len(parts) + 1)
+        ]
+        click.echo(
+            f"AbuseIPDB takes at most {exports.BULK_MAX_LINES:,} lines or"
+            f" {exports.BULK_MAX_BYTES:,} bytes per file: wrote {len(parts)} files",
+            err=True,
+        )
+    for path, text in zip(paths, parts, strict=True):
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(f"{path}: cannot write: {exc.strerror or exc}")
+        if len(parts) > 1:
+            click.echo(f"  {path}", err=True)
 
 
 def _submit(settings: ReputationSettings, fmt: str, incidents: list[Incident]) -> SubmitResult:
