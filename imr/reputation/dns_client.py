@@ -1,10 +1,19 @@
-"""One dnspython resolver per caller, from [reputation.dns]; the shared error type.
+"""One dnspython resolver per caller, from [reputation.dns]; lookups that fail over.
 
-No resolver cache: http:BL keeps its own (with an injectable clock), and the
-contact lookups run once per report.
+No resolver cache: http:BL keeps its own (with an injectable clock, its TTLs
+capped), and the contact lookups run once per report.
+
+Fail-over: `resolve()` asks the name servers one after the other, each for its
+share of the lookup's time, and a server that timed out or failed goes to the
+back of the list, so the lookups after it ask a live one first (as a stub
+resolver with a dead first server should; dnspython alone asks the dead one
+first every time, and with one server's timeout equal to the whole lifetime
+never asked the second at all).
 """
 
 from __future__ import annotations
+
+import time
 
 import dns.exception
 import dns.message
@@ -31,11 +40,41 @@ def make_resolver(settings: DnsSettings) -> dns.resolver.Resolver:
         resolver.nameservers = [
             dns.nameserver.Do53Nameserver(*split_nameserver(ns)) for ns in settings.nameservers
         ]
-    # `lifetime` bounds the whole lookup, retries and every server included.
-    resolver.timeout = settings.timeout
+    # `lifetime` bounds the whole lookup, retries and every server included; `timeout` is
+    # one try at one server. Equal to the lifetime (as it was), a dead first server took
+    # all of it and the second was never asked: each server gets its share instead.
     resolver.lifetime = settings.timeout
+    resolver.timeout = settings.timeout / max(1, len(resolver.nameservers))
     resolver.cache = None
     return resolver
+
+
+def resolve(
+    resolver: dns.resolver.Resolver, name: str, rdtype: str, lifetime: float | None = None
+) -> dns.resolver.Answer:
+    """resolver.resolve(name, rdtype), trying each server in turn within `lifetime` (default
+    the resolver's); NXDOMAIN and NoAnswer are answers and end it at once."""
+    budget = resolver.lifetime if lifetime is None else min(lifetime, resolver.lifetime)
+    servers = list(resolver.nameservers)
+    if len(servers) < 2:
+        return resolver.resolve(name, rdtype, search=False, lifetime=budget)
+    deadline = time.monotonic() + budget
+    failure: dns.exception.DNSException = dns.exception.Timeout(timeout=budget)
+    for server in servers:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        one = dns.resolver.Resolver(configure=False)
+        one.nameservers = [server]
+        one.cache = None
+        one.timeout = one.lifetime = min(left, resolver.timeout)
+        try:
+            return one.resolve(name, rdtype, search=False)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            failure = exc
+            ordered = [s for s in resolver.nameservers if s is not server]
+            resolver.nameservers = [*ordered, server]  # ask it last from now on
+    raise failure
 
 
 def negative_ttl(exc: dns.resolver.NXDOMAIN, default: int) -> int:

@@ -26,7 +26,7 @@ import io
 import ipaddress
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -235,6 +235,19 @@ def without_pardoned(incidents: Sequence[Incident]) -> tuple[list[Incident], int
     """The incidents that were not pardoned, and how many were (with their hits)."""
     kept = [i for i in incidents if not i.pardoned]
     return kept, len(incidents) - len(kept)
+
+
+def pardon_check(history: Sequence[Incident]) -> Callable[[Incident], bool]:
+    """Whether a block (kept elsewhere, e.g. queued in the outbox) is pardoned in `history`.
+    The daemon's export gives times to the second, the state file exactly: a block is the
+    same address blocked less than a second apart."""
+    pardons: dict[str, list[float]] = {}
+    for incident in history:
+        if incident.pardoned:
+            pardons.setdefault(incident.ip, []).append(incident.blocked_at)
+    return lambda incident: any(
+        abs(at - incident.blocked_at) < 1 for at in pardons.get(incident.ip, ())
+    )
 
 
 def neutralise(cell: str) -> str:

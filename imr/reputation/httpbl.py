@@ -22,7 +22,7 @@ from typing import Any, Literal
 import dns.exception
 import dns.resolver
 
-from imr.reputation.dns_client import TEMPORARY, describe, negative_ttl
+from imr.reputation.dns_client import TEMPORARY, describe, negative_ttl, resolve
 from imr.reputation.settings import HttpBLSettings
 
 SEARCH_ENGINES = {
@@ -41,6 +41,42 @@ SEARCH_ENGINES = {
     12: "miscellaneous",
 }
 _TYPE_BITS = ((1, "suspicious"), (2, "harvester"), (4, "comment spammer"))
+
+
+# Never looked up nor blocked (the log scanner's list, imr/logscan/httpbl.py, plus the
+# daemon's intrinsic refusals): they say something about the local network, cannot be
+# listed, and `imr check --block` must refuse them as every other path does.
+_LOCAL = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/3",  # multicast, reserved and broadcast
+    )
+)
+
+
+def local_refusal(ip: str) -> str | None:
+    """Why `ip` is private or reserved (never looked up, never blocked), or None."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            special = address.is_loopback or address.is_link_local or address.is_multicast
+            special = special or address.is_unspecified or address.is_site_local
+            special = special or address in ipaddress.IPv6Network("fc00::/7")
+            return f"{ip} is a private or reserved address" if special else None
+        address = address.ipv4_mapped
+    if any(address in net for net in _LOCAL):
+        return f"{ip} is a private or reserved address"
+    return None
 
 
 class HttpBLError(Exception):
@@ -214,7 +250,7 @@ class HttpBL:
         name = query_name(self._key, ip, self.settings.zone)
         self.queries += 1
         try:
-            result = self._resolver.resolve(name, "A", search=False)
+            result = resolve(self._resolver, name, "A")
         except dns.resolver.NXDOMAIN as exc:
             return None, negative_ttl(exc, self.settings.negative_ttl)
         except dns.resolver.NoAnswer:

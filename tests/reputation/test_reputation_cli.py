@@ -28,6 +28,7 @@ def dns_server() -> Iterator[ZoneServer]:
         [
             f"{KEY}.7.2.0.192.dnsbl.httpbl.org. 600 IN A 127.1.60.4",
             f"{dns.reversename.from_address('192.0.2.7').to_text()} 300 IN PTR a.isp.example.net.",
+            "a.isp.example.net. 300 IN A 192.0.2.7",
             "isp.example.net. 300 IN MX 10 mx.isp.example.net.",
         ]
     ).start()
