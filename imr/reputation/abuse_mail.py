@@ -31,15 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Literal
 from zoneinfo import ZoneInfo
 
 from imr.core.durations import format_duration
 from imr.reputation.contacts import Contacts
 from imr.reputation.exports import Incident, iso, local_time
-from imr.reputation.settings import NotifySettings
+from imr.reputation.settings import MailKind, NotifySettings
 
-Kind = Literal["evidence", "httpbl", "manual"]
+Kind = MailKind
 EVIDENCE_SOURCES = ("logscan:", "modsecurity:")
 SUBJECT_SOURCES = 80  # characters of rule names in a subject
 

@@ -17,7 +17,11 @@ import time
 
 import dns.exception
 import dns.message
+import dns.name
 import dns.nameserver
+import dns.query
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -49,32 +53,70 @@ def make_resolver(settings: DnsSettings) -> dns.resolver.Resolver:
     return resolver
 
 
+class Malformed(dns.exception.DNSException):
+    """A server answered with something that is not a DNS message (or not for our question)."""
+
+
 def resolve(
     resolver: dns.resolver.Resolver, name: str, rdtype: str, lifetime: float | None = None
 ) -> dns.resolver.Answer:
-    """resolver.resolve(name, rdtype), trying each server in turn within `lifetime` (default
-    the resolver's); NXDOMAIN and NoAnswer are answers and end it at once."""
+    """Look `name` up, asking the servers in turn within `lifetime` (default the resolver's).
+
+    NXDOMAIN and NoAnswer are answers and end it at once. A server that times out,
+    fails (SERVFAIL, REFUSED) or answers with a malformed message goes to the back of
+    the list. When every server failed, a malformed answer is reported as Malformed,
+    not as the timeout dnspython's resolver makes of it (it drops such a reply and
+    waits on)."""
     budget = resolver.lifetime if lifetime is None else min(lifetime, resolver.lifetime)
-    servers = list(resolver.nameservers)
-    if len(servers) < 2:
-        return resolver.resolve(name, rdtype, search=False, lifetime=budget)
     deadline = time.monotonic() + budget
-    failure: dns.exception.DNSException = dns.exception.Timeout(timeout=budget)
-    for server in servers:
+    qname = dns.name.from_text(name)
+    failure: dns.exception.DNSException = dns.exception.Timeout(timeout=budget)  # type: ignore[no-untyped-call]
+    for server in list(resolver.nameservers):
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        one = dns.resolver.Resolver(configure=False)
-        one.nameservers = [server]
-        one.cache = None
-        one.timeout = one.lifetime = min(left, resolver.timeout)
         try:
-            return one.resolve(name, rdtype, search=False)
+            return _ask(server, qname, rdtype, min(left, resolver.timeout))
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            failure = failure if isinstance(failure, Malformed) else exc
+        except Malformed as exc:
             failure = exc
-            ordered = [s for s in resolver.nameservers if s is not server]
-            resolver.nameservers = [*ordered, server]  # ask it last from now on
+        ordered = [s for s in resolver.nameservers if s is not server]
+        resolver.nameservers = [*ordered, server]  # ask it last from now on
     raise failure
+
+
+def _ask(server: object, qname: dns.name.Name, rdtype: str, timeout: float) -> dns.resolver.Answer:
+    """One question to one server (UDP, TCP if truncated), as the resolver's answer types."""
+    if isinstance(server, dns.nameserver.Do53Nameserver):
+        host, port = server.address, server.port
+    else:
+        host, port = str(server), 53
+    query = dns.message.make_query(qname, rdtype)
+    try:
+        response = dns.query.udp(
+            query, host, timeout=timeout, port=port, ignore_unexpected=True,
+            raise_on_truncation=True,
+        )  # fmt: skip
+    except dns.message.Truncated:
+        response = dns.query.tcp(query, host, timeout=timeout, port=port)
+    except (dns.exception.FormError, dns.exception.SyntaxError, ValueError, EOFError) as exc:
+        detail = f"from {host}:{port}: {exc.__class__.__name__}"
+        raise Malformed(detail) from None  # type: ignore[no-untyped-call]
+    rcode = response.rcode()
+    if rcode == dns.rcode.NXDOMAIN:
+        raise dns.resolver.NXDOMAIN(qnames=[qname], responses={qname: response})  # type: ignore[no-untyped-call]
+    if rcode != dns.rcode.NOERROR:
+        errors = [(host, False, port, dns.rcode.to_text(rcode), response)]
+        raise dns.resolver.NoNameservers(request=query, errors=errors)  # type: ignore[no-untyped-call]
+    if not isinstance(response, dns.message.QueryMessage):  # make_query's reply is one
+        raise Malformed(f"from {host}:{port}: not a reply to a query")  # type: ignore[no-untyped-call]
+    answer = dns.resolver.Answer(
+        qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN, response, host, port
+    )
+    if answer.rrset is None:
+        raise dns.resolver.NoAnswer(response=response)  # type: ignore[no-untyped-call]
+    return answer
 
 
 def negative_ttl(exc: dns.resolver.NXDOMAIN, default: int) -> int:
@@ -96,6 +138,8 @@ def describe(exc: BaseException) -> str:
     """A short reason for a failed lookup, for logs and `why` texts."""
     if isinstance(exc, dns.exception.Timeout):
         return "DNS timeout"
+    if isinstance(exc, Malformed):
+        return f"malformed DNS answer ({exc})"
     if isinstance(exc, dns.resolver.NoNameservers):
         return "no name server answered (SERVFAIL or refused)"
     return f"DNS error: {exc.__class__.__name__}"

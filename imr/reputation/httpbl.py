@@ -41,6 +41,7 @@ SEARCH_ENGINES = {
     12: "miscellaneous",
 }
 _TYPE_BITS = ((1, "suspicious"), (2, "harvester"), (4, "comment spammer"))
+THREAT_BITS = 7  # the rest (8 ... 128) are reserved: they say nothing about a threat
 
 
 # Never looked up nor blocked (the log scanner's list, imr/logscan/httpbl.py, plus the
@@ -101,11 +102,19 @@ class Answer:
     def search_engine(self) -> bool:
         return self.visitor_type == 0
 
+    @property
+    def threat_type(self) -> bool:
+        """Whether a defined threat bit is set (reserved bits alone are no threat)."""
+        return bool(self.visitor_type & THREAT_BITS)
+
     def describe_type(self) -> str:
         if self.search_engine:
             return f"search engine ({SEARCH_ENGINES.get(self.threat, 'unknown')})"
         names = [name for bit, name in _TYPE_BITS if self.visitor_type & bit]
-        return ", ".join(names) or f"type {self.visitor_type}"
+        reserved = self.visitor_type & ~THREAT_BITS
+        if reserved:
+            names.append(f"reserved type bits {reserved} (ignored)")
+        return ", ".join(names)
 
 
 Status = Literal["listed", "not_listed", "skipped", "error"]
@@ -147,8 +156,9 @@ class Verdict:
 
 
 def score(answer: Answer, max_age_days: int = 255) -> int:
-    """The threat discounted linearly to zero at max_age_days (search engines score 0)."""
-    if answer.search_engine:
+    """The threat discounted linearly to zero at max_age_days (search engines, and reserved
+    type bits alone, score 0)."""
+    if answer.search_engine or not answer.threat_type:
         return 0
     remaining = max(0, max_age_days - answer.days)
     return answer.threat * remaining // max_age_days
@@ -167,6 +177,9 @@ def judge(ip: str, answer: Answer | None, settings: HttpBLSettings) -> Verdict:
         return Verdict(ip, "not_listed", False, 0, "not listed in http:BL")
     if answer.search_engine:
         return Verdict(ip, "listed", False, 0, f"a {answer.describe_type()}: never blocked", answer)
+    if not answer.threat_type:
+        why = f"listed with {answer.describe_type()} only: no threat type, not blocked"
+        return Verdict(ip, "listed", False, 0, why, answer)
     points = score(answer, settings.max_age_days)
     basis = (
         f"listed as {answer.describe_type()}, threat {answer.threat},"
@@ -231,6 +244,9 @@ class HttpBL:
                 return Verdict(ip, "skipped", False, 0, "IPv6: http:BL lists IPv4 only")
             address = address.ipv4_mapped
         text = str(address)
+        refusal = local_refusal(text)
+        if refusal is not None:
+            return Verdict(text, "skipped", False, 0, f"{refusal}: not looked up, never blocked")
         now = self._clock()
         cached = self._cache.get(text)
         if cached is not None and cached[0] > now:
@@ -243,7 +259,8 @@ class HttpBL:
             return Verdict(text, "error", False, 0, f"lookup failed: {describe(exc)}")
         except dns.exception.DNSException as exc:
             return Verdict(text, "error", False, 0, f"lookup failed: {describe(exc)}")
-        self._remember(text, now + ttl, answer)
+        # Whatever the zone says, no answer is kept past max_cache_ttl.
+        self._remember(text, now + min(ttl, self.settings.max_cache_ttl), answer)
         return judge(text, answer, self.settings)
 
     def _query(self, ip: str) -> tuple[Answer | None, int]:

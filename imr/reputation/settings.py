@@ -46,6 +46,10 @@ _HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_-]{1,63}){0,1
 _MAILBOX = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 
 
+MailKind = Literal["evidence", "httpbl", "manual"]
+_EVIDENCE: MailKind = "evidence"
+
+
 class SecretError(Exception):
     """A secret that is configured but cannot be read; the message is for the user."""
 
@@ -181,9 +185,7 @@ class NotifySettings(_Model):
     uids: list[int] = Field(default_factory=list)
     # What may be mailed: "evidence" (a log line or ModSecurity rule imr saw itself: sources
     # logscan:* and modsecurity:*), "httpbl" (Project Honey Pot's verdict), "manual".
-    kinds: list[Literal["evidence", "httpbl", "manual"]] = Field(
-        default_factory=lambda: ["evidence"], min_length=1
-    )
+    kinds: list[MailKind] = Field(default_factory=lambda: [_EVIDENCE], min_length=1)
     # What was attacked, as the mail and its X-ARF part say (default: not disclosed).
     destination: str | None = None
     # The attacked port per block source prefix, e.g. {"logscan:sshd" = 22, "logscan:" = 443}.

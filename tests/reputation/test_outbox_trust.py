@@ -91,13 +91,15 @@ def config(tmp_path: Path, nameservers: list[str], smtp_port: int, extra: str = 
     return path
 
 
-def block(tmp_path: Path, ip: str, reason: str, source: str = "logscan:wp-login") -> int:
+def block(
+    tmp_path: Path, ip: str, reason: str, source: str = "logscan:wp-login", uid: int = 33
+) -> int:
     store = Store(tmp_path / "state.db")
     try:
         now = time.time() - 300
         with store.transaction():
-            record = store.insert_block(ip, now, now + 86400, 1, reason, source, 33, 9)
-            store.record_hit(ip, now, "block", reason, source, 33, 9, record.id)
+            record = store.insert_block(ip, now, now + 86400, 1, reason, source, uid, 9)
+            store.record_hit(ip, now, "block", reason, source, uid, 9, record.id)
         return record.id
     finally:
         store.close()
@@ -294,3 +296,16 @@ def test_only_blocks_with_own_evidence_are_mailed_by_default(
     text = "".join(body_of(m) for _, _, m in sink.messages[1:])
     assert "because Project Honey Pot's http:BL lists it" in text
     assert "blocked by hand by an administrator of web.example" in text
+
+
+def test_uids_filter_on_what_a_client_cannot_choose(
+    tmp_path: Path, dns_server: ZoneServer, sink: SmtpSink
+) -> None:
+    """The source tag is the client's word; the uid is the kernel's (SO_PEERCRED)."""
+    path = config(tmp_path, [dns_server.address], sink.port, "uids = [33]\n")
+    block(tmp_path, "192.0.2.7", LOG_LINE, "logscan:wp-login", uid=33)  # the log scanner
+    block(tmp_path, "203.0.113.9", "framed", "logscan:wp-login", uid=1000)  # a web app
+    collected = run(path, "reports", "collect")
+    assert "1 queued" in collected.output and "1 filtered" in collected.output
+    run(path, "reports", "send")
+    assert [to for _, to, _ in sink.messages] == [["abuse@isp.example.net"]]
