@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import dns.reversename
 import pytest
 
-from imr.reputation.contacts import ContactFinder
+from imr.reputation.contacts import ContactFinder, Contacts
 from imr.reputation.dns_client import make_resolver
 from imr.reputation.exports import pardon_check, read_state_file
 from imr.reputation.mailer import SendSummary, SmtpRelay, send_due
@@ -297,3 +297,39 @@ def test_dry_run_changes_nothing(harness: Harness, sink: SmtpSink) -> None:
     assert summary.previews[0]["To"] == "abuse@isp.example.net"
     assert sink.messages == []
     assert harness.outbox.reports()[0].status == "pending"
+
+
+def test_the_run_stops_at_its_deadline_and_charges_nobody(
+    tmp_path: Path, dns_server: ZoneServer, sink: SmtpSink
+) -> None:
+    """Each report's lookups take 200 s of a 5-minute run: the third waits, uncharged."""
+    h = Harness(tmp_path, dns_server.address, sink.port, run_timeout="5m")
+    try:
+        for ip in ("192.0.2.7", "203.0.113.9", "203.0.113.10"):
+            block(h.state, ip, h.clock() - 60, LOG_LINE, "logscan:wp-login")
+        h.collect()
+        monotonic = Clock()
+        finder = ContactFinder(h.settings, h.resolver)
+
+        class SlowFinder:
+            def find(self, ip: str, deadline: float | None = None) -> Contacts:
+                monotonic.now += 200
+                return finder.find(ip)
+
+        summary = send_due(
+            h.outbox,
+            h.settings,
+            SlowFinder(),
+            SmtpRelay(h.settings, None),
+            BERLIN,
+            "www.reporter.example",
+            h.clock,
+            pardoned=lambda incident: False,
+            monotonic=monotonic,
+        )
+        assert summary.sent == ["192.0.2.7", "203.0.113.9"]
+        assert summary.waiting_for_time == 1
+        left = [r for r in h.outbox.reports() if r.status == "pending"]
+        assert [(r.ip, r.attempts) for r in left] == [("203.0.113.10", 0)]
+    finally:
+        h.close()
