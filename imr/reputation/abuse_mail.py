@@ -51,6 +51,19 @@ def kind_of(incident: Incident) -> Kind:
     return "manual"
 
 
+def not_mailed(incident: Incident, notify: NotifySettings) -> str | None:
+    """Why this block is not for abuse mail (a count's name), or None if it is."""
+    if incident.pardoned:
+        return "pardoned"
+    if notify.sources and not incident.source.startswith(tuple(notify.sources)):
+        return "filtered"
+    if notify.uids and incident.uid not in notify.uids:
+        return "filtered"
+    if kind_of(incident) not in notify.kinds:
+        return f"not mailed ({kind_of(incident)})"
+    return None
+
+
 def clean(text: str) -> str:
     """Client-supplied text made safe for one line of mail: no CR/LF, escapes or bidi tricks."""
     out = []

@@ -27,14 +27,14 @@ from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
 from imr.core.durations import format_duration, parse_duration
 from imr.reputation import exports
-from imr.reputation.abuse_mail import kind_of
+from imr.reputation.abuse_mail import not_mailed
 from imr.reputation.contacts import ContactFinder
 from imr.reputation.dns_client import DnsUnavailable, make_resolver
 from imr.reputation.exports import HistoryError, HistorySource, Incident
 from imr.reputation.httpbl import HttpBL, local_refusal
 from imr.reputation.mailer import SmtpRelay, send_due
 from imr.reputation.outbox import Outbox, OutboxError, Report
-from imr.reputation.settings import NotifySettings, ReputationSettings, SecretError
+from imr.reputation.settings import ReputationSettings, SecretError
 from imr.reputation.submit import Pacer, SubmitResult, http_client, submit_abuseipdb, submit_dshield
 
 EXIT_FAILED = 1
@@ -195,24 +195,11 @@ def reports_collect(ctx: click.Context, since: str | None, history: HistorySourc
     counts: dict[str, int] = {}
     with _open_outbox(settings) as outbox:
         for incident in incidents:
-            skip = _not_mailed(incident, settings.notify)
+            skip = not_mailed(incident, settings.notify)
             outcome = skip or outbox.queue(incident, settings.notify.period)
             counts[outcome] = counts.get(outcome, 0) + 1
     summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing new"
     click.echo(f"{len(incidents)} blocks since {format_duration(window)} ago: {summary}")
-
-
-def _not_mailed(incident: Incident, notify: NotifySettings) -> str | None:
-    """Why this block is not for abuse mail (a count's name), or None if it is."""
-    if incident.pardoned:
-        return "pardoned"
-    if notify.sources and not incident.source.startswith(tuple(notify.sources)):
-        return "filtered"
-    if notify.uids and incident.uid not in notify.uids:
-        return "filtered"
-    if kind_of(incident) not in notify.kinds:
-        return f"not mailed ({kind_of(incident)})"
-    return None
 
 
 def _pardon_check(
@@ -458,7 +445,7 @@ def report(
             click.echo(f"{pardoned} pardoned block(s) left out (--include-pardoned)", err=True)
     if fmt == "dshield" and (ipv6 := exports.dshield_ipv6_left_out(incidents)):
         click.echo(f"{ipv6} IPv6 block(s) left out: DShield takes IPv4 only", err=True)
-    _write(_render(fmt, incidents, settings), output)
+    _write(exports.render(fmt, incidents, settings), output)
     if submit:
         result = _submit(settings, fmt, incidents)
         click.echo(result.line(), err=True)
@@ -466,20 +453,6 @@ def report(
             click.echo(f"  refused {error}", err=True)
         if result.stopped:
             ctx.exit(EXIT_FAILED)
-
-
-def _render(fmt: str, incidents: list[Incident], settings: ReputationSettings) -> list[str]:
-    """The report's text, as one file or (AbuseIPDB's bulk limits) several."""
-    zone = settings.zone()
-    if fmt == "abuseipdb":
-        return exports.to_abuseipdb_parts(incidents, settings.abuseipdb, zone)
-    return [
-        {
-            "json": lambda: exports.to_json(incidents, zone),
-            "csv": lambda: exports.to_csv(incidents, zone),
-            "dshield": lambda: exports.to_dshield(incidents, settings.dshield, zone),
-        }[fmt]()
-    ]
 
 
 def _write(parts: list[str], output: Path | None) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
-from imr.reputation.settings import AbuseIPDBSettings, DShieldSettings
+from imr.reputation.settings import AbuseIPDBSettings, DShieldSettings, ReputationSettings
 from imr.store import SCHEMA_VERSION
 
 HistorySource = Literal["auto", "state", "daemon"]
@@ -434,4 +434,18 @@ def dshield_logs(incidents: Sequence[Incident], settings: DShieldSettings) -> li
             "version": 4,
         }
         for ip, at in dshield_events(incidents)
+    ]
+
+
+def render(fmt: str, incidents: list[Incident], settings: ReputationSettings) -> list[str]:
+    """The report's text, as one file or (AbuseIPDB's bulk limits) several."""
+    zone = settings.zone()
+    if fmt == "abuseipdb":
+        return to_abuseipdb_parts(incidents, settings.abuseipdb, zone)
+    return [
+        {
+            "json": lambda: to_json(incidents, zone),
+            "csv": lambda: to_csv(incidents, zone),
+            "dshield": lambda: to_dshield(incidents, settings.dshield, zone),
+        }[fmt]()
     ]
