@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,10 +27,11 @@ from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
 from imr.core.durations import format_duration, parse_duration
 from imr.reputation import exports
+from imr.reputation.abuse_mail import not_mailed
 from imr.reputation.contacts import ContactFinder
 from imr.reputation.dns_client import DnsUnavailable, make_resolver
 from imr.reputation.exports import HistoryError, HistorySource, Incident
-from imr.reputation.httpbl import HttpBL
+from imr.reputation.httpbl import HttpBL, local_refusal
 from imr.reputation.mailer import SmtpRelay, send_due
 from imr.reputation.outbox import Outbox, OutboxError, Report
 from imr.reputation.settings import ReputationSettings, SecretError
@@ -121,6 +124,9 @@ def check(ctx: click.Context, ip: str, as_json: bool, do_block: bool) -> None:
 
     Exit status 0 when the lookup gave an answer (listed or not), 1 when it failed."""
     settings = _settings(ctx)
+    refusal = local_refusal(ip)
+    if do_block and refusal is not None:
+        _fail(f"{refusal}: never blocked")
     try:
         key = settings.httpbl.access_key()
         resolver = make_resolver(settings.dns)
@@ -186,17 +192,26 @@ def reports_collect(ctx: click.Context, since: str | None, history: HistorySourc
     _notify_enabled(settings)
     window = _duration(since) if since else settings.notify.collect_window
     incidents = _incidents(ctx, time.time() - window, history)
-    prefixes = settings.notify.sources
     counts: dict[str, int] = {}
     with _open_outbox(settings) as outbox:
         for incident in incidents:
-            if prefixes and not any(incident.source.startswith(p) for p in prefixes):
-                counts["filtered"] = counts.get("filtered", 0) + 1
-                continue
-            outcome = outbox.queue(incident, settings.notify.period)
+            skip = not_mailed(incident, settings.notify)
+            outcome = skip or outbox.queue(incident, settings.notify.period)
             counts[outcome] = counts.get(outcome, 0) + 1
     summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing new"
     click.echo(f"{len(incidents)} blocks since {format_duration(window)} ago: {summary}")
+
+
+def _pardon_check(
+    ctx: click.Context, outbox: Outbox, history: HistorySource
+) -> Callable[[Incident], bool]:
+    """Which queued blocks were lifted as false positives since: read from the history now.
+    An unreadable history ends the run (nothing is mailed that might have been pardoned)."""
+    waiting = [i for r in outbox.reports(pending_only=True) for i in r.incidents]
+    if not waiting:
+        return lambda incident: False
+    since = min(i.blocked_at for i in waiting) - 1
+    return exports.pardon_check(_incidents(ctx, since, history))
 
 
 def _when(epoch: float | None) -> str:
@@ -291,8 +306,11 @@ def reports_show(ctx: click.Context, which: str, as_json: bool) -> None:
 @reports.command("send")
 @click.option("--dry-run", is_flag=True, help="Print the mails that are due; send nothing.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="At most this many.")
+@_from_option
 @click.pass_context
-def reports_send(ctx: click.Context, dry_run: bool, limit: int | None) -> None:
+def reports_send(
+    ctx: click.Context, dry_run: bool, limit: int | None, history: HistorySource
+) -> None:
     """Mail the reports that are due (for cron, after `collect`)."""
     settings = _settings(ctx)
     _notify_enabled(settings)
@@ -316,6 +334,7 @@ def reports_send(ctx: click.Context, dry_run: bool, limit: int | None) -> None:
                     settings.zone(),
                     reporter,
                     time.time,
+                    pardoned=_pardon_check(ctx, outbox, history),
                     dry_run=dry_run,
                     limit=limit,
                 )
@@ -332,6 +351,14 @@ def reports_send(ctx: click.Context, dry_run: bool, limit: int | None) -> None:
         click.echo(f"failed {ip}", err=True)
     for ip in summary.no_contact:
         click.echo(f"no contact {ip}")
+    for ip in summary.cancelled:
+        click.echo(f"cancelled {ip}: every block lifted as a false positive")
+    if summary.waiting_for_time:
+        click.echo(
+            f"run time limit of {format_duration(notify.run_timeout)} reached:"
+            f" {summary.waiting_for_time} wait for the next run",
+            err=True,
+        )
     if summary.waiting_for_cap:
         click.echo(
             f"daily cap of {notify.daily_cap} reached: {summary.waiting_for_cap} wait", err=True
@@ -340,6 +367,32 @@ def reports_send(ctx: click.Context, dry_run: bool, limit: int | None) -> None:
         _fail(f"stopped: {summary.stopped}; the report waits and is retried")
     if summary.failed:
         ctx.exit(EXIT_FAILED)
+
+
+@reports.command("cancel")
+@click.argument("which")
+@click.pass_context
+def reports_cancel(ctx: click.Context, which: str) -> None:
+    """Cancel a waiting report, by id, or every waiting report for an address."""
+    settings = _settings(ctx)
+    who = _who()
+    with _open_outbox(settings) as outbox:
+        if which.isdigit():
+            chosen = [r for r in [outbox.get(int(which))] if r is not None]
+        else:
+            chosen = [r for r in outbox.reports(pending_only=True) if r.ip == which]
+        done = [r for r in chosen if outbox.cancel(r.id, f"cancelled by {who}")]
+    if not done:
+        _fail(f"no waiting report for {which}")
+    for r in done:
+        click.echo(f"cancelled report {r.id} for {r.ip}")
+
+
+def _who() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 # report (exports) ---------------------------------------------------------------------
@@ -360,6 +413,11 @@ FORMATS = ("dshield", "abuseipdb", "csv", "json")
 @click.option(
     "--submit", is_flag=True, help="Also submit to the service's API (dshield, abuseipdb)."
 )
+@click.option(
+    "--include-pardoned",
+    is_flag=True,
+    help="Also blocks an admin lifted as false positives (unblocked, protected).",
+)
 @_from_option
 @click.pass_context
 def report(
@@ -368,9 +426,12 @@ def report(
     since: str,
     output: Path | None,
     submit: bool,
+    include_pardoned: bool,
     history: HistorySource,
 ) -> None:
-    """Build a report of the blocks made since --since, in a service's format."""
+    """Build a report of the blocks made since --since, in a service's format.
+
+    Blocks lifted as false positives are left out unless --include-pardoned."""
     settings = _settings(ctx)
     if submit and fmt not in ("dshield", "abuseipdb"):
         _fail("--submit works with --format dshield or abuseipdb", EXIT_USAGE)
@@ -378,20 +439,13 @@ def report(
         _fail("DShield needs reputation.dshield.userid", EXIT_USAGE)
     window = _duration(since)
     incidents = _incidents(ctx, time.time() - window, history)
-    zone = settings.zone()
-    text = {
-        "json": lambda: exports.to_json(incidents, zone),
-        "csv": lambda: exports.to_csv(incidents, zone),
-        "abuseipdb": lambda: exports.to_abuseipdb_csv(incidents, settings.abuseipdb, zone),
-        "dshield": lambda: exports.to_dshield(incidents, settings.dshield, zone),
-    }[fmt]()
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        try:
-            output.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            _fail(f"{output}: cannot write: {exc.strerror or exc}")
+    if not include_pardoned:
+        incidents, pardoned = exports.without_pardoned(incidents)
+        if pardoned:
+            click.echo(f"{pardoned} pardoned block(s) left out (--include-pardoned)", err=True)
+    if fmt == "dshield" and (ipv6 := exports.dshield_ipv6_left_out(incidents)):
+        click.echo(f"{ipv6} IPv6 block(s) left out: DShield takes IPv4 only", err=True)
+    _write(exports.render(fmt, incidents, settings), output)
     if submit:
         result = _submit(settings, fmt, incidents)
         click.echo(result.line(), err=True)
@@ -399,6 +453,35 @@ def report(
             click.echo(f"  refused {error}", err=True)
         if result.stopped:
             ctx.exit(EXIT_FAILED)
+
+
+def _write(parts: list[str], output: Path | None) -> None:
+    if output is None:
+        if len(parts) > 1:
+            _fail(
+                f"the report passes AbuseIPDB's bulk limits ({exports.BULK_MAX_LINES:,} lines or"
+                f" {exports.BULK_MAX_BYTES:,} bytes per file): use --output FILE to write"
+                f" {len(parts)} files (FILE-1, FILE-2, ...), or a shorter --since"
+            )
+        click.echo(parts[0], nl=False)
+        return
+    paths = [output]
+    if len(parts) > 1:
+        paths = [
+            output.with_name(f"{output.stem}-{n}{output.suffix}") for n in range(1, len(parts) + 1)
+        ]
+        click.echo(
+            f"AbuseIPDB takes at most {exports.BULK_MAX_LINES:,} lines or"
+            f" {exports.BULK_MAX_BYTES:,} bytes per file: wrote {len(parts)} files",
+            err=True,
+        )
+    for path, text in zip(paths, parts, strict=True):
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(f"{path}: cannot write: {exc.strerror or exc}")
+        if len(parts) > 1:
+            click.echo(f"  {path}", err=True)
 
 
 def _submit(settings: ReputationSettings, fmt: str, incidents: list[Incident]) -> SubmitResult:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import dns.exception
 import dns.resolver
 
-from imr.reputation.dns_client import TEMPORARY, describe, negative_ttl
+from imr.reputation.dns_client import TEMPORARY, describe, negative_ttl, resolve
 from imr.reputation.settings import HttpBLSettings
 
 SEARCH_ENGINES = {
@@ -41,6 +41,43 @@ SEARCH_ENGINES = {
     12: "miscellaneous",
 }
 _TYPE_BITS = ((1, "suspicious"), (2, "harvester"), (4, "comment spammer"))
+THREAT_BITS = 7  # the rest (8 ... 128) are reserved: they say nothing about a threat
+
+
+# Never looked up nor blocked (the log scanner's list, imr/logscan/httpbl.py, plus the
+# daemon's intrinsic refusals): they say something about the local network, cannot be
+# listed, and `imr check --block` must refuse them as every other path does.
+_LOCAL = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/3",  # multicast, reserved and broadcast
+    )
+)
+
+
+def local_refusal(ip: str) -> str | None:
+    """Why `ip` is private or reserved (never looked up, never blocked), or None."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            special = address.is_loopback or address.is_link_local or address.is_multicast
+            special = special or address.is_unspecified or address.is_site_local
+            special = special or address in ipaddress.IPv6Network("fc00::/7")
+            return f"{ip} is a private or reserved address" if special else None
+        address = address.ipv4_mapped
+    if any(address in net for net in _LOCAL):
+        return f"{ip} is a private or reserved address"
+    return None
 
 
 class HttpBLError(Exception):
@@ -65,11 +102,19 @@ class Answer:
     def search_engine(self) -> bool:
         return self.visitor_type == 0
 
+    @property
+    def threat_type(self) -> bool:
+        """Whether a defined threat bit is set (reserved bits alone are no threat)."""
+        return bool(self.visitor_type & THREAT_BITS)
+
     def describe_type(self) -> str:
         if self.search_engine:
             return f"search engine ({SEARCH_ENGINES.get(self.threat, 'unknown')})"
         names = [name for bit, name in _TYPE_BITS if self.visitor_type & bit]
-        return ", ".join(names) or f"type {self.visitor_type}"
+        reserved = self.visitor_type & ~THREAT_BITS
+        if reserved:
+            names.append(f"reserved type bits {reserved} (ignored)")
+        return ", ".join(names)
 
 
 Status = Literal["listed", "not_listed", "skipped", "error"]
@@ -111,8 +156,9 @@ class Verdict:
 
 
 def score(answer: Answer, max_age_days: int = 255) -> int:
-    """The threat discounted linearly to zero at max_age_days (search engines score 0)."""
-    if answer.search_engine:
+    """The threat discounted linearly to zero at max_age_days (search engines, and reserved
+    type bits alone, score 0)."""
+    if answer.search_engine or not answer.threat_type:
         return 0
     remaining = max(0, max_age_days - answer.days)
     return answer.threat * remaining // max_age_days
@@ -131,6 +177,9 @@ def judge(ip: str, answer: Answer | None, settings: HttpBLSettings) -> Verdict:
         return Verdict(ip, "not_listed", False, 0, "not listed in http:BL")
     if answer.search_engine:
         return Verdict(ip, "listed", False, 0, f"a {answer.describe_type()}: never blocked", answer)
+    if not answer.threat_type:
+        why = f"listed with {answer.describe_type()} only: no threat type, not blocked"
+        return Verdict(ip, "listed", False, 0, why, answer)
     points = score(answer, settings.max_age_days)
     basis = (
         f"listed as {answer.describe_type()}, threat {answer.threat},"
@@ -195,6 +244,9 @@ class HttpBL:
                 return Verdict(ip, "skipped", False, 0, "IPv6: http:BL lists IPv4 only")
             address = address.ipv4_mapped
         text = str(address)
+        refusal = local_refusal(text)
+        if refusal is not None:
+            return Verdict(text, "skipped", False, 0, f"{refusal}: not looked up, never blocked")
         now = self._clock()
         cached = self._cache.get(text)
         if cached is not None and cached[0] > now:
@@ -207,14 +259,15 @@ class HttpBL:
             return Verdict(text, "error", False, 0, f"lookup failed: {describe(exc)}")
         except dns.exception.DNSException as exc:
             return Verdict(text, "error", False, 0, f"lookup failed: {describe(exc)}")
-        self._remember(text, now + ttl, answer)
+        # Whatever the zone says, no answer is kept past max_cache_ttl.
+        self._remember(text, now + min(ttl, self.settings.max_cache_ttl), answer)
         return judge(text, answer, self.settings)
 
     def _query(self, ip: str) -> tuple[Answer | None, int]:
         name = query_name(self._key, ip, self.settings.zone)
         self.queries += 1
         try:
-            result = self._resolver.resolve(name, "A", search=False)
+            result = resolve(self._resolver, name, "A")
         except dns.resolver.NXDOMAIN as exc:
             return None, negative_ttl(exc, self.settings.negative_ttl)
         except dns.resolver.NoAnswer:

@@ -1,33 +1,37 @@
-"""Abuse mail: one concise report per address (pure building), and the send run.
+"""Abuse mail: the send run (the messages are built in abuse_mail.py).
 
-The run takes the due reports from the outbox, finds whom to tell (DNS), and
-hands each report to the configured SMTP relay. A relay that cannot be reached
-ends the run (the report waits and is retried with backoff; the others were not
-tried and are not penalised). A relay that refuses every recipient for good
-(5xx) fails that report only. The daily cap leaves the rest for later.
+The run takes the due reports from the outbox, drops the blocks pardoned since
+they were queued, finds whom to tell (DNS, each report within its own deadline
+and all within the run's), and sends one message per abuse desk through the
+configured SMTP relay. A relay that cannot be reached ends the run (the reports
+in that message wait and are retried with backoff; the others were not tried
+and are not penalised). A relay that refuses a desk for good (5xx) fails the
+reports that only that desk was to get. The daily cap and the run's deadline
+leave the rest for later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from imr.core.durations import format_duration
+from imr.reputation.abuse_mail import Item, build_message
 from imr.reputation.contacts import Contacts
-from imr.reputation.exports import Incident, local_time
+from imr.reputation.exports import Incident
 from imr.reputation.outbox import Outbox, Report
 from imr.reputation.settings import NotifySettings
 
 
 class Finder(Protocol):
-    def find(self, ip: str) -> Contacts: ...
+    def find(self, ip: str, deadline: float | None = None) -> Contacts: ...
 
 
 class RelayUnavailable(Exception):
@@ -36,94 +40,6 @@ class RelayUnavailable(Exception):
 
 class Refused(Exception):
     """The relay refused this message for good (5xx)."""
-
-
-# Building ----------------------------------------------------------------------------
-
-
-def _stamp(epoch: float, zone: ZoneInfo | None) -> str:
-    """'2024-05-01 12:00:03 +0200 (CEST)': the offset is always there."""
-    return local_time(epoch, zone).strftime("%Y-%m-%d %H:%M:%S %z (%Z)")
-
-
-def _why_these(contacts: Contacts) -> list[str]:
-    return [f"  {step}" for step in contacts.trail]
-
-
-def build_message(
-    report: Report,
-    contacts: Contacts,
-    settings: NotifySettings,
-    zone: ZoneInfo | None,
-    reporter: str,
-    now: float,
-) -> EmailMessage:
-    """One concise plain-text report for every block of this address in the report."""
-    if settings.sender is None:
-        raise ValueError("reputation.notify.sender is not set")
-    incidents = report.incidents
-    rules = sorted({i.source or "manual" for i in incidents})
-    host = f"{report.ip} ({contacts.ptr})" if contacts.ptr else report.ip
-
-    body = [
-        f"This is an automated abuse report from {reporter}.",
-        "",
-        f"The address {host} attacked {reporter}, which blocked it in its firewall.",
-        "The machine may be compromised or misused; please look into it.",
-        "",
-        "Blocks:",
-    ]
-    for i in incidents:
-        length = format_duration(i.expires_at - i.blocked_at)
-        body.append(
-            f"  {_stamp(i.blocked_at, zone)}  for {length}  rule {i.source or 'manual'}"
-            f"  (offence {i.offence})"
-        )
-        if i.reason:
-            body.append(f"    {i.reason}")
-    evidence = _evidence(incidents, settings.max_evidence_lines)
-    total = sum(len(i.hits) for i in incidents)
-    body += ["", f"Evidence ({len(evidence)} of {total} entries):"]
-    for at, line in evidence:
-        body.append(f"  {_stamp(at, zone)}  {line}")
-    body += [
-        "",
-        "You receive this because DNS names you as the contact for this address:",
-        *_why_these(contacts),
-        "",
-        f"{reporter} sends at most one report per address every"
-        f" {format_duration(settings.period)}.",
-        f"Questions: {settings.reply_to or settings.sender}.",
-    ]
-
-    message = EmailMessage()
-    message["From"] = settings.sender
-    message["To"] = ", ".join(contacts.recipients)
-    if settings.reply_to:
-        message["Reply-To"] = settings.reply_to
-    message["Subject"] = f"Abuse report: {report.ip} attacked {reporter} ({', '.join(rules)})"
-    message["Date"] = format_datetime(local_time(now, zone))
-    message["Message-ID"] = make_msgid("imr-report", domain=settings.sender.split("@", 1)[1])
-    # RFC 3834: machines must not answer this with vacation replies.
-    message["Auto-Submitted"] = "auto-generated"
-    message["X-Imr-Address"] = report.ip
-    message.set_content("\n".join(body) + "\n")
-    return message
-
-
-def _evidence(incidents: list[Incident], limit: int) -> list[tuple[float, str]]:
-    """Distinct hit lines (time, "outcome source: reason"), the earliest first, at most limit."""
-    lines: list[tuple[float, str]] = []
-    seen: set[str] = set()
-    for incident in incidents:
-        for hit in incident.hits:
-            text = f"{hit.outcome} {hit.source or '-'}: {hit.reason or '-'}"
-            if text in seen:
-                continue
-            seen.add(text)
-            lines.append((hit.at, text))
-    lines.sort()
-    return lines[:limit]
 
 
 # Sending -----------------------------------------------------------------------------
@@ -215,9 +131,21 @@ class SendSummary:
     retry: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     no_contact: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)  # every block pardoned
     waiting_for_cap: int = 0
+    waiting_for_time: int = 0  # left for the next run: the run's deadline came first
     stopped: str | None = None  # why the run ended early (relay down)
     previews: list[EmailMessage] = field(default_factory=list)
+
+
+@dataclass
+class _Planned:
+    report: Report
+    contacts: Contacts
+    delivered: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    unavailable: str | None = None
 
 
 def send_due(
@@ -229,59 +157,117 @@ def send_due(
     reporter: str,
     now: Callable[[], float],
     *,
+    pardoned: Callable[[Incident], bool],
     dry_run: bool = False,
     limit: int | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> SendSummary:
-    """Send what is due, within the daily cap. dry_run changes nothing and sends nothing."""
+    """Send what is due, within the daily cap and the run's deadline, one message per desk.
+
+    `pardoned` says whether a block was lifted as a false positive since it was queued
+    (read from the state file just before): such blocks are dropped from their report,
+    and a report left with none is cancelled. dry_run changes nothing and sends nothing."""
     summary = SendSummary()
+    deadline = monotonic() + settings.run_timeout
+    try:
+        planned = _plan(
+            outbox, settings, finder, summary, pardoned, dry_run, limit, deadline, monotonic
+        )
+        desks: dict[str, list[_Planned]] = {}
+        for plan in planned:
+            for recipient in plan.contacts.recipients:
+                desks.setdefault(recipient, []).append(plan)
+        for desk, plans in desks.items():
+            items = [Item(p.report.ip, tuple(p.report.incidents), p.contacts) for p in plans]
+            message = build_message(desk, items, settings, zone, reporter, now())
+            if dry_run:
+                summary.previews.append(message)
+                continue
+            try:
+                relay.send(message, [desk])
+            except Refused as exc:
+                for plan in plans:
+                    plan.refused.append(f"{desk}: {exc}")
+                continue
+            except RelayUnavailable as exc:
+                for plan in plans:
+                    plan.unavailable = str(exc)
+                summary.stopped = str(exc)
+                break
+            for plan in plans:
+                plan.delivered.append(desk)
+                plan.message_ids.append(str(message["Message-ID"]))
+        if not dry_run:
+            for plan in planned:
+                _settle(outbox, settings, plan, summary)
+    finally:
+        relay.close()
+    return summary
+
+
+def _plan(
+    outbox: Outbox,
+    settings: NotifySettings,
+    finder: Finder,
+    summary: SendSummary,
+    pardoned: Callable[[Incident], bool],
+    dry_run: bool,
+    limit: int | None,
+    deadline: float,
+    monotonic: Callable[[], float],
+) -> list[_Planned]:
+    """The due reports that are still wanted and have someone to tell, within the cap."""
     due = outbox.due()
     budget = settings.daily_cap - outbox.sent_in_last_day()
     if limit is not None:
         due = due[:limit]
-    try:
-        for index, report in enumerate(due):
-            if budget <= 0:
-                summary.waiting_for_cap = len(due) - index
-                break
-            contacts = finder.find(report.ip)
-            if not contacts.recipients:
-                if dry_run:
-                    summary.no_contact.append(report.ip)
-                elif contacts.temporary:
-                    outbox.mark_retry(
-                        report,
-                        "; ".join(contacts.trail),
-                        settings.retry_after,
-                        settings.max_attempts,
-                    )
-                    summary.retry.append(report.ip)
-                else:
-                    outbox.mark_no_contact(report.id, contacts.trail)
-                    summary.no_contact.append(report.ip)
-                continue
-            message = build_message(report, contacts, settings, zone, reporter, now())
-            if dry_run:
-                summary.previews.append(message)
-                budget -= 1
-                continue
-            try:
-                relay.send(message, contacts.recipients)
-            except Refused as exc:
-                outbox.mark_failed(report.id, str(exc), contacts.trail)
-                summary.failed.append(report.ip)
-                continue
-            except RelayUnavailable as exc:
-                status = outbox.mark_retry(
-                    report, str(exc), settings.retry_after, settings.max_attempts
-                )
-                (summary.failed if status == "failed" else summary.retry).append(report.ip)
-                summary.stopped = str(exc)
-                break
-            outbox.mark_sent(
-                report.id, contacts.recipients, contacts.trail, str(message["Message-ID"])
-            )
-            summary.sent.append(report.ip)
+    planned: list[_Planned] = []
+    for index, report in enumerate(due):
+        if budget <= 0:
+            summary.waiting_for_cap = len(due) - index
+            break
+        kept = [i for i in report.incidents if not pardoned(i)]
+        if not kept:
+            if not dry_run:
+                outbox.cancel(report.id, "every block in it was lifted as a false positive")
+            summary.cancelled.append(report.ip)
+            continue
+        if len(kept) < len(report.incidents):
+            if not dry_run:
+                outbox.replace_incidents(report.id, kept)
+            report = dataclasses.replace(report, incidents=kept)
+        start = monotonic()
+        if start >= deadline:
+            summary.waiting_for_time = len(due) - index
+            break
+        contacts = finder.find(report.ip, min(deadline, start + settings.report_lookup_timeout))
+        if contacts.recipients:
+            planned.append(_Planned(report, contacts))
             budget -= 1
-    finally:
-        relay.close()
-    return summary
+        elif dry_run:
+            summary.no_contact.append(report.ip)
+        elif contacts.temporary:
+            outbox.mark_retry(
+                report, "; ".join(contacts.trail), settings.retry_after, settings.max_attempts
+            )
+            summary.retry.append(report.ip)
+        else:
+            outbox.mark_no_contact(report.id, contacts.trail)
+            summary.no_contact.append(report.ip)
+    return planned
+
+
+def _settle(outbox: Outbox, settings: NotifySettings, plan: _Planned, summary: SendSummary) -> None:
+    report, trail = plan.report, plan.contacts.trail
+    if plan.delivered:
+        outbox.mark_sent(report.id, plan.delivered, trail, " ".join(plan.message_ids))
+        summary.sent.append(report.ip)
+    elif plan.unavailable is not None:
+        status = outbox.mark_retry(
+            report, plan.unavailable, settings.retry_after, settings.max_attempts
+        )
+        (summary.failed if status == "failed" else summary.retry).append(report.ip)
+    elif plan.refused:
+        outbox.mark_failed(report.id, "; ".join(plan.refused), trail)
+        summary.failed.append(report.ip)
+    # else: its desk was not tried (the relay went down first): untouched, not charged.

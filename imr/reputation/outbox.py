@@ -8,6 +8,9 @@ mailed, and the ledger of what was submitted to AbuseIPDB/DShield.
   day) and gives up after max_attempts; the report says why.
 - Daily cap: at most daily_cap reports sent in any 24 hours; the rest wait.
 - One sender at a time (a lock file), so overlapping cron runs cannot mail twice.
+- Cancelled: every block of the report was pardoned (an admin lifted it as a false
+  positive) before it was sent, or an admin cancelled it (`imr reports cancel`).
+  Its blocks stay known (never queued again); it does not hold back a new report.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE INDEX IF NOT EXISTS submissions_by_ip ON submissions(service, ip, at);
 """
 
-Status = Literal["pending", "sent", "failed", "no_contact"]
+Status = Literal["pending", "sent", "failed", "no_contact", "cancelled"]
 QueueResult = Literal["queued", "merged", "known", "recent"]
 
 
@@ -207,6 +210,8 @@ class Outbox:
                 return "merged" if known is None else "known"
             if known is not None:
                 return "known"
+            if report is not None and report.status == "cancelled":
+                report = None  # a mistake, not a report: it holds nothing back
             if report is not None and max(report.created_at, report.sent_at or 0) > now - period:
                 self._remember(incident, report.id)
                 return "recent"
@@ -264,6 +269,22 @@ class Outbox:
         return int(row[0])
 
     # Outcomes ----------------------------------------------------------------------
+
+    def cancel(self, report_id: int, why: str) -> bool:
+        """Cancel a waiting report; False if it is not waiting (sent, failed, ...)."""
+        cursor = self._db.execute(
+            "UPDATE reports SET status = 'cancelled', last_error = ?"
+            " WHERE id = ? AND status = 'pending'",
+            (why, report_id),
+        )
+        return cursor.rowcount > 0
+
+    def replace_incidents(self, report_id: int, incidents: Sequence[Incident]) -> None:
+        """Keep only these blocks in a waiting report (the others were pardoned)."""
+        self._db.execute(
+            "UPDATE reports SET incidents = ? WHERE id = ? AND status = 'pending'",
+            (json.dumps([i.to_record() for i in incidents]), report_id),
+        )
 
     def mark_sent(
         self, report_id: int, recipients: list[str], trail: list[str], message_id: str

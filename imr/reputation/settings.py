@@ -46,6 +46,10 @@ _HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_-]{1,63}){0,1
 _MAILBOX = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 
 
+MailKind = Literal["evidence", "httpbl", "manual"]
+_EVIDENCE: MailKind = "evidence"
+
+
 class SecretError(Exception):
     """A secret that is configured but cannot be read; the message is for the user."""
 
@@ -105,7 +109,9 @@ class _Model(BaseModel):
 class DnsSettings(_Model):
     # Empty: the system's resolvers (/etc/resolv.conf).
     nameservers: list[Nameserver] = Field(default_factory=list)
-    # Whole lookup, all retries included: DNS must never hold anything up for long.
+    # Whole lookup, all retries and every server included: DNS must never hold anything
+    # up for long. Each server gets an equal share of it per try, so a dead first server
+    # leaves time for the next (as resolv.conf's resolvers fail over).
     timeout: float = Field(2.0, gt=0, le=30)
 
 
@@ -125,6 +131,8 @@ class HttpBLSettings(_Model):
     score_per_rung: int = Field(50, ge=1, le=255)
     # NXDOMAIN without an SOA to say how long "not listed" holds.
     negative_ttl: Duration = 300
+    # No answer is kept longer than this, whatever TTL the zone gives it.
+    max_cache_ttl: Duration = 3600
     cache_entries: int = Field(10_000, ge=1, le=1_000_000)
 
     @field_validator("key")
@@ -170,11 +178,25 @@ class NotifySettings(_Model):
     retry_after: Duration = 300
     # `reports collect` looks this far back in the block history.
     collect_window: Duration = 86400
-    # Only blocks whose source starts with one of these (empty: every block).
+    # Only blocks whose source starts with one of these (empty: every block). The source
+    # is a tag any block-role client chooses freely: `uids` is the filter it cannot fake.
     sources: list[str] = Field(default_factory=list)
+    # Only blocks requested by these uids (the peer's uid, as the daemon saw it); empty: any.
+    uids: list[int] = Field(default_factory=list)
+    # What may be mailed: "evidence" (a log line or ModSecurity rule imr saw itself: sources
+    # logscan:* and modsecurity:*), "httpbl" (Project Honey Pot's verdict), "manual".
+    kinds: list[MailKind] = Field(default_factory=lambda: [_EVIDENCE], min_length=1)
+    # What was attacked, as the mail and its X-ARF part say (default: not disclosed).
+    destination: str | None = None
+    # The attacked port per block source prefix, e.g. {"logscan:sshd" = 22, "logscan:" = 443}.
+    ports_by_source: dict[str, int] = Field(default_factory=dict)
+    # Time limits: one report's contact lookups, and one `reports send` run (its lookups
+    # and mail); what is left is tried on the next run, not charged an attempt.
+    report_lookup_timeout: float = Field(10.0, gt=0, le=300)
+    run_timeout: Duration = 300
     # Abuse-contact lookups: TXT <reversed ip>.<ip_contact_zone> (abusix style) and
     # TXT <domain>.<domain_contact_zone> (abuse.net style); "" turns either off.
-    ip_contact_zone: str = "abuse-contacts.abusix.org"
+    ip_contact_zone: str = "abuse-contacts.abusix.zone"
     domain_contact_zone: str = ""
     # Reverse name, then up its labels to the first domain with an MX: mail these local parts.
     mx_walk: bool = True
@@ -209,6 +231,13 @@ class NotifySettings(_Model):
         if self.smtp_user and not self.smtp_password and self.smtp_password_file is None:
             raise ValueError("smtp_user is set: set smtp_password or smtp_password_file")
         return self
+
+    def port_for(self, source: str) -> int | None:
+        best = ""
+        for prefix in self.ports_by_source:
+            if source.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self.ports_by_source[best] if best else None
 
     def password(self) -> str | None:
         if not self.smtp_user:

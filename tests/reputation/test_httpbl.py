@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -165,3 +167,77 @@ def test_ipv6_is_skipped_without_a_query(dns_server: ZoneServer) -> None:
     assert lookup.queries == 0
     mapped = lookup.check("::ffff:192.0.2.7")
     assert mapped.ip == "192.0.2.7" and mapped.block
+
+
+# Issue #13, item 14 -----------------------------------------------------------------
+
+
+class _Garbage:
+    """A UDP 'name server' that answers every query with a malformed message."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            # The query's id, "a response", one answer promised, then a broken name.
+            self.sock.sendto(data[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\xff\xff", peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_malformed_answer_is_reported_as_malformed() -> None:
+    garbage = _Garbage()
+    try:
+        start = time.monotonic()
+        verdict = checker(garbage.address).check("192.0.2.7")
+        took = time.monotonic() - start
+    finally:
+        garbage.close()
+    assert verdict.status == "error" and not verdict.block
+    assert "malformed DNS answer" in verdict.why and "timeout" not in verdict.why.lower()
+    assert took < 0.5  # said at once, not after waiting out the lifetime
+
+
+def test_reserved_type_bits_are_no_threat(dns_server: ZoneServer) -> None:
+    dns_server.add(f"{name('192.0.2.30')} 600 IN A 127.0.200.8")  # reserved bit 8 alone
+    dns_server.add(f"{name('192.0.2.31')} 600 IN A 127.0.200.136")  # 8 + 128: reserved
+    dns_server.add(f"{name('192.0.2.32')} 600 IN A 127.0.200.9")  # suspicious + reserved 8
+    bl = checker(dns_server.address)
+    for ip in ("192.0.2.30", "192.0.2.31"):
+        verdict = bl.check(ip)
+        assert (verdict.status, verdict.block, verdict.score) == ("listed", False, 0), ip
+        assert "no threat type" in verdict.why
+    mixed = bl.check("192.0.2.32")
+    assert mixed.block and "suspicious" in mixed.why and "reserved type bits 8" in mixed.why
+
+
+def test_cached_ttls_are_capped(dns_server: ZoneServer) -> None:
+    dns_server.add(f"{name('192.0.2.33')} 604800 IN A 127.1.60.4")  # a week
+    clock = FakeClock()
+    bl = checker(dns_server.address, clock)  # max_cache_ttl: 1 hour by default
+    bl.check("192.0.2.33")
+    clock.now += 3599
+    bl.check("192.0.2.33")
+    assert bl.queries == 1
+    clock.now += 2
+    bl.check("192.0.2.33")
+    assert bl.queries == 2  # asked again after an hour, not a week
+
+
+def test_private_and_reserved_addresses_are_never_looked_up(dns_server: ZoneServer) -> None:
+    bl = checker(dns_server.address)
+    for ip in ("10.1.2.3", "192.168.0.1", "127.0.0.1", "100.64.0.1", "169.254.1.1", "240.0.0.1"):
+        verdict = bl.check(ip)
+        assert verdict.status == "skipped" and not verdict.block, ip
+        assert "private or reserved" in verdict.why
+    assert bl.queries == 0

@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from email.message import EmailMessage
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dns.reversename
 import pytest
 
-from imr.reputation.contacts import ContactFinder
+from imr.reputation.contacts import ContactFinder, Contacts
 from imr.reputation.dns_client import make_resolver
-from imr.reputation.exports import read_state_file
+from imr.reputation.exports import pardon_check, read_state_file
 from imr.reputation.mailer import SendSummary, SmtpRelay, send_due
 from imr.reputation.outbox import Outbox
 from imr.reputation.settings import DnsSettings, NotifySettings
@@ -39,12 +40,27 @@ def ptr(ip: str, host: str) -> str:
 
 RECORDS = [
     ptr("192.0.2.7", "cust7.dsl.isp.example.net."),
+    "cust7.dsl.isp.example.net. 300 IN A 192.0.2.7",
+    # An attacker's PTR naming someone else's server: it does not resolve back.
     ptr("198.51.100.8", "www.victim-shop.example.org."),
+    "www.victim-shop.example.org. 300 IN A 192.0.2.200",
     ptr("203.0.113.9", "vps9.cloud.example.com."),
+    "vps9.cloud.example.com. 300 IN A 203.0.113.9",
+    ptr("203.0.113.10", "vps10.cloud.example.com."),
+    "vps10.cloud.example.com. 300 IN A 203.0.113.10",
     "isp.example.net. 300 IN MX 10 mx.isp.example.net.",
     "example.org. 300 IN MX 10 mx.example.org.",
     "cloud.example.com. 300 IN MX 10 mx.cloud.example.com.",
 ]
+
+
+def body_of(message: EmailMessage) -> str:
+    """The text for people (the first text/plain part)."""
+    part = message.get_body(("plain",))
+    assert part is not None
+    text = part.get_content()
+    assert isinstance(text, str)
+    return text
 
 
 class Clock:
@@ -109,6 +125,8 @@ class Harness:
         return [self.outbox.queue(i, self.settings.period) for i in incidents]
 
     def send(self, dry_run: bool = False) -> SendSummary:
+        # As `imr reports send` does: what was pardoned since, from the state file now.
+        history = read_state_file(self.state.path, 0, self.clock() + 1)
         return send_due(
             self.outbox,
             self.settings,
@@ -117,6 +135,7 @@ class Harness:
             BERLIN,
             "www.reporter.example",
             self.clock,
+            pardoned=pardon_check(history),
             dry_run=dry_run,
         )
 
@@ -137,12 +156,12 @@ def harness(tmp_path: Path, dns_server: ZoneServer, sink: SmtpSink) -> Iterator[
 def test_one_well_formed_report_per_address_per_period(harness: Harness, sink: SmtpSink) -> None:
     now = harness.clock()
     block(harness.state, "192.0.2.7", now - 3600, LOG_LINE, "logscan:wp-login", extra_hits=3)
-    block(harness.state, "198.51.100.8", now - 1800, "sqli in /search", "modsecurity:942100")
+    block(harness.state, "203.0.113.9", now - 1800, "sqli in /search", "modsecurity:942100")
     assert sorted(harness.collect()) == ["queued", "queued"]
     assert harness.collect() == ["known", "known"]  # cron again: nothing new
 
     summary = harness.send()
-    assert sorted(summary.sent) == ["192.0.2.7", "198.51.100.8"]
+    assert sorted(summary.sent) == ["192.0.2.7", "203.0.113.9"]
     assert len(sink.messages) == 2
     by_ip = {m["X-Imr-Address"]: (sender, to, m) for sender, to, m in sink.messages}
     sender, to, message = by_ip["192.0.2.7"]
@@ -152,7 +171,7 @@ def test_one_well_formed_report_per_address_per_period(harness: Harness, sink: S
     assert message["Auto-Submitted"] == "auto-generated"
     assert message["Message-ID"].endswith("@reporter.example>")
     assert "192.0.2.7" in message["Subject"] and "logscan:wp-login" in message["Subject"]
-    body = message.get_content()
+    body = body_of(message)
     assert "192.0.2.7 (cust7.dsl.isp.example.net)" in body
     assert LOG_LINE in body  # the matched log line, as evidence
     assert f"{LOG_LINE} #3" in body
@@ -183,15 +202,15 @@ def test_blocks_of_one_address_wait_together_in_one_report(
     now = harness.clock()
     block(harness.state, "203.0.113.9", now - 7200, "first", "logscan:sqli")
     harness.collect()
-    with harness.state.transaction():  # lifted by hand, blocked again: still one report
-        harness.state.lift(1, now - 5000, "unblocked", "admin")
+    with harness.state.transaction():  # ran out early, blocked again: still one report
+        harness.state.lift(1, now - 5000, "expired", "imr")
     block(harness.state, "203.0.113.9", now - 600, "second", "logscan:sqli")
     assert harness.collect() == ["known", "merged"]
     (waiting,) = harness.outbox.reports()
     assert [i.reason for i in waiting.incidents] == ["first", "second"]  # each block once
     harness.send()
     assert len(sink.messages) == 1
-    body = sink.messages[0][2].get_content()
+    body = body_of(sink.messages[0][2])
     assert "first" in body and "second" in body
 
 
@@ -245,7 +264,7 @@ def test_backoff_doubles_and_gives_up(tmp_path: Path, dns_server: ZoneServer) ->
 def test_daily_cap_holds(tmp_path: Path, dns_server: ZoneServer, sink: SmtpSink) -> None:
     h = Harness(tmp_path, dns_server.address, sink.port, daily_cap=2)
     try:
-        for ip in ("192.0.2.7", "198.51.100.8", "203.0.113.9"):
+        for ip in ("192.0.2.7", "203.0.113.10", "203.0.113.9"):
             block(h.state, ip, h.clock() - 60, "x", "cli")
         h.collect()
         summary = h.send()
@@ -278,3 +297,39 @@ def test_dry_run_changes_nothing(harness: Harness, sink: SmtpSink) -> None:
     assert summary.previews[0]["To"] == "abuse@isp.example.net"
     assert sink.messages == []
     assert harness.outbox.reports()[0].status == "pending"
+
+
+def test_the_run_stops_at_its_deadline_and_charges_nobody(
+    tmp_path: Path, dns_server: ZoneServer, sink: SmtpSink
+) -> None:
+    """Each report's lookups take 200 s of a 5-minute run: the third waits, uncharged."""
+    h = Harness(tmp_path, dns_server.address, sink.port, run_timeout="5m")
+    try:
+        for ip in ("192.0.2.7", "203.0.113.9", "203.0.113.10"):
+            block(h.state, ip, h.clock() - 60, LOG_LINE, "logscan:wp-login")
+        h.collect()
+        monotonic = Clock()
+        finder = ContactFinder(h.settings, h.resolver)
+
+        class SlowFinder:
+            def find(self, ip: str, deadline: float | None = None) -> Contacts:
+                monotonic.now += 200
+                return finder.find(ip)
+
+        summary = send_due(
+            h.outbox,
+            h.settings,
+            SlowFinder(),
+            SmtpRelay(h.settings, None),
+            BERLIN,
+            "www.reporter.example",
+            h.clock,
+            pardoned=lambda incident: False,
+            monotonic=monotonic,
+        )
+        assert summary.sent == ["192.0.2.7", "203.0.113.9"]
+        assert summary.waiting_for_time == 1
+        left = [r for r in h.outbox.reports() if r.status == "pending"]
+        assert [(r.ip, r.attempts) for r in left] == [("203.0.113.10", 0)]
+    finally:
+        h.close()

@@ -28,6 +28,7 @@ def dns_server() -> Iterator[ZoneServer]:
         [
             f"{KEY}.7.2.0.192.dnsbl.httpbl.org. 600 IN A 127.1.60.4",
             f"{dns.reversename.from_address('192.0.2.7').to_text()} 300 IN PTR a.isp.example.net.",
+            "a.isp.example.net. 300 IN A 192.0.2.7",
             "isp.example.net. 300 IN MX 10 mx.isp.example.net.",
         ]
     ).start()
@@ -115,6 +116,25 @@ def test_check_prints_the_verdict_and_why(tmp_path: Path, dns_server: ZoneServer
     result = run(path, "check", "--json", "198.51.100.1")
     assert result.exit_code == 0
     assert json.loads(result.output)["status"] == "not_listed"
+
+
+def test_check_block_refuses_private_and_reserved_addresses(
+    tmp_path: Path, dns_server: ZoneServer
+) -> None:
+    for ip in ("10.0.0.7", "172.16.5.5", "192.168.1.1", "127.0.0.2", "100.64.1.1", "fe80::1"):
+        dns_server.add(
+            f"{KEY}.{'.'.join(reversed(ip.split('.')))}.dnsbl.httpbl.org. 600 IN A 127.1.60.4"
+        )
+    path = write_config(
+        tmp_path,
+        f'[reputation.dns]\nnameservers = ["{dns_server.address}"]\n'
+        f'[reputation.httpbl]\nenabled = true\nkey = "{KEY}"\n',
+    )
+    for ip in ("10.0.0.7", "172.16.5.5", "192.168.1.1", "127.0.0.2", "100.64.1.1", "fe80::1"):
+        result = run(path, "check", "--block", ip)
+        assert result.exit_code == 1, (ip, result.output)
+        assert f"imr: {ip} is a private or reserved address: never blocked" in result.output
+        assert dns_server.count(f"{KEY}.{'.'.join(reversed(ip.split('.')))}.dnsbl.httpbl.org.") == 0
 
 
 def test_check_without_key_is_a_config_error(tmp_path: Path) -> None:
