@@ -128,15 +128,11 @@ class DateCutter:
             compiled.append(_template(item, line_begin))
         return cls(tuple(compiled))
 
-    def cut(self, line: str) -> str | None:
-        """The line without its date; None if no date is found (fail2ban skips such lines)."""
-        best: re.Match[str] | None = None
+    def split(self, line: str) -> tuple[str, str, str] | None:
+        """(before, date, after); None if no date is found (fail2ban skips such lines)."""
         for pattern in self.patterns:
             m = pattern.search(line)
             if m is not None:
-                best = m
-                break
-        if best is None:
-            return None
-        span = best.span(1) if best.group(1) is not None else best.span()
-        return line[: span[0]] + line[span[1] :]
+                start, end = m.span(1) if m.group(1) is not None else m.span()
+                return line[:start], line[start:end], line[end:]
+        return None

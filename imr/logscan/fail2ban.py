@@ -22,6 +22,7 @@ from pathlib import Path
 
 from imr.logscan.f2b_config import FilterError, interpolate, read_filter, substitute_tags
 from imr.logscan.f2b_dates import DateCutter
+from imr.logscan.f2b_lines import SKIPLINES, Line, joined, split_matched
 from imr.logscan.f2b_sessions import Groups, Sessions
 from imr.logscan.formats import Record
 from imr.logscan.signatures import Signature
@@ -54,10 +55,15 @@ _GLOBAL_FLAGS = re.compile(r"(?<!\\)\((?:\?:)?(\(\?[a-z]+)\)")
 def _host_tags(regex: str) -> str:
     """<HOST> and friends to fail2ban's regexes; <F-NAME>...</F-NAME> to named groups."""
     open_tags: set[str] = set()
+    skips = 0
 
     def repl(m: re.Match[str]) -> str:
+        nonlocal skips
         tag = m.group(0)
         name = tag[1:-1]
+        if name == "SKIPLINES":
+            skips += 1
+            return SKIPLINES.format(n=skips - 1)
         if name in _HOST_TAGS:
             return _HOST_TAGS[name]
         f = _F_TAG.match(name)
@@ -73,16 +79,15 @@ def _host_tags(regex: str) -> str:
     return _TAG.sub(repl, regex)
 
 
-def _compile(regex: str, what: str, path: Path) -> re.Pattern[str]:
-    if "<SKIPLINES>" in regex:
-        raise FilterError(f"{path}: {what} uses <SKIPLINES> (multi-line matching is not supported)")
+def _compile(regex: str, what: str, path: Path, multiline: bool = False) -> re.Pattern[str]:
     text = _GLOBAL_FLAGS.sub(r"\1:", _host_tags(regex))
     try:
-        return re.compile(text)
+        return re.compile(text, re.MULTILINE if multiline else 0)
     except re.error as exc:
         raise FilterError(f"{path}: {what} {regex[:80]!r} does not compile: {exc}") from None
 
 
+_MAX_LINES = 1000  # fail2ban has no limit; this bounds the cost of one line
 _ALT = re.compile(r"^alt_(.*?)(?:_\d+)?$")
 
 
@@ -104,12 +109,28 @@ class Fail2banFilter:
     ignoreregex: tuple[re.Pattern[str], ...]
     prefregex: re.Pattern[str] | None
     dates: DateCutter
+    maxlines: int = 1
     sessions: Sessions = field(default_factory=lambda: Sessions(), compare=False, repr=False)
+    buffer: list[Line] = field(default_factory=list, compare=False, repr=False)
 
     def match(self, line: str) -> tuple[str, str] | None:
-        """(host, evidence) if the line is a failure with an IP-address host."""
-        text = self.dates.cut(line.rstrip("\r\n"))
-        if text is None:
+        """(host, evidence) if the line is a failure with an IP-address host.
+
+        Lines are fed in log order: sessions and the line buffer carry state."""
+        parts = self.dates.split(line.rstrip("\r\n"))
+        if self.maxlines <= 1:
+            return None if parts is None else self._find([parts], [])
+        # A line without a date still fills the buffer (fail2ban), but gives no failure.
+        self.buffer.append(parts or ("", "", line.rstrip("\r\n")))
+        del self.buffer[: -self.maxlines]
+        return None if parts is None else self._find(list(self.buffer), self.buffer)
+
+    def _find(self, lines: list[Line], buffer: list[Line]) -> tuple[str, str] | None:
+        """fail2ban's Filter.findFailure on one buffer (first matching failregex wins)."""
+        text = joined(lines)
+        # fail2ban tries ignoreregex on the whole buffer first only when there are few.
+        few = self.ignoreregex and len(self.ignoreregex) < len(self.failregex) - 2
+        if few and any(ignore.search(text) for ignore in self.ignoreregex):
             return None
         groups: Groups = {}
         if self.prefregex is not None:
@@ -117,34 +138,34 @@ class Fail2banFilter:
             if pm is None:
                 return None
             groups.update((k, v) for k, v in pm.groupdict().items() if v is not None)
-            content = pm.groupdict().get("content")
-            if content is not None:
-                text = content
-        for ignore in self.ignoreregex:
-            if ignore.search(text):
-                return None
+            content = groups.pop("content", None)
+            if content:
+                text = f"{content}\n"
+                buffer[:] = [("", "", str(content))]
         for index, regex in enumerate(self.failregex):
             m = regex.search(text)
             if m is None:
                 continue
-            fail: Groups = {**groups, **_groups(m)}
-            mlfid = fail.get("mlfid")
-            if isinstance(mlfid, str):
-                fail = self.sessions.merge(mlfid, fail)
-            if fail.get("nofail"):
-                return None  # a success or a neutral event: never a failure
-            host = fail.get("ip4") or fail.get("ip6") or fail.get("dns") or fail.get("fid")
-            if not host:
-                if mlfid is not None:
-                    fail["mlfpending"] = "1"  # the failure counts once the session names its host
-                return None
-            return str(host), f"fail2ban {self.name} failregex #{index + 1}"
+            matched, buffer[:] = split_matched(m, lines)
+            if self.ignoreregex:
+                seen = joined(matched) if self.maxlines > 1 else text
+                if any(ignore.search(seen) for ignore in self.ignoreregex):
+                    return None
+            return self._failure(index, {**groups, **_groups(m)})
         return None
 
-    def matches_line(self, line: str) -> tuple[bool, str | None]:
-        """For comparison with fail2ban: did a failregex match, and which host (any kind)."""
-        found = self.match(line)
-        return (found is not None, found[0] if found else None)
+    def _failure(self, index: int, fail: Groups) -> tuple[str, str] | None:
+        mlfid = fail.get("mlfid")
+        if isinstance(mlfid, str):
+            fail = self.sessions.merge(mlfid, fail)
+        if fail.get("nofail"):
+            return None  # a success or a neutral event: never a failure
+        host = fail.get("ip4") or fail.get("ip6") or fail.get("dns") or fail.get("fid")
+        if not host:
+            if mlfid is not None:
+                fail["mlfpending"] = "1"  # the failure counts once the session names its host
+            return None
+        return str(host), f"fail2ban {self.name} failregex #{index + 1}"
 
 
 def parse_filter(path: Path) -> Fail2banFilter:
@@ -163,6 +184,9 @@ def _parse_filter(path: Path) -> Fail2banFilter:
         raise FilterError(f"{path}: no [Definition] section")
 
     def option(name: str) -> str | None:
+        """As fail2ban combines them: [Init] over [Definition] over [DEFAULT]."""
+        if name in sections.get("Init", {}):
+            return interpolate(sections["Init"][name], "Init", sections, known)
         raw = sections["Definition"].get(name)
         if raw is None:
             raw = sections.get("DEFAULT", {}).get(name)
@@ -187,13 +211,17 @@ def _parse_filter(path: Path) -> Fail2banFilter:
                 continue
     tags = {k: substitute_tags(v, tags) for k, v in tags.items()}
 
+    maxlines = _maxlines(substitute_tags(option("maxlines") or "1", tags), path)
+
     def regexes(name: str) -> tuple[re.Pattern[str], ...]:
         value = option(name)
         if not value:
             return ()
         value = substitute_tags(value, tags)
         return tuple(
-            _compile(line.strip(), name, path) for line in value.splitlines() if line.strip()
+            _compile(line.strip(), name, path, maxlines > 1)
+            for line in value.splitlines()
+            if line.strip()
         )
 
     failregex = regexes("failregex")
@@ -211,10 +239,21 @@ def _parse_filter(path: Path) -> Fail2banFilter:
         failregex=failregex,
         ignoreregex=regexes("ignoreregex"),
         prefregex=prefregex,
+        maxlines=maxlines,
         dates=DateCutter.from_datepattern(
             substitute_tags(datepattern, tags) if datepattern else None
         ),
     )
+
+
+def _maxlines(value: str, path: Path) -> int:
+    try:
+        lines = int(value.strip())
+    except ValueError:
+        lines = 0
+    if not 1 <= lines <= _MAX_LINES:
+        raise FilterError(f"{path}: maxlines = {value.strip()!r}: expected 1 to {_MAX_LINES}")
+    return lines
 
 
 def _never(record: Record) -> str | None:
