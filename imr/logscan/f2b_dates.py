@@ -1,8 +1,13 @@
 """Date templates for fail2ban filters: find the date in a line and cut it out.
 
 fail2ban cuts the date out of a line before its failregex sees the line (hence the
-`\\[\\]` left in apache filters). A filter's `datepattern` names its templates; without
-one, a default list close to fail2ban's DateDetector templates is tried in order.
+`\\[\\]` left in apache filters). This is a port of fail2ban 1.0.2's DateDetector
+(server/datedetector.py, datetemplate.py, strptime.py): the same default templates,
+the same strptime-style tokens, the same word and line-begin boundaries, so that the
+same text is cut. What it does not port is the date's value (imr uses the scanner's
+clock) and the detector's per-log learning; in its place, the rule the detector
+applies to a log's first line: a template anchored at the line's beginning wins,
+otherwise the match nearest the line's beginning (the earlier template on a tie).
 """
 
 from __future__ import annotations
@@ -12,127 +17,227 @@ from dataclasses import dataclass
 
 from imr.logscan.f2b_config import FilterError
 
-_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)\w*"
-_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)\w*"
-_TIME = r"\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?"
-_ZONE = r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC|GMT|[A-Z]{3,4}))"
-# Roughly fail2ban's default templates, most specific first.
-_DEFAULT_DATES = (
-    rf"\d{{4}}-\d{{2}}-\d{{2}}[T ]{_TIME}{_ZONE}?",  # ISO 8601
-    rf"\d{{2}}/{_MONTH}/\d{{2,4}}:{_TIME}(?: ?[+-]\d{{4}})?",  # Apache access log
-    rf"(?:{_DAY} )?{_MONTH}\s+\d{{1,2}},? (?:\d{{4}} )?{_TIME}(?: \d{{4}})?{_ZONE}?",  # syslog
-    rf"\d{{4}}/\d{{2}}/\d{{2}} {_TIME}",  # nginx error log
-    rf"\d{{1,2}}[-/.]{_MONTH}[-/.]\d{{2,4}}[ :]{_TIME}{_ZONE}?",  # 21-Jan-2015 10:56:10
-    rf"\d{{1,2}}-\d{{1,2}}-\d{{4}} {_TIME}{_ZONE}?",  # 11-06-2013 02:09:40 +0300
-    rf"\d{{1,2}}/\d{{1,2}}/\d{{2,4}} {_TIME}",
-    rf"\d{{4}}\.\d{{2}}\.\d{{2}} {_TIME}",
-    rf"\d{{2}}\d{{2}}\d{{2}} {_TIME}",  # mysql 120101 12:00:00
-    r"(?<![\d.])\d{10}(?:\.\d{1,6})?(?![\d.])",  # epoch
-    r"@[0-9a-f]{24}",  # TAI64N
-)
-_STRFTIME = {
-    "ExY": r"\d{4}",
-    "Exy": r"\d{2}",
-    "ExH": r"\d{2}",
-    "ExM": r"\d{2}",
-    "ExS": r"\d{2}",
-    "Exm": r"\d{2}",
-    "Exd": r"\d{2}",
-    "Exb": _MONTH,
-    "Y": r"\d{4}",
-    "y": r"\d{2}",
-    "m": r"\d{1,2}",
-    "d": r"\d{1,2}",
-    "e": r" ?\d{1,2}",
-    "H": r"\d{1,2}",
-    "I": r"\d{1,2}",
-    "k": r" ?\d{1,2}",
-    "l": r" ?\d{1,2}",
-    "M": r"\d{1,2}",
-    "S": r"\d{1,2}",
-    "f": r"\d+",
-    "p": r"[AP]M",
-    "b": _MONTH,
-    "B": _MONTH,
-    "a": _DAY,
-    "A": _DAY,
-    "z": r"(?:Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)",
-    "Z": r"(?:[A-Z]{3,5})",
-    "j": r"\d{1,3}",
-    "s": r"\d{10}",
+_MONTHS = "(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+_TZ_ABBR = r"[A-Z](?:[A-Z]{2,4})?"
+# fail2ban's strptime.timeRE, its named groups made non-capturing (only the span is used).
+_TIME_RE = {
+    "a": r"(?:mon|tue|wed|thu|fri|sat|sun)",
+    "A": r"(?:wednesday|thursday|saturday|tuesday|monday|friday|sunday)",
+    "b": _MONTHS,
+    "B": r"(?:september|february|november|december|january|october|august|march|april"
+    r"|june|july|may)",
+    "p": r"(?:am|pm)",
+    "f": r"(?:[0-9]{1,6})",
+    "y": r"(?:\d\d)",
+    "Y": r"(?:\d{4})",
+    "j": r"(?:36[0-6]|3[0-5]\d|[1-2]\d\d|0[1-9]\d|00[1-9]|[1-9]\d|0[1-9]|[1-9])",
+    "I": r"(?:1[0-2]|0[1-9]|[1-9])",
+    "k": r" ?(?:[0-2]?\d)",
+    "l": r" ?(?:1?\d)",
+    "d": r"(?:[1-2]\d|[0 ]?[1-9]|3[0-1])",
+    "m": r"(?:0?[1-9]|1[0-2])",
+    "H": r"(?:[0-1]?\d|2[0-3])",
+    "M": r"(?:[0-5]?\d)",
+    "S": r"(?:[0-5]?\d|6[0-1])",
+    "U": r"(?:5[0-3]|[0-4]\d|\d)",
+    "W": r"(?:5[0-3]|[0-4]\d|\d)",
+    "w": r"(?:[0-6])",
+    "Z": r"(?:Z|[A-Z]{3,5})",
+    "z": r"(?:Z|UTC|GMT|[+-][01]\d(?::?\d{2})?)",
+    "ExZ": rf"(?:{_TZ_ABBR})",
+    "Exz": rf"(?:(?:{_TZ_ABBR})?[+-][01]\d(?::?\d{{2}})?|{_TZ_ABBR})",
+    "Exd": r"(?:[1-2]\d|0[1-9]|3[0-1])",
+    "Exm": r"(?:0[1-9]|1[0-2])",
+    "ExH": r"(?:[0-1]\d|2[0-3])",
+    "Exk": r" ?(?:[0-1]?\d|2[0-3])",
+    "Exl": r" ?(?:1[0-2]|\d)",
+    "ExM": r"(?:[0-5]\d)",
+    "ExS": r"(?:[0-5]\d|6[0-1])",
+    "ExY": r"(?:20\d\d)",  # fail2ban: this century's years near now
+    "Exy": r"(?:\d{2})",
     "%": "%",
 }
-_STRF_TOKEN = re.compile(r"%(Ex[A-Za-z]|[A-Za-z%])")
+_TOKEN = re.compile(r"%(%|Ex[A-Za-z]|[A-Za-z])")
+_ALPHA = re.compile(r"(?<!%)%[aAbBpc]")  # such patterns match case-insensitively
+
+# fail2ban's DateDetectorCache.DEFAULT_TEMPLATES, in its order.
+DEFAULT_TEMPLATES = (
+    r"%ExY(?P<_sep>[-/.])%m(?P=_sep)%d(?:T|  ?)%H:%M:%S(?:[.,]%f)?(?:\s*%z)?",
+    r"(?:%a )?%b %d %k:%M:%S(?:\.%f)?(?: %ExY)?",
+    r"(?:%a )?%b %d %ExY %k:%M:%S(?:\.%f)?",
+    r"%d(?P<_sep>[-/])%m(?P=_sep)(?:%ExY|%Exy) %k:%M:%S",
+    r"%d(?P<_sep>[-/])%b(?P=_sep)%ExY[ :]?%H:%M:%S(?:\.%f)?(?: %z)?",
+    r"%m/%d/%ExY:%H:%M:%S",
+    r"%m-%d-%ExY %k:%M:%S(?:\.%f)?",
+    "EPOCH",
+    r"{^LN-BEG}%H:%M:%S",
+    r"^<%m/%d/%Exy@%H:%M:%S>",
+    r"%Exy%Exm%Exd  ?%H:%M:%S",
+    r"%b %d, %ExY %I:%M:%S %p",
+    r"^%b-%d-%Exy %k:%M:%S",
+    r"%ExY%Exm%Exd(?:T|  ?)%ExH%ExM%ExS(?:[.,]%f)?(?:\s*%z)?",
+    r"(?:%Z )?(?:%a )?%b %d %k:%M:%S(?:\.%f)?(?: %ExY)?",
+    r"(?:%z )?(?:%a )?%b %d %k:%M:%S(?:\.%f)?(?: %ExY)?",
+    "TAI64N",
+)
+
+# datetemplate.py's boundary rules.
+_GROUPED = re.compile(r"(?<!(?:\(\?))(?<!\\)\((?!\?)")
+_WRAP = re.compile(r"^((?:\(\?\w+\))?\^?(?:\(\?\w+\))?)(.*?)(\$?)$")
+_GLOBAL_FLAGS = re.compile(r"((?:^|(?!<\\))\(\?[a-z]+\))")
+_NO_BOUND_BEG = re.compile(r"^\(*(?:\(\?\w+\))?(?:\^|\(*\*\*|\((?:\?:)?\^)")
+_NO_BOUND_END = re.compile(r"(?<!\\)(?:\$\)?|\\b|\\s|\*\*\)*)$")
+_DEL_BOUNDS = re.compile(r"^\(*(?:\(\?\w+\))?\(*\*\*|(?<!\\)\*\*\)*$")
+_LINE_BEG = re.compile(r"^(?:\(\?\w+\))?(?:\^|\((?:\?:)?\^(?!\|))")
+_EPOCH = re.compile(r"(?<!\\)\{L?EPOCH\}", re.IGNORECASE)
+_EPOCH_RE = r"\d{10,11}\b(?:\.\d{3,6})?"
+_LEPOCH_RE = r"\d{10,11}(?:\d{3}(?:\.\d{1,6}|\d{3})?)?"
+_LN_BEG = "{^LN-BEG}"
+_DATE = re.compile(r"(?<!\\)\{DATE\}", re.IGNORECASE)
 
 
-_GROUPED = re.compile(r"(?<!\(\?)(?<!\\)\((?!\?)")
+@dataclass(frozen=True)
+class Template:
+    regex: re.Pattern[str]
+    line_begin: bool  # anchored at the line's beginning: a match ends the search
 
 
-def _template(regex: str, line_begin: bool) -> re.Pattern[str]:
-    """As fail2ban builds a date template: the date is group 1 (wrapped if the
-    pattern has no group), at line begin after at most two non-word characters,
-    and at a word boundary unless the pattern starts/ends with '**'."""
+def _template(regex: str, word_begin: bool | str = True, word_end: bool = True) -> Template:
+    """fail2ban's DateTemplate.setRegex: group 1 is the date; add the word boundaries."""
     regex = regex.strip()
-    bound_begin = not regex.startswith(("**", "^", "(^", "(?:^"))
-    bound_end = not regex.endswith(("**", "$"))
-    regex = regex.removeprefix("**").removesuffix("**")
+    flags = _GLOBAL_FLAGS.search(regex)
+    if flags:
+        regex = _GLOBAL_FLAGS.sub("", regex, count=1)
+    bound_begin = bool(word_begin) and not _NO_BOUND_BEG.search(regex)
+    bound_end = word_end and not _NO_BOUND_END.search(regex)
     if not _GROUPED.search(regex):
-        regex = f"({regex})"
-    if line_begin and bound_begin:
-        regex = r"^(?:\W{0,2})?" + regex
+        regex = _WRAP.sub(r"\1(\2)\3", regex)
+    line_begin = False
+    if bound_begin and word_begin == "start":
+        regex, line_begin = r"^(?:\W{0,2})?" + regex, True
+    elif bound_begin:
+        regex = r"(?=^|\b|\W)" + regex
     if bound_end:
         regex += r"(?=\b|\W|$)"
+    line_begin = line_begin or bool(_LINE_BEG.search(regex))
+    regex = _DEL_BOUNDS.sub(lambda m: m.group().replace("**", ""), regex)
+    if flags:
+        regex = flags.group(1) + regex
     try:
-        return re.compile(regex)
+        return Template(re.compile(regex), line_begin)
     except re.error as exc:
         raise FilterError(f"datepattern {regex!r}: {exc}") from None
 
 
-def _strftime_regex(pattern: str) -> str:
-    def repl(m: re.Match[str]) -> str:
-        return _STRFTIME.get(m.group(1), re.escape(m.group(0)))
+def _pattern(pattern: str) -> Template:
+    """fail2ban's DatePatternRegex: strptime tokens to regexes, {^LN-BEG} and {UNB} prefixes."""
+    word_begin: bool | str = True
+    word_end = True
+    if pattern.startswith("{UNB}"):
+        pattern, word_begin, word_end = pattern[len("{UNB}") :], False, False
+    if word_begin and pattern.startswith(_LN_BEG):
+        pattern, word_begin = pattern[len(_LN_BEG) :], "start"
+    regex = _TOKEN.sub(lambda m: _TIME_RE.get(m.group(1), re.escape(m.group(0))), pattern)
+    if _ALPHA.search(pattern):
+        regex = "(?iu)" + regex
+    return _template(regex, word_begin, word_end)
 
-    return _STRF_TOKEN.sub(repl, pattern)
+
+def _epoch(pattern: str | None, line_begin: bool, long: bool) -> Template:
+    """fail2ban's DateEpoch: also inside `[...]` at line begin and in `audit(...:`."""
+    number = _LEPOCH_RE if long else _EPOCH_RE
+    if pattern:
+        return _template("(" + _EPOCH.sub(lambda _: f"({number})", pattern) + ")")
+    if line_begin:
+        return _template(rf"((?P<square>(?<=^\[))?{number})(?(square)(?=\]))", "start")
+    return _template(
+        rf"((?:^|(?P<square>(?<=^\[))|(?P<selinux>(?<=\baudit\()))({number}))"
+        r"(?:(?(selinux)(?=:\d+\)))|(?(square)(?=\])))",
+        word_begin=False,
+    )
+
+
+def _named(item: str) -> Template:
+    """One datepattern line (fail2ban's _getPatternTemplate)."""
+    key = item if "%" in item else item.upper()
+    if "EPOCH" in key:
+        if _EPOCH.search(item):
+            return _epoch(item, False, "LEPOCH" in key)
+        for name, long in (("EPOCH", False), ("LEPOCH", True)):
+            if key in (name, _LN_BEG + name, "^" + name):
+                return _epoch(None, key != name, long)
+    if key in ("TAI64N", _LN_BEG + "TAI64N", "^TAI64N"):
+        return _template("@[0-9a-f]{24}", "start" if key != "TAI64N" else False)
+    return _pattern(item)
+
+
+def _unbound(pattern: str) -> str:
+    pattern = pattern.removeprefix("{UNB}").removeprefix(_LN_BEG)
+    pattern = re.sub(r"^\((?:\?:)?\^\|\\b\|\\W\)", "", pattern)
+    return re.sub(r"\(\?=\\b\|\\W\|\$\)$", "", pattern)
+
+
+def _defaults() -> tuple[list[Template], list[Template]]:
+    """(line-begin copies, the templates): fail2ban tries the anchored copies first."""
+    anchored: list[Template] = []
+    plain: list[Template] = []
+    for item in DEFAULT_TEMPLATES:
+        if not item.startswith((_LN_BEG, "^")):
+            anchored.append(_named(_LN_BEG + item))
+        plain.append(_named(item))
+    return anchored, plain
+
+
+_ANCHORED, _PLAIN = _defaults()
+
+
+def _templates(value: str | None) -> tuple[Template, ...]:
+    items = [i.strip() for i in (value or "").splitlines() if i.strip()]
+    if not items:
+        return (*_ANCHORED, *_PLAIN)
+    found: list[Template] = []
+    for item in items:
+        key = item if "%" in item else item.upper()
+        if key == _LN_BEG:
+            found += [t for t in (*_ANCHORED, *_PLAIN) if t.line_begin]
+        elif key == "{DEFAULT}":
+            found += [*_ANCHORED, *_PLAIN]
+        elif "{DATE}" in key:
+            found += [
+                _named(_DATE.sub(_unbound(d).replace("\\", "\\\\"), item))
+                for d in DEFAULT_TEMPLATES
+                if d not in ("EPOCH", "TAI64N")
+            ]
+        elif key == "{NONE}":
+            found.append(_pattern("{UNB}^"))
+        else:
+            found.append(_named(item))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
 class DateCutter:
-    """Finds the date in a line and cuts it out (or group 1 of it, if the pattern has one)."""
+    """Finds the date in a line, as fail2ban's DateDetector would, and cuts it out."""
 
-    patterns: tuple[re.Pattern[str], ...]
+    templates: tuple[Template, ...]
 
     @classmethod
     def from_datepattern(cls, value: str | None) -> DateCutter:
-        if not value or not value.strip():
-            return cls(tuple(_template(p, False) for p in _DEFAULT_DATES))
-        compiled: list[re.Pattern[str]] = []
-        for raw in value.splitlines():
-            item = raw.strip()
-            if not item:
-                continue
-            line_begin = item.upper().startswith("{^LN-BEG}")
-            item = item[len("{^LN-BEG}") :] if line_begin else item
-            if not item or item.upper() == "{DEFAULT}":
-                compiled.extend(_template(p, line_begin) for p in _DEFAULT_DATES)
-                continue
-            if item.upper() in ("EPOCH", "LEPOCH"):
-                compiled.append(_template(r"^\s*\[?(\d{10}(?:\.\d+)?)\]?", False))
-                continue
-            if item.upper() == "TAI64N":
-                compiled.append(_template(r"@[0-9a-f]{24}", line_begin))
-                continue
-            if "{DATE}" in item:
-                item = item.replace("{DATE}", "(?:" + "|".join(_DEFAULT_DATES) + ")")
-            else:
-                item = _strftime_regex(item)
-            compiled.append(_template(item, line_begin))
-        return cls(tuple(compiled))
+        return cls(_templates(value))
 
     def split(self, line: str) -> tuple[str, str, str] | None:
-        """(before, date, after); None if no date is found (fail2ban skips such lines)."""
-        for pattern in self.patterns:
-            m = pattern.search(line)
-            if m is not None:
-                start, end = m.span(1) if m.group(1) is not None else m.span()
-                return line[:start], line[start:end], line[end:]
-        return None
+        """(before, date, after); None if no template matches (fail2ban skips such lines)."""
+        best: re.Match[str] | None = None
+        for template in self.templates:
+            m = template.regex.search(line)
+            if m is None:
+                continue
+            if template.line_begin or m.start() <= 1:
+                best = m
+                break
+            if best is None or m.start() < best.start():
+                best = m
+        if best is None:
+            return None
+        start, end = best.span(1) if best.group(1) is not None else best.span()
+        return line[:start], line[start:end], line[end:]

@@ -49,15 +49,7 @@ WEB_FILTERS = [
 ]
 
 # Annotations imr disagrees with, by filter: (how many, why). docs/logscan.md lists the same.
-KNOWN_DIFFERENCES: dict[str, tuple[int, str]] = {
-    "3proxy": (3, "date 11-06-2013 02:09:40 +0300 not cut as fail2ban does"),
-    "domino-smtp": (3, "time zone part of the date eats the next capital word"),
-    "exim": (6, "time zone part of the date eats SMTP"),
-    "monit": (3, "date [PDT Apr 16 21:05:29]"),
-    "mysqld-auth": (3, "date 130324  0:04:00"),
-    "openhab": (2, "localised month 02/sept./2015"),
-    "selinux-ssh": (4, "date msg=audit(1373330717.000:4070)"),
-}
+KNOWN_DIFFERENCES: dict[str, tuple[int, str]] = {}
 
 _ANNOTATION = re.compile(r"^#+ ?(failJSON|(?:file|filter)Options|addFILE):(.+)$")
 Case = tuple[dict[str, Any], str]
