@@ -133,13 +133,8 @@ def test_successful_logins_are_not_failures(tmp_path: Path) -> None:
     flt = parse_filter(SSHD)
     assert [line for line in SUCCESSES.splitlines() if flt.match(line)] == []
     assert _scan_blocks(log, tmp_path) == {}
-
-
-@needs_fail2ban_regex
-def test_successful_logins_fail2ban_regex_agrees(tmp_path: Path) -> None:
-    log = tmp_path / "auth.log"
-    log.write_text(SUCCESSES)
-    assert _fail2ban_regex_ips(log) == Counter()
+    if shutil.which("fail2ban-regex") is not None:
+        assert _fail2ban_regex_ips(log) == Counter()  # fail2ban agrees: no failure at all
 
 
 @needs_fail2ban_regex
