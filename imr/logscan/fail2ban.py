@@ -1,17 +1,15 @@
 """Load fail2ban filter.d files and use them as signatures.
 
-Supported: [INCLUDES] before/after (and the automatic NAME.local), [DEFAULT],
-[Init] and [Definition]; %(name)s interpolation including %(known/name)s;
-<tag> substitution from [Init]/[Definition] (nested, like
-<apache-prefix-<logging>>); multi-line failregex/ignoreregex; prefregex with
-<F-CONTENT>; the host tags <HOST> <ADDR> <IP4> <IP6> <DNS> <SUBNET> <CIDR> and
-<F-...> groups; datepattern (strftime-style, {^LN-BEG}, {DATE}) and a default
-set of date formats. The date is cut out of the line before matching, as
-fail2ban does (hence the `\\[\\]` in apache filters).
+A port of what fail2ban 1.0.2 does with a filter, in five parts: reading the .conf
+files (f2b_config: includes, interpolation, known/ values, <tags>), cutting the date
+(f2b_dates: the DateDetector's templates), the line buffer of multi-line filters
+(f2b_lines: maxlines, <SKIPLINES>), sessions (f2b_sessions: <F-MLFID>, <F-NOFAIL>,
+<F-MLFGAINED>, <F-MLFFORGET>), and here the regexes (<HOST> and friends, <F-...>
+groups, prefregex with <F-CONTENT>, ignoreregex) and findFailure's order of work.
 
-Not supported (the filter is refused with a message): multi-line matching
-(<SKIPLINES>, maxlines). Host names (the <DNS> part of <HOST>) are never
-resolved: only lines whose host is an IP address give hits, as with usedns=no.
+A filter keeps state across the lines it is given (sessions, line buffer), so lines
+must come in log order. Host names (the <DNS> part of <HOST>) are never resolved:
+only lines whose host is an IP address give hits, as with usedns=no.
 """
 
 from __future__ import annotations
