@@ -85,7 +85,7 @@ def _compile(regex: str, what: str, path: Path, multiline: bool = False) -> re.P
         raise FilterError(f"{path}: {what} {regex[:80]!r} does not compile: {exc}") from None
 
 
-_MAX_LINES = 1000  # fail2ban has no limit; this bounds the cost of one line
+_MAX_LINES = 100  # fail2ban has no limit; this bounds the cost of one line (slapd uses 20)
 _ALT = re.compile(r"^alt_(.*?)(?:_\d+)?$")
 
 

@@ -85,5 +85,5 @@ def test_multi_line_equals_fail2ban_regex(tmp_path: Path) -> None:
 def test_bad_maxlines_is_a_clear_error(tmp_path: Path) -> None:
     conf = tmp_path / "m.conf"
     conf.write_text("[Definition]\nfailregex = <HOST>\nmaxlines = lots\n")
-    with pytest.raises(FilterError, match="maxlines = 'lots': expected 1 to 1000"):
+    with pytest.raises(FilterError, match="maxlines = 'lots': expected 1 to 100"):
         parse_filter(conf)
