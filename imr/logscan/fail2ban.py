@@ -1,31 +1,31 @@
 """Load fail2ban filter.d files and use them as signatures.
 
-Supported: [INCLUDES] before/after (and the automatic NAME.local), [DEFAULT],
-[Init] and [Definition]; %(name)s interpolation including %(known/name)s;
-<tag> substitution from [Init]/[Definition] (nested, like
-<apache-prefix-<logging>>); multi-line failregex/ignoreregex; prefregex with
-<F-CONTENT>; the host tags <HOST> <ADDR> <IP4> <IP6> <DNS> <SUBNET> <CIDR> and
-<F-...> groups; datepattern (strftime-style, {^LN-BEG}, {DATE}) and a default
-set of date formats. The date is cut out of the line before matching, as
-fail2ban does (hence the `\\[\\]` in apache filters).
+A port of what fail2ban 1.0.2 does with a filter, in five parts: reading the .conf
+files (f2b_config: includes, interpolation, known/ values, <tags>), cutting the date
+(f2b_dates: the DateDetector's templates), the line buffer of multi-line filters
+(f2b_lines: maxlines, <SKIPLINES>), sessions (f2b_sessions: <F-MLFID>, <F-NOFAIL>,
+<F-MLFGAINED>, <F-MLFFORGET>), and here the regexes (<HOST> and friends, <F-...>
+groups, prefregex with <F-CONTENT>, ignoreregex) and findFailure's order of work.
 
-Not supported (the filter is refused with a message): multi-line matching
-(<SKIPLINES>, maxlines). Host names (the <DNS> part of <HOST>) are never
-resolved: only lines whose host is an IP address give hits, as with usedns=no.
+A filter keeps state across the lines it is given (sessions, line buffer), so lines
+must come in log order. Host names (the <DNS> part of <HOST>) are never resolved:
+only lines whose host is an IP address give hits, as with usedns=no.
 """
 
 from __future__ import annotations
 
-import configparser
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from imr.logscan.f2b_config import FilterError, interpolate, read_filter, substitute_tags
+from imr.logscan.f2b_dates import DateCutter
+from imr.logscan.f2b_lines import SKIPLINES, Line, joined, split_matched
+from imr.logscan.f2b_sessions import Groups, Sessions
 from imr.logscan.formats import Record
 from imr.logscan.signatures import Signature
 
-_MAX_INCLUDE_DEPTH = 8
-_MAX_ROUNDS = 64
+__all__ = ["Fail2banFilter", "FilterError", "load_filter", "parse_filter"]
 
 _IP4 = r"(?:\d{1,3}\.){3}\d{1,3}"
 _IP6 = r"(?:[0-9a-fA-F]{1,4}::?|::){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
@@ -48,258 +48,20 @@ _HOST_TAGS.update({f"F-{k}/": v for k, v in _HOST_TAGS.items() if "/" not in k})
 _TAG = re.compile(r"</?[\w\-]+/?>")
 _F_TAG = re.compile(r"^(/?)F-([A-Z0-9_\-]+)$")
 _GLOBAL_FLAGS = re.compile(r"(?<!\\)\((?:\?:)?(\(\?[a-z]+)\)")
-_CONF_TAG = re.compile(r"<([^ <>]+)>")
-_INTERP = re.compile(r"%\(([^)]+)\)s")
-
-
-class FilterError(Exception):
-    """A filter file that cannot be used; the message names the file and the problem."""
-
-
-# --- dates ----------------------------------------------------------------------
-
-_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)\w*"
-_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)\w*"
-_TIME = r"\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?"
-_ZONE = r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC|GMT|[A-Z]{3,4}))"
-# Roughly fail2ban's default templates, most specific first.
-_DEFAULT_DATES = (
-    rf"\d{{4}}-\d{{2}}-\d{{2}}[T ]{_TIME}{_ZONE}?",  # ISO 8601
-    rf"\d{{2}}/{_MONTH}/\d{{2,4}}:{_TIME}(?: ?[+-]\d{{4}})?",  # Apache access log
-    rf"(?:{_DAY} )?{_MONTH}\s+\d{{1,2}},? (?:\d{{4}} )?{_TIME}(?: \d{{4}})?{_ZONE}?",  # syslog
-    rf"\d{{4}}/\d{{2}}/\d{{2}} {_TIME}",  # nginx error log
-    rf"\d{{1,2}}[-/.]{_MONTH}[-/.]\d{{2,4}}[ :]{_TIME}{_ZONE}?",  # 21-Jan-2015 10:56:10
-    rf"\d{{1,2}}-\d{{1,2}}-\d{{4}} {_TIME}{_ZONE}?",  # 11-06-2013 02:09:40 +0300
-    rf"\d{{1,2}}/\d{{1,2}}/\d{{2,4}} {_TIME}",
-    rf"\d{{4}}\.\d{{2}}\.\d{{2}} {_TIME}",
-    rf"\d{{2}}\d{{2}}\d{{2}} {_TIME}",  # mysql 120101 12:00:00
-    r"(?<![\d.])\d{10}(?:\.\d{1,6})?(?![\d.])",  # epoch
-    r"@[0-9a-f]{24}",  # TAI64N
-)
-_STRFTIME = {
-    "ExY": r"\d{4}",
-    "Exy": r"\d{2}",
-    "ExH": r"\d{2}",
-    "ExM": r"\d{2}",
-    "ExS": r"\d{2}",
-    "Exm": r"\d{2}",
-    "Exd": r"\d{2}",
-    "Exb": _MONTH,
-    "Y": r"\d{4}",
-    "y": r"\d{2}",
-    "m": r"\d{1,2}",
-    "d": r"\d{1,2}",
-    "e": r" ?\d{1,2}",
-    "H": r"\d{1,2}",
-    "I": r"\d{1,2}",
-    "k": r" ?\d{1,2}",
-    "l": r" ?\d{1,2}",
-    "M": r"\d{1,2}",
-    "S": r"\d{1,2}",
-    "f": r"\d+",
-    "p": r"[AP]M",
-    "b": _MONTH,
-    "B": _MONTH,
-    "a": _DAY,
-    "A": _DAY,
-    "z": r"(?:Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)",
-    "Z": r"(?:[A-Z]{3,5})",
-    "j": r"\d{1,3}",
-    "s": r"\d{10}",
-    "%": "%",
-}
-_STRF_TOKEN = re.compile(r"%(Ex[A-Za-z]|[A-Za-z%])")
-
-
-_GROUPED = re.compile(r"(?<!\(\?)(?<!\\)\((?!\?)")
-
-
-def _template(regex: str, line_begin: bool) -> re.Pattern[str]:
-    """As fail2ban builds a date template: the date is group 1 (wrapped if the
-    pattern has no group), at line begin after at most two non-word characters,
-    and at a word boundary unless the pattern starts/ends with '**'."""
-    regex = regex.strip()
-    bound_begin = not regex.startswith(("**", "^", "(^", "(?:^"))
-    bound_end = not regex.endswith(("**", "$"))
-    regex = regex.removeprefix("**").removesuffix("**")
-    if not _GROUPED.search(regex):
-        regex = f"({regex})"
-    if line_begin and bound_begin:
-        regex = r"^(?:\W{0,2})?" + regex
-    if bound_end:
-        regex += r"(?=\b|\W|$)"
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise FilterError(f"datepattern {regex!r}: {exc}") from None
-
-
-def _strftime_regex(pattern: str) -> str:
-    def repl(m: re.Match[str]) -> str:
-        return _STRFTIME.get(m.group(1), re.escape(m.group(0)))
-
-    return _STRF_TOKEN.sub(repl, pattern)
-
-
-@dataclass(frozen=True)
-class DateCutter:
-    """Finds the date in a line and cuts it out (or group 1 of it, if the pattern has one)."""
-
-    patterns: tuple[re.Pattern[str], ...]
-
-    @classmethod
-    def from_datepattern(cls, value: str | None) -> DateCutter:
-        if not value or not value.strip():
-            return cls(tuple(_template(p, False) for p in _DEFAULT_DATES))
-        compiled: list[re.Pattern[str]] = []
-        for raw in value.splitlines():
-            item = raw.strip()
-            if not item:
-                continue
-            line_begin = item.upper().startswith("{^LN-BEG}")
-            item = item[len("{^LN-BEG}") :] if line_begin else item
-            if not item or item.upper() == "{DEFAULT}":
-                compiled.extend(_template(p, line_begin) for p in _DEFAULT_DATES)
-                continue
-            if item.upper() in ("EPOCH", "LEPOCH"):
-                compiled.append(_template(r"^\s*\[?(\d{10}(?:\.\d+)?)\]?", False))
-                continue
-            if item.upper() == "TAI64N":
-                compiled.append(_template(r"@[0-9a-f]{24}", line_begin))
-                continue
-            if "{DATE}" in item:
-                item = item.replace("{DATE}", "(?:" + "|".join(_DEFAULT_DATES) + ")")
-            else:
-                item = _strftime_regex(item)
-            compiled.append(_template(item, line_begin))
-        return cls(tuple(compiled))
-
-    def cut(self, line: str) -> str | None:
-        """The line without its date; None if no date is found (fail2ban skips such lines)."""
-        best: re.Match[str] | None = None
-        for pattern in self.patterns:
-            m = pattern.search(line)
-            if m is not None:
-                best = m
-                break
-        if best is None:
-            return None
-        span = best.span(1) if best.group(1) is not None else best.span()
-        return line[: span[0]] + line[span[1] :]
-
-
-# --- reading the .conf files ------------------------------------------------------
-
-Sections = dict[str, dict[str, str]]
-
-
-def _parse_file(path: Path) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(
-        strict=False,
-        inline_comment_prefixes=(";",),
-        interpolation=None,
-        default_section="DEFAULT",
-    )
-    parser.optionxform = str  # type: ignore[assignment, method-assign]
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, source=str(path))
-    except FileNotFoundError:
-        raise FilterError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise FilterError(f"{path}: cannot read: {exc.strerror}") from None
-    except (configparser.Error, UnicodeDecodeError) as exc:
-        raise FilterError(f"{path}: not a fail2ban filter file: {exc}") from None
-    return parser
-
-
-def _read(path: Path, sections: Sections, known: Sections, depth: int) -> None:
-    if depth > _MAX_INCLUDE_DEPTH:
-        raise FilterError(f"{path}: includes nested too deeply")
-    parser = _parse_file(path)
-    includes = dict(parser.items("INCLUDES")) if parser.has_section("INCLUDES") else {}
-    for name in includes.get("before", "").split():
-        _read_include(path.parent / name, sections, known, depth, required=True)
-    own: Sections = {"DEFAULT": dict(parser.defaults())}
-    for section in parser.sections():
-        if section != "INCLUDES":
-            # The section's own options only (items() would mix in [DEFAULT]).
-            own[section] = dict(parser._sections[section])  # type: ignore[attr-defined]
-    for section, values in own.items():
-        target = sections.setdefault(section, {})
-        for key, value in values.items():
-            if key in target:
-                known.setdefault(section, {})[key] = target[key]
-            target[key] = value
-    for name in includes.get("after", "").split():
-        _read_include(path.parent / name, sections, known, depth, required=False)
-    local = path.with_suffix(".local")
-    if path.suffix == ".conf" and local.exists():
-        _read(local, sections, known, depth + 1)
-
-
-def _read_include(
-    path: Path, sections: Sections, known: Sections, depth: int, required: bool
-) -> None:
-    if not path.exists():
-        if required and path.suffix == ".conf":
-            raise FilterError(f"{path}: included file not found")
-        return
-    _read(path, sections, known, depth + 1)
-
-
-def _interpolate(value: str, section: str, sections: Sections, known: Sections) -> str:
-    defaults = sections.get("DEFAULT", {})
-    for _ in range(_MAX_ROUNDS):
-        if "%(" not in value:
-            break
-
-        def repl(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name.startswith("known/"):
-                key = name[len("known/") :]
-                found = known.get(section, {}).get(key, known.get("DEFAULT", {}).get(key))
-                return found if found is not None else ""
-            for source in (sections.get(section, {}), defaults):
-                if name in source:
-                    return source[name]
-            if "/" in name:  # %(lt_file/datepattern)s: another section's option
-                other, key = name.split("/", 1)
-                if key in sections.get(other, {}):
-                    return sections[other][key]
-            raise FilterError(f"[{section}] refers to %({name})s, which is not defined")
-
-        value = _INTERP.sub(repl, value)
-    else:
-        raise FilterError(f"[{section}]: interpolation does not terminate")
-    return value.replace("%%", "%")
-
-
-def _substitute_tags(value: str, tags: dict[str, str]) -> str:
-    for _ in range(_MAX_ROUNDS):
-        changed = False
-
-        def repl(m: re.Match[str]) -> str:
-            nonlocal changed
-            name = m.group(1)
-            if name in tags:
-                changed = True
-                return tags[name]
-            return m.group(0)
-
-        value = _CONF_TAG.sub(repl, value)
-        if not changed:
-            return value
-    raise FilterError("tag substitution does not terminate (self-referencing <tags>?)")
 
 
 def _host_tags(regex: str) -> str:
     """<HOST> and friends to fail2ban's regexes; <F-NAME>...</F-NAME> to named groups."""
     open_tags: set[str] = set()
+    skips = 0
 
     def repl(m: re.Match[str]) -> str:
+        nonlocal skips
         tag = m.group(0)
         name = tag[1:-1]
+        if name == "SKIPLINES":
+            skips += 1
+            return SKIPLINES.format(n=skips - 1)
         if name in _HOST_TAGS:
             return _HOST_TAGS[name]
         f = _F_TAG.match(name)
@@ -315,14 +77,27 @@ def _host_tags(regex: str) -> str:
     return _TAG.sub(repl, regex)
 
 
-def _compile(regex: str, what: str, path: Path) -> re.Pattern[str]:
-    if "<SKIPLINES>" in regex:
-        raise FilterError(f"{path}: {what} uses <SKIPLINES> (multi-line matching is not supported)")
+def _compile(regex: str, what: str, path: Path, multiline: bool = False) -> re.Pattern[str]:
     text = _GLOBAL_FLAGS.sub(r"\1:", _host_tags(regex))
     try:
-        return re.compile(text)
+        return re.compile(text, re.MULTILINE if multiline else 0)
     except re.error as exc:
         raise FilterError(f"{path}: {what} {regex[:80]!r} does not compile: {exc}") from None
+
+
+_MAX_LINES = 100  # fail2ban has no limit; this bounds the cost of one line (slapd uses 20)
+_ALT = re.compile(r"^alt_(.*?)(?:_\d+)?$")
+
+
+def _groups(m: re.Match[str]) -> Groups:
+    """The matched groups, alternates merged as fail2ban does (alt_user_1 -> user if unset)."""
+    found = m.groupdict()
+    for key in sorted(k for k in found if k.startswith("alt_")):
+        alt = _ALT.match(key)
+        name = {"id": "fid", "port": "fport"}.get(alt.group(1), alt.group(1)) if alt else key
+        if found[key] and not found.get(name):
+            found[name] = found[key]
+    return {k: v for k, v in found.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -332,39 +107,63 @@ class Fail2banFilter:
     ignoreregex: tuple[re.Pattern[str], ...]
     prefregex: re.Pattern[str] | None
     dates: DateCutter
+    maxlines: int = 1
+    sessions: Sessions = field(default_factory=lambda: Sessions(), compare=False, repr=False)
+    buffer: list[Line] = field(default_factory=list, compare=False, repr=False)
 
     def match(self, line: str) -> tuple[str, str] | None:
-        """(host, evidence) if the line is a failure with an IP-address host."""
-        text = self.dates.cut(line.rstrip("\r\n"))
-        if text is None:
+        """(host, evidence) if the line is a failure with an IP-address host.
+
+        Lines are fed in log order: sessions and the line buffer carry state."""
+        parts = self.dates.split(line.rstrip("\r\n"))
+        if self.maxlines <= 1:
+            return None if parts is None else self._find([parts], [])
+        # A line without a date still fills the buffer (fail2ban), but gives no failure.
+        self.buffer.append(parts or ("", "", line.rstrip("\r\n")))
+        del self.buffer[: -self.maxlines]
+        return None if parts is None else self._find(list(self.buffer), self.buffer)
+
+    def _find(self, lines: list[Line], buffer: list[Line]) -> tuple[str, str] | None:
+        """fail2ban's Filter.findFailure on one buffer (first matching failregex wins)."""
+        text = joined(lines)
+        # fail2ban tries ignoreregex on the whole buffer first only when there are few.
+        few = self.ignoreregex and len(self.ignoreregex) < len(self.failregex) - 2
+        if few and any(ignore.search(text) for ignore in self.ignoreregex):
             return None
-        groups: dict[str, str | None] = {}
+        groups: Groups = {}
         if self.prefregex is not None:
             pm = self.prefregex.search(text)
             if pm is None:
                 return None
-            groups.update(pm.groupdict())
-            content = pm.groupdict().get("content")
-            if content is not None:
-                text = content
-        for ignore in self.ignoreregex:
-            if ignore.search(text):
-                return None
+            groups.update((k, v) for k, v in pm.groupdict().items() if v is not None)
+            content = groups.pop("content", None)
+            if content:
+                text = f"{content}\n"
+                buffer[:] = [("", "", str(content))]
         for index, regex in enumerate(self.failregex):
             m = regex.search(text)
             if m is None:
                 continue
-            found = {**groups, **{k: v for k, v in m.groupdict().items() if v is not None}}
-            host = found.get("ip4") or found.get("ip6") or found.get("dns") or found.get("fid")
-            if not host:
-                return None
-            return host, f"fail2ban {self.name} failregex #{index + 1}"
+            matched, buffer[:] = split_matched(m, lines)
+            if self.ignoreregex:
+                seen = joined(matched) if self.maxlines > 1 else text
+                if any(ignore.search(seen) for ignore in self.ignoreregex):
+                    return None
+            return self._failure(index, {**groups, **_groups(m)})
         return None
 
-    def matches_line(self, line: str) -> tuple[bool, str | None]:
-        """For comparison with fail2ban: did a failregex match, and which host (any kind)."""
-        found = self.match(line)
-        return (found is not None, found[0] if found else None)
+    def _failure(self, index: int, fail: Groups) -> tuple[str, str] | None:
+        mlfid = fail.get("mlfid")
+        if isinstance(mlfid, str):
+            fail = self.sessions.merge(mlfid, fail)
+        if fail.get("nofail"):
+            return None  # a success or a neutral event: never a failure
+        host = fail.get("ip4") or fail.get("ip6") or fail.get("dns") or fail.get("fid")
+        if not host:
+            if mlfid is not None:
+                fail["mlfpending"] = "1"  # the failure counts once the session names its host
+            return None
+        return str(host), f"fail2ban {self.name} failregex #{index + 1}"
 
 
 def parse_filter(path: Path) -> Fail2banFilter:
@@ -378,25 +177,26 @@ def parse_filter(path: Path) -> Fail2banFilter:
 
 
 def _parse_filter(path: Path) -> Fail2banFilter:
-    sections: Sections = {}
-    known: Sections = {}
-    _read(path, sections, known, 0)
+    sections, known = read_filter(path)
     if "Definition" not in sections:
         raise FilterError(f"{path}: no [Definition] section")
 
     def option(name: str) -> str | None:
+        """As fail2ban combines them: [Init] over [Definition] over [DEFAULT]."""
+        if name in sections.get("Init", {}):
+            return interpolate(sections["Init"][name], "Init", sections, known)
         raw = sections["Definition"].get(name)
         if raw is None:
             raw = sections.get("DEFAULT", {}).get(name)
         if raw is None:
             return None
-        return _interpolate(raw, "Definition", sections, known)
+        return interpolate(raw, "Definition", sections, known)
 
     tags: dict[str, str] = {}
     for section in ("DEFAULT", "Definition", "Init"):
         for key in sections.get(section, {}):
             try:
-                tags[key] = _interpolate(sections[section][key], section, sections, known)
+                tags[key] = interpolate(sections[section][key], section, sections, known)
             except FilterError:
                 continue  # an unused option may refer to something undefined
     for section, values in sections.items():
@@ -404,18 +204,22 @@ def _parse_filter(path: Path) -> Fail2banFilter:
             continue
         for key, raw in values.items():  # <lt_file/__prefix_line>: qualified tags
             try:
-                tags[f"{section}/{key}"] = _interpolate(raw, section, sections, known)
+                tags[f"{section}/{key}"] = interpolate(raw, section, sections, known)
             except FilterError:
                 continue
-    tags = {k: _substitute_tags(v, tags) for k, v in tags.items()}
+    tags = {k: substitute_tags(v, tags) for k, v in tags.items()}
+
+    maxlines = _maxlines(substitute_tags(option("maxlines") or "1", tags), path)
 
     def regexes(name: str) -> tuple[re.Pattern[str], ...]:
         value = option(name)
         if not value:
             return ()
-        value = _substitute_tags(value, tags)
+        value = substitute_tags(value, tags)
         return tuple(
-            _compile(line.strip(), name, path) for line in value.splitlines() if line.strip()
+            _compile(line.strip(), name, path, maxlines > 1)
+            for line in value.splitlines()
+            if line.strip()
         )
 
     failregex = regexes("failregex")
@@ -423,7 +227,7 @@ def _parse_filter(path: Path) -> Fail2banFilter:
         raise FilterError(f"{path}: no failregex")
     pref = option("prefregex")
     prefregex = (
-        _compile(_substitute_tags(pref, tags).strip(), "prefregex", path)
+        _compile(substitute_tags(pref, tags).strip(), "prefregex", path)
         if pref and pref.strip()
         else None
     )
@@ -433,10 +237,21 @@ def _parse_filter(path: Path) -> Fail2banFilter:
         failregex=failregex,
         ignoreregex=regexes("ignoreregex"),
         prefregex=prefregex,
+        maxlines=maxlines,
         dates=DateCutter.from_datepattern(
-            _substitute_tags(datepattern, tags) if datepattern else None
+            substitute_tags(datepattern, tags) if datepattern else None
         ),
     )
+
+
+def _maxlines(value: str, path: Path) -> int:
+    try:
+        lines = int(value.strip())
+    except ValueError:
+        lines = 0
+    if not 1 <= lines <= _MAX_LINES:
+        raise FilterError(f"{path}: maxlines = {value.strip()!r}: expected 1 to {_MAX_LINES}")
+    return lines
 
 
 def _never(record: Record) -> str | None:
