@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from imr.cli_context import CliContext
 from imr.config import Config, ServerConfig
-from imr.core.addresses import IPAddress
+from imr.core.addresses import IPAddress, IPNetwork
 from imr.logscan.cli import scan
 from imr.logscan.engine import resolve_client
 from imr.logscan.formats import LogFormat, parse_line
@@ -291,9 +291,7 @@ WRITERS: dict[str, Writer] = {
 }
 
 
-def blamed(
-    line: bytes, fmt: LogFormat, trusted: tuple[ipaddress.IPv4Network, ...] = ()
-) -> set[str]:
+def blamed(line: bytes, fmt: LogFormat, trusted: tuple[IPNetwork, ...] = ()) -> set[str]:
     """Whom the scanner would block for `line`, read as `fmt` and auto-detected."""
     try:
         text = line.decode("utf-8")
