@@ -42,15 +42,15 @@ class Record:
     fmt: LogFormat = LogFormat.COMBINED
 
 
-# A quoted field as Apache (\" and \xhh) and nginx (\x22) escape it.
-_Q = r'"((?:[^"\\]|\\.)*)"'
-# The head is everything before " [time]": [vhost] peer ident user. The user (Basic-auth
-# name, attacker-chosen) may hold spaces and escaped quotes but never a raw '"', so the
-# first ' [time] "' is the real one; the head is split in Python (_access_peer).
+# A quoted field as Apache (\" and \xhh) and nginx (\x22) escape it. Possessive: a field
+# has only one parse, so a long hostile one costs one pass.
+_Q = r'"((?:[^"\\]++|\\.)*+)"'
+# Everything before the request's opening quote: "[vhost] peer ident user [time] ". The
+# user (a Basic-auth name) is client text and may hold spaces, brackets and escaped quotes
+# but no raw '"' (Apache logs an empty user as ""), so the first raw quote opens the request.
+_ACCESS_HEAD = re.compile(r'(?:[^"\\]++|\\.|""(?= \[))*+')
 _ACCESS = re.compile(
-    r'^(?P<head>(?:[^"\\]|\\.|"")*?) \[(?P<time>[^\]\[]{1,64})\] '
-    + _Q.replace("((", "(?P<request>(", 1)
-    + r" (?P<status>\d{3}|-) (?P<size>\d+|-)"
+    _Q.replace("((", "(?P<request>(", 1) + r" (?P<status>\d{3}|-) (?P<size>\d+|-)"
     r"(?: " + _Q.replace("((", "(?P<referer>(", 1) + " " + _Q.replace("((", "(?P<ua>(", 1) + ")?"
     r"(?: " + _Q.replace("((", "(?P<xff>(", 1) + r")?(?P<rest>.*)$",
     re.DOTALL,
@@ -118,10 +118,16 @@ def _access_peer(head: str, fmt: LogFormat) -> tuple[str, LogFormat] | None:
 
 
 def parse_access(line: str, fmt: LogFormat = LogFormat.COMBINED) -> Record | None:
-    m = _ACCESS.match(line)
+    head = _ACCESS_HEAD.match(line)  # always matches, maybe ""
+    before = head.group() if head else ""
+    opening = before.rfind(" [")
+    when = before[opening + 2 : -2]
+    if opening < 0 or not before.endswith("] ") or not 0 < len(when) <= 64 or "]" in when:
+        return None
+    m = _ACCESS.match(line, len(before))
     if m is None:
         return None
-    found = _access_peer(m.group("head"), fmt)
+    found = _access_peer(before[:opening], fmt)
     if found is None:
         return None
     peer, detected = found
@@ -135,7 +141,7 @@ def parse_access(line: str, fmt: LogFormat = LogFormat.COMBINED) -> Record | Non
     return Record(
         peer=peer,
         forwarded_for=unescape(xff) if xff and xff != "-" else "",
-        time=parse_clf_time(m.group("time")),
+        time=parse_clf_time(when),
         method=method,
         target=target,
         status=int(status) if status != "-" else None,
@@ -413,9 +419,9 @@ def canonical_address(token: str) -> str:
 
 
 def agreed(claims: list[str]) -> str | None:
-    """The one address every claim names (canonical), or None when they differ."""
-    if not claims:
-        return None
+    """The one address every claim names, or None when they differ."""
+    if len(claims) < 2:
+        return claims[0] if claims else None  # the common case, and no spelling to compare
     first = canonical_address(claims[0])
     return first if all(canonical_address(c) == first for c in claims[1:]) else None
 
