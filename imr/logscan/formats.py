@@ -361,7 +361,7 @@ def parse_modsec_json(line: str) -> Record | None:
 _APACHE_ERR = re.compile(
     r"^\[(?P<time>[^\]]{1,64})\] \[(?P<level>[^\]]*)\](?P<pid> \[pid [^\]]*\])?"
     r"(?: [\w.-]+\(\d+\):)?(?: \(-?\d+\)[^\[\]]*?:(?= \[client ))?"
-    r"(?: \[client (?P<peer>[^\]\s]+)\])?(?: \[client [^\]]*\])? (?P<msg>.*)$",
+    r"(?: \[client (?P<peer>\[[^\]\s]+\]:\d+|[^\]\s]+)\])?(?: \[client [^\]]*\])? (?P<msg>.*)$",
     re.DOTALL,
 )
 _NGINX_ERR = re.compile(

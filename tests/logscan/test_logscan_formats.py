@@ -227,6 +227,8 @@ def test_apache_error_client_only_from_its_field() -> None:
         "[Thu Jan 08 04:52:45 2009] [error] [client 2001:db8::1:4711] File does not exist: /[pid x"
     )
     assert _peer(a22) == "2001:db8::1:4711"
+    bracketed = "[Thu Jan 08 04:52:45.1 2009] [core:error] [pid 1] [client [2001:db8::1]:4711] x"
+    assert _peer(bracketed) == "2001:db8::1"
 
 
 def test_access_log_peer_position() -> None:
