@@ -172,3 +172,100 @@ def test_a_trusted_proxy_is_never_blocked() -> None:
     line = f'10.0.0.2 - - {_T} "GET /mail/bin/msgimport HTTP/1.1" 404 1 "-" "UA" "203.0.113.77"\n'
     hits, _ = scanner.scan_block(line.encode())
     assert [h.ip for h in hits] == ["203.0.113.77"]
+
+
+# --- attribution: the client field is the server's, never client text (issue #12) ---
+
+_NGX = "2009/01/08 04:52:45 [error] 12#0: *5 "
+_FAKE = "198.51.100.3"
+
+
+def _peer(line: str, fmt: LogFormat = LogFormat.AUTO) -> str | None:
+    rec = parse_line(line, fmt)
+    return rec.peer if rec is not None else None
+
+
+def test_nginx_error_client_is_nginx_own_context() -> None:
+    tail = ', client: 203.0.113.9, server: www, request: "GET /x,%20client:%20{a},%20y/cmd.exe"'
+    issue = _NGX + 'open() "/var/www/x, client: {a}, y/cmd.exe" failed (2: No such file)' + tail
+    assert _peer(issue.format(a=_FAKE)) == "203.0.113.9"
+    # The marker in full, before (decoded path) or after (raw referrer) the real one: nobody.
+    forged = issue.replace(", y/cmd", ", server: y/cmd").format(a=_FAKE)
+    assert _peer(forged) is None
+    assert _peer(issue.format(a="x") + f', referrer: "a, client: {_FAKE}, server: b"') is None
+    # The same address in another spelling is no conflict.
+    same = issue.replace(", y/cmd", ", server: y/cmd").format(a="::ffff:203.0.113.9")
+    assert _peer(same) == "203.0.113.9"
+    # A line at nginx's 2048-byte limit may have lost its context: only a forged one is left.
+    path = f'/x, client: {_FAKE}, server: w, request: "GET /cmd.exe HTTP/1.1"' + "A" * 3000
+    cut = (_NGX + f'open() "{path}" failed (36: File name too long)' + tail.format(a="x"))[:2047]
+    assert _peer(cut) is None
+
+
+def test_modsecurity_nginx_client_is_the_leading_one() -> None:
+    line = (
+        _NGX + "[client 203.0.113.61] ModSecurity: Access denied with code 403 (phase 2). "
+        f"Matched \"Operator `Rx'\" against variable `ARGS:a' (Value: `a, client: {_FAKE}, "
+        'server: b\' ) [uri "/x"], client: 203.0.113.61, server: a, request: "GET /x HTTP/1.1"'
+    )
+    assert _peer(line) == "203.0.113.61"
+    assert _peer((line + "A" * 3000)[:2047]) == "203.0.113.61"  # cut: the leading one stays
+
+
+def test_apache_error_client_only_from_its_field() -> None:
+    in_message = (
+        f"[Thu Jan 08 04:52:45 2009] [error] File does not exist: /var/www/[client {_FAKE}]"
+    )
+    assert _peer(in_message) is None
+    status = (
+        "[Thu Jan 08 04:52:45.1 2009] [proxy:error] [pid 1:tid 2] (111)Connection refused: "
+        f"[client 203.0.113.9:4711] AH01114: /[client {_FAKE}]"
+    )
+    assert _peer(status) == "203.0.113.9"
+    # 2.2 logs no port: a "[pid " in the client's path must not make the last group one.
+    a22 = (
+        "[Thu Jan 08 04:52:45 2009] [error] [client 2001:db8::1:4711] File does not exist: /[pid x"
+    )
+    assert _peer(a22) == "2001:db8::1:4711"
+    bracketed = "[Thu Jan 08 04:52:45.1 2009] [core:error] [pid 1] [client [2001:db8::1]:4711] x"
+    assert _peer(bracketed) == "2001:db8::1"
+
+
+def test_access_log_peer_position() -> None:
+    req = f'{_T} "GET /cmd.exe HTTP/1.1" 404 1 "-" "-"'
+    # IdentityCheck On: the client's identd answers "198.51.100.3 x" as its user name.
+    identd = f"203.0.113.9 {_FAKE} x - {req}"
+    assert _peer(identd, LogFormat.COMBINED) == "203.0.113.9"
+    assert _peer(identd) is None  # auto: "vhost peer ident user" without a vhost:port
+    # A Basic-auth user with spaces: a named format still reads the line.
+    spaced = parse_line(f"203.0.113.9 - {_FAKE} - x {req}", LogFormat.COMBINED)
+    assert spaced is not None and (spaced.peer, spaced.target) == ("203.0.113.9", "/cmd.exe")
+    # nginx '$host $remote_addr ...': the Host header comes first, and may hold a space.
+    assert _peer(f"www 203.0.113.9 - - {req}", LogFormat.VHOST_COMBINED) == "203.0.113.9"
+    assert _peer(f"a {_FAKE} 203.0.113.9 - - {req}", LogFormat.VHOST_COMBINED) is None
+
+
+def test_json_log_client_keys_must_agree() -> None:
+    def line(body: str) -> str:
+        return '{"request":"GET /cmd.exe HTTP/1.1",' + body + "}"
+
+    assert _peer(line('"remote_addr":"203.0.113.7"')) == "203.0.113.7"
+    # nginx without escape=json: a '"' in the user agent adds keys.
+    assert _peer(line(f'"remote_addr":"203.0.113.7","ua":"x","remote_addr":"{_FAKE}"')) is None
+    assert _peer(line(f'"ua":"x","remote_addr":"{_FAKE}","y":"","client":"203.0.113.7"')) is None
+    assert _peer(line(f'"client":{{"ip":"203.0.113.7"}},"ua":"x","ip":"{_FAKE}"')) is None
+    # Header names are the client's: they never name the client.
+    headers = json.dumps({"client": {"ip": "203.0.113.7"}, "headers": {"remote_addr": _FAKE}})
+    assert _peer(headers) == "203.0.113.7"
+    # A "transaction" key injected into an access log is no ModSecurity audit entry.
+    injected = f'{{"remote_addr":"203.0.113.7","ua":"x","transaction":{{"client_ip":"{_FAKE}"}}}}'
+    assert _peer(injected) is None
+
+
+def test_modsecurity_audit_log_forwarded_for_repeated() -> None:
+    headers = f'{{"X-Forwarded-For":"203.0.113.9","X-Forwarded-For":"{_FAKE}"}}'
+    entry = f'{{"transaction":{{"client_ip":"10.0.0.2","request":{{"headers":{headers}}}}}}}'
+    rec = parse_line(entry)
+    assert rec is not None and rec.forwarded_for == ""
+    trusted = LogscanConfig(trusted_proxies=["10.0.0.0/8"]).trusted_proxies
+    assert resolve_client(rec, trusted) is None
