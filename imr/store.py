@@ -12,6 +12,7 @@ shared between threads).
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 class StoreError(Exception):
     """The state file cannot be opened or is from a newer imr."""
+
+
+# SQLite's primary result codes for a file that cannot take a write: SQLITE_READONLY (8),
+# SQLITE_IOERR (10; its extended codes keep 10 in the low byte), SQLITE_FULL (13).
+_UNWRITABLE_CODES = frozenset({8, 10, 13})
+_UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Whether `exc` says the state file cannot be written now (disk or quota full, an I/O
+    error, a read-only file system), rather than that one change was wrong: every other
+    write would fail the same way, and reads still work."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _UNWRITABLE_CODES
+    return isinstance(exc, OSError) and exc.errno in _UNWRITABLE_ERRNOS
 
 
 @dataclass(frozen=True, slots=True)  # slots: the daemon holds one per active block

@@ -71,7 +71,7 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
-from imr.store import BlockRecord, HitRecord, Offences, Store
+from imr.store import BlockRecord, HitRecord, Offences, Store, unwritable
 
 log = logging.getLogger("imr.broker")
 
@@ -79,6 +79,19 @@ MAX_BATCH = 512
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 # Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+# The wire code of a change refused because the state file takes no writes (a full disk).
+STATE_UNWRITABLE = "state_unwritable"
+STATE_RETRY_INTERVAL = 1.0  # seconds: how often an unwritable state file is tried again
+
+
+class _StateUnwritable(Exception):
+    """A batch failed because the state file cannot be written; its kernel change is undone."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class BrokerError(Exception):
@@ -191,6 +204,11 @@ class Broker:
         self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
+        # Writer thread only: when the state file last refused a write (monotonic), and since
+        # when it has (None: writable), for the log line when it recovers.
+        self._write_failed_at: float | None = None
+        self._unwritable_since: float | None = None
+        self._refused_while_unwritable = 0
 
     # Life cycle -------------------------------------------------------------------
 
@@ -550,8 +568,17 @@ class Broker:
             record = self._active.get(ip)
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
-        if due:
+        if not due:
+            return
+        try:
             await self._enqueue(_ExpireChange(due))
+        except BrokerError as exc:
+            # Not lifted: due again at the next tick (the state file may be full for a while).
+            for ip in due:
+                if (record := self._active.get(ip)) is not None:
+                    heapq.heappush(self._expiry, (record.expires_at, ip))
+            if exc.code != STATE_UNWRITABLE:  # that one is logged once, by the writer
+                raise
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -719,8 +746,12 @@ class Broker:
         parts of the same batch committed, which the event loop has not
         published yet.
         """
+        if self._holding_off():
+            return self._state_unwritable(len(batch), None)
         try:
             return self._commit(batch, earlier or {})
+        except _StateUnwritable as exc:
+            return self._state_unwritable(len(batch), exc)
         except Exception as exc:
             if len(batch) == 1:
                 log.error("change failed: %s", exc)
@@ -739,13 +770,95 @@ class Broker:
     def _commit(
         self, batch: list[_AnyChange], earlier: dict[str, BlockRecord | None]
     ) -> _BatchResult:
+        """The batch's state rows, then its kernel change, then the commit (fsync): so a
+        client hears "ok" only for a change that is in both. If the commit fails after
+        the kernel change (a full disk shows up at the commit), the change is taken out
+        of the kernel again before anyone hears of the failure."""
         work = _Work(self, self._clock.now(), earlier)
-        with self._store.transaction():
-            work.prefetch(batch)
-            outcomes = [work.run(change) for change in batch]
-            work.flush()
-            self._backend.apply(work.kernel_add, work.kernel_remove)
+        applied = False
+        try:
+            with self._store.transaction():
+                work.prefetch(batch)
+                outcomes = [work.run(change) for change in batch]
+                work.flush()
+                self._backend.apply(work.kernel_add, work.kernel_remove)
+                applied = True
+        except Exception as exc:
+            if applied:
+                self._undo_kernel(work, earlier)
+            if unwritable(exc):
+                raise _StateUnwritable(exc) from exc
+            raise
+        self._state_writable_again()
         return _BatchResult(outcomes, work.changed, work.expired, work.log_lines)
+
+    def _undo_kernel(self, work: _Work, earlier: dict[str, BlockRecord | None]) -> None:
+        """Put every target the failed batch touched back as it was before the batch."""
+        targets = {b.text: b.address for b in work.kernel_add}
+        targets.update((str(t), t) for t in work.kernel_remove)
+        restore: list[KernelBlock] = []
+        remove: list[Target] = []
+        for ip, target in targets.items():
+            before = self.current(ip, earlier)
+            if before is not None and before.expires_at > work.now:
+                restore.append(KernelBlock(target, before.expires_at, ip))
+            else:
+                remove.append(target)
+        try:
+            self._backend.apply(restore, remove)
+        except Exception as exc:  # the index still says what the kernel must hold
+            log.error("could not take a failed batch out of the kernel (%s); rebuilding it", exc)
+            live = {**self._active, **earlier}
+            self._backend.replace_all(
+                [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
+            )
+
+    # The state file's health -------------------------------------------------------
+
+    def _state_unwritable(self, count: int, exc: _StateUnwritable | None) -> _BatchResult:
+        """Refuse a whole batch: the state file takes no writes (no split: every part would
+        fail the same way). The first failure is logged; the rest are counted."""
+        now = self._monotonic()
+        if exc is not None:
+            self._write_failed_at = now
+            if self._unwritable_since is None:
+                self._unwritable_since, self._refused_while_unwritable = now, 0
+                log.error(
+                    "the state file %s cannot be written (%s): refusing every change"
+                    " (block, unblock, expiry) with %s until a write succeeds; reads go on",
+                    self._store.path,
+                    exc.cause,
+                    STATE_UNWRITABLE,
+                    extra={"event": "state_unwritable", "error": str(exc.cause)},
+                )
+        self._refused_while_unwritable += count
+        error = BrokerError(
+            STATE_UNWRITABLE,
+            "the state file cannot be written (disk full or failing); nothing was changed;"
+            " changes are refused until it can be, reads still work",
+        )
+        return _BatchResult([_Outcome(error=error) for _ in range(count)])
+
+    def _holding_off(self) -> bool:
+        """While the state file is unwritable, a write is tried at most every
+        STATE_RETRY_INTERVAL: the requests in between are refused without touching the
+        kernel or the disk."""
+        failed = self._write_failed_at
+        return failed is not None and self._monotonic() - failed < STATE_RETRY_INTERVAL
+
+    def _state_writable_again(self) -> None:
+        since = self._unwritable_since
+        if since is None:
+            return
+        self._unwritable_since = self._write_failed_at = None
+        log.warning(
+            "the state file %s can be written again after %.0f s; %d changes were refused"
+            " meanwhile",
+            self._store.path,
+            self._monotonic() - since,
+            self._refused_while_unwritable,
+            extra={"event": "state_writable", "refused": self._refused_while_unwritable},
+        )
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
         address, text = stored_target(record.ip)
