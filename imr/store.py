@@ -318,6 +318,7 @@ class Store:
         return found
 
     def history(self, ip: str) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's whole history, oldest first (tests, tools; the daemon pages it)."""
         blocks = self._db.execute(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ? ORDER BY blocked_at, id", (ip,)
         ).fetchall()
@@ -326,11 +327,63 @@ class Store:
         ).fetchall()
         return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
 
-    def export(self) -> dict[str, Any]:
-        blocks = self._db.execute(f"SELECT {_BLOCK_COLUMNS} FROM blocks ORDER BY id").fetchall()
-        hits = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM hits ORDER BY id").fetchall()
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "blocks": [BlockRecord(*r) for r in blocks],
-            "hits": [HitRecord(*r) for r in hits],
-        }
+    def history_page(
+        self, ip: str, limit: int, before: int | None = None
+    ) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's blocks and hits, newest first, at most `limit` of each; hits only
+        older than hit `before` (a page's cursor). Both walk the (ip, time) indexes from the
+        newest end, so a page costs its own rows, however long the history."""
+        blocks = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ?"
+            " ORDER BY blocked_at DESC, id DESC LIMIT ?",
+            (ip, limit),
+        ).fetchall()
+        if before is None:
+            hits = self._db.execute(
+                f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? ORDER BY at DESC, id DESC LIMIT ?",
+                (ip, limit),
+            ).fetchall()
+        else:
+            start = self._db.execute(
+                "SELECT at FROM hits WHERE id = ? AND ip = ?", (before, ip)
+            ).fetchone()
+            # A cursor whose hit is gone was pruned, and the hits before it with it.
+            hits = []
+            if start is not None:
+                hits = self._db.execute(
+                    f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? AND (at, id) < (?, ?)"
+                    " ORDER BY at DESC, id DESC LIMIT ?",
+                    (ip, start[0], before, limit),
+                ).fetchall()
+        return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
+
+    def blocks_after(self, after: int, limit: int) -> list[BlockRecord]:
+        """One export page: blocks with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [BlockRecord(*r) for r in rows]
+
+    def hits_after(self, after: int, limit: int) -> list[HitRecord]:
+        """One export page: hits with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_HIT_COLUMNS} FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [HitRecord(*r) for r in rows]
+
+    def prune_hits(self, older_than: float, limit: int) -> int:
+        """Delete the oldest hits (by id) reported before `older_than`, at most `limit`, in
+        one transaction; return how many. Hits are written in time order, so the old ones
+        lead the table: this stops at the first young one (a row written under a clock
+        stepped back waits until the rows before it go), and a call costs its own rows."""
+        rows = self._db.execute("SELECT id, at FROM hits ORDER BY id LIMIT ?", (limit,)).fetchall()
+        last = None
+        for hit_id, at in rows:
+            if at >= older_than:
+                break
+            last = hit_id
+        if last is None:
+            return 0
+        with self.transaction():
+            deleted = self._db.execute("DELETE FROM hits WHERE id <= ?", (last,)).rowcount
+        return int(deleted)

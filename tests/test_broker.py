@@ -207,8 +207,8 @@ def test_show_keeps_history_after_unblock(tmp_path: Path) -> None:
             assert (second["rung"], second["offence"]) == (1, 2)
             shown = await broker.handle(ShowRequest(op="show", ip=ATTACKER), READER)
             assert shown["active"]["reason"] == "second"
-            assert [b["lift_reason"] for b in shown["blocks"]] == ["unblocked", None]
-            assert [h["reason"] for h in shown["hits"]] == ["first", "second"]
+            assert [b["lift_reason"] for b in shown["blocks"]] == [None, "unblocked"]  # newest
+            assert [h["reason"] for h in shown["hits"]] == ["second", "first"]
 
     run(scenario)
 

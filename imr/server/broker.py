@@ -71,7 +71,7 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
-from imr.store import BlockRecord, HitRecord, Offences, Store, unwritable
+from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord, Offences, Store, unwritable
 
 log = logging.getLogger("imr.broker")
 
@@ -80,6 +80,14 @@ EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 # Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
 REFUSAL_LOG_INTERVAL = 10.0
 
+
+# Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
+# start), PRUNE_ROWS per writer turn with PRUNE_PAUSE between turns, so a backlog of
+# millions never holds the writer for long.
+PRUNE_INTERVAL = 3600.0
+PRUNE_FIRST = 60.0
+PRUNE_ROWS = 5000
+PRUNE_PAUSE = 0.05
 
 # The wire code of a change refused because the state file takes no writes (a full disk).
 STATE_UNWRITABLE = "state_unwritable"
@@ -277,6 +285,7 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="imr-writer"),
             asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
+            asyncio.create_task(self._prune_loop(), name="imr-prune"),
         ]
         if self._config.firewall.drift_check:
             self._tasks.append(asyncio.create_task(self._drift_loop(), name="imr-drift"))
@@ -329,7 +338,7 @@ class Broker:
             case StatusRequest():
                 return self.status()
             case ExportRequest():
-                return await self._export()
+                return await self._export(request)
             case PingRequest():
                 return {"kind": "pong", "version": __version__}
         raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
@@ -347,7 +356,16 @@ class Broker:
         """
         results: list[dict[str, Any] | None] = [None] * len(request.ips)
         waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
+        # one change, admitted and counted once; the others share its answer.
+        first: dict[str, int] = {}
+        spelling: dict[int, int] = {}
         for index, text in enumerate(request.ips):
+            parsed = canonical_target(text)
+            if not isinstance(parsed, Refusal):
+                spelling[index] = first.setdefault(parsed[1], index)
+                if spelling[index] != index:
+                    continue
             try:
                 change = self._block_change(text, request, peer, compact=True)
             except BrokerError as exc:
@@ -359,6 +377,10 @@ class Broker:
                 results[index] = await future
             except BrokerError as exc:
                 results[index] = _refused_item(request.ips[index], exc)
+        for index, original in spelling.items():
+            answer = results[original]
+            if index != original and answer is not None:
+                results[index] = answer if answer["ok"] else {**answer, "ip": request.ips[index]}
         items = [item for item in results if item is not None]
         counts = dict.fromkeys(("blocked", "escalated", "recorded", "refused"), 0)
         for item in items:
@@ -514,19 +536,25 @@ class Broker:
         }
 
     async def _show(self, request: ShowRequest) -> dict[str, Any]:
+        """The address's history, newest first: one page of at most state.page_rows blocks
+        and hits; `next_before` asks for the hits before this page."""
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(parsed.code, parsed.message)
         ip = str(parsed)
-        blocks, hits = await self._in_writer(self._store.history, ip)
+        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
+        # One row more than the page, to know whether there is another.
+        blocks, hits = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
         now = self._clock.now()
         active = self._active.get(ip)
         return {
             "kind": "show",
             "ip": ip,
             "active": block_info(active, now) if active else None,
-            "blocks": [block_info(b, now) for b in blocks],
-            "hits": [hit_info(h) for h in hits],
+            "blocks": [block_info(b, now) for b in blocks[:rows]],
+            "hits": [hit_info(h) for h in hits[:rows]],
+            "more_blocks": len(blocks) > rows,
+            "next_before": hits[rows - 1].id if len(hits) > rows else None,
         }
 
     def status(self) -> dict[str, Any]:
@@ -544,14 +572,33 @@ class Broker:
             "active_blocks": len(self._active),
         }
 
-    async def _export(self) -> dict[str, Any]:
-        data = await self._in_writer(self._store.export)
+    async def _export(self, request: ExportRequest) -> dict[str, Any]:
+        """One page of the whole state, blocks then hits, each by id; `next` is the cursor
+        of the following page (None after the last). A page costs the daemon its own rows
+        (at most state.page_rows), so an export of any size never holds more than that."""
+        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
+        table, _, after = (request.after or "blocks:0").partition(":")
+        last = int(after)
+        blocks: list[dict[str, Any]] = []
+        hits: list[dict[str, Any]] = []
+        following: str | None
         now = self._clock.now()
+        if table == "blocks":
+            found = await self._in_writer(self._store.blocks_after, last, rows)
+            blocks = [block_info(b, now) for b in found]
+            more = len(found) == rows
+            following = f"blocks:{found[-1].id}" if more else "hits:0"
+        else:
+            found_hits = await self._in_writer(self._store.hits_after, last, rows)
+            hits = [hit_info(h) for h in found_hits]
+            more = len(found_hits) == rows
+            following = f"hits:{found_hits[-1].id}" if more else None
         return {
             "kind": "export",
-            "schema_version": data["schema_version"],
-            "blocks": [block_info(b, now) for b in data["blocks"]],
-            "hits": [hit_info(h) for h in data["hits"]],
+            "schema_version": SCHEMA_VERSION,
+            "blocks": blocks,
+            "hits": hits,
+            "next": following,
         }
 
     async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -588,6 +635,39 @@ class Broker:
             except Exception:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
+
+    # Hit retention ----------------------------------------------------------------
+
+    async def prune_hits(self) -> int:
+        """Delete the hits older than state.hit_retention, PRUNE_ROWS at a time, each step
+        its own turn of the writer thread (batches go in between); return how many (the
+        prune loop calls it every PRUNE_INTERVAL; tests call it)."""
+        retention = self._config.state.hit_retention
+        cutoff = self._clock.now() - retention
+        total = 0
+        while True:
+            deleted: int = await self._in_writer(self._store.prune_hits, cutoff, PRUNE_ROWS)
+            total += deleted
+            if deleted < PRUNE_ROWS:
+                break
+            await asyncio.sleep(PRUNE_PAUSE)
+        if total:
+            log.info(
+                "deleted %d reports older than %s (state.hit_retention)",
+                total,
+                format_duration(retention),
+                extra={"event": "hits_pruned", "count": total},
+            )
+        return total
+
+    async def _prune_loop(self) -> None:
+        await asyncio.sleep(PRUNE_FIRST)
+        while True:
+            try:
+                await self.prune_hits()
+            except Exception as exc:  # a full disk, say: the next round tries again
+                log.warning("deleting old reports failed: %s; trying again later", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     # Drift ------------------------------------------------------------------------
 
@@ -687,11 +767,15 @@ class Broker:
     def _settle_quota(self, change: _AnyChange, outcome: _Outcome) -> None:
         if not isinstance(change, _BlockChange) or change.reservation is None:
             return  # nothing reserved (or a readmission without one, settled already)
-        made = outcome.error is None and (outcome.result or {}).get("action") == "block"
-        if made:
+        action = (outcome.result or {}).get("action") if outcome.error is None else None
+        if action == "block":
             self._quota.commit(change.reservation, str(change.address))
-        else:  # refused, failed, or a hit after all: the share goes back
-            self._quota.release(change.reservation)
+            return
+        self._quota.release(change.reservation)  # refused, failed, or a hit after all
+        if action is not None and not (self._config.quota.admin_exempt and change.peer.is_admin):
+            # A hit after all (two requests for one new address in one batch): it wrote a
+            # hit row, so it counts against hits_per_minute like any other report.
+            self._quota.admit_hit(change.peer.principal, self._monotonic())
 
     def _publish(self, result: _BatchResult) -> None:
         for ip, record in result.changed.items():
