@@ -50,6 +50,13 @@ def config(**state: Any) -> Config:
     )
 
 
+def quota_config() -> Config:
+    """hits_per_minute = 3, and nothing new besides: so the spelling tests run on any imr."""
+    return Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "quota": {"hits_per_minute": 3}}
+    )
+
+
 async def show(broker: Broker, ip: str, **fields: Any) -> dict[str, Any]:
     return await broker.handle(ShowRequest(op="show", ip=ip, **fields), READER_PEER)
 
@@ -149,7 +156,7 @@ SPELLINGS = [
 
 
 async def test_many_spellings_of_a_blocked_address_count_once(tmp_path: Path) -> None:
-    async with running(tmp_path, config()) as (broker, _backend, _clock, store):
+    async with running(tmp_path, quota_config()) as (broker, _backend, _clock, store):
         await block(broker, ATTACKER)
         request = BlockManyRequest(op="block_many", ips=SPELLINGS)
         result = await broker.handle(request, WEB)
@@ -167,7 +174,7 @@ async def test_many_spellings_of_a_blocked_address_count_once(tmp_path: Path) ->
 async def test_many_spellings_of_a_new_address_make_one_block_and_one_row(
     tmp_path: Path,
 ) -> None:
-    async with running(tmp_path, config()) as (broker, _backend, _clock, store):
+    async with running(tmp_path, quota_config()) as (broker, _backend, _clock, store):
         request = BlockManyRequest(op="block_many", ips=SPELLINGS)
         result = await broker.handle(request, WEB)
         assert {item["action"] for item in result["results"]} == {"block"}
@@ -179,7 +186,7 @@ async def test_many_spellings_of_a_new_address_make_one_block_and_one_row(
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 HITS = 200_000
-GROWTH_LIMIT_KB = 60_000  # the daemon's resident set may grow by at most this much
+GROWTH_LIMIT_KB = 40_000  # growth of the daemon's resident set: ~8 MB measured, ~300 MB unpaged
 
 
 def fill_state(path: Path) -> None:
