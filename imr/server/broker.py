@@ -1200,6 +1200,7 @@ def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
 
 def hit_info(hit: HitRecord) -> dict[str, Any]:
     return {
+        "id": hit.id,  # show's `before` cursor
         "ip": hit.ip,
         "at": timestamp(hit.at),
         "outcome": hit.outcome,
