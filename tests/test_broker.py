@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from imr.backends.base import KernelBlock
 from imr.config import Config
 from imr.protocol import BlockRequest, ListRequest, ShowRequest, UnblockRequest
 from imr.server.access import Peer
@@ -113,7 +114,10 @@ def test_hit_on_blocked_address_is_recorded_without_duplicate_rule(tmp_path: Pat
             second = await block(broker, ATTACKER, reason="again")
             assert second["action"] == "record"
             assert len(backend.applies) == 2
-            assert backend.applies[1] == ([], [])  # nothing new for the kernel
+            # The same entry again, re-armed with the same expiry (a set backend's timeout);
+            # the kernel still holds one entry for it.
+            assert backend.applies[1] == ([KernelBlock(addr(ATTACKER), clock.now() - 60 + DAY)], [])
+            assert backend.kernel == {addr(ATTACKER): clock.now() - 60 + DAY}
             clock.advance(2 * 3600)  # still attacking an hour later: escalate
             third = await block(broker, ATTACKER)
             assert (third["action"], third["rung"]) == ("escalate", 2)

@@ -81,6 +81,9 @@ EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 REFUSAL_LOG_INTERVAL = 10.0
 
 
+CLOCK_STEP = 2.0  # seconds: a change of (wall - monotonic) this large is a clock step
+_NO_REARM = frozenset({"iptables"})
+
 # Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
 # start), PRUNE_ROWS per writer turn with PRUNE_PAUSE between turns, so a backlog of
 # millions never holds the writer for long.
@@ -217,6 +220,11 @@ class Broker:
         self._write_failed_at: float | None = None
         self._unwritable_since: float | None = None
         self._refused_while_unwritable = 0
+        # Wall minus monotonic time at the last expiry tick: a jump in it is a clock step.
+        self._clock_offset: float | None = None
+        # Re-arm a block's kernel entry on every report of it (see _Work._block); not for
+        # iptables, whose rules never time out and whose apply reads the whole chain.
+        self._rearm = backend.name not in _NO_REARM
 
     # Life cycle -------------------------------------------------------------------
 
@@ -630,11 +638,46 @@ class Broker:
     async def _expiry_loop(self) -> None:
         while True:
             try:
+                await self.check_clock()
                 await self.expire_due()
                 self._report_held_back()  # a flood's last second, once it is over
             except Exception:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
+
+    # Clock steps ------------------------------------------------------------------
+
+    async def check_clock(self) -> float | None:
+        """Notice a step of the wall clock (the expiry loop calls it every tick; tests call
+        it) and make the kernel agree with the state again; return the step in seconds.
+
+        Kernel timeouts count down on their own, but the daemon's expiries are wall-clock
+        times: after a step back the kernel would lift blocks early (by the step), and
+        after a step forward the expiry loop lifts them early in both. So on a step the
+        kernel's entries are all written again from the index, with their remaining time
+        as the wall clock now counts it. A step is a change of (wall - monotonic) by more
+        than CLOCK_STEP; NTP's slewing stays far below it.
+        """
+        offset = self._clock.now() - self._monotonic()
+        last, self._clock_offset = self._clock_offset, offset
+        if last is None or abs(offset - last) < CLOCK_STEP:
+            return None
+        step = offset - last
+        log.warning(
+            "the wall clock stepped %s by %.0f s; writing every active block's timeout to"
+            " the kernel again",
+            "forward" if step > 0 else "back",
+            abs(step),
+            extra={"event": "clock_step", "seconds": step},
+        )
+        async with self._turn:  # between batches: the index matches what the writer applied
+            await self._in_writer(self._rearm_all)
+        return step
+
+    def _rearm_all(self) -> None:
+        now = self._clock.now()
+        live = [self._kernel_block(r) for r in self._active.values() if r.expires_at > now]
+        self._backend.replace_all(live)
 
     # Hit retention ----------------------------------------------------------------
 
@@ -1074,6 +1117,11 @@ class _Work:
                 self.store.escalate(record.id, decision.rung, decision.expires_at)
                 record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
                 # Re-adding updates kernel timeouts (set backends); never duplicates.
+                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+            elif self.broker._rearm:
+                # Re-armed in the batch's own kernel transaction: if the kernel lifted the
+                # block early (its timeout ran on a clock that stepped, or someone deleted
+                # the entry), the report that shows the attacker is back puts it in again.
                 self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
         self.hits.append(
             (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
