@@ -52,6 +52,7 @@ from imr.core.addresses import (
     protection_refusal,
 )
 from imr.core.clock import Clock
+from imr.core.clock_steps import StepDetector
 from imr.core.durations import format_duration
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
@@ -71,6 +72,8 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
+from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
+from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord, Offences, Store, unwritable
 
 log = logging.getLogger("imr.broker")
@@ -81,7 +84,6 @@ EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 REFUSAL_LOG_INTERVAL = 10.0
 
 
-CLOCK_STEP = 2.0  # seconds: a change of (wall - monotonic) this large is a clock step
 _NO_REARM = frozenset({"iptables"})
 
 # Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
@@ -91,10 +93,6 @@ PRUNE_INTERVAL = 3600.0
 PRUNE_FIRST = 60.0
 PRUNE_ROWS = 5000
 PRUNE_PAUSE = 0.05
-
-# The wire code of a change refused because the state file takes no writes (a full disk).
-STATE_UNWRITABLE = "state_unwritable"
-STATE_RETRY_INTERVAL = 1.0  # seconds: how often an unwritable state file is tried again
 
 
 class _StateUnwritable(Exception):
@@ -215,13 +213,8 @@ class Broker:
         self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
-        # Writer thread only: when the state file last refused a write (monotonic), and since
-        # when it has (None: writable), for the log line when it recovers.
-        self._write_failed_at: float | None = None
-        self._unwritable_since: float | None = None
-        self._refused_while_unwritable = 0
-        # Wall minus monotonic time at the last expiry tick: a jump in it is a clock step.
-        self._clock_offset: float | None = None
+        self._health = StateHealth(store.path, monotonic)  # the writer thread's
+        self._steps = StepDetector()
         # Re-arm a block's kernel entry on every report of it (see _Work._block); not for
         # iptables, whose rules never time out and whose apply reads the whole chain.
         self._rearm = backend.name not in _NO_REARM
@@ -655,14 +648,11 @@ class Broker:
         times: after a step back the kernel would lift blocks early (by the step), and
         after a step forward the expiry loop lifts them early in both. So on a step the
         kernel's entries are all written again from the index, with their remaining time
-        as the wall clock now counts it. A step is a change of (wall - monotonic) by more
-        than CLOCK_STEP; NTP's slewing stays far below it.
+        as the wall clock now counts it (imr.core.clock_steps tells a step from time passing).
         """
-        offset = self._clock.now() - self._monotonic()
-        last, self._clock_offset = self._clock_offset, offset
-        if last is None or abs(offset - last) < CLOCK_STEP:
+        step = self._steps.step(self._clock.now(), self._monotonic())
+        if step is None:
             return None
-        step = offset - last
         log.warning(
             "the wall clock stepped %s by %.0f s; writing every active block's timeout to"
             " the kernel again",
@@ -873,7 +863,7 @@ class Broker:
         parts of the same batch committed, which the event loop has not
         published yet.
         """
-        if self._holding_off():
+        if self._health.holding_off():
             return self._state_unwritable(len(batch), None)
         try:
             return self._commit(batch, earlier or {})
@@ -916,7 +906,7 @@ class Broker:
             if unwritable(exc):
                 raise _StateUnwritable(exc) from exc
             raise
-        self._state_writable_again()
+        self._health.succeeded()
         return _BatchResult(outcomes, work.changed, work.expired, work.log_lines)
 
     def _undo_kernel(self, work: _Work, earlier: dict[str, BlockRecord | None]) -> None:
@@ -940,52 +930,14 @@ class Broker:
                 [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
             )
 
-    # The state file's health -------------------------------------------------------
-
     def _state_unwritable(self, count: int, exc: _StateUnwritable | None) -> _BatchResult:
         """Refuse a whole batch: the state file takes no writes (no split: every part would
-        fail the same way). The first failure is logged; the rest are counted."""
-        now = self._monotonic()
+        fail the same way)."""
         if exc is not None:
-            self._write_failed_at = now
-            if self._unwritable_since is None:
-                self._unwritable_since, self._refused_while_unwritable = now, 0
-                log.error(
-                    "the state file %s cannot be written (%s): refusing every change"
-                    " (block, unblock, expiry) with %s until a write succeeds; reads go on",
-                    self._store.path,
-                    exc.cause,
-                    STATE_UNWRITABLE,
-                    extra={"event": "state_unwritable", "error": str(exc.cause)},
-                )
-        self._refused_while_unwritable += count
-        error = BrokerError(
-            STATE_UNWRITABLE,
-            "the state file cannot be written (disk full or failing); nothing was changed;"
-            " changes are refused until it can be, reads still work",
-        )
+            self._health.failed(exc.cause)
+        self._health.refused(count)
+        error = BrokerError(STATE_UNWRITABLE, UNWRITABLE_MESSAGE)
         return _BatchResult([_Outcome(error=error) for _ in range(count)])
-
-    def _holding_off(self) -> bool:
-        """While the state file is unwritable, a write is tried at most every
-        STATE_RETRY_INTERVAL: the requests in between are refused without touching the
-        kernel or the disk."""
-        failed = self._write_failed_at
-        return failed is not None and self._monotonic() - failed < STATE_RETRY_INTERVAL
-
-    def _state_writable_again(self) -> None:
-        since = self._unwritable_since
-        if since is None:
-            return
-        self._unwritable_since = self._write_failed_at = None
-        log.warning(
-            "the state file %s can be written again after %.0f s; %d changes were refused"
-            " meanwhile",
-            self._store.path,
-            self._monotonic() - since,
-            self._refused_while_unwritable,
-            extra={"event": "state_writable", "refused": self._refused_while_unwritable},
-        )
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
         address, text = stored_target(record.ip)
