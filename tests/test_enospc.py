@@ -1,5 +1,8 @@
 """A full disk under the state file: changes are refused cleanly, reads go on, and it recovers.
 
+The broker part fails the state file's commits on demand (after the kernel change, where a
+full disk shows up) and checks that every kind of change is put back in the kernel.
+
 The real daemon (nftables backend, in a throwaway namespace) keeps its state file on a small
 tmpfs the test mounts and then fills. A block refused because the state file cannot be
 written must leave nothing in the kernel (the kernel change is taken out again before the
@@ -11,17 +14,95 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_broker import block
+
+from imr.config import Config
+from imr.protocol import UnblockRequest
+from imr.server.broker import Broker, BrokerError
+from imr.store import Store
 
 from daemon_harness import READER, Daemon, daemon_world
+from fakes import ROOT, FakeClock, FixedAddresses, RecordingBackend
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and mount")
+pytestmark = pytest.mark.anyio
+DAY = 86400
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- the broker, with commits that fail on demand ---
+
+
+class FullDisk(Store):
+    """A state file whose commits fail like a full disk's while `full` is set."""
+
+    full = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with super().transaction():
+            yield
+            if self.full:
+                error = sqlite3.OperationalError("database or disk is full")
+                error.sqlite_errorcode = 13  # SQLITE_FULL
+                raise error
+
+
+async def test_every_kind_of_change_is_taken_out_of_the_kernel_again(tmp_path: Path) -> None:
+    wall, monotonic = FakeClock(), FakeClock(1000.0)
+    backend, store = RecordingBackend(), FullDisk(tmp_path / "state.db")
+    broker = Broker(
+        Config(), store, backend, wall, FixedAddresses("192.0.2.1"), monotonic=monotonic.now
+    )
+    broker.reconcile()
+    await broker.start()
+    try:
+        await block(broker, "203.0.113.1")
+        await block(broker, "203.0.113.2")
+        await block(broker, "203.0.113.3")
+        wall.advance(60)
+        kernel = dict(backend.kernel)
+        store.full = True
+        for change in (
+            block(broker, "203.0.113.1", severity=2),  # an escalation
+            block(broker, "203.0.113.2"),  # a report (re-arms the entry)
+            broker.handle(UnblockRequest(op="unblock", ip="203.0.113.3"), ROOT),
+            block(broker, "203.0.113.4"),  # a new block
+        ):
+            with pytest.raises(BrokerError) as refused:
+                await change
+            assert refused.value.code == "state_unwritable"
+            assert backend.kernel == kernel
+            monotonic.advance(1.5)  # past the hold-off: the next one is tried for real
+        wall.advance(DAY)
+        await broker.expire_due()  # refused too: the blocks stay due, not lost
+        assert {r.ip for r in broker._active.values()} == {f"203.0.113.{n}" for n in (1, 2, 3)}
+
+        store.full = False
+        monotonic.advance(1.5)
+        await broker.expire_due()
+        assert broker._active == {} and backend.kernel == {}
+        assert (await block(broker, "203.0.113.4"))["action"] == "block"
+        assert backend.kernel == {ipaddress.ip_address("203.0.113.4"): wall.now() + DAY}
+    finally:
+        await broker.stop()
+        store.close()
+
+
+# --- the real daemon on a full tmpfs ---
 
 BEFORE = "203.0.113.10"
 REFUSED = [f"203.0.113.{n}" for n in range(100, 200)]
