@@ -257,5 +257,7 @@ def test_an_export_of_200k_hits_is_streamed_with_bounded_daemon_memory(
         assert (data["kind"], len(data["blocks"]), len(data["hits"])) == ("export", 0, HITS)
         assert data["hits"][-1]["ip"] == f"2001:db8:{(HITS - 1) >> 16:x}:{(HITS - 1) & 0xFFFF:x}::1"
         assert peak[0] - before < GROWTH_LIMIT_KB, (before, peak[0])
-        ping = world.as_root("ping")
-        assert ping.returncode == 0
+        shown = world.as_user(READER, "show", "2001:db8:0:5::1", "--limit", "1", "--json")
+        assert shown.returncode == 0, shown.stderr
+        page = json.loads(shown.stdout)
+        assert [h["reason"] for h in page["hits"]] == ["x" * 100] and page["next_before"] is None

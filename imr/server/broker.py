@@ -84,6 +84,7 @@ EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 REFUSAL_LOG_INTERVAL = 10.0
 
 
+# Backends whose entries are not re-armed on a report: iptables rules never time out.
 _NO_REARM = frozenset({"iptables"})
 
 # Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
@@ -926,9 +927,12 @@ class Broker:
         except Exception as exc:  # the index still says what the kernel must hold
             log.error("could not take a failed batch out of the kernel (%s); rebuilding it", exc)
             live = {**self._active, **earlier}
-            self._backend.replace_all(
-                [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
-            )
+            try:
+                self._backend.replace_all(
+                    [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
+                )
+            except Exception:
+                log.exception("could not rebuild the kernel; the drift check tries again")
 
     def _state_unwritable(self, count: int, exc: _StateUnwritable | None) -> _BatchResult:
         """Refuse a whole batch: the state file takes no writes (no split: every part would
