@@ -8,6 +8,7 @@ reads its resident set from /proc while an unprivileged reader exports it all.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -180,6 +181,19 @@ async def test_many_spellings_of_a_new_address_make_one_block_and_one_row(
         assert {item["action"] for item in result["results"]} == {"block"}
         blocks, hits = store.history(ATTACKER)
         assert (len(blocks), [h.outcome for h in hits]) == (1, ["block"])
+
+
+async def test_concurrent_reports_of_a_new_address_count_as_hits(tmp_path: Path) -> None:
+    """Several requests for one new address in one batch: one block, and the others are
+    hits that count against hits_per_minute (they wrote hit rows), though each was
+    admitted as a new block."""
+    async with running(tmp_path, quota_config()) as (broker, _backend, _clock, store):
+        results = await asyncio.gather(*(block(broker, ATTACKER) for _ in range(4)))
+        assert sorted(r["action"] for r in results) == ["block", "record", "record", "record"]
+        with pytest.raises(BrokerError) as refused:  # 3 hits this minute: the limit
+            await block(broker, ATTACKER)
+        assert refused.value.code == "rate_limited"
+        assert len(store.history(ATTACKER)[1]) == 4
 
 
 # --- the real daemon: export of 200,000 hits with bounded memory ---
