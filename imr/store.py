@@ -371,19 +371,27 @@ class Store:
         )
         return [HitRecord(*r) for r in rows]
 
-    def prune_hits(self, older_than: float, limit: int) -> int:
-        """Delete the oldest hits (by id) reported before `older_than`, at most `limit`, in
-        one transaction; return how many. Hits are written in time order, so the old ones
-        lead the table: this stops at the first young one (a row written under a clock
-        stepped back waits until the rows before it go), and a call costs its own rows."""
-        rows = self._db.execute("SELECT id, at FROM hits ORDER BY id LIMIT ?", (limit,)).fetchall()
-        last = None
+    def prune_hits(
+        self, older_than: float, now: float, limit: int, after: int = 0
+    ) -> tuple[int, int | None]:
+        """Delete the hits reported before `older_than` among the next `limit` hits past id
+        `after`, in one transaction. Returns (deleted, the id to go on after), or None
+        for the second once a hit reported since `older_than` is reached: hits are
+        written in time order, so the rest are younger still, and a call costs its own
+        rows. A hit dated after `now` (by a clock that was ahead) is kept and passed over,
+        so it cannot hold up the pruning of the rows behind it."""
+        rows = self._db.execute(
+            "SELECT id, at FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        old: list[tuple[int]] = []
+        following: int | None = rows[-1][0] if len(rows) == limit else None
         for hit_id, at in rows:
-            if at >= older_than:
+            if older_than <= at <= now:
+                following = None
                 break
-            last = hit_id
-        if last is None:
-            return 0
-        with self.transaction():
-            deleted = self._db.execute("DELETE FROM hits WHERE id <= ?", (last,)).rowcount
-        return int(deleted)
+            if at < older_than:
+                old.append((hit_id,))
+        if old:
+            with self.transaction():
+                self._db.executemany("DELETE FROM hits WHERE id = ?", old)
+        return len(old), following

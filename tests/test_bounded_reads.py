@@ -141,6 +141,27 @@ async def test_hits_older_than_the_retention_are_pruned(
         assert await broker.prune_hits() == 0
 
 
+async def test_hits_dated_by_a_clock_that_was_ahead_do_not_hold_up_pruning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "PRUNE_ROWS", 2)
+    async with running(tmp_path, config(hit_retention="30d")) as (broker, _b, clock, store):
+        clock.advance(400 * DAY)  # the clock is a year ahead, then set right
+        await block(broker, "203.0.113.9", peer=ROOT, reason="from the future")
+        clock.advance(-400 * DAY)
+        for n in range(3):
+            await block(broker, ATTACKER, peer=ROOT, reason=f"old {n}")
+        clock.advance(31 * DAY)
+        await block(broker, "203.0.113.8", peer=ROOT, reason="young")
+        assert await broker.prune_hits() == 3
+        left = [
+            h.reason
+            for ip in ("203.0.113.9", ATTACKER, "203.0.113.8")
+            for h in store.history(ip)[1]
+        ]
+        assert left == ["from the future", "young"]
+
+
 # --- hits_per_minute: one address in many spellings ---
 
 SPELLINGS = [

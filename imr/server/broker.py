@@ -673,17 +673,21 @@ class Broker:
     # Hit retention ----------------------------------------------------------------
 
     async def prune_hits(self) -> int:
-        """Delete the hits older than state.hit_retention, PRUNE_ROWS at a time, each step
-        its own turn of the writer thread (batches go in between); return how many (the
-        prune loop calls it every PRUNE_INTERVAL; tests call it)."""
+        """Delete the hits older than state.hit_retention, looking at PRUNE_ROWS at a time,
+        each step its own turn of the writer thread (batches go in between); return how
+        many (the prune loop calls it every PRUNE_INTERVAL; tests call it)."""
         retention = self._config.state.hit_retention
-        cutoff = self._clock.now() - retention
-        total = 0
+        now = self._clock.now()
+        total, after = 0, 0
         while True:
-            deleted: int = await self._in_writer(self._store.prune_hits, cutoff, PRUNE_ROWS)
+            step = self._store.prune_hits, now - retention, now, PRUNE_ROWS, after
+            deleted: int
+            going_on: int | None
+            deleted, going_on = await self._in_writer(*step)
             total += deleted
-            if deleted < PRUNE_ROWS:
+            if going_on is None:
                 break
+            after = going_on
             await asyncio.sleep(PRUNE_PAUSE)
         if total:
             log.info(
