@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -375,11 +375,18 @@ def list_blocks(
 
 @main.command()
 @click.argument("ip")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="At most this many blocks and reports, newest first (the daemon's page size caps it).",
+)
+@click.option("--before", type=click.IntRange(1), default=None, help="Only reports before this id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def show(ctx: CliContext, ip: str, as_json: bool) -> None:
-    """The current block of IP, if any, and its whole history (roles: read, admin)."""
-    result = call(ctx, "show", ip=ip)
+def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_json: bool) -> None:
+    """The current block of IP, if any, and its history, newest first (roles: read, admin)."""
+    result = call(ctx, "show", ip=ip, limit=limit, before=before)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -414,14 +421,43 @@ def show(ctx: CliContext, ip: str, as_json: bool) -> None:
         for h in result["hits"]:
             rows.append([h["at"], h["outcome"], _who(h), h["source"] or "-", h["reason"] or "-"])
         click.echo(_table(rows))
+    if result.get("next_before") is not None:
+        click.echo(f"(older reports: --before {result['next_before']})", err=True)
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, default=True, help="Print JSON (the only form).")
 @click.pass_obj
 def export(ctx: CliContext, as_json: bool) -> None:
-    """Dump the whole state (every block and report) as JSON (roles: read, admin)."""
-    click.echo(json.dumps(call(ctx, "export"), indent=2))
+    """Dump the whole state (every block and report) as JSON (roles: read, admin).
+
+    Written as the daemon's pages arrive, one row a line: neither side holds the whole.
+    """
+    _asking(lambda client: _write_export(client.export_pages()), ctx)
+
+
+def _write_export(pages: Iterator[dict[str, Any]]) -> None:
+    """The export document, one row a line, written page by page (blocks come first)."""
+    out = sys.stdout
+    tables = ("blocks", "hits")
+    opened = -1  # which table's list is open
+    written = 0  # rows in it so far
+    for page in pages:
+        if opened < 0:
+            version = json.dumps(page.get("schema_version"))
+            out.write(f'{{\n  "kind": "export",\n  "schema_version": {version},\n  "blocks": [')
+            opened = 0
+        for index, name in enumerate(tables):
+            for row in page.get(name) or []:
+                while opened < index:
+                    opened, written = opened + 1, 0
+                    out.write(f'\n  ],\n  "{tables[opened]}": [')
+                out.write(("," if written else "") + "\n    " + json.dumps(row))
+                written += 1
+    while opened < len(tables) - 1:
+        opened += 1
+        out.write(f'\n  ],\n  "{tables[opened]}": [')
+    out.write("\n  ]\n}\n")
 
 
 @main.command()

@@ -123,6 +123,12 @@ class ServerConfig(_Section):
 
 class StateConfig(_Section):
     path: Path = Path("/var/lib/imr/state.db")
+    # Reports (hit rows) older than this are deleted, a few thousand rows at a time, every
+    # hour; blocks are kept for ever (the repeat ladder reads them). docs/operations.md.
+    hit_retention: Duration = 90 * 86400
+    # Most rows one `show` (blocks and hits, each) or `export` page returns: what one read
+    # request may cost the daemon. Longer answers come in pages (docs/protocol.md).
+    page_rows: int = Field(1000, ge=10, le=10_000)
 
 
 class PolicyConfig(_Section):

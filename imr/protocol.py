@@ -24,6 +24,9 @@ MAX_REASON = 200
 MAX_SOURCE = 64
 MAX_LIST_LIMIT = 100_000
 MAX_BLOCK_MANY = 1000  # addresses in one block_many (the line limit usually binds first)
+# Rows one `show` or `export` page may ask for; the daemon may answer fewer
+# (state.page_rows) and says where to go on.
+MAX_PAGE_ROWS = 10_000
 
 _SOURCE_PATTERN = r"^[A-Za-z0-9_.:/@+-]*$"
 
@@ -82,8 +85,12 @@ class UnblockRequest(_Request):
 
 
 class ShowRequest(_Request):
+    """An address's history, newest first, a page at a time (docs/protocol.md)."""
+
     op: Literal["show"]
     ip: str = Field(max_length=64)
+    limit: int | None = Field(None, ge=1, le=MAX_PAGE_ROWS)  # blocks and hits, each
+    before: int | None = Field(None, ge=1)  # only hits older than this hit id (`next_before`)
 
 
 class ListRequest(_Request):
@@ -105,7 +112,11 @@ class PingRequest(_Request):
 
 
 class ExportRequest(_Request):
+    """One page of the whole state: blocks by id, then hits by id (docs/protocol.md)."""
+
     op: Literal["export"]
+    after: str | None = Field(None, pattern=r"^(blocks|hits):[0-9]{1,18}$")  # a reply's `next`
+    limit: int | None = Field(None, ge=1, le=MAX_PAGE_ROWS)
 
 
 class AuthRequest(_Request):

@@ -12,6 +12,7 @@ shared between threads).
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 class StoreError(Exception):
     """The state file cannot be opened or is from a newer imr."""
+
+
+# SQLite's primary result codes for a file that cannot take a write: SQLITE_READONLY (8),
+# SQLITE_IOERR (10; its extended codes keep 10 in the low byte), SQLITE_FULL (13).
+_UNWRITABLE_CODES = frozenset({8, 10, 13})
+_UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Whether `exc` says the state file cannot be written now (disk or quota full, an I/O
+    error, a read-only file system), rather than that one change was wrong: every other
+    write would fail the same way, and reads still work."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _UNWRITABLE_CODES
+    return isinstance(exc, OSError) and exc.errno in _UNWRITABLE_ERRNOS
 
 
 @dataclass(frozen=True, slots=True)  # slots: the daemon holds one per active block
@@ -301,6 +318,7 @@ class Store:
         return found
 
     def history(self, ip: str) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's whole history, oldest first (tests, tools; the daemon pages it)."""
         blocks = self._db.execute(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ? ORDER BY blocked_at, id", (ip,)
         ).fetchall()
@@ -309,11 +327,71 @@ class Store:
         ).fetchall()
         return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
 
-    def export(self) -> dict[str, Any]:
-        blocks = self._db.execute(f"SELECT {_BLOCK_COLUMNS} FROM blocks ORDER BY id").fetchall()
-        hits = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM hits ORDER BY id").fetchall()
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "blocks": [BlockRecord(*r) for r in blocks],
-            "hits": [HitRecord(*r) for r in hits],
-        }
+    def history_page(
+        self, ip: str, limit: int, before: int | None = None
+    ) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's blocks and hits, newest first, at most `limit` of each; hits only
+        older than hit `before` (a page's cursor). Both walk the (ip, time) indexes from the
+        newest end, so a page costs its own rows, however long the history."""
+        blocks = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ?"
+            " ORDER BY blocked_at DESC, id DESC LIMIT ?",
+            (ip, limit),
+        ).fetchall()
+        if before is None:
+            hits = self._db.execute(
+                f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? ORDER BY at DESC, id DESC LIMIT ?",
+                (ip, limit),
+            ).fetchall()
+        else:
+            start = self._db.execute(
+                "SELECT at FROM hits WHERE id = ? AND ip = ?", (before, ip)
+            ).fetchone()
+            # A cursor whose hit is gone was pruned, and the hits before it with it.
+            hits = []
+            if start is not None:
+                hits = self._db.execute(
+                    f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? AND (at, id) < (?, ?)"
+                    " ORDER BY at DESC, id DESC LIMIT ?",
+                    (ip, start[0], before, limit),
+                ).fetchall()
+        return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
+
+    def blocks_after(self, after: int, limit: int) -> list[BlockRecord]:
+        """One export page: blocks with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [BlockRecord(*r) for r in rows]
+
+    def hits_after(self, after: int, limit: int) -> list[HitRecord]:
+        """One export page: hits with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_HIT_COLUMNS} FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [HitRecord(*r) for r in rows]
+
+    def prune_hits(
+        self, older_than: float, now: float, limit: int, after: int = 0
+    ) -> tuple[int, int | None]:
+        """Delete the hits reported before `older_than` among the next `limit` hits past id
+        `after`, in one transaction. Returns (deleted, the id to go on after), or None
+        for the second once a hit reported since `older_than` is reached: hits are
+        written in time order, so the rest are younger still, and a call costs its own
+        rows. A hit dated after `now` (by a clock that was ahead) is kept and passed over,
+        so it cannot hold up the pruning of the rows behind it."""
+        rows = self._db.execute(
+            "SELECT id, at FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        old: list[tuple[int]] = []
+        following: int | None = rows[-1][0] if len(rows) == limit else None
+        for hit_id, at in rows:
+            if older_than <= at <= now:
+                following = None
+                break
+            if at < older_than:
+                old.append((hit_id,))
+        if old:
+            with self.transaction():
+                self._db.executemany("DELETE FROM hits WHERE id = ?", old)
+        return len(old), following

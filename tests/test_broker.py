@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from imr.backends.base import KernelBlock
 from imr.config import Config
 from imr.protocol import BlockRequest, ListRequest, ShowRequest, UnblockRequest
 from imr.server.access import Peer
@@ -113,7 +114,10 @@ def test_hit_on_blocked_address_is_recorded_without_duplicate_rule(tmp_path: Pat
             second = await block(broker, ATTACKER, reason="again")
             assert second["action"] == "record"
             assert len(backend.applies) == 2
-            assert backend.applies[1] == ([], [])  # nothing new for the kernel
+            # The same entry again, re-armed with the same expiry (a set backend's timeout);
+            # the kernel still holds one entry for it.
+            assert backend.applies[1] == ([KernelBlock(addr(ATTACKER), clock.now() - 60 + DAY)], [])
+            assert backend.kernel == {addr(ATTACKER): clock.now() - 60 + DAY}
             clock.advance(2 * 3600)  # still attacking an hour later: escalate
             third = await block(broker, ATTACKER)
             assert (third["action"], third["rung"]) == ("escalate", 2)
@@ -207,8 +211,8 @@ def test_show_keeps_history_after_unblock(tmp_path: Path) -> None:
             assert (second["rung"], second["offence"]) == (1, 2)
             shown = await broker.handle(ShowRequest(op="show", ip=ATTACKER), READER)
             assert shown["active"]["reason"] == "second"
-            assert [b["lift_reason"] for b in shown["blocks"]] == ["unblocked", None]
-            assert [h["reason"] for h in shown["hits"]] == ["first", "second"]
+            assert [b["lift_reason"] for b in shown["blocks"]] == [None, "unblocked"]  # newest
+            assert [h["reason"] for h in shown["hits"]] == ["second", "first"]
 
     run(scenario)
 
