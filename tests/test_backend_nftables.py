@@ -179,17 +179,27 @@ class TestNftables(BackendConformance):
             (
                 FirewallConfig(ports=["80", "25", "8000:8080", "9:9"]),
                 (
-                    "ip saddr @blocked_v4 tcp dport { 9, 25, 80, 8000-8080 }"
+                    "ip saddr @blocked_v4 ct state new tcp dport { 9, 25, 80, 8000-8080 }"
                     " reject with icmp host-unreachable",
-                    "ip6 saddr @blocked_v6 tcp dport { 9, 25, 80, 8000-8080 }"
+                    "ip6 saddr @blocked_v6 ct state new tcp dport { 9, 25, 80, 8000-8080 }"
                     " reject with icmpv6 addr-unreachable",
                 ),
             ),
             (
                 FirewallConfig(reject_with_ipv4="tcp-reset", reject_with_ipv6="tcp-reset"),
-                (
-                    "ip saddr @blocked_v4 meta l4proto tcp reject with tcp reset",
-                    "ip6 saddr @blocked_v6 meta l4proto tcp reject with tcp reset",
+                (  # the default ports: the web ports
+                    "ip saddr @blocked_v4 ct state new tcp dport { 80, 443 } reject with tcp reset",
+                    "ip6 saddr @blocked_v6 ct state new tcp dport { 80, 443 }"
+                    " reject with tcp reset",
+                ),
+            ),
+            (
+                FirewallConfig(ports=[]),
+                (  # every port
+                    "ip saddr @blocked_v4 ct state new meta l4proto tcp"
+                    " reject with icmp host-unreachable",
+                    "ip6 saddr @blocked_v6 ct state new meta l4proto tcp"
+                    " reject with icmpv6 addr-unreachable",
                 ),
             ),
             (
@@ -199,12 +209,12 @@ class TestNftables(BackendConformance):
                     reject_with_ipv6="icmp6-no-route",
                 ),
                 (
-                    "ip saddr @blocked_v4 reject with icmp admin-prohibited",
-                    "ip6 saddr @blocked_v6 reject with icmpv6 no-route",
+                    "ip saddr @blocked_v4 ct state new reject with icmp admin-prohibited",
+                    "ip6 saddr @blocked_v6 ct state new reject with icmpv6 no-route",
                 ),
             ),
         ],
-        ids=["tcp-ports", "tcp-reset", "all-protocols"],
+        ids=["tcp-ports", "tcp-reset-default-ports", "every-port", "all-protocols"],
     )
     def test_rule_shape(
         self,
