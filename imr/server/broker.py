@@ -125,6 +125,9 @@ class _UnblockChange:
 @dataclass
 class _ExpireChange:
     due: Sequence[str]
+    # Blocks of addresses that became protected while blocked (a VIP moved to this host),
+    # lifted at once: index key -> why.
+    protected: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,6 +192,11 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # The own and broadcast addresses the last look for newly protected blocks saw.
+        self._seen_local: tuple[frozenset[IPAddress], frozenset[IPAddress]] = (
+            frozenset(),
+            frozenset(),
+        )
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
 
@@ -550,8 +558,24 @@ class Broker:
             record = self._active.get(ip)
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
-        if due:
-            await self._enqueue(_ExpireChange(due))
+        protected = self._newly_protected()
+        if due or protected:
+            await self._enqueue(_ExpireChange(due, protected))
+
+    def _newly_protected(self) -> dict[str, str]:
+        """Active blocks that the host's current own and broadcast addresses now protect,
+        looked for only when those changed (LocalAddresses follows them over netlink): an
+        address blocked before it became the host's (a VIP failover) must not stay blocked."""
+        local = (self._local.own, self._local.broadcast)
+        if local == self._seen_local:
+            return {}
+        added = (local[0] | local[1]) - (self._seen_local[0] | self._seen_local[1])
+        self._seen_local = local
+        found: dict[str, str] = {}
+        for key in [str(a) for a in added] + [k for k in self._active if "/" in k]:
+            if key in self._active and (refusal := self._protected(stored_address(key))):
+                found[key] = refusal.message
+        return found
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -923,6 +947,15 @@ class _Work:
             lifted.append(ip)
             self.expired += 1
             self.log_lines.append(functools.partial(_expiry_line, current))
+        for ip, why in change.protected.items():
+            current = self.broker.current(ip, self.changed)
+            if current is None:
+                continue
+            self._lift(current, "protected", "imr")
+            self.changed[ip] = None
+            self.kernel_remove.append(stored_address(ip))
+            lifted.append(ip)
+            log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
