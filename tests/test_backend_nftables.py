@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from imr.backends import nfnetlink
+from imr.backends import nftables as nftables_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock, Slot, expected_counts
 from imr.backends.nftables import NftablesBackend
 from imr.config import FirewallConfig
@@ -28,6 +29,7 @@ from backend_conformance import (
     Damage,
     MakeBackend,
     blocks,
+    expected_for,
     target,
 )
 from netns import Netns, netns
@@ -298,6 +300,21 @@ class TestNftables(BackendConformance):
         assert backend.check(expected).entries == (
             "set inet imr blocked_v6 lost its marker element ff00:: (flushed or deleted);"
             " expected 98991 entries",
+        )
+
+    def test_big_sets_are_counted_at_most_every_interval(
+        self, server_ns: Netns, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(nftables_module, "COUNT_ALWAYS", 1)  # two blocks: "big"
+        wanted = blocks(V4_A, V4_B)
+        backend.apply(wanted, [])
+        expected = expected_for(wanted)
+        assert backend.check(expected) == Drift()  # counted: all well
+        self.add_block_directly(server_ns, V4_C)
+        assert backend.check(expected) == Drift()  # within the interval: not counted again
+        monkeypatch.setattr(nftables_module, "COUNT_INTERVAL", 0.0)
+        assert backend.check(expected).entries == (
+            "set inet imr blocked_v4 holds 3 addresses, expected 2",
         )
 
     def test_markers_stay_out_of_the_way(self, server_ns: Netns, backend: Backend) -> None:
