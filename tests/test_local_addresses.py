@@ -144,6 +144,7 @@ def test_a_blocked_address_that_becomes_the_hosts_own_is_lifted_from_the_kernel(
     The broker lifts the block (state: reason `protected`) and takes it out of the kernel at
     once, not at the next restart; a network block holding the new address goes too."""
     vip, other, network = "203.0.113.80", "203.0.113.81", "198.51.100.0/24"
+    nat64 = "64:ff9b::cb00:7150"  # the VIP's NAT64 form
     state = tmp_path / "state.db"
 
     async def scenario(backend: NftablesBackend) -> None:
@@ -152,12 +153,17 @@ def test_a_blocked_address_that_becomes_the_hosts_own_is_lifted_from_the_kernel(
         broker.reconcile()
         await broker.start()
         try:
-            for ip in (vip, other):
+            for ip in (vip, other, nat64):
                 reply = await broker.handle(BlockRequest(op="block", ip=ip), WEB)
                 assert reply["kind"] == "block", reply
             reply = await broker.handle(BlockRequest(op="block", ip=network), ROOT)
             assert reply["kind"] == "block", reply
-            assert backend.installed() == {a(vip), a(other), ipaddress.ip_network(network)}
+            assert backend.installed() == {
+                a(vip),
+                a(other),
+                a(nat64),
+                ipaddress.ip_network(network),
+            }
 
             ns.run("ip", "addr", "add", f"{vip}/32", "dev", LINK)
             ns.run("ip", "addr", "add", "198.51.100.9/32", "dev", LINK)
@@ -182,4 +188,5 @@ def test_a_blocked_address_that_becomes_the_hosts_own_is_lifted_from_the_kernel(
         (network, "protected", "imr"),
         (vip, "protected", "imr"),
         (other, None, None),
+        (nat64, "protected", "imr"),
     ]

@@ -76,6 +76,8 @@ from imr.store import BlockRecord, HitRecord, Offences, Store
 log = logging.getLogger("imr.broker")
 
 MAX_BATCH = 512
+# Canonical-text beginnings of IPv6 forms that may carry an IPv4 address.
+_CARRIERS = ("64:ff9b::", "2002:", "2001:0:", "2001::", "::")
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 # Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
 REFUSAL_LOG_INTERVAL = 10.0
@@ -572,7 +574,10 @@ class Broker:
         added = (local[0] | local[1]) - (self._seen_local[0] | self._seen_local[1])
         self._seen_local = local
         found: dict[str, str] = {}
-        for key in [str(a) for a in added] + [k for k in self._active if "/" in k]:
+        # The new addresses themselves, and the few blocks that may hold one: networks and
+        # the IPv6 forms that carry an IPv4 address (NAT64, 6to4, Teredo, ::/64's).
+        holders = [k for k in self._active if "/" in k or k.startswith(_CARRIERS)]
+        for key in [str(a) for a in added] + holders:
             if key in self._active and (refusal := self._protected(stored_address(key))):
                 found[key] = refusal.message
         return found
