@@ -172,7 +172,7 @@ class FirewallConfig(_Section):
     chain: str = Field("IMR", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,27}$")
     protocol: Literal["tcp", "udp", "all"] = "tcp"
     # Destination ports a block covers: the web ports by default, as the original rule
-    # (`-p tcp -m multiport --dports 80,443`); an empty list means every port. Until
+    # (`-p tcp -m multiport --dports 80,443`); an empty list (or "all") means every port. Until
     # issue #12 the default was every port: a config that names no ports now blocks 80
     # and 443 only (docs/operations.md, "Which packets a block refuses").
     ports: list[PortSpec] = Field(default_factory=lambda: ["80", "443"])
@@ -190,6 +190,11 @@ class FirewallConfig(_Section):
         "icmp6-no-route",
         "tcp-reset",
     ] = "icmp6-addr-unreachable"
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _every_port(cls, value: Any) -> Any:
+        return [] if value == "all" else value  # `ports = "all"`: the same as []
 
     @field_validator("ports")
     @classmethod
