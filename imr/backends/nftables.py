@@ -27,7 +27,8 @@ kernel lifts a block on time even while the daemon is down. Network blocks
 (admin only) live in separate interval sets, so inserting a single address
 never pays for interval bookkeeping. Each address set also holds one marker
 element (MARKERS) that the drift check looks up: if it is gone, someone
-flushed the set.
+flushed the set. The check also counts the elements (strays: entries no block
+accounts for), at every check while the sets are small (see check()).
 
 Priority -10 runs the chain before every filter-priority (0) chain: iptables'
 INPUT in both flavours and the usual `inet filter` table. An accept elsewhere
@@ -664,8 +665,8 @@ class NftablesBackend(Backend):
 
     def _count_due(self, slot: Slot, expected: Expected) -> bool:
         """Whether to count an address set's elements in this check: always while it is
-        small, at most every COUNT_INTERVAL once it is big (a dump of 100,000 elements
-        costs the kernel 0.2 s)."""
+        small, at most every COUNT_INTERVAL once it is big (reading 100,000 elements
+        takes over a second, most of it Python's)."""
         now = time.monotonic()
         if expected.high > COUNT_ALWAYS and now - self._counted.get(slot, -math.inf) < (
             COUNT_INTERVAL
