@@ -177,7 +177,11 @@ class FirewallConfig(_Section):
     drift_interval: Duration = 10
     chain: str = Field("IMR", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,27}$")
     protocol: Literal["tcp", "udp", "all"] = "tcp"
-    ports: list[PortSpec] = Field(default_factory=list)  # empty: every port
+    # Destination ports a block covers: the web ports by default, as the original rule
+    # (`-p tcp -m multiport --dports 80,443`); an empty list (or "all") means every port. Until
+    # issue #12 the default was every port: a config that names no ports now blocks 80
+    # and 443 only (docs/operations.md, "Which packets a block refuses").
+    ports: list[PortSpec] = Field(default_factory=lambda: ["80", "443"])
     reject_with_ipv4: Literal[
         "icmp-host-unreachable",
         "icmp-port-unreachable",
@@ -193,6 +197,11 @@ class FirewallConfig(_Section):
         "tcp-reset",
     ] = "icmp6-addr-unreachable"
 
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _every_port(cls, value: Any) -> Any:
+        return [] if value == "all" else value  # `ports = "all"`: the same as []
+
     @field_validator("ports")
     @classmethod
     def _multiport_limit(cls, ports: list[str]) -> list[str]:
@@ -201,6 +210,15 @@ class FirewallConfig(_Section):
         if weight > 15:
             raise ValueError("at most 15 ports (a range counts as two), the multiport limit")
         return ports
+
+    @model_validator(mode="before")
+    @classmethod
+    def _all_protocols_all_ports(cls, data: Any) -> Any:
+        # The web-port default needs a port-carrying protocol: `protocol = "all"` without
+        # ports keeps meaning every packet, as before the default changed.
+        if isinstance(data, dict) and data.get("protocol") == "all" and "ports" not in data:
+            return {**data, "ports": []}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> FirewallConfig:

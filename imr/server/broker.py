@@ -79,6 +79,8 @@ from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord, Offences, Store, u
 log = logging.getLogger("imr.broker")
 
 MAX_BATCH = 512
+# Canonical-text beginnings of IPv6 forms that may carry an IPv4 address.
+_CARRIERS = ("64:ff9b::", "2002:", "2001:0:", "2001::", "::")
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 # Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
 REFUSAL_LOG_INTERVAL = 10.0
@@ -148,6 +150,9 @@ class _UnblockChange:
 @dataclass
 class _ExpireChange:
     due: Sequence[str]
+    # Blocks of addresses that became protected while blocked (a VIP moved to this host),
+    # lifted at once: index key -> why.
+    protected: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,6 +217,11 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # The own and broadcast addresses the last look for newly protected blocks saw.
+        self._seen_local: tuple[frozenset[IPAddress], frozenset[IPAddress]] = (
+            frozenset(),
+            frozenset(),
+        )
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
         self._health = StateHealth(store.path, monotonic)  # the writer thread's
@@ -617,17 +627,39 @@ class Broker:
             record = self._active.get(ip)
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
-        if not due:
+        seen_before = self._seen_local
+        protected = self._newly_protected()
+        if not due and not protected:
             return
         try:
-            await self._enqueue(_ExpireChange(due))
+            await self._enqueue(_ExpireChange(due, protected))
         except BrokerError as exc:
-            # Not lifted: due again at the next tick (the state file may be full for a while).
+            # Not lifted: due again at the next tick (the state file may be full for a while),
+            # and the newly protected addresses are looked for again then.
+            self._seen_local = seen_before
             for ip in due:
                 if (record := self._active.get(ip)) is not None:
                     heapq.heappush(self._expiry, (record.expires_at, ip))
             if exc.code != STATE_UNWRITABLE:  # that one is logged once, by the writer
                 raise
+
+    def _newly_protected(self) -> dict[str, str]:
+        """Active blocks that the host's current own and broadcast addresses now protect,
+        looked for only when those changed (LocalAddresses follows them over netlink): an
+        address blocked before it became the host's (a VIP failover) must not stay blocked."""
+        local = (self._local.own, self._local.broadcast)
+        if local == self._seen_local:
+            return {}
+        added = (local[0] | local[1]) - (self._seen_local[0] | self._seen_local[1])
+        self._seen_local = local
+        found: dict[str, str] = {}
+        # The new addresses themselves, and the few blocks that may hold one: networks and
+        # the IPv6 forms that carry an IPv4 address (NAT64, 6to4, Teredo, ::/64's).
+        holders = [k for k in self._active if "/" in k or k.startswith(_CARRIERS)]
+        for key in [str(a) for a in added] + holders:
+            if key in self._active and (refusal := self._protected(stored_address(key))):
+                found[key] = refusal.message
+        return found
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -1128,6 +1160,15 @@ class _Work:
             lifted.append(ip)
             self.expired += 1
             self.log_lines.append(functools.partial(_expiry_line, current))
+        for ip, why in change.protected.items():
+            current = self.broker.current(ip, self.changed)
+            if current is None:
+                continue
+            self._lift(current, "protected", "imr")
+            self.changed[ip] = None
+            self.kernel_remove.append(stored_address(ip))
+            lifted.append(ip)
+            log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
