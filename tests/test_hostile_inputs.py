@@ -158,6 +158,17 @@ LINES: list[tuple[str, bytes, set[str]]] = [
     ("unknown verb", b"drop 203.0.113.9\n", BAD),
     ("capital verb still validated", b"BLOCK 127.0.0.1\n", {"loopback_address"}),
     ("text reason too long", b"block 203.0.113.9 " + b"x" * 201 + b"\n", BAD),
+    # Terminal escapes in a reason (issue #12): they would reach `imr list` on an admin's terminal.
+    ("screen clear in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u001b[2J"}\n', BAD),
+    (
+        "OSC title in reason",
+        b'{"op":"block","ip":"203.0.113.9","reason":"\\u001b]0;x\\u0007"}\n',
+        BAD,
+    ),
+    ("CR fake row in reason", b'{"op":"block","ip":"203.0.113.9","reason":"a\\rb"}\n', BAD),
+    ("bidi override in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u202eab"}\n', BAD),
+    ("C1 CSI in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u009b2J"}\n', BAD),
+    ("bidi override, text form", "block 203.0.113.9 a\u202eb\n".encode(), BAD),
     # Operations a block-role client may not run.
     ("unblock", b"unblock 203.0.113.9\n", {"forbidden"}),
     ("show", b"show 203.0.113.9\n", {"forbidden"}),
