@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from imr.config_types import Duration
-from imr.terminal import UNSAFE
+from imr.terminal import UNSAFE, escape
 
 PROTOCOL_VERSION = 1
 MAX_REASON = 200
@@ -314,7 +314,8 @@ def _first_error(exc: ValidationError, nested: bool = True) -> str:
     error = exc.errors()[0]
     # A union's errors start with the member's tag ("block"); a plain model's do not.
     key = ".".join(str(p) for p in error["loc"][1 if nested else 0 :]) or "request"
-    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    # An unknown key is the client's text: escaped, or it could end a log line and forge the next.
+    return escape(f"{key[:64]}: {error['msg'].removeprefix('Value error, ')}")
 
 
 # Replies ------------------------------------------------------------------
