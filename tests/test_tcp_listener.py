@@ -99,9 +99,11 @@ async def serving(
     *,
     certificates: dict[str, Any] | None = None,
     tokens: dict[str, Any] | None = None,
+    tcp_options: dict[str, object] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
     tcp: dict[str, object] = {"enabled": True, "listen": "127.0.0.1", "port": 0}
+    tcp |= tcp_options or {}
     if pki is not None:
         tcp |= {"tls_cert": str(pki.server), "client_ca": str(pki.ca)}
     config = Config.model_validate(
