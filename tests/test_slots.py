@@ -198,7 +198,11 @@ def test_silent_tcp_connections_from_one_source_leave_room_for_others(tmp_path: 
     """Before: 20 silent connections took all 8 slots and every token client got `busy`."""
 
     async def scenario() -> None:
-        startups = {"max_startups": 8, "startups_drop_from": 8, "max_connections_per_source": 4}
+        startups: dict[str, object] = {
+            "max_startups": 8,
+            "startups_drop_from": 8,
+            "max_connections_per_source": 4,
+        }
         async with serving(
             tmp_path,
             None,

@@ -445,8 +445,9 @@ class Broker:
         """Networks are for admins, and may not overlap another active network block (nftables
         interval sets refuse overlaps; one block per address keeps the history clear too)."""
         if not peer.is_admin:
-            key = (peer.principal, RefusalCode.NETWORK)
-            suppressed = self._refusal_log.allow(key, self._monotonic())
+            suppressed = self._refusal_log.allow(
+                (peer.principal, RefusalCode.NETWORK), self._monotonic()
+            )
             if suppressed is not None:
                 log.warning(
                     "refused %s %s by %s: networks need the admin role%s",
