@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import BLOCKER, Daemon, remove_test_users
+from daemon_harness import BLOCKER, NOBODY, Daemon, remove_test_users
 from robust_harness import (
     NETWORK_CODES,
     LineConnection,
@@ -274,3 +274,17 @@ def test_a_good_request_still_works_and_nothing_else_was_blocked(world: Daemon) 
     active = check_consistent(world, BACKEND, protected_addresses(world), {address})
     assert {str(a) for a in active} == {"203.0.113.77"}
     assert log_failures(world) == []
+
+
+def test_a_no_role_user_cannot_take_every_connection(world: Daemon) -> None:
+    """Slot exhaustion (issue #12): the no-role user gets 4 connections; the others still get in."""
+    conns = [LineConnection(connect_unix_as(NOBODY, world.socket)) for _ in range(8)]
+    try:
+        replies = [conn.request(b"ping\n") for conn in conns]
+        assert replies.count(b"ok pong\n") == 4, replies
+        assert all(r.startswith(b"error busy:") for r in replies if r != b"ok pong\n"), replies
+        reply, serving = send_as_blocker(world, b"ping\n")
+        assert reply == b"ok pong\n" and serving
+    finally:
+        for conn in conns:
+            conn.close()
