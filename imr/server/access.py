@@ -111,11 +111,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def identify(pid: int, uid: int, gid: int, access: AccessConfig) -> Peer:
-    user, roles = _lookup(uid, gid, access)
-    return Peer(uid, gid, pid, user, roles)
-
-
 def _lookup(uid: int, gid: int, access: AccessConfig) -> tuple[str, frozenset[Role]]:
     """The uid's name and roles, from the user and group databases (may block: NSS, LDAP)."""
     user = _user_name(uid)
