@@ -264,7 +264,14 @@ class Conversations:
                 admission.who,
             )
             return encode(error_reply(message.id, "unauthenticated", "unknown token")), None
-        log.info("authenticated %s (roles %s)", peer.describe(), _roles(peer))
+        # Once per client every 10 s: a client that reconnects in a loop cannot flood the log.
+        self.note(
+            (peer.principal, "authenticated"),
+            logging.INFO,
+            "authenticated %s (roles %s)",
+            peer.describe(),
+            _roles(peer),
+        )
         result = {"kind": "auth", "principal": peer.principal, "roles": sorted(peer.roles)}
         return encode(ok_reply(message.id, result)), peer
 

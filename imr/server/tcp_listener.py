@@ -273,7 +273,13 @@ class TcpListener:
                     source=source,
                 )
             identified()
-            log.info("connection from %s (roles %s)", peer.describe(), _roles(peer.roles))
+            self._conversations.note(
+                (peer.principal, "connected"),
+                logging.INFO,
+                "connection from %s (roles %s)",
+                peer.describe(),
+                _roles(peer.roles),
+            )
             return Admission(peer.describe(), peer)
         if not self._access.tokens:
             return Admission(
