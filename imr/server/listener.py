@@ -146,8 +146,7 @@ class Conversations:
             with contextlib.suppress(TimeoutError, ValueError, ConnectionError):
                 async with asyncio.timeout(REFUSAL_WAIT):
                     line = await reader.readline()
-            reply = error_reply(_request_id(line), "busy", f"{why}; try again later")
-            await self.send(writer, _encoder(line)(reply))
+            await self.send(writer, _busy_reply(line, why))
         finally:
             self._refusing -= 1
 
@@ -175,10 +174,7 @@ class Conversations:
                     peer.describe(),
                     why,
                 )
-                reply = _encoder(line)(
-                    error_reply(_request_id(line), "busy", f"{why}; try again later")
-                )
-                peer = None
+                reply, peer = _busy_reply(line, why), None
         await self.send(writer, reply)
         return peer
 
@@ -311,6 +307,11 @@ class Conversations:
         writer.write(data)
         if writer.transport.get_write_buffer_size():  # only then can drain() wait at all
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+def _busy_reply(line: bytes, why: str) -> bytes:
+    """`busy` in the form of the client's first line (empty: the text form), echoing its id."""
+    return _encoder(line)(error_reply(_request_id(line), "busy", f"{why}; try again later"))
 
 
 def _request_id(line: bytes) -> str | None:
