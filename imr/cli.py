@@ -20,6 +20,7 @@ from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, Tc
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
 from imr.core.durations import parse_duration
 from imr.protocol import MAX_LIST_LIMIT
+from imr.terminal import escape
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -568,6 +569,9 @@ def _uptime(seconds: float) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Cells hold client-supplied text (reasons, sources) from any state file, also one
+    # written before the protocol refused control characters: never print them raw.
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

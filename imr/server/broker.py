@@ -328,13 +328,17 @@ class Broker:
 
     async def _dispatch(self, request: Request, peer: Peer) -> dict[str, Any]:
         if not peer.may(request.op):
-            log.warning(
-                "refused %s by %s: role %s may not %s",
-                request.op,
-                peer.describe(),
-                ",".join(sorted(peer.roles)) or "none",
-                request.op,
-            )
+            # One line per client every 10 s (with a count): a no-role loop cannot flood the log.
+            suppressed = self._refusal_log.allow((peer.principal, "forbidden"), self._monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "refused %s by %s: role %s may not %s%s",
+                    request.op,
+                    peer.describe(),
+                    ",".join(sorted(peer.roles)) or "none",
+                    request.op,
+                    f"; {suppressed} more like it since the last such line" if suppressed else "",
+                )
             raise BrokerError("forbidden", f"user {peer.user} is not allowed to {request.op}")
         match request:
             case BlockRequest():
@@ -493,9 +497,17 @@ class Broker:
         """Networks are for admins, and may not overlap another active network block (nftables
         interval sets refuse overlaps; one block per address keeps the history clear too)."""
         if not peer.is_admin:
-            log.warning(
-                "refused %s %s by %s: networks need the admin role", op, network, peer.describe()
+            suppressed = self._refusal_log.allow(
+                (peer.principal, RefusalCode.NETWORK), self._monotonic()
             )
+            if suppressed is not None:
+                log.warning(
+                    "refused %s %s by %s: networks need the admin role%s",
+                    op,
+                    network,
+                    peer.describe(),
+                    f"; {suppressed} more like it since the last such line" if suppressed else "",
+                )
             raise BrokerError(
                 RefusalCode.NETWORK,
                 f"{network} is a network; user {peer.user} may block single addresses only"
