@@ -194,6 +194,14 @@ class Broker:
 
     # Life cycle -------------------------------------------------------------------
 
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration (reload.py keeps the fixed sections as they were):
+        the allowlist, ladder, quotas and log budget apply to the next requests."""
+        self._config = config
+        self._ladder = config.policy.to_ladder()
+        self._quota.limits = config.quota.to_limits()
+        self._change_log = LineBudget(config.server.log_changes_per_second)
+
     def reconcile(self) -> None:
         """At start: lift what expired while we were down and make the kernel match the state.
 
