@@ -109,6 +109,8 @@ def run_foreground(
             raise DaemonError(f"firewall backend: {exc}") from None
         except (ListenerError, MetricsError, KernelNotEmpty) as exc:
             raise DaemonError(str(exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise DaemonError(_damaged(config, exc)) from None
         except RuntimeError as exc:
             raise DaemonError(str(exc)) from None
         finally:
@@ -125,10 +127,14 @@ def _reconcile(config: Config, broker: Broker) -> None:
     try:
         broker.reconcile()
     except (sqlite3.DatabaseError, ValueError) as exc:
-        raise DaemonError(
-            f"state file {config.state.path} is damaged: {exc}; restore it from a backup or"
-            " move it aside (docs/operations.md, state-file recovery)"
-        ) from None
+        raise DaemonError(_damaged(config, exc)) from None
+
+
+def _damaged(config: Config, exc: Exception) -> str:
+    return (
+        f"state file {config.state.path} is damaged: {exc}; restore it from a backup or"
+        " move it aside (docs/operations.md, state-file recovery)"
+    )
 
 
 def _tune_garbage_collector() -> None:

@@ -135,23 +135,40 @@ def bind_unix_socket(path: Path, mode: int, group_id: int | None) -> socket.sock
 
     Bound in a new directory only we can enter (mode 0700), chowned and chmodded
     there, then renamed over `path` (rename never follows a link at the target).
+    Every step goes through descriptors of the two directories, so renaming or
+    replacing them by path (in a parent others may write) changes nothing we touch.
     """
-    private = Path(tempfile.mkdtemp(prefix=".imr-", dir=path.parent))
-    temporary = private / "s"
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        private_path = tempfile.mkdtemp(prefix=".imr-", dir=path.parent)
+        private = os.open(private_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(private)
+            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+                raise OSError(errno.EPERM, "the private directory was replaced")
+            return _bind_in(private, parent, path.name, mode, group_id)
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(private_path)
+            os.close(private)
+    finally:
+        os.close(parent)
+
+
+def _bind_in(
+    private: int, parent: int, name: str, mode: int, group_id: int | None
+) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(str(temporary))
+        sock.bind(f"/proc/self/fd/{private}/s")  # resolved through our descriptor
         if group_id is not None:
-            os.chown(temporary, -1, group_id)
-        os.chmod(temporary, mode)
+            os.chown("s", -1, group_id, dir_fd=private)
+        os.chmod("s", mode, dir_fd=private)
         sock.listen(128)
-        os.rename(temporary, path)
+        os.rename("s", name, src_dir_fd=private, dst_dir_fd=parent)
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
-            temporary.unlink()
+            os.unlink("s", dir_fd=private)
         raise
-    finally:
-        with contextlib.suppress(OSError):
-            private.rmdir()
     return sock
