@@ -132,8 +132,10 @@ def test_a_user_who_can_write_the_socket_directory_cannot_steer_its_chmod(world:
     swapped = 0
     for _ in range(5):
         racer = subprocess.Popen(
-            ["runuser", "-u", BLOCKER, "--", sys.executable, "-c", RACER]
-            + [str(world.socket), str(victim), str(done)],
+            [
+                *("runuser", "-u", BLOCKER, "--", sys.executable, "-c", RACER),
+                *(str(world.socket), str(victim), str(done)),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

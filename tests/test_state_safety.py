@@ -76,7 +76,9 @@ def test_a_lost_state_file_beside_kernel_blocks_is_refused_then_adopted(
         world.state_file.unlink()
     for _ in range(2):  # the refusal holds on a second try: the first made the file
         result = world.start()
-        _refused_cleanly(result, str(world.state_file), "--adopt-kernel", f"{len(BLOCKED)} imr block")
+        _refused_cleanly(
+            result, str(world.state_file), "--adopt-kernel", f"{len(BLOCKED)} imr block"
+        )
         assert _kernel(world) == rules  # nothing lifted
     result = world.server.run(
         *world.imr_argv("server", "start", "--adopt-kernel"), check=False, timeout=60
@@ -94,6 +96,13 @@ def _truncate(path: Path) -> None:
     data = path.read_bytes()
     assert len(data) > 8192  # several pages: the cut loses rows
     path.write_bytes(data[: len(data) // 2])
+
+
+def _overwritten(path: Path) -> None:
+    """The schema pages intact, the rows' pages scribbled over (size unchanged)."""
+    data = bytearray(path.read_bytes())
+    data[8192:] = b"\xa5" * (len(data) - 8192)
+    path.write_bytes(bytes(data))
 
 
 def _garbage(path: Path) -> None:
@@ -125,12 +134,22 @@ def _bad_address(path: Path) -> None:
     db.close()
 
 
-@pytest.mark.parametrize(
-    "damage", [_truncate, _garbage, _text, _wrong_schema, _foreign, _bad_address]
-)
+@pytest.mark.parametrize("damage", [_overwritten, _wrong_schema, _foreign, _bad_address])
 def test_a_damaged_state_file_is_named_without_traceback_and_the_kernel_kept(
     world: Daemon, damage: Callable[[Path], None]
 ) -> None:
+    _refuses_and_keeps_the_kernel(world, damage)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _text])
+def test_a_state_file_that_does_not_open_is_named_and_the_kernel_kept(
+    world: Daemon, damage: Callable[[Path], None]
+) -> None:
+    """A guard: these were refused cleanly before issue #12 too (SQLite refuses them at open)."""
+    _refuses_and_keeps_the_kernel(world, damage)
+
+
+def _refuses_and_keeps_the_kernel(world: Daemon, damage: Callable[[Path], None]) -> None:
     rules = _with_blocks(world)
     damage(world.state_file)
     for result in (world.start(), _start_foreground(world)):
