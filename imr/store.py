@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imr.core.policy import PreviousBlock
-from imr.server.files import FileError, check_owned, open_owned
+from imr.server.files import FileError, check_owned, make_dirs, open_owned
 
 # Each entry upgrades the schema by one version; never edit a released entry,
 # append a new one (statements are split on ";": keep semicolons out of literals).
@@ -134,7 +134,6 @@ _SIDE_FILES = ("-wal", "-shm")
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._prepare_files(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -167,6 +166,7 @@ class Store:
         The file's mode is set before SQLite creates the -wal and -shm files, which copy it.
         """
         try:
+            make_dirs(path.parent, 0o750)
             for suffix in _SIDE_FILES:
                 check_owned(Path(f"{path}{suffix}"))
             fd, _ = open_owned(path, os.O_RDONLY, STATE_FILE_MODE)

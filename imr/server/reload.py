@@ -1,8 +1,9 @@
 """SIGHUP (`imr server reload`, `systemctl reload imr`): reopen the log, read the config again.
 
 *Live* settings take effect at once: roles (access), the allowlist and the rest of
-[protect], quotas, the repeat ladder ([policy]), [logscan] and [reputation], and
-server.log_file and log_changes_per_second. *Fixed* settings are the
+[protect], quotas, the repeat ladder ([policy]), and server.log_file and
+log_changes_per_second ([logscan] and [reputation] are not the daemon's: `imr watch`
+reads them). *Fixed* settings are the
 ones a running daemon is built on: the rest of [server] (socket, its group and
 mode, pid file, limits, the TCP listener), [state], [firewall] and [metrics]. A
 changed fixed setting is named in a warning and keeps its old value until a
