@@ -7,15 +7,18 @@ allowlist and roles. A bad configuration is refused and the old one stays.
 
 from __future__ import annotations
 
+import grp
 import os
+import shutil
 import signal
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon_harness import BLOCKER, NOBODY, Daemon, daemon_world
+from daemon_harness import BLOCKER, IMR, NOBODY, REPO, Daemon, daemon_world
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
@@ -113,3 +116,29 @@ def test_reload_without_a_daemon_exits_3(world: Daemon) -> None:
     result = world.as_root("server", "reload")
     assert result.returncode == 3
     assert "not running" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="needs logrotate")
+def test_the_shipped_logrotate_file_rotates_and_the_daemon_follows(world: Daemon) -> None:
+    """contrib/logrotate/imr as it ships, with this test's paths: a forced rotation."""
+    shipped = (REPO / "contrib" / "logrotate" / "imr").read_text()
+    assert "/var/log/imr/imr.log {" in shipped and "/usr/local/bin/imr server reload" in shipped
+    conf = world.root / "logrotate.conf"
+    conf.write_text(
+        shipped.replace("/var/log/imr/imr.log", str(world.log_file)).replace(
+            "/usr/local/bin/imr server reload", f"{IMR} --config {world.config_file} server reload"
+        )
+    )
+    conf.chmod(0o644)
+    argv = ["logrotate", "--force", "--state", str(world.root / "logrotate.state"), str(conf)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    rotated = world.log_file.with_name("imr.log.1")
+    assert rotated.exists()  # delaycompress: the first rotation stays plain
+    assert world.wait_for(lambda: _logged(world.log_file, RELOADED))
+    info = world.log_file.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o640, 0)
+    assert info.st_gid == grp.getgrnam("adm").gr_gid
+    assert world.as_user(BLOCKER, "block", "203.0.113.88").returncode == 0
+    assert "203.0.113.88" in world.log_file.read_text()
+    assert "203.0.113.88" not in rotated.read_text()

@@ -105,6 +105,7 @@ def run_foreground(
             _reconcile(config, broker)
             _tune_garbage_collector()
             asyncio.run(_serve(config, broker, on_ready, notifier, inherited, reload_config))
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the loop's close restored SIG_DFL
         except BackendError as exc:
             raise DaemonError(f"firewall backend: {exc}") from None
         except (ListenerError, MetricsError, KernelNotEmpty) as exc:
@@ -360,9 +361,10 @@ def is_imr_process(pid: int) -> bool:
 def daemon_pid(path: Path) -> int | None:
     """The pid of the daemon that holds the pid file's lock, or None if none does.
 
-    A pid file nobody holds locked is stale, whatever its pid runs now; and the
+    A pid file nobody holds locked is stale, whatever its pid runs now, and the
     pid must be the lock's holder as /proc/locks names it (a command line that
-    merely contains "imr" proves nothing).
+    merely contains "imr" proves nothing). Reading /proc/locks takes no lock, so
+    a daemon starting at this moment is not disturbed.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -370,20 +372,20 @@ def daemon_pid(path: Path) -> int | None:
         return None
     try:
         info = os.fstat(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # held: a daemon is running
-        else:
-            return None  # nobody holds it: stale
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        holders = _flock_holders(info)
+        if holders is None:  # no /proc/locks: is the lock held at all?
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holders = {int(text)} if text.isdigit() else set()
+            else:
+                holders = set()
     finally:
         os.close(fd)
-    if not text.isdigit():
+    if not text.isdigit() or int(text) not in holders:
         return None
-    pid = int(text)
-    holders = _flock_holders(info)
-    return pid if holders is None or pid in holders else None
+    return int(text)
 
 
 def _flock_holders(info: os.stat_result) -> set[int] | None:
