@@ -34,7 +34,7 @@ from imr.protocol import (
     parse_message,
 )
 from imr.server.access import Peer, identify, peer_credentials
-from imr.server.files import bind_unix_socket
+from imr.server.files import FileError, bind_unix_socket, make_dirs
 
 log = logging.getLogger("imr.listener")
 
@@ -236,7 +236,10 @@ class UnixListener:
             return
         path = self._config.socket
         group_id = self._group_id()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make_dirs(path.parent, 0o755)  # clients must reach the socket; the umask is 077
+        except FileError as exc:
+            raise ListenerError(str(exc)) from None
         await self._remove_stale_socket(path)
         # Bound, chowned and chmodded in a private directory, then renamed into place
         # (files.py): nobody can swap the path between the bind and the chmod.
