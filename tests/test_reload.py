@@ -111,6 +111,28 @@ def test_imr_server_reload_names_settings_that_need_a_restart(world: Daemon) -> 
     assert world.as_user(BLOCKER, "block", "203.0.113.66").returncode == 1  # allowlist is live
 
 
+def test_merge_keeps_fixed_settings_and_names_them() -> None:
+    from imr.config import Config
+    from imr.server.reload import merge
+
+    old = Config.model_validate({"server": {"socket": "/run/a.sock"}})
+    new = Config.model_validate(
+        {
+            "server": {"socket": "/run/b.sock", "log_changes_per_second": 5},
+            "firewall": {"backend": "nftables"},
+            "protect": {"allowlist": ["192.0.2.0/24"]},
+            "quota": {"blocks_per_minute": 7},
+        }
+    )
+    effective, fixed = merge(old, new)
+    assert fixed == ["server.socket", "firewall.backend"]
+    assert str(effective.server.socket) == "/run/a.sock"
+    assert effective.firewall.backend == old.firewall.backend
+    assert effective.server.log_changes_per_second == 5
+    assert [str(n) for n in effective.protect.allowlist] == ["192.0.2.0/24"]
+    assert effective.quota.blocks_per_minute == 7
+
+
 def test_reload_without_a_daemon_exits_3(world: Daemon) -> None:
     assert world.stop().returncode == 0
     result = world.as_root("server", "reload")
