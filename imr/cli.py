@@ -17,7 +17,7 @@ import click
 from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
-from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
+from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import parse_duration
 from imr.protocol import MAX_LIST_LIMIT
 from imr.terminal import escape
@@ -175,21 +175,34 @@ def server() -> None:
 @click.option(
     "--log-json", is_flag=True, help='Log JSON lines (same as server.log_format = "json").'
 )
+@click.option(
+    "--adopt-kernel",
+    is_flag=True,
+    help="If the state file is new but the kernel holds imr blocks, keep them as new blocks.",
+)
 @click.pass_obj
-def server_start(ctx: CliContext, foreground: bool, log_json: bool) -> None:
+def server_start(ctx: CliContext, foreground: bool, log_json: bool, adopt_kernel: bool) -> None:
     """Start the daemon (as root)."""
     from imr.server.daemon import DaemonError, configure_logging, run_foreground, start_background
 
-    config = ctx.config
-    if log_json:
-        server_config = config.server.model_copy(update={"log_format": "json"})
-        config = config.model_copy(update={"server": server_config})
+    path = ctx.config_path.absolute()  # the daemon runs in /
+    missing_ok = ctx.config_path == DEFAULT_CONFIG_PATH
+
+    def read_config() -> Config:  # again on SIGHUP; raises ConfigError
+        config = load_config(path, missing_ok=missing_ok)
+        if log_json:
+            server_config = config.server.model_copy(update={"log_format": "json"})
+            config = config.model_copy(update={"server": server_config})
+        return config
+
+    config = read_config() if log_json else ctx.config
+    options: dict[str, Any] = {"adopt_kernel": adopt_kernel, "reload_config": read_config}
     try:
         if foreground:
             configure_logging(None)
-            run_foreground(config)
+            run_foreground(config, **options)
         else:
-            pid = start_background(config, configure_logging)
+            pid = start_background(config, configure_logging, **options)
             tcp = config.server.tcp
             also = f" and tcp {tcp.listen} port {tcp.port}" if tcp.enabled else ""
             click.echo(f"imr started (pid {pid}), listening on {config.server.socket}{also}")
@@ -203,15 +216,36 @@ def server_start(ctx: CliContext, foreground: bool, log_json: bool) -> None:
 @click.pass_obj
 def server_stop(ctx: CliContext) -> None:
     """Stop the daemon; blocks stay in the kernel and the state file."""
-    from imr.server.daemon import DaemonError, stop_daemon
+    from imr.server.daemon import DaemonError, DaemonNotRunning, stop_daemon
 
     try:
         pid = stop_daemon(ctx.config)
+    except DaemonNotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
     except DaemonError as exc:
-        fail(str(exc), EXIT_NOT_RUNNING if "not running" in str(exc) else EXIT_FAILED)
+        fail(str(exc))
     except PermissionError:
         fail("only root can stop the daemon")
     click.echo(f"imr stopped (pid {pid}); blocks stay in force")
+
+
+@server.command("reload")
+@click.pass_obj
+def server_reload(ctx: CliContext) -> None:
+    """Reopen the log and read the configuration again (SIGHUP); a bad one is refused."""
+    from imr.server.daemon import DaemonError, DaemonNotRunning, reload_daemon
+
+    # The configuration was read (and checked) before this runs: a bad one already
+    # failed with its message, and the daemon keeps the one in force.
+    try:
+        pid = reload_daemon(ctx.config)
+    except DaemonNotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
+    except DaemonError as exc:
+        fail(str(exc))
+    except PermissionError:
+        fail("only root can reload the daemon")
+    click.echo(f"imr (pid {pid}) asked to reload {ctx.config_path}; its log says what changed")
 
 
 @server.command("status")

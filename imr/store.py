@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imr.core.policy import PreviousBlock
+from imr.server.files import FileError, check_owned, make_dirs, open_owned
 
 # Each entry upgrades the schema by one version; never edit a released entry,
 # append a new one (statements are split on ";": keep semicolons out of literals).
@@ -142,23 +144,77 @@ _BLOCK_COLUMNS = (
 _HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
 
 
+STATE_FILE_MODE = 0o640  # SQLite gives the -wal and -shm files the state file's mode
+_SIDE_FILES = ("-wal", "-shm")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._prepare_files(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the state file: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            self._check_schema()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the state file: {exc}") from None
-        path.chmod(0o640)
+            self._db.close()
+            raise StoreError(
+                f"{path}: cannot open the state file: {exc}; restore it from a backup"
+                " or move it aside (docs/operations.md, state-file recovery)"
+            ) from None
+        except StoreError:
+            self._db.close()
+            raise
+        for suffix in _SIDE_FILES:  # narrow what an older imr left 0644
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", STATE_FILE_MODE)
+
+    @staticmethod
+    def _prepare_files(path: Path) -> None:
+        """Refuse links and files another user owns; create the file private with its mode.
+
+        The file's mode is set before SQLite creates the -wal and -shm files, which copy it.
+        """
+        try:
+            make_dirs(path.parent, 0o750)
+            for suffix in _SIDE_FILES:
+                check_owned(Path(f"{path}{suffix}"))
+            fd, _ = open_owned(path, os.O_RDONLY, STATE_FILE_MODE)
+            try:
+                os.fchmod(fd, STATE_FILE_MODE)
+            finally:
+                os.close(fd)
+        except FileError as exc:
+            raise StoreError(f"state file: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror}") from None
+
+    def _check_schema(self) -> None:
+        """Every table and column this imr uses is there (a file of another program's is not)."""
+        for table, columns in (("blocks", _BLOCK_COLUMNS), ("hits", _HIT_COLUMNS)):
+            found = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns.replace(" ", "").split(",") if c not in found]
+            if missing:
+                raise StoreError(
+                    f"{self.path}: not an imr state file of schema version {SCHEMA_VERSION}"
+                    f" (table {table} lacks {', '.join(missing)}); restore it from a backup"
+                    " or move it aside (docs/operations.md, state-file recovery)"
+                )
 
     def close(self) -> None:
         self._db.close()
+
+    def is_new(self) -> bool:
+        """Whether the file has never held a block (lifted ones count): a file that was
+        missing or empty (adopt.py). Stays true until a block is written."""
+        return self._db.execute("SELECT 1 FROM blocks LIMIT 1").fetchone() is None
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -166,6 +222,11 @@ class Store:
             raise StoreError(
                 f"{self.path}: schema version {version} is newer than this imr knows"
                 f" ({SCHEMA_VERSION}); upgrade imr"
+            )
+        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(
+                f"{self.path}: an SQLite file with tables but no imr schema version: not an imr"
+                " state file; give state.path another file, or move this one aside"
             )
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():

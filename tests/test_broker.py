@@ -282,3 +282,25 @@ def test_requests_arriving_together_share_one_transaction(tmp_path: Path) -> Non
             assert len(backend.applies) <= 3
 
     run(scenario)
+
+
+def test_a_reload_that_allowlists_a_blocked_address_lifts_it(tmp_path: Path) -> None:
+    """The allowlist reloaded (SIGHUP) protects an address already blocked: the next tick
+    lifts it from the kernel and records it as `protected`; other blocks stay."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (broker, backend, clock, store):
+            await block(broker, ATTACKER)
+            await block(broker, "203.0.113.99")
+            reloaded = Config.model_validate(
+                {"protect": {"allowlist": ["198.51.100.0/24", "203.0.113.7/32"]}}
+            )
+            broker.apply_config(reloaded)
+            await broker.expire_due()
+            assert addr(ATTACKER) not in backend.kernel
+            assert addr("203.0.113.99") in backend.kernel
+            assert [row.ip for row in store.active_blocks()] == ["203.0.113.99"]
+            blocks, _ = store.history(ATTACKER)
+            assert [b.lift_reason for b in blocks] == ["protected"]
+
+    run(scenario)

@@ -160,6 +160,11 @@ class Identities:
             raise
         return Peer(uid, gid, pid, user, roles)
 
+    def replace_access(self, access: AccessConfig) -> None:
+        """A reloaded [access] section: roles are looked up again from the next client on."""
+        self._access = access
+        self._known.clear()
+
 
 def roles_for(
     uid: int, user: str | None, groups: set[str], access: AccessConfig

@@ -222,6 +222,8 @@ class Broker:
             frozenset(),
             frozenset(),
         )
+        # Set by a reload that changed the allowlist: every active block is looked at once.
+        self._recheck_all_protection = False
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
         self._health = StateHealth(store.path, monotonic)  # the writer thread's
@@ -231,6 +233,16 @@ class Broker:
         self._rearm = backend.name not in _NO_REARM
 
     # Life cycle -------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration (reload.py keeps the fixed sections as they were):
+        the allowlist, ladder, quotas and log budget apply to the next requests."""
+        if config.protect.allowlist != self._config.protect.allowlist:
+            self._recheck_all_protection = True
+        self._config = config
+        self._ladder = config.policy.to_ladder()
+        self._quota.limits = config.quota.to_limits()
+        self._change_log = LineBudget(config.server.log_changes_per_second)
 
     def reconcile(self) -> None:
         """At start: lift what expired while we were down and make the kernel match the state.
@@ -639,7 +651,7 @@ class Broker:
             record = self._active.get(ip)
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
-        seen_before = self._seen_local
+        seen_before, recheck_before = self._seen_local, self._recheck_all_protection
         protected = self._newly_protected()
         if not due and not protected:
             return
@@ -648,7 +660,7 @@ class Broker:
         except BrokerError as exc:
             # Not lifted: due again at the next tick (the state file may be full for a while),
             # and the newly protected addresses are looked for again then.
-            self._seen_local = seen_before
+            self._seen_local, self._recheck_all_protection = seen_before, recheck_before
             for ip in due:
                 if (record := self._active.get(ip)) is not None:
                     heapq.heappush(self._expiry, (record.expires_at, ip))
@@ -658,8 +670,17 @@ class Broker:
     def _newly_protected(self) -> dict[str, str]:
         """Active blocks that the host's current own and broadcast addresses now protect,
         looked for only when those changed (LocalAddresses follows them over netlink): an
-        address blocked before it became the host's (a VIP failover) must not stay blocked."""
+        address blocked before it became the host's (a VIP failover) must not stay blocked.
+        After a reload that changed the allowlist, every active block is looked at once."""
         local = (self._local.own, self._local.broadcast)
+        if self._recheck_all_protection:
+            self._recheck_all_protection = False
+            self._seen_local = local
+            return {
+                key: refusal.message
+                for key in list(self._active)
+                if (refusal := self._protected(stored_address(key)))
+            }
         if local == self._seen_local:
             return {}
         added = (local[0] | local[1]) - (self._seen_local[0] | self._seen_local[1])

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import grp
 import logging
-import os
 import socket
 import stat
 import sys
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from imr.config import AccessConfig, ServerConfig
+from imr.config import AccessConfig, Config, ServerConfig
 from imr.core.quota import LogThrottle
 from imr.core.slots import Slots
 from imr.protocol import (
@@ -42,6 +41,7 @@ from imr.protocol import (
     parse_message,
 )
 from imr.server.access import Identities, Peer, peer_credentials
+from imr.server.files import FileError, bind_unix_socket, make_dirs
 from imr.terminal import escape
 
 log = logging.getLogger("imr.listener")
@@ -61,6 +61,8 @@ class ListenerError(Exception):
 
 class Listener(Protocol):
     async def start(self) -> None: ...
+
+    def apply_config(self, config: Config) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -364,35 +366,35 @@ class UnixListener:
             return
         path = self._config.socket
         group_id = self._group_id()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make_dirs(path.parent, 0o755)  # clients must reach the socket; the umask is 077
+        except FileError as exc:
+            raise ListenerError(str(exc)) from None
         await self._remove_stale_socket(path)
-        # Create the socket owner-only, then open it up: no moment where it is
-        # wider than configured.
-        old_umask = os.umask(0o177)
+        # Bound, chowned and chmodded in a private directory, then renamed into place
+        # (files.py): nobody can swap the path between the bind and the chmod.
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(path), limit=self._config.max_line_bytes
-            )
-        except OSError as exc:
-            raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        try:
-            if group_id is not None:
-                os.chown(path, -1, group_id)
-            path.chmod(self._config.socket_mode_bits)
+            sock = bind_unix_socket(path, self._config.socket_mode_bits, group_id)
         except OSError as exc:
             # e.g. under imr.service without CAP_CHOWN: there imr.socket makes the socket.
             raise ListenerError(
-                f"cannot set the group and mode of {path}: {exc.strerror}"
+                f"cannot listen on {path} with its group and mode: {exc.strerror}"
                 " (under systemd, start imr.socket: it makes the socket)"
             ) from None
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=self._config.max_line_bytes
+        )
         log.info(
             "listening on %s (mode %s, group %s)",
             path,
             self._config.socket_mode,
             self._config.socket_group or "root",
         )
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: new roles for the next clients (reload.py)."""
+        self._access = config.access
+        self._identities.replace_access(config.access)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from imr.config import AccessConfig, ServerConfig, TcpConfig
+from imr.config import AccessConfig, Config, ServerConfig, TcpConfig
 from imr.core.slots import Startups, source_of
 from imr.protocol import encode_text_reply, error_reply
 from imr.server.access import (
@@ -81,6 +81,11 @@ class TcpListener:
             "TLS" if self._tls else "plain TCP, loopback only",
             self._methods(),
         )
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: new certificate and token roles for the next clients
+        (whether a certificate is required stays as it was at start; reload.py)."""
+        self._access = config.access
 
     async def close(self) -> None:
         tasks = [t for t in (self._accepting, *self._clients) if t is not None]
