@@ -227,6 +227,9 @@ class StateStore:
         self.path = directory / "state.json"
         self._lock: IO[bytes] | None = None
         self.sets: dict[str, RuleSetState] = {BUILTIN: RuleSetState()}
+        # Logs found missing, so that a cron job naming a log this host does not
+        # have warns once, not on every run (and mails once).
+        self.missing: set[str] = set()
 
     def rule_set(self, name: str) -> RuleSetState:
         return self.sets.setdefault(name, RuleSetState())
@@ -283,6 +286,8 @@ class StateStore:
         if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
             raise StateError(f"{self.path}: not an imr logscan state file (version 1)")
         self.sets[BUILTIN] = _rule_set_of(raw)
+        missing = raw.get("missing")
+        self.missing = {str(m) for m in missing} if isinstance(missing, list) else set()
         extra = raw.get("rule_sets")
         for name, item in (extra if isinstance(extra, dict) else {}).items():
             if isinstance(item, dict) and name != BUILTIN:
@@ -295,6 +300,7 @@ class StateStore:
             "rule_sets": {
                 name: _rule_set_json(rs) for name, rs in self.sets.items() if name != BUILTIN
             },
+            "missing": sorted(self.missing),
         }
         try:
             fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)

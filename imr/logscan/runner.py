@@ -163,8 +163,18 @@ def scan_files(
     new_states: dict[str, FileState] = {}
     for path in paths:
         key = str(path.absolute())
+        if key not in state.files and not path.exists():
+            if key not in store.missing:
+                report.warnings.append(f"{path}: no such file (said once, until it appears)")
+            store.missing.add(key)
+            continue
         sources, warnings = plan_reads(path, state.files.get(key), start_at_end)
         report.warnings.extend(warnings)
+        if path.exists():
+            store.missing.discard(key)
+        else:  # gone since the last run: its rest was read from a rotated copy, if any
+            state.files.pop(key, None)
+            store.missing.add(key)
         for source in sources:
             read = _scan_source(
                 source, scanner, thresholds, client, report, max_line, clock, progress, httpbl

@@ -184,9 +184,20 @@ def test_a_missing_log_among_several_is_a_warning(
     args = [str(missing), str(log), "--state-dir", str(tmp_path / "st")]
     result = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
     assert result.exit_code == 0, result.output
-    assert result.stderr == f"warning: {missing}: no such file\n"
+    assert result.stderr == f"warning: {missing}: no such file (said once, until it appears)\n"
     assert result.stdout.startswith("blocked 203.0.113.50")
     assert json.loads((tmp_path / "st" / "state.json").read_text())["files"]  # remembered
+    again = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert again.exit_code == 0 and again.output == ""  # said once: cron mails once
+    missing.parent.mkdir()
+    missing.write_text(benign(1))
+    back = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert back.exit_code == 0 and back.output == ""
+    missing.unlink()
+    gone = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert gone.exit_code == 0 and gone.stderr.startswith("warning: ")  # gone again: told
+    still = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert still.exit_code == 0 and still.output == ""
     alone = CliRunner().invoke(scan, args[:1] + args[2:], obj=_ctx(fake_daemon.path))
     assert alone.exit_code == 1 and "no such file" in alone.output  # all missing: an error
 
