@@ -258,3 +258,24 @@ def test_builtin_and_fail2ban_filters_in_one_pass(tmp_path: Path, fake_daemon: F
     unknown = CliRunner().invoke(scan, [str(log), "--fail2ban-filter", "nope"], obj=obj)
     assert unknown.exit_code == 1
     assert f"nope: no such filter file, and no {filter_dir}/nope.conf" in unknown.output
+
+
+@pytest.mark.parametrize("server", ["apache2", "nginx"])
+def test_the_shipped_scan_unit_runs_on_a_host_with_one_web_server(
+    server: str, tmp_path: Path, fake_daemon: FakeDaemon
+) -> None:
+    """imr-scan.service names both servers' logs; a host has one of them."""
+    unit = Path(__file__).parents[2] / "contrib" / "systemd" / "imr-scan.service"
+    (exec_start,) = [
+        line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")
+    ]
+    argv = exec_start.split()[2:]  # after "ExecStart=/usr/local/bin/imr scan"
+    logs = [a for a in argv if a.startswith("/var/log/")]
+    assert {Path(p).parent.name for p in logs} == {"apache2", "nginx"}
+    args = [a.replace("/var/", f"{tmp_path}/var/") for a in argv]
+    present = tmp_path / "var" / "log" / server / "access.log"
+    present.parent.mkdir(parents=True)
+    present.write_text(ATTACK)
+    result = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
+    assert result.exit_code == 0, result.output
+    assert _blocked(fake_daemon) == [("203.0.113.50", "logscan:roundcube-msgimport")]
