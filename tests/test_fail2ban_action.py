@@ -34,6 +34,7 @@ from daemon_harness import (
 F2B_SERVER = shutil.which("fail2ban-server")
 F2B_CLIENT = shutil.which("fail2ban-client")
 JAIL = "imrtest"
+ALLOWLISTED = "198.51.100.9"  # the harness allowlists 198.51.100.0/24
 
 pytestmark = [
     pytest.mark.skipif(F2B_SERVER is None or F2B_CLIENT is None, reason="fail2ban not installed"),
@@ -115,11 +116,15 @@ def test_a_jail_bans_through_imr_into_the_kernel() -> None:
         log.write_text("")
         with fail2ban(world, log) as conf:
             _fail(log, INNOCENT_V4, 1)  # below maxretry: no ban
+            _fail(log, ALLOWLISTED, 3)  # banned by fail2ban, refused by imr's allowlist
             _fail(log, ATTACKER_V4, 3)
             assert world.wait_for(lambda: rule_for(ATTACKER_V4, world.rules(4)), timeout=20), (
                 conf / "fail2ban.log"
             ).read_text(errors="replace")[-2000:]
             assert world.probe(world.attacker, SERVER_V4, 80) == "EHOSTUNREACH"
+            f2b_log = conf / "fail2ban.log"
+            assert world.wait_for(lambda: "allowlisted" in f2b_log.read_text(), timeout=10)
+            assert rule_for(ALLOWLISTED, world.rules(4)) == []
             shown = world.as_root("show", ATTACKER_V4, "--json")
             assert shown.returncode == 0, shown.stderr
             active = json.loads(shown.stdout)["active"]
