@@ -31,13 +31,13 @@ from daemon_harness import (
     daemon_world,
 )
 
-F2B_SERVER = shutil.which("fail2ban-server")
-F2B_CLIENT = shutil.which("fail2ban-client")
+F2B_SERVER = shutil.which("fail2ban-server") or "fail2ban-server"
+F2B_CLIENT = shutil.which("fail2ban-client") or "fail2ban-client"
 JAIL = "imrtest"
 ALLOWLISTED = "198.51.100.9"  # the harness allowlists 198.51.100.0/24
 
 pytestmark = [
-    pytest.mark.skipif(F2B_SERVER is None or F2B_CLIENT is None, reason="fail2ban not installed"),
+    pytest.mark.skipif(shutil.which("fail2ban-server") is None, reason="fail2ban not installed"),
     pytest.mark.usefixtures("test_users"),
 ]
 
@@ -78,7 +78,6 @@ def fail2ban(daemon: Daemon, log: Path) -> Iterator[Path]:
     """fail2ban-server in the foreground, in the server namespace; stopped by its pid."""
     conf = daemon.root / "fail2ban"
     _write_fail2ban_config(conf, daemon, log)
-    assert F2B_SERVER is not None and F2B_CLIENT is not None
     argv = [F2B_SERVER, "-f", "-x", "-c", str(conf)]
     argv += ["-s", str(conf / "fail2ban.sock"), "-p", str(conf / "fail2ban.pid")]
     server = subprocess.Popen(
