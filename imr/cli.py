@@ -18,7 +18,8 @@ from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
-from imr.core.durations import parse_duration
+from imr.core.durations import format_duration, parse_duration
+from imr.core.policy import describe_severities
 from imr.protocol import MAX_LIST_LIMIT
 
 EXIT_FAILED = 1
@@ -283,7 +284,8 @@ def block(
             return
         click.echo(
             f"{verb[result['action']]} {result['ip']} until {result['expires_at']}"
-            f" (rung {result['rung']}, offence {result['offence']}: {result['why']})"
+            f" (rung {result['rung']}, offence {result['offence']}, {result['duration']}:"
+            f" {result['why']})"
         )
         return
     results = call_many(ctx, wanted, reason=reason, source=source, severity=severity)
@@ -387,19 +389,21 @@ def show(ctx: CliContext, ip: str, as_json: bool) -> None:
     if active:
         click.echo(
             f"{result['ip']} is blocked until {active['expires_at']}"
-            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']})"
+            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']},"
+            f" {format_duration(active['remaining_seconds'])} left)"
         )
     else:
         click.echo(f"{result['ip']} is not blocked")
     if result["blocks"]:
         click.echo("\nblocks:")
-        rows = [["BLOCKED AT", "EXPIRES AT", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
+        rows = [["BLOCKED AT", "EXPIRES AT", "LENGTH", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
         for b in result["blocks"]:
             lifted = f"{b['lifted_at']} ({b['lift_reason']})" if b["lifted_at"] else "-"
             rows.append(
                 [
                     b["blocked_at"],
                     b["expires_at"],
+                    b["duration"],
                     str(b["rung"]),
                     lifted,
                     _who(b),
@@ -505,7 +509,12 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
         return
     origin = str(ctx.config_path) if exists else f"{ctx.config_path} (absent: defaults)"
     click.echo(f"# effective configuration from {origin}\n")
-    click.echo(ctx.config.to_toml())
+    # What policy.severity_skips_rungs means for this ladder, as a comment below it.
+    mapping = "; ".join(describe_severities(ctx.config.policy.to_ladder()))
+    lines = ctx.config.to_toml().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("severity_skips_rungs ="))
+    lines.insert(at + 1, f"# first offence by reporter severity: {mapping}")
+    click.echo("\n".join(lines))
 
 
 # Log scanning (imr/logscan) ------------------------------------------------------
