@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from imr import cli
 from imr.config import Config, load_config
-from imr.core.durations import exact_duration, format_duration, parse_duration
+from imr.core import durations
+from imr.core.durations import format_duration, parse_duration
 from imr.server.broker import block_info
 from imr.store import BlockRecord
 
@@ -19,42 +20,39 @@ DAY = 86400
 T0 = 1_700_000_000.0
 
 
-@pytest.mark.parametrize(
-    "seconds, shown",
-    [
-        (0, "0s"),
-        (45, "45s"),
-        (90, "1m 30s"),
-        (3600, "1h"),
-        (DAY, "1d"),
-        (DAY + 2 * 3600 + 3 * 60 + 4, "1d 2h"),  # the minutes and seconds are rounded off
-        (7 * DAY, "7d"),
-        (7 * DAY + 32, "7d"),  # a block escalated 32 s into its life
-        (30 * DAY, "30d"),
-        (DAY - 1, "1d"),  # 23h 59m 59s rounds up into the next unit
-        (2 * 3600 + 29 * 60 + 31, "2h 30m"),
-    ],
-)
-def test_format_duration_largest_unit_and_the_next(seconds: int, shown: str) -> None:
-    assert format_duration(seconds) == shown
+# (seconds, shown): the largest unit and the next one, rounded; weeks print as days.
+SHOWN = [
+    (0, "0s"),
+    (45, "45s"),
+    (90, "1m 30s"),
+    (3600, "1h"),
+    (DAY, "1d"),
+    (DAY + 2 * 3600 + 3 * 60 + 4, "1d 2h"),  # the minutes and seconds are rounded off
+    (7 * DAY, "7d"),
+    (7 * DAY + 32, "7d"),  # a block escalated 32 s into its life
+    (30 * DAY, "30d"),
+    (DAY - 1, "1d"),  # 23h 59m 59s rounds up into the next unit
+    (2 * 3600 + 29 * 60 + 31, "2h 30m"),
+]
+
+
+def test_format_duration_largest_unit_and_the_next() -> None:
+    assert [format_duration(seconds) for seconds, _ in SHOWN] == [shown for _, shown in SHOWN]
 
 
 @pytest.mark.parametrize("seconds", [1, 90, 3599, DAY + 1, 7 * DAY + 32, 93784, 30 * DAY])
 def test_exact_duration_reads_back(seconds: int) -> None:
-    assert parse_duration(exact_duration(seconds)) == seconds
+    assert parse_duration(durations.exact_duration(seconds)) == seconds
 
 
 @pytest.mark.parametrize(
-    "text, seconds", [("1d 2h", 93600), ("1d2h", 93600), ("7d 32s", 7 * DAY + 32), ("2w", 14 * DAY)]
+    "text, seconds", [("1d 2h", 93600), ("1d2h", 93600), ("7d 32s", 7 * DAY + 32)]
 )
-def test_parse_duration_takes_several_units(text: str, seconds: int) -> None:
+def test_parse_duration_takes_several_units_and_still_refuses_junk(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "1d 2", "d", "1x", "0s", "0d 0h"])
-def test_parse_duration_refuses_junk(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
+    for junk in ("", "1d 2", "d", "1x", "0s", "0d 0h", text + " 5"):
+        with pytest.raises(ValueError):
+            parse_duration(junk)
 
 
 def _escalated_show(now: float) -> dict[str, Any]:

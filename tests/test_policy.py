@@ -20,9 +20,9 @@ DEFAULT = Ladder(steps=(DAY, 7 * DAY), repeat_window=30 * DAY, escalate_after=36
 # The ladder docs/operations.md shows as an example of a longer one.
 FOUR = Ladder(steps=(3600, DAY, 7 * DAY, 30 * DAY), repeat_window=90 * DAY, escalate_after=3600)
 T0 = 1_700_000_000.0
-# What each reporter sends: imr-hook no severity (1), a fail2ban filter 5, the built-in
+# What reporters send beyond imr-hook's 1 (test above): a fail2ban filter 5, the built-in
 # signatures 3 to 8 (code-red 8), `imr block --severity` up to 10.
-REPORTER_SEVERITIES = range(1, 11)
+REPORTER_SEVERITIES = range(2, 11)
 
 
 def test_first_offence_is_one_day() -> None:
