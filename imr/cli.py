@@ -252,7 +252,7 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
     "--severity",
     type=click.IntRange(1, 10),
     default=None,
-    help="Start at this rung of the ladder (1 = first).",
+    help="How bad, 1-10: noted; starts at this rung only if policy.severity_skips_rungs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
