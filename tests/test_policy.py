@@ -85,7 +85,7 @@ def test_two_reporters_30s_apart_are_one_incident(first: int, second: int) -> No
     active = PreviousBlock(T0, block.rung, block.expires_at, None)
     again = decide(FOUR, active, T0 + 30, severity=second)
     assert (again.action, again.rung, again.expires_at) == (Action.RECORD, 1, T0 + 3600)
-    assert again.why == "already blocked: same incident, counted once"
+    assert again.why == "same incident, counted once"
 
 
 def test_severity_does_not_speed_up_escalation_in_place() -> None:

@@ -97,4 +97,4 @@ def test_hook_then_scanner_and_scanner_then_hook_stay_at_rung_one() -> None:
 
         log = world.log_file.read_text()
         assert "(first offence; severity 8 does not skip rungs)" in log, log
-        assert "(already blocked: same incident, counted once)" in log, log
+        assert "(same incident, counted once)" in log, log

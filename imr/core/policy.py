@@ -132,7 +132,7 @@ def _hit_on_active_block(
         if rung > previous.rung or expires_at > previous.expires_at:
             return Decision(Action.ESCALATE, rung, expires_at, why)
     within = now - previous.blocked_at < ladder.escalate_after
-    why = "already blocked: same incident, counted once" if within else "already blocked"
+    why = "same incident, counted once" if within else "already blocked"
     return Decision(Action.RECORD, previous.rung, previous.expires_at, why)
 
 
