@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imr.core.policy import PreviousBlock
+from imr.store_migrate import backup_before_migration
 
 # Each entry upgrades the schema by one version; never edit a released entry,
 # append a new one (statements are split on ";": keep semicolons out of literals).
@@ -150,6 +151,8 @@ class Store:
                 f"{self.path}: schema version {version} is newer than this imr knows"
                 f" ({SCHEMA_VERSION}); upgrade imr"
             )
+        if version < SCHEMA_VERSION:
+            backup_before_migration(self._db, self.path, version)
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():
                 for statement in MIGRATIONS[number].split(";"):
