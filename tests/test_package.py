@@ -204,6 +204,8 @@ def test_install_enables_but_does_not_start(scenario: Scenario) -> None:
     assert owner == ["imr-logscan:imr-logscan", "750"]
     assert m.run("stat", "-c", "%a", "/run/imr").stdout.strip() == "755"
     assert m.run("imr", "--version").stdout.startswith("imr, version")
+    # The legacy backend's python-iptables, compiled at build time, loads on the target.
+    m.run("/usr/lib/imr/bin/python3", "-c", "import iptc; iptc.Table(iptc.Table.FILTER)")
 
 
 def test_start_is_ready_and_sandboxed(scenario: Scenario) -> None:
