@@ -37,6 +37,13 @@ if ((${#missing[@]})); then
   apt-get update -q >/dev/null
   apt-get install -y -q "${missing[@]}" >/dev/null
   [ -n "$ours" ] && rm -f "$guard"
+  # Their postinsts enabled the peers for the next boot: a test bench must not start a web
+  # server, or fail2ban (which manages the firewall), at boot. Only what was installed now.
+  for unit in apache2 nginx fail2ban; do
+    case " ${missing[*]} " in
+      *" $unit "*) systemctl disable --quiet "$unit.service" 2>/dev/null || true ;;
+    esac
+  done
 fi
 
 # The kernel modules behind the firewall tools (no-ops where built in).
