@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -167,7 +167,6 @@ def test_no_build_paths_and_packaged_paths_in_units(debs: Debs, tmp_path: Path) 
 class Scenario:
     machine: Machine
     debs: Debs
-    notes: dict[str, str] = field(default_factory=dict)
 
     def main_pid(self) -> int:
         shown = self.machine.run("systemctl", "show", "-p", "MainPID", "--value", "imr.service")
