@@ -10,7 +10,8 @@ deb=${1:?usage: install.sh imr_VERSION_amd64.deb}
 case "$deb" in /*) ;; *) deb="./$deb" ;; esac   # apt takes a path, not a package name
 
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
+apt-get update -q >/dev/null ||
+  echo "install.sh: apt-get update failed; installing with the package lists as they are" >&2
 apt-get install -y -q "$deb"
 
 cat <<'NEXT'

@@ -338,3 +338,15 @@ def test_purge_deletes_config_and_state(scenario: Scenario) -> None:
         assert m.run("test", "-e", gone, check=False).returncode != 0, f"{gone} left by purge"
     assert m.run("dpkg-query", "-W", "imr", check=False).returncode != 0
     assert m.run("getent", "group", "imr").returncode == 0  # kept, as Debian does
+
+
+def test_install_script_needs_nothing_beyond_the_runtime_packages(scenario: Scenario) -> None:
+    """scripts/install.sh in the container, which has only the run-time packages and no
+    network: apt must find every dependency already there and install imr alone."""
+    m = scenario.machine
+    shutil.copy(ROOT / "scripts" / "install.sh", m.root / "root" / "install.sh")
+    installed = m.run("bash", "/root/install.sh", f"/root/{scenario.debs.first.name}", timeout=300)
+    new = re.search(r"NEW packages will be installed:\n((?:  .*\n)+)", installed.stdout)
+    assert new and new.group(1).split() == ["imr"], installed.stdout
+    assert m.run("systemctl", "is-enabled", "imr.service").stdout.strip() == "enabled"
+    assert m.run("systemctl", "is-active", "imr.service", check=False).stdout.strip() == "inactive"
