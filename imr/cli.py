@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -17,9 +17,11 @@ import click
 from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
-from imr.config import DEFAULT_CONFIG_PATH, ConfigError, config_path, load_config
-from imr.core.durations import parse_duration
+from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
+from imr.core.durations import format_duration, parse_duration
+from imr.core.policy import describe_severities
 from imr.protocol import MAX_LIST_LIMIT
+from imr.terminal import escape
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -174,21 +176,34 @@ def server() -> None:
 @click.option(
     "--log-json", is_flag=True, help='Log JSON lines (same as server.log_format = "json").'
 )
+@click.option(
+    "--adopt-kernel",
+    is_flag=True,
+    help="If the state file is new but the kernel holds imr blocks, keep them as new blocks.",
+)
 @click.pass_obj
-def server_start(ctx: CliContext, foreground: bool, log_json: bool) -> None:
+def server_start(ctx: CliContext, foreground: bool, log_json: bool, adopt_kernel: bool) -> None:
     """Start the daemon (as root)."""
     from imr.server.daemon import DaemonError, configure_logging, run_foreground, start_background
 
-    config = ctx.config
-    if log_json:
-        server_config = config.server.model_copy(update={"log_format": "json"})
-        config = config.model_copy(update={"server": server_config})
+    path = ctx.config_path.absolute()  # the daemon runs in /
+    missing_ok = ctx.config_path == DEFAULT_CONFIG_PATH
+
+    def read_config() -> Config:  # again on SIGHUP; raises ConfigError
+        config = load_config(path, missing_ok=missing_ok)
+        if log_json:
+            server_config = config.server.model_copy(update={"log_format": "json"})
+            config = config.model_copy(update={"server": server_config})
+        return config
+
+    config = read_config() if log_json else ctx.config
+    options: dict[str, Any] = {"adopt_kernel": adopt_kernel, "reload_config": read_config}
     try:
         if foreground:
             configure_logging(None)
-            run_foreground(config)
+            run_foreground(config, **options)
         else:
-            pid = start_background(config, configure_logging)
+            pid = start_background(config, configure_logging, **options)
             tcp = config.server.tcp
             also = f" and tcp {tcp.listen} port {tcp.port}" if tcp.enabled else ""
             click.echo(f"imr started (pid {pid}), listening on {config.server.socket}{also}")
@@ -202,15 +217,36 @@ def server_start(ctx: CliContext, foreground: bool, log_json: bool) -> None:
 @click.pass_obj
 def server_stop(ctx: CliContext) -> None:
     """Stop the daemon; blocks stay in the kernel and the state file."""
-    from imr.server.daemon import DaemonError, stop_daemon
+    from imr.server.daemon import DaemonError, DaemonNotRunning, stop_daemon
 
     try:
         pid = stop_daemon(ctx.config)
+    except DaemonNotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
     except DaemonError as exc:
-        fail(str(exc), EXIT_NOT_RUNNING if "not running" in str(exc) else EXIT_FAILED)
+        fail(str(exc))
     except PermissionError:
         fail("only root can stop the daemon")
     click.echo(f"imr stopped (pid {pid}); blocks stay in force")
+
+
+@server.command("reload")
+@click.pass_obj
+def server_reload(ctx: CliContext) -> None:
+    """Reopen the log and read the configuration again (SIGHUP); a bad one is refused."""
+    from imr.server.daemon import DaemonError, DaemonNotRunning, reload_daemon
+
+    # The configuration was read (and checked) before this runs: a bad one already
+    # failed with its message, and the daemon keeps the one in force.
+    try:
+        pid = reload_daemon(ctx.config)
+    except DaemonNotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
+    except DaemonError as exc:
+        fail(str(exc))
+    except PermissionError:
+        fail("only root can reload the daemon")
+    click.echo(f"imr (pid {pid}) asked to reload {ctx.config_path}; its log says what changed")
 
 
 @server.command("status")
@@ -251,7 +287,7 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
     "--severity",
     type=click.IntRange(1, 10),
     default=None,
-    help="Start at this rung of the ladder (1 = first).",
+    help="How bad, 1-10: noted; starts at this rung only if policy.severity_skips_rungs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
@@ -283,7 +319,8 @@ def block(
             return
         click.echo(
             f"{verb[result['action']]} {result['ip']} until {result['expires_at']}"
-            f" (rung {result['rung']}, offence {result['offence']}: {result['why']})"
+            f" (rung {result['rung']}, offence {result['offence']}, {result['duration']}:"
+            f" {result['why']})"
         )
         return
     results = call_many(ctx, wanted, reason=reason, source=source, severity=severity)
@@ -375,11 +412,18 @@ def list_blocks(
 
 @main.command()
 @click.argument("ip")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="At most this many blocks and reports, newest first (the daemon's page size caps it).",
+)
+@click.option("--before", type=click.IntRange(1), default=None, help="Only reports before this id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def show(ctx: CliContext, ip: str, as_json: bool) -> None:
-    """The current block of IP, if any, and its whole history (roles: read, admin)."""
-    result = call(ctx, "show", ip=ip)
+def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_json: bool) -> None:
+    """The current block of IP, if any, and its history, newest first (roles: read, admin)."""
+    result = call(ctx, "show", ip=ip, limit=limit, before=before)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -387,19 +431,21 @@ def show(ctx: CliContext, ip: str, as_json: bool) -> None:
     if active:
         click.echo(
             f"{result['ip']} is blocked until {active['expires_at']}"
-            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']})"
+            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']},"
+            f" {format_duration(active['remaining_seconds'])} left)"
         )
     else:
         click.echo(f"{result['ip']} is not blocked")
     if result["blocks"]:
         click.echo("\nblocks:")
-        rows = [["BLOCKED AT", "EXPIRES AT", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
+        rows = [["BLOCKED AT", "EXPIRES AT", "LENGTH", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
         for b in result["blocks"]:
             lifted = f"{b['lifted_at']} ({b['lift_reason']})" if b["lifted_at"] else "-"
             rows.append(
                 [
                     b["blocked_at"],
                     b["expires_at"],
+                    b["duration"],
                     str(b["rung"]),
                     lifted,
                     _who(b),
@@ -414,14 +460,43 @@ def show(ctx: CliContext, ip: str, as_json: bool) -> None:
         for h in result["hits"]:
             rows.append([h["at"], h["outcome"], _who(h), h["source"] or "-", h["reason"] or "-"])
         click.echo(_table(rows))
+    if result.get("next_before") is not None:
+        click.echo(f"(older reports: --before {result['next_before']})", err=True)
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, default=True, help="Print JSON (the only form).")
 @click.pass_obj
 def export(ctx: CliContext, as_json: bool) -> None:
-    """Dump the whole state (every block and report) as JSON (roles: read, admin)."""
-    click.echo(json.dumps(call(ctx, "export"), indent=2))
+    """Dump the whole state (every block and report) as JSON (roles: read, admin).
+
+    Written as the daemon's pages arrive, one row a line: neither side holds the whole.
+    """
+    _asking(lambda client: _write_export(client.export_pages()), ctx)
+
+
+def _write_export(pages: Iterator[dict[str, Any]]) -> None:
+    """The export document, one row a line, written page by page (blocks come first)."""
+    out = sys.stdout
+    tables = ("blocks", "hits")
+    opened = -1  # which table's list is open
+    written = 0  # rows in it so far
+    for page in pages:
+        if opened < 0:
+            version = json.dumps(page.get("schema_version"))
+            out.write(f'{{\n  "kind": "export",\n  "schema_version": {version},\n  "blocks": [')
+            opened = 0
+        for index, name in enumerate(tables):
+            for row in page.get(name) or []:
+                while opened < index:
+                    opened, written = opened + 1, 0
+                    out.write(f'\n  ],\n  "{tables[opened]}": [')
+                out.write(("," if written else "") + "\n    " + json.dumps(row))
+                written += 1
+    while opened < len(tables) - 1:
+        opened += 1
+        out.write(f'\n  ],\n  "{tables[opened]}": [')
+    out.write("\n  ]\n}\n")
 
 
 @main.command()
@@ -505,7 +580,12 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
         return
     origin = str(ctx.config_path) if exists else f"{ctx.config_path} (absent: defaults)"
     click.echo(f"# effective configuration from {origin}\n")
-    click.echo(ctx.config.to_toml())
+    # What policy.severity_skips_rungs means for this ladder, as a comment below it.
+    mapping = "; ".join(describe_severities(ctx.config.policy.to_ladder()))
+    lines = ctx.config.to_toml().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("severity_skips_rungs ="))
+    lines.insert(at + 1, f"# first offence by reporter severity: {mapping}")
+    click.echo("\n".join(lines))
 
 
 # Log scanning (imr/logscan) ------------------------------------------------------
@@ -532,6 +612,9 @@ def _uptime(seconds: float) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Cells hold client-supplied text (reasons, sources) from any state file, also one
+    # written before the protocol refused control characters: never print them raw.
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

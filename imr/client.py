@@ -80,7 +80,28 @@ class Client:
         self.tcp = tcp
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one JSON request; return the `result` of an ok reply or raise."""
+        """Send one JSON request; return the `result` of an ok reply or raise.
+
+        `export` without a cursor is fetched page by page and joined (the daemon answers
+        one page per request): callers that need the whole state in memory get it; a
+        caller that streams uses export_pages() and holds one page at a time.
+        """
+        if op == "export" and fields.get("after") is None:
+            return _joined(self.export_pages(fields.get("limit")))
+        return self._request(op, **fields)
+
+    def export_pages(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The daemon's whole state, one `export` page after the other (docs/protocol.md):
+        blocks by id, then hits by id; each page's `next` asks for the following one."""
+        after: str | None = None
+        while True:
+            page = self._request("export", after=after, limit=limit)
+            yield page
+            after = page.get("next")
+            if after is None:
+                return
+
+    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         payload = {"v": 1, "op": op, **{k: v for k, v in fields.items() if v is not None}}
         line = json.dumps(payload).encode() + b"\n"
         reply = self._round_trip(line)
@@ -229,6 +250,16 @@ def _chunks(ips: Sequence[str], reason: str, source: str) -> Iterator[list[str]]
         size += cost
     if chunk:
         yield chunk
+
+
+def _joined(pages: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """Export pages as one result, as a daemon before paging answered it."""
+    whole: dict[str, Any] = {"kind": "export", "blocks": [], "hits": []}
+    for page in pages:
+        whole["schema_version"] = page.get("schema_version")
+        whole["blocks"] += page.get("blocks", [])
+        whole["hits"] += page.get("hits", [])
+    return whole
 
 
 def _decode(data: bytes) -> dict[str, Any]:

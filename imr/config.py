@@ -28,6 +28,7 @@ from pydantic import (
 from imr.config_types import Duration, Network
 from imr.core.policy import Ladder
 from imr.core.quota import QuotaLimits
+from imr.core.slots import SlotLimits, StartupLimits
 from imr.logscan.settings import LogscanConfig
 from imr.reputation.settings import ReputationSettings
 
@@ -67,6 +68,11 @@ class TcpConfig(_Section):
     tls_key: Path | None = None  # its private key (PEM); may be inside tls_cert
     client_ca: Path | None = None  # CA that signs client certificates (access.certificates)
     allow_non_loopback: bool = False
+    # Before it is identified a connection is a startup (docs/operations.md, "Connection
+    # slots"): at most max_startups, dropped at random from startups_drop_from on.
+    max_startups: int = Field(32, ge=1, le=10_000)
+    startups_drop_from: int = Field(16, ge=1, le=10_000)
+    max_connections_per_source: int = Field(16, ge=1, le=10_000)  # an IPv4 address or IPv6 /64
 
     @field_validator("listen")
     @classmethod
@@ -78,6 +84,11 @@ class TcpConfig(_Section):
 
     @model_validator(mode="after")
     def _safe(self) -> TcpConfig:
+        if self.startups_drop_from > self.max_startups:
+            raise ValueError(
+                f"startups_drop_from = {self.startups_drop_from} is above max_startups ="
+                f" {self.max_startups}: random early drop starts at or below the limit"
+            )
         if self.tls_key is not None and self.tls_cert is None:
             raise ValueError("tls_key needs tls_cert")
         if self.client_ca is not None and self.tls_cert is None:
@@ -99,6 +110,13 @@ class TcpConfig(_Section):
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    def startup_limits(self) -> StartupLimits:
+        return StartupLimits(
+            max_startups=self.max_startups,
+            drop_from=self.startups_drop_from,
+            per_source=self.max_connections_per_source,
+        )
+
 
 class ServerConfig(_Section):
     socket: Path = Path("/run/imr/imr.sock")
@@ -108,13 +126,26 @@ class ServerConfig(_Section):
     log_file: Path = Path("/var/log/imr/imr.log")  # used when running in the background
     max_connections: int = Field(64, ge=1, le=10_000)
     max_line_bytes: int = Field(4096, ge=256, le=1_048_576)
-    idle_timeout: float = Field(30.0, gt=0, le=3600)
+    idle_timeout: float = Field(30.0, gt=0, le=3600)  # since the last request other than ping
+    # Connection slots per listener (docs/operations.md, "Connection slots"): the last
+    # reserved_admin_connections are for admins; other clients are capped one by one.
+    reserved_admin_connections: int = Field(4, ge=0, le=10_000)
+    max_connections_per_client: int = Field(48, ge=1, le=10_000)
+    max_connections_no_role: int = Field(4, ge=1, le=10_000)
     tcp: TcpConfig = Field(default_factory=TcpConfig)
     # "json": one JSON object per log line (ts, level, logger, message, fields) for log shippers.
     log_format: Literal["text", "json"] = "text"
     # Lines a second about single changes (blocked/escalated/hit/unblocked/expired); past it,
     # one summary line a second. The state file keeps every change. 0: no limit.
     log_changes_per_second: int = Field(100, ge=0, le=1_000_000)
+
+    def slot_limits(self) -> SlotLimits:
+        return SlotLimits(
+            total=self.max_connections,
+            reserved_admin=self.reserved_admin_connections,
+            per_client=self.max_connections_per_client,
+            per_client_no_role=self.max_connections_no_role,
+        )
 
     @property
     def socket_mode_bits(self) -> int:
@@ -123,12 +154,22 @@ class ServerConfig(_Section):
 
 class StateConfig(_Section):
     path: Path = Path("/var/lib/imr/state.db")
+    # Reports (hit rows) older than this are deleted, a few thousand rows at a time, every
+    # hour; blocks are kept for ever (the repeat ladder reads them). docs/operations.md.
+    hit_retention: Duration = 90 * 86400
+    # Most rows one `show` (blocks and hits, each) or `export` page returns: what one read
+    # request may cost the daemon. Longer answers come in pages (docs/protocol.md).
+    page_rows: int = Field(1000, ge=10, le=10_000)
 
 
 class PolicyConfig(_Section):
     ladder: list[Duration] = Field(default_factory=lambda: [86400, 7 * 86400], min_length=1)
     repeat_window: Duration = 30 * 86400
     escalate_after: Duration = 3600
+    # Off: a reporter's severity is only noted; every first offence starts at rung 1, and
+    # reports within escalate_after of a block's start are one incident. On (the old
+    # behaviour): severity N starts a block at rung N at least and escalates it at once.
+    severity_skips_rungs: bool = False
 
     @field_validator("ladder")
     @classmethod
@@ -138,7 +179,9 @@ class PolicyConfig(_Section):
         return steps
 
     def to_ladder(self) -> Ladder:
-        return Ladder(tuple(self.ladder), self.repeat_window, self.escalate_after)
+        return Ladder(
+            tuple(self.ladder), self.repeat_window, self.escalate_after, self.severity_skips_rungs
+        )
 
 
 _PORT_RANGE = re.compile(r"^(\d{1,5})(?::(\d{1,5}))?$")
@@ -171,7 +214,11 @@ class FirewallConfig(_Section):
     drift_interval: Duration = 10
     chain: str = Field("IMR", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,27}$")
     protocol: Literal["tcp", "udp", "all"] = "tcp"
-    ports: list[PortSpec] = Field(default_factory=list)  # empty: every port
+    # Destination ports a block covers: the web ports by default, as the original rule
+    # (`-p tcp -m multiport --dports 80,443`); an empty list (or "all") means every port. Until
+    # issue #12 the default was every port: a config that names no ports now blocks 80
+    # and 443 only (docs/operations.md, "Which packets a block refuses").
+    ports: list[PortSpec] = Field(default_factory=lambda: ["80", "443"])
     reject_with_ipv4: Literal[
         "icmp-host-unreachable",
         "icmp-port-unreachable",
@@ -187,6 +234,11 @@ class FirewallConfig(_Section):
         "tcp-reset",
     ] = "icmp6-addr-unreachable"
 
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _every_port(cls, value: Any) -> Any:
+        return [] if value == "all" else value  # `ports = "all"`: the same as []
+
     @field_validator("ports")
     @classmethod
     def _multiport_limit(cls, ports: list[str]) -> list[str]:
@@ -195,6 +247,15 @@ class FirewallConfig(_Section):
         if weight > 15:
             raise ValueError("at most 15 ports (a range counts as two), the multiport limit")
         return ports
+
+    @model_validator(mode="before")
+    @classmethod
+    def _all_protocols_all_ports(cls, data: Any) -> Any:
+        # The web-port default needs a port-carrying protocol: `protocol = "all"` without
+        # ports keeps meaning every packet, as before the default changed.
+        if isinstance(data, dict) and data.get("protocol") == "all" and "ports" not in data:
+            return {**data, "ports": []}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> FirewallConfig:

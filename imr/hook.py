@@ -108,6 +108,12 @@ def send(path: str, line: bytes, timeout: float) -> dict[str, object]:
     try:
         reply = json.loads(data)
     except ValueError:
+        # An older daemon answered `busy` in the text form even to JSON: say what it said.
+        if data.startswith(b"error "):
+            text = data.decode("utf-8", "replace").strip()
+            raise HookError(
+                f"the imr daemon refused: {_one_line(text.removeprefix('error '))}"
+            ) from None
         raise HookError("the imr daemon sent no reply or an unreadable one") from None
     if not isinstance(reply, dict):
         raise HookError("the imr daemon sent a reply that is not a JSON object")
@@ -133,9 +139,12 @@ def run(env: Mapping[str, str]) -> tuple[str, str | None]:
         detail = f"{error.get('code', 'error')}: {error.get('message', '')}"
     else:
         detail = "error reply without details"
-    # The reply may echo parts of the request; keep the log entry on one line.
-    detail = re.sub(r"[\x00-\x1f\x7f]", " ", str(detail))[:300]
-    return "imr-hook: refused", f"imr-hook: the imr daemon refused the block: {detail}"
+    return "imr-hook: refused", f"imr-hook: the imr daemon refused the block: {_one_line(detail)}"
+
+
+def _one_line(text: str) -> str:
+    """The reply may echo parts of the request; keep the log entry on one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)[:300]
 
 
 def main() -> None:

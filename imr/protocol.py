@@ -15,17 +15,40 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from imr.config_types import Duration
+from imr.terminal import UNSAFE, escape
 
 PROTOCOL_VERSION = 1
 MAX_REASON = 200
 MAX_SOURCE = 64
 MAX_LIST_LIMIT = 100_000
 MAX_BLOCK_MANY = 1000  # addresses in one block_many (the line limit usually binds first)
+# Rows one `show` or `export` page may ask for; the daemon may answer fewer
+# (state.page_rows) and says where to go on.
+MAX_PAGE_ROWS = 10_000
 
 _SOURCE_PATTERN = r"^[A-Za-z0-9_.:/@+-]*$"
+
+
+def _printable(text: str) -> str:
+    # A reason ends up on an admin's terminal (imr list/show) and in log lines:
+    # no control characters (C0, C1) and no bidi overrides (imr/terminal.py).
+    if UNSAFE.search(text) is not None:
+        raise ValueError("control characters and bidi overrides are not allowed")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_printable)]
 
 
 class ProtocolError(Exception):
@@ -46,7 +69,7 @@ class _Request(BaseModel):
 class BlockRequest(_Request):
     op: Literal["block"]
     ip: str = Field(max_length=64)
-    reason: str = Field("", max_length=MAX_REASON)
+    reason: Text = Field("", max_length=MAX_REASON)
     source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     severity: int = Field(1, ge=1, le=10)
 
@@ -60,7 +83,7 @@ class BlockManyRequest(_Request):
 
     op: Literal["block_many"]
     ips: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=MAX_BLOCK_MANY)
-    reason: str = Field("", max_length=MAX_REASON)
+    reason: Text = Field("", max_length=MAX_REASON)
     source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     severity: int = Field(1, ge=1, le=10)
 
@@ -78,12 +101,16 @@ class BlockManyRequest(_Request):
 class UnblockRequest(_Request):
     op: Literal["unblock"]
     ip: str = Field(max_length=64)
-    reason: str = Field("", max_length=MAX_REASON)
+    reason: Text = Field("", max_length=MAX_REASON)
 
 
 class ShowRequest(_Request):
+    """An address's history, newest first, a page at a time (docs/protocol.md)."""
+
     op: Literal["show"]
     ip: str = Field(max_length=64)
+    limit: int | None = Field(None, ge=1, le=MAX_PAGE_ROWS)  # blocks and hits, each
+    before: int | None = Field(None, ge=1)  # only hits older than this hit id (`next_before`)
 
 
 class ListRequest(_Request):
@@ -92,7 +119,7 @@ class ListRequest(_Request):
     op: Literal["list"]
     limit: int | None = Field(None, ge=1, le=MAX_LIST_LIMIT)
     since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
-    reason: str | None = Field(None, min_length=1, max_length=MAX_REASON)  # substring, any case
+    reason: Text | None = Field(None, min_length=1, max_length=MAX_REASON)  # substring, any case
     source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
 
 
@@ -105,7 +132,11 @@ class PingRequest(_Request):
 
 
 class ExportRequest(_Request):
+    """One page of the whole state: blocks by id, then hits by id (docs/protocol.md)."""
+
     op: Literal["export"]
+    after: str | None = Field(None, pattern=r"^(blocks|hits):[0-9]{1,18}$")  # a reply's `next`
+    limit: int | None = Field(None, ge=1, le=MAX_PAGE_ROWS)
 
 
 class AuthRequest(_Request):
@@ -294,7 +325,8 @@ def _first_error(exc: ValidationError, nested: bool = True) -> str:
     error = exc.errors()[0]
     # A union's errors start with the member's tag ("block"); a plain model's do not.
     key = ".".join(str(p) for p in error["loc"][1 if nested else 0 :]) or "request"
-    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    # An unknown key is the client's text: escaped, or it could end a log line and forge the next.
+    return escape(f"{key[:64]}: {error['msg'].removeprefix('Value error, ')}")
 
 
 # Replies ------------------------------------------------------------------

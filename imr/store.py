@@ -12,6 +12,8 @@ shared between threads).
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imr.core.policy import PreviousBlock
+from imr.server.files import FileError, check_owned, make_dirs, open_owned
 
 # Each entry upgrades the schema by one version; never edit a released entry,
 # append a new one (statements are split on ";": keep semicolons out of literals).
@@ -77,6 +80,22 @@ class StoreError(Exception):
     """The state file cannot be opened or is from a newer imr."""
 
 
+# SQLite's primary result codes for a file that cannot take a write: SQLITE_READONLY (8),
+# SQLITE_IOERR (10; its extended codes keep 10 in the low byte), SQLITE_FULL (13).
+_UNWRITABLE_CODES = frozenset({8, 10, 13})
+_UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Whether `exc` says the state file cannot be written now (disk or quota full, an I/O
+    error, a read-only file system), rather than that one change was wrong: every other
+    write would fail the same way, and reads still work."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _UNWRITABLE_CODES
+    return isinstance(exc, OSError) and exc.errno in _UNWRITABLE_ERRNOS
+
+
 @dataclass(frozen=True, slots=True)  # slots: the daemon holds one per active block
 class BlockRecord:
     id: int
@@ -125,23 +144,77 @@ _BLOCK_COLUMNS = (
 _HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
 
 
+STATE_FILE_MODE = 0o640  # SQLite gives the -wal and -shm files the state file's mode
+_SIDE_FILES = ("-wal", "-shm")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._prepare_files(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the state file: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            self._check_schema()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the state file: {exc}") from None
-        path.chmod(0o640)
+            self._db.close()
+            raise StoreError(
+                f"{path}: cannot open the state file: {exc}; restore it from a backup"
+                " or move it aside (docs/operations.md, state-file recovery)"
+            ) from None
+        except StoreError:
+            self._db.close()
+            raise
+        for suffix in _SIDE_FILES:  # narrow what an older imr left 0644
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", STATE_FILE_MODE)
+
+    @staticmethod
+    def _prepare_files(path: Path) -> None:
+        """Refuse links and files another user owns; create the file private with its mode.
+
+        The file's mode is set before SQLite creates the -wal and -shm files, which copy it.
+        """
+        try:
+            make_dirs(path.parent, 0o750)
+            for suffix in _SIDE_FILES:
+                check_owned(Path(f"{path}{suffix}"))
+            fd, _ = open_owned(path, os.O_RDONLY, STATE_FILE_MODE)
+            try:
+                os.fchmod(fd, STATE_FILE_MODE)
+            finally:
+                os.close(fd)
+        except FileError as exc:
+            raise StoreError(f"state file: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror}") from None
+
+    def _check_schema(self) -> None:
+        """Every table and column this imr uses is there (a file of another program's is not)."""
+        for table, columns in (("blocks", _BLOCK_COLUMNS), ("hits", _HIT_COLUMNS)):
+            found = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns.replace(" ", "").split(",") if c not in found]
+            if missing:
+                raise StoreError(
+                    f"{self.path}: not an imr state file of schema version {SCHEMA_VERSION}"
+                    f" (table {table} lacks {', '.join(missing)}); restore it from a backup"
+                    " or move it aside (docs/operations.md, state-file recovery)"
+                )
 
     def close(self) -> None:
         self._db.close()
+
+    def is_new(self) -> bool:
+        """Whether the file has never held a block (lifted ones count): a file that was
+        missing or empty (adopt.py). Stays true until a block is written."""
+        return self._db.execute("SELECT 1 FROM blocks LIMIT 1").fetchone() is None
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -149,6 +222,11 @@ class Store:
             raise StoreError(
                 f"{self.path}: schema version {version} is newer than this imr knows"
                 f" ({SCHEMA_VERSION}); upgrade imr"
+            )
+        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(
+                f"{self.path}: an SQLite file with tables but no imr schema version: not an imr"
+                " state file; give state.path another file, or move this one aside"
             )
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():
@@ -301,6 +379,7 @@ class Store:
         return found
 
     def history(self, ip: str) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's whole history, oldest first (tests, tools; the daemon pages it)."""
         blocks = self._db.execute(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ? ORDER BY blocked_at, id", (ip,)
         ).fetchall()
@@ -309,11 +388,71 @@ class Store:
         ).fetchall()
         return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
 
-    def export(self) -> dict[str, Any]:
-        blocks = self._db.execute(f"SELECT {_BLOCK_COLUMNS} FROM blocks ORDER BY id").fetchall()
-        hits = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM hits ORDER BY id").fetchall()
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "blocks": [BlockRecord(*r) for r in blocks],
-            "hits": [HitRecord(*r) for r in hits],
-        }
+    def history_page(
+        self, ip: str, limit: int, before: int | None = None
+    ) -> tuple[list[BlockRecord], list[HitRecord]]:
+        """An address's blocks and hits, newest first, at most `limit` of each; hits only
+        older than hit `before` (a page's cursor). Both walk the (ip, time) indexes from the
+        newest end, so a page costs its own rows, however long the history."""
+        blocks = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE ip = ?"
+            " ORDER BY blocked_at DESC, id DESC LIMIT ?",
+            (ip, limit),
+        ).fetchall()
+        if before is None:
+            hits = self._db.execute(
+                f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? ORDER BY at DESC, id DESC LIMIT ?",
+                (ip, limit),
+            ).fetchall()
+        else:
+            start = self._db.execute(
+                "SELECT at FROM hits WHERE id = ? AND ip = ?", (before, ip)
+            ).fetchone()
+            # A cursor whose hit is gone was pruned, and the hits before it with it.
+            hits = []
+            if start is not None:
+                hits = self._db.execute(
+                    f"SELECT {_HIT_COLUMNS} FROM hits WHERE ip = ? AND (at, id) < (?, ?)"
+                    " ORDER BY at DESC, id DESC LIMIT ?",
+                    (ip, start[0], before, limit),
+                ).fetchall()
+        return [BlockRecord(*r) for r in blocks], [HitRecord(*r) for r in hits]
+
+    def blocks_after(self, after: int, limit: int) -> list[BlockRecord]:
+        """One export page: blocks with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [BlockRecord(*r) for r in rows]
+
+    def hits_after(self, after: int, limit: int) -> list[HitRecord]:
+        """One export page: hits with an id past `after`, by id."""
+        rows = self._db.execute(
+            f"SELECT {_HIT_COLUMNS} FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [HitRecord(*r) for r in rows]
+
+    def prune_hits(
+        self, older_than: float, now: float, limit: int, after: int = 0
+    ) -> tuple[int, int | None]:
+        """Delete the hits reported before `older_than` among the next `limit` hits past id
+        `after`, in one transaction. Returns (deleted, the id to go on after), or None
+        for the second once a hit reported since `older_than` is reached: hits are
+        written in time order, so the rest are younger still, and a call costs its own
+        rows. A hit dated after `now` (by a clock that was ahead) is kept and passed over,
+        so it cannot hold up the pruning of the rows behind it."""
+        rows = self._db.execute(
+            "SELECT id, at FROM hits WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        old: list[tuple[int]] = []
+        following: int | None = rows[-1][0] if len(rows) == limit else None
+        for hit_id, at in rows:
+            if older_than <= at <= now:
+                following = None
+                break
+            if at < older_than:
+                old.append((hit_id,))
+        if old:
+            with self.transaction():
+                self._db.executemany("DELETE FROM hits WHERE id = ?", old)
+        return len(old), following

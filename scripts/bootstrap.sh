@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 packages=(
   iptables ipset nftables iproute2 socat netcat-openbsd procps
   python3 python3-venv python3-dev gcc sqlite3 util-linux
+  # contrib/logrotate/imr is tested with the real logrotate (tests/test_reload.py).
+  logrotate
   # Peers and tools for tests and benchmarks; their services must never start
   # on the host (see policy-rc.d below): we only use their programs and files.
   fail2ban

@@ -62,6 +62,7 @@ V6_A, V6_B = ip("2001:db8::10"), ip("2001:db8:1::11")
 # Admin network blocks; NET4_A holds V4_C, which may be blocked on its own as well.
 NET4_A, NET4_B, NET6_A = net("198.51.100.0/24"), net("192.0.2.128/25"), net("2001:db8:5::/48")
 NEVER_BLOCKED = (ip("203.0.113.250"), ip("2001:db8:ffff::250"))
+STRAYS = (ip("203.0.113.9"), ip("2001:db8:9::9"))  # in the kernel, not in the state
 FAR_FUTURE = 4_102_444_800.0  # 2100-01-01; expiry is the broker's business, not the backend's
 
 # The packet test: server and client joined by a veth pair.
@@ -315,6 +316,21 @@ class BackendConformance:
             assert self.read_foreign_objects(server_ns) == foreign, f"changed after {how}"
         self.expect(server_ns, *self.DRIFT_STATE)
 
+    def test_a_stray_entry_is_found_and_removed(self, server_ns: Netns, backend: Backend) -> None:
+        """An entry the state does not hold (left by a refused request, or by hand) is drift:
+        the check reports it and the repair takes it out, on every backend."""
+        wanted = blocks(*self.DRIFT_STATE)
+        backend.apply(wanted, [])
+        expected = expected_for(wanted)
+        for stray in STRAYS:
+            self.add_block_directly(server_ns, stray)
+            assert stray in self.blocked(server_ns)
+            drift = backend.check(expected)
+            assert drift.entries and not drift.structure, f"stray {stray} went unnoticed"
+            repair(backend, drift, wanted)
+            self.expect(server_ns, *self.DRIFT_STATE)
+            assert backend.check(expected) == Drift()
+
     # -- other people's rules ---------------------------------------------------
 
     def test_foreign_rules_and_chains_survive(
@@ -398,6 +414,57 @@ class BackendConformance:
             backend.apply([], [CLIENT_NET_V4, CLIENT_NET_V6])
             assert _probe_all(client) == everything_open
         backend.close()
+
+    def test_a_block_refuses_new_connections_only(
+        self, server_ns: Netns, make_backend: MakeBackend
+    ) -> None:
+        """With every port blocked (the widest rule): a connection the blocked peer opened
+        before keeps working, the host's own connection out to the blocked peer gets its
+        replies, and a new connection from the peer is refused."""
+        server_ns.run("sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0")
+        backend = make_backend(FirewallConfig(ports=[]))
+        backend.prepare()
+        with netns("imrc") as client, contextlib.ExitStack() as stack:
+            connect(
+                server_ns,
+                client,
+                [f"{SERVER_V4}/24", f"{SERVER_V6}/64"],
+                [f"{CLIENT_V4}/24", f"{CLIENT_V6}/64"],
+            )
+            listener = stack.enter_context(_listener(LISTED_PORT))
+            with client.entered():
+                stack.enter_context(_listener(UNLISTED_PORT))  # the blocked peer's own server
+                opened = [
+                    stack.enter_context(socket.create_connection((s, LISTED_PORT), 2))
+                    for s in (SERVER_V4, SERVER_V6)
+                ]
+            accepted = [stack.enter_context(listener.accept()[0]) for _ in opened]
+            backend.apply(blocks(ip(CLIENT_V4), ip(CLIENT_V6)), [])
+
+            for sock, peer in zip(opened, accepted, strict=True):
+                sock.sendall(b"still open")
+                peer.settimeout(CONNECT_TIMEOUT)
+                assert peer.recv(64) == b"still open", "an open connection was cut"
+            for peer_address in (CLIENT_V4, CLIENT_V6):
+                assert _probe(peer_address, UNLISTED_PORT) == "connected", "replies refused"
+            assert _probe_all(client) == {
+                (server, port): "EHOSTUNREACH"
+                for server in (SERVER_V4, SERVER_V6)
+                for port in (LISTED_PORT, UNLISTED_PORT)
+            }
+        backend.close()
+
+
+@contextlib.contextmanager
+def _listener(port: int) -> Iterator[socket.socket]:
+    """One dual-stack TCP listener in the calling thread's namespace."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+        sock.listen(64)
+        sock.settimeout(CONNECT_TIMEOUT)
+        yield sock
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from imr.protocol import (
     error_reply,
     parse_request,
 )
+from imr.terminal import UNSAFE
 
 from daemon_harness import Daemon
 from robust_harness import (
@@ -441,8 +442,14 @@ token = st.text(
     min_size=1,
     max_size=64,
 )
-free_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=200).map(
-    str.strip
+free_text = (
+    st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=200)
+    .map(str.strip)
+    .filter(lambda text: UNSAFE.search(text) is None)  # no bidi overrides, U+2028 either
+)
+# A reason the protocol takes: no control characters or bidi overrides (imr/terminal.py).
+reasons = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=200).filter(
+    lambda text: UNSAFE.search(text) is None
 )
 valid_requests: st.SearchStrategy[Request] = st.one_of(
     st.builds(
@@ -450,7 +457,7 @@ valid_requests: st.SearchStrategy[Request] = st.one_of(
         op=st.just("block"),
         id=ids,
         ip=st.text(max_size=64),
-        reason=st.text(max_size=200),
+        reason=reasons,
         source=st.from_regex(r"[A-Za-z0-9_.:/@+-]{0,64}", fullmatch=True),
         severity=st.integers(1, 10),
     ),
@@ -459,13 +466,51 @@ valid_requests: st.SearchStrategy[Request] = st.one_of(
         op=st.just("unblock"),
         id=ids,
         ip=st.text(max_size=64),
-        reason=st.text(max_size=200),
+        reason=reasons,
     ),
     st.builds(ShowRequest, op=st.just("show"), id=ids, ip=st.text(max_size=64)),
     st.builds(ListRequest, op=st.just("list"), id=ids, limit=st.none() | st.integers(1, 100_000)),
     st.builds(StatusRequest, op=st.just("status"), id=ids),
     st.builds(PingRequest, op=st.just("ping"), id=ids),
 )
+
+
+# Terminal escapes and forged log lines (issue #12): what a reason or a key may not carry.
+TERMINAL_ESCAPES = [
+    "\x1b[2J",  # clear the screen
+    "\x1b]0;owned\x07",  # OSC: the window title
+    "\r203.0.113.66  fake row",
+    "\nfake row",
+    "\u202eevil",  # right-to-left override
+    "\u2066isolate\u2069",
+    "\x9b31m",  # C1 CSI
+    "one\u2028two",
+]
+FORGED_LOG_LINE = "\n2026-12-07 04:00:00,000 INFO imr.broker[1]: unblocked 203.0.113.9 by root"
+
+
+def unsafe_reason_is_refused(prefix: str, escape_text: str, op: str) -> None:
+    """A reason holding a terminal escape anywhere is refused, in JSON and in the text form."""
+    reason = (prefix + escape_text)[-200:]
+    fields: dict[str, Any] = {"op": op, "reason": reason}
+    fields |= {"ips": ["203.0.113.9"]} if op == "block_many" else {}
+    fields |= {"ip": "203.0.113.9"} if op in ("block", "unblock") else {}
+    try:
+        parse_request(json.dumps(fields).encode())
+    except ProtocolError as exc:
+        assert exc.code == "bad_request" and "reason" in exc.message, exc.message
+    else:
+        raise AssertionError(f"reason {reason!r} was accepted")
+
+
+def hostile_key_message_is_escaped(key: str) -> None:
+    """An unknown key is quoted back escaped: no control character reaches a log line."""
+    try:
+        parse_request(json.dumps({"op": "ping", key: 1}).encode())
+    except ProtocolError as exc:
+        assert UNSAFE.search(exc.message) is None, exc.message
+    else:
+        raise AssertionError(f"key {key!r} was accepted")
 
 
 def json_round_trip(request: Request) -> None:

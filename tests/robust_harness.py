@@ -233,9 +233,13 @@ class Protected:
     broadcast: frozenset[IPAddress]
 
     def refuses(self, address: IPAddress) -> bool:
+        inner = _embedded_ipv4(address)
+        if inner is not None and self.refuses(inner):
+            return True  # an IPv6 form of a protected IPv4 address (issue #12)
         return (
             address.is_loopback
             or address.is_unspecified
+            or (address.version == 4 and address.packed[0] == 0)  # 0.0.0.0/8
             or address.is_multicast
             or address.is_link_local
             or address == ipaddress.IPv4Address("255.255.255.255")
@@ -243,6 +247,18 @@ class Protected:
             or address in self.broadcast
             or (address.version == ALLOWLIST.version and address in ALLOWLIST)
         )
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside NAT64, SIIT, IPv4-compatible, IPv4-mapped, 6to4 or Teredo."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    value = int(address)
+    if value >> 32 in (0x64FF9B << 64, 0xFFFF0000, 0, 0xFFFF):  # NAT64, SIIT, compatible, mapped
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    return address.teredo[1] if address.teredo is not None else None
 
 
 def protected_addresses(world: Daemon) -> Protected:

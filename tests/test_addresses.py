@@ -414,3 +414,98 @@ def test_canonical_packed(text: str, packed: bytes | None) -> None:
     if packed is not None:
         address = address_of_packed(packed)
         assert address == parse_address(text) and str(address) == text
+
+
+# IPv4 inside IPv6, and 0.0.0.0/8 (issue #12) ------------------------------------------
+
+# Each form that carries an IPv4 address, spelling the IPv4 address `v4` (dotted quad).
+EMBEDDED_FORMS = {
+    "NAT64": lambda v4: f"64:ff9b::{v4}",
+    "6to4": lambda v4: str(
+        ipaddress.IPv6Address((0x2002 << 112) | (int(ipaddress.IPv4Address(v4)) << 80) | 1)
+    ),
+    "IPv4-compatible": lambda v4: f"::{v4}",
+    "SIIT": lambda v4: f"::ffff:0:{v4}",
+    "IPv4-mapped": lambda v4: f"::ffff:{v4}",
+    "Teredo": lambda v4: str(
+        ipaddress.IPv6Address(
+            (0x2001_0000_4136_E378 << 64)
+            | (0x8000 << 48)
+            | (0xFFFF << 32)
+            | (int(ipaddress.IPv4Address(v4)) ^ 0xFFFFFFFF)
+        )
+    ),
+}
+PROTECTED_V4 = {
+    "192.0.2.1": RefusalCode.OWN,
+    "192.0.2.255": RefusalCode.BROADCAST,
+    "198.51.100.77": RefusalCode.ALLOWLISTED,
+    "127.0.0.1": RefusalCode.LOOPBACK,
+    "0.0.0.5": RefusalCode.UNSPECIFIED,
+}
+
+
+def _verdict(text: str) -> Refusal | None:
+    """What the broker decides for a single address (parse, then both checks)."""
+    address = parse_address(text)
+    if isinstance(address, Refusal):
+        return address
+    return intrinsic_refusal(address) or protection_refusal(address, OWN, BROADCAST, ALLOW)
+
+
+@pytest.mark.parametrize("form", sorted(EMBEDDED_FORMS))
+@pytest.mark.parametrize(("v4", "code"), sorted(PROTECTED_V4.items()))
+def test_ipv6_forms_embedding_a_protected_ipv4_address_are_refused(
+    form: str, v4: str, code: RefusalCode
+) -> None:
+    text = EMBEDDED_FORMS[form](v4)
+    refusal = _verdict(text)
+    assert refusal is not None and refusal.code is code, (text, refusal)
+    assert v4 in refusal.message
+    # The same verdict for a stored row (an IPv6 object, never folded) and the start-up index.
+    six = ipaddress.IPv6Address(text)
+    stored = intrinsic_refusal(six) or protection_refusal(six, OWN, BROADCAST, ALLOW)
+    assert stored is not None and stored.code is code, (text, stored)
+    index = ProtectionIndex.build(OWN, BROADCAST, ALLOW)
+    assert not index.plain(six.packed)
+    assert index.refusal(six.packed) == stored
+
+
+@pytest.mark.parametrize("form", sorted(set(EMBEDDED_FORMS) - {"IPv4-mapped"}))
+def test_ipv6_forms_embedding_an_ordinary_ipv4_address_may_be_blocked(form: str) -> None:
+    text = EMBEDDED_FORMS[form]("203.0.113.9")
+    assert _verdict(text) is None, text
+    index = ProtectionIndex.build(OWN, BROADCAST, ALLOW)
+    assert index.refusal(ipaddress.IPv6Address(text).packed) is None
+
+
+@pytest.mark.parametrize("text", ["0.0.0.1", "0.1.2.3", "0.255.255.255"])
+def test_this_network_0_slash_8_is_refused(text: str) -> None:
+    refusal = _verdict(text)
+    assert refusal is not None and refusal.code is RefusalCode.UNSPECIFIED, refusal
+    assert "0.0.0.0/8" in refusal.message
+    index = ProtectionIndex.build(frozenset(), frozenset(), ())
+    assert index.refusal(ipaddress.ip_address(text).packed) == refusal
+    assert _verdict("1.0.0.0") is None  # the next /8 is ordinary
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("0.1.0.0/16", RefusalCode.UNSPECIFIED),
+        ("64:ff9b::c000:200/120", RefusalCode.OWN),  # NAT64 of 192.0.2.0/24
+        ("2002:c000:200::/40", RefusalCode.OWN),  # 6to4 of 192.0.2.0/24
+        ("2002:c633:6400::/40", RefusalCode.ALLOWLISTED),  # 6to4 of 198.51.100.0/24
+        ("2002:7f00::/32", RefusalCode.LOOPBACK),  # 6to4 of 127.0.0.0/16
+        ("64:ff9b::/96", RefusalCode.UNSPECIFIED),  # every NAT64 address: 0.0.0.0/8 too
+        ("2002:cb00:7100::/40", None),  # 6to4 of 203.0.113.0/24: blockable
+        ("64:ff9b::cb00:7100/120", None),
+    ],
+)
+def test_networks_embedding_protected_ipv4_ranges_are_refused(
+    text: str, code: RefusalCode | None
+) -> None:
+    network = parse_network(text)
+    assert not isinstance(network, Refusal)
+    refusal = network_refusal(network, LIMITS, OWN, BROADCAST, ALLOW)
+    assert (refusal.code if refusal else None) is code, refusal

@@ -149,8 +149,8 @@ class IpsetConformance(BackendConformance):
         backend.prepare()
         backend.prepare()
         assert self.listing(server_ns, 4, CHAIN)[1:] == [
-            f"-A {CHAIN} -p udp -m set --match-set {name} src -m multiport --dports 53,8000:8080"
-            " -j REJECT --reject-with icmp-host-unreachable"
+            f"-A {CHAIN} -p udp -m set --match-set {name} src -m conntrack --ctstate NEW"
+            " -m multiport --dports 53,8000:8080 -j REJECT --reject-with icmp-host-unreachable"
             for name in ("imr4", "imrnet4")
         ]
         for name, kind in (("imr6", "hash:ip"), ("imrnet6", "hash:net")):

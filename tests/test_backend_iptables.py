@@ -62,7 +62,7 @@ class IptablesConformance(BackendConformance):
     def read_blocked(self, ns: Netns, family: int) -> list[Target]:
         found = []
         for line in self.listing(ns, family):
-            if line.startswith(f"-A {CHAIN} "):
+            if line.startswith(f"-A {CHAIN} ") and " -s " in line:  # not the conntrack guard
                 words = line.split()
                 found.append(target(words[words.index("-s") + 1]))
         return found
@@ -144,8 +144,13 @@ class IptablesConformance(BackendConformance):
             ),
             (
                 FirewallConfig(reject_with_ipv4="tcp-reset", reject_with_ipv6="tcp-reset"),
-                "-p tcp",
+                "-p tcp -m multiport --dports 80,443",  # the default ports: the web ports
                 ("tcp-reset", "tcp-reset"),
+            ),
+            (
+                FirewallConfig(ports=[]),
+                "-p tcp",  # every port
+                ("icmp-host-unreachable", "icmp6-addr-unreachable"),
             ),
             (
                 FirewallConfig(protocol="all"),
@@ -153,7 +158,7 @@ class IptablesConformance(BackendConformance):
                 ("icmp-host-unreachable", "icmp6-addr-unreachable"),
             ),
         ],
-        ids=["tcp-ports", "udp-ranges", "tcp-all-ports", "all-protocols"],
+        ids=["tcp-ports", "udp-ranges", "tcp-default-ports", "tcp-all-ports", "all-protocols"],
     )
     def test_rule_shape(
         self,
@@ -176,6 +181,7 @@ class IptablesConformance(BackendConformance):
             )
             assert self.listing(server_ns, family, CHAIN) == [
                 f"-N {CHAIN}",
+                f"-A {CHAIN} -m conntrack ! --ctstate NEW -j RETURN",  # new connections only
                 f"{rule} --reject-with {reject}",
             ]
         # The kernel's form equals the backend's, so a second apply plans no rewrite.
@@ -201,7 +207,7 @@ class IptablesConformance(BackendConformance):
         new.apply(blocks(V4_A, V6_A), [])
         new.apply(blocks(V4_A, V6_A), [])
         for family, address in ((4, V4_A), (6, V6_A)):
-            rules = [line for line in self.listing(server_ns, family, CHAIN) if "-A" in line]
+            rules = [line for line in self.listing(server_ns, family, CHAIN) if " -s " in line]
             assert len(rules) == 1
             assert f"-s {address}/" in rules[0]
             assert "--dports 443 " in rules[0]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from imr.backends import nfnetlink
+from imr.backends import nftables as nftables_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock, Slot, expected_counts
 from imr.backends.nftables import NftablesBackend
 from imr.config import FirewallConfig
@@ -28,6 +29,7 @@ from backend_conformance import (
     Damage,
     MakeBackend,
     blocks,
+    expected_for,
     target,
 )
 from netns import Netns, netns
@@ -179,17 +181,27 @@ class TestNftables(BackendConformance):
             (
                 FirewallConfig(ports=["80", "25", "8000:8080", "9:9"]),
                 (
-                    "ip saddr @blocked_v4 tcp dport { 9, 25, 80, 8000-8080 }"
+                    "ip saddr @blocked_v4 ct state new tcp dport { 9, 25, 80, 8000-8080 }"
                     " reject with icmp host-unreachable",
-                    "ip6 saddr @blocked_v6 tcp dport { 9, 25, 80, 8000-8080 }"
+                    "ip6 saddr @blocked_v6 ct state new tcp dport { 9, 25, 80, 8000-8080 }"
                     " reject with icmpv6 addr-unreachable",
                 ),
             ),
             (
                 FirewallConfig(reject_with_ipv4="tcp-reset", reject_with_ipv6="tcp-reset"),
-                (
-                    "ip saddr @blocked_v4 meta l4proto tcp reject with tcp reset",
-                    "ip6 saddr @blocked_v6 meta l4proto tcp reject with tcp reset",
+                (  # the default ports: the web ports
+                    "ip saddr @blocked_v4 ct state new tcp dport { 80, 443 } reject with tcp reset",
+                    "ip6 saddr @blocked_v6 ct state new tcp dport { 80, 443 }"
+                    " reject with tcp reset",
+                ),
+            ),
+            (
+                FirewallConfig(ports=[]),
+                (  # every port
+                    "ip saddr @blocked_v4 ct state new meta l4proto tcp"
+                    " reject with icmp host-unreachable",
+                    "ip6 saddr @blocked_v6 ct state new meta l4proto tcp"
+                    " reject with icmpv6 addr-unreachable",
                 ),
             ),
             (
@@ -199,12 +211,12 @@ class TestNftables(BackendConformance):
                     reject_with_ipv6="icmp6-no-route",
                 ),
                 (
-                    "ip saddr @blocked_v4 reject with icmp admin-prohibited",
-                    "ip6 saddr @blocked_v6 reject with icmpv6 no-route",
+                    "ip saddr @blocked_v4 ct state new reject with icmp admin-prohibited",
+                    "ip6 saddr @blocked_v6 ct state new reject with icmpv6 no-route",
                 ),
             ),
         ],
-        ids=["tcp-ports", "tcp-reset", "all-protocols"],
+        ids=["tcp-ports", "tcp-reset-default-ports", "every-port", "all-protocols"],
     )
     def test_rule_shape(
         self,
@@ -288,6 +300,21 @@ class TestNftables(BackendConformance):
         assert backend.check(expected).entries == (
             "set inet imr blocked_v6 lost its marker element ff00:: (flushed or deleted);"
             " expected 98991 entries",
+        )
+
+    def test_big_sets_are_counted_at_most_every_interval(
+        self, server_ns: Netns, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(nftables_module, "COUNT_ALWAYS", 1)  # two blocks: "big"
+        wanted = blocks(V4_A, V4_B)
+        backend.apply(wanted, [])
+        expected = expected_for(wanted)
+        assert backend.check(expected) == Drift()  # counted: all well
+        self.add_block_directly(server_ns, V4_C)
+        assert backend.check(expected) == Drift()  # within the interval: not counted again
+        monkeypatch.setattr(nftables_module, "COUNT_INTERVAL", 0.0)
+        assert backend.check(expected).entries == (
+            "set inet imr blocked_v4 holds 3 addresses, expected 2",
         )
 
     def test_markers_stay_out_of_the_way(self, server_ns: Netns, backend: Backend) -> None:

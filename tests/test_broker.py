@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from imr.backends.base import KernelBlock
 from imr.config import Config
 from imr.protocol import BlockRequest, ListRequest, ShowRequest, UnblockRequest
 from imr.server.access import Peer
@@ -113,7 +114,10 @@ def test_hit_on_blocked_address_is_recorded_without_duplicate_rule(tmp_path: Pat
             second = await block(broker, ATTACKER, reason="again")
             assert second["action"] == "record"
             assert len(backend.applies) == 2
-            assert backend.applies[1] == ([], [])  # nothing new for the kernel
+            # The same entry again, re-armed with the same expiry (a set backend's timeout);
+            # the kernel still holds one entry for it.
+            assert backend.applies[1] == ([KernelBlock(addr(ATTACKER), clock.now() - 60 + DAY)], [])
+            assert backend.kernel == {addr(ATTACKER): clock.now() - 60 + DAY}
             clock.advance(2 * 3600)  # still attacking an hour later: escalate
             third = await block(broker, ATTACKER)
             assert (third["action"], third["rung"]) == ("escalate", 2)
@@ -207,8 +211,8 @@ def test_show_keeps_history_after_unblock(tmp_path: Path) -> None:
             assert (second["rung"], second["offence"]) == (1, 2)
             shown = await broker.handle(ShowRequest(op="show", ip=ATTACKER), READER)
             assert shown["active"]["reason"] == "second"
-            assert [b["lift_reason"] for b in shown["blocks"]] == ["unblocked", None]
-            assert [h["reason"] for h in shown["hits"]] == ["first", "second"]
+            assert [b["lift_reason"] for b in shown["blocks"]] == [None, "unblocked"]  # newest
+            assert [h["reason"] for h in shown["hits"]] == ["second", "first"]
 
     run(scenario)
 
@@ -245,8 +249,13 @@ def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
 def test_reconcile_lifts_expired_and_restores_the_rest(tmp_path: Path) -> None:
     clock = FakeClock()
 
+    # Severity starts a block at a higher rung only with the opt-in (core/policy.py).
+    skips = Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "policy": {"severity_skips_rungs": True}}
+    )
+
     async def first_run() -> None:
-        async with running(tmp_path, clock=clock) as (broker, _, c, _s):
+        async with running(tmp_path, skips, clock=clock) as (broker, _, c, _s):
             await block(broker, ATTACKER)  # 1 day
             c.advance(60)
             await block(broker, "2001:db8::bad", severity=2)  # 7 days
@@ -276,5 +285,27 @@ def test_requests_arriving_together_share_one_transaction(tmp_path: Path) -> Non
             assert {str(a) for a in backend.kernel} == set(ips)
             assert len(store.active_blocks()) == 50
             assert len(backend.applies) <= 3
+
+    run(scenario)
+
+
+def test_a_reload_that_allowlists_a_blocked_address_lifts_it(tmp_path: Path) -> None:
+    """The allowlist reloaded (SIGHUP) protects an address already blocked: the next tick
+    lifts it from the kernel and records it as `protected`; other blocks stay."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (broker, backend, _clock, store):
+            await block(broker, ATTACKER)
+            await block(broker, "203.0.113.99")
+            reloaded = Config.model_validate(
+                {"protect": {"allowlist": ["198.51.100.0/24", "203.0.113.7/32"]}}
+            )
+            broker.apply_config(reloaded)
+            await broker.expire_due()
+            assert addr(ATTACKER) not in backend.kernel
+            assert addr("203.0.113.99") in backend.kernel
+            assert [row.ip for row in store.active_blocks()] == ["203.0.113.99"]
+            blocks, _ = store.history(ATTACKER)
+            assert [b.lift_reason for b in blocks] == ["protected"]
 
     run(scenario)

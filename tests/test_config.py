@@ -89,3 +89,17 @@ def test_imr_config_environment_variable(tmp_path: Path, monkeypatch: pytest.Mon
     result = CliRunner().invoke(main, ["config", "show", "--json"])
     assert result.exit_code == 0
     assert '"/tmp/elsewhere.sock"' in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "ports"),
+    [
+        ("", ["80", "443"]),  # the web ports, as the original rule (issue #12)
+        ("[firewall]\nports = []\n", []),  # every port, as before
+        ('[firewall]\nports = "all"\n', []),
+        ('[firewall]\nprotocol = "all"\n', []),  # every packet: no ports to default to
+        ('[firewall]\nprotocol = "udp"\nports = [53]\n', ["53"]),
+    ],
+)
+def test_which_ports_a_block_covers(tmp_path: Path, text: str, ports: list[str]) -> None:
+    assert load_config(write(tmp_path, text), missing_ok=False).firewall.ports == ports

@@ -219,6 +219,18 @@ def log_text(world: Daemon) -> str:
 
 # (backend, foreign command breaking imr's state, what the log must say was found)
 DAMAGE = [
+    # A stray: an entry the state does not hold (issue #12: left by a refused request).
+    (
+        "nftables",
+        ["nft", "add", "element", "inet", "imr", "blocked_v4", "{ 203.0.113.99 }"],
+        "set inet imr blocked_v4 holds 2 addresses, expected 1",
+    ),
+    ("ipset", ["ipset", "add", "imr4", "203.0.113.99"], "ipset imr4 holds 2 entries, expected 1"),
+    (
+        "iptables",
+        ["iptables-nft", "-A", "IMR", "-s", "203.0.113.99", "-j", "REJECT"],
+        "chain IMR (iptables-nft) holds 2 rules, expected 1",
+    ),
     (
         "nftables",
         ["nft", "flush", "set", "inet", "imr", "blocked_v4"],

@@ -104,7 +104,11 @@ def imr_blocks_v4(world: Daemon, backend: str) -> set[str]:
     if "-A INPUT -j IMR" not in ns.run("iptables-nft", "-S", "INPUT").stdout:
         return set()
     listing = ns.run("iptables-nft", "-S", "IMR", check=False).stdout.splitlines()
-    return {line.split()[3].removesuffix("/32") for line in listing if line.startswith("-A IMR")}
+    return {
+        line.split()[3].removesuffix("/32")
+        for line in listing
+        if line.startswith("-A IMR -s ")  # not the conntrack guard
+    }
 
 
 def active_v4(world: Daemon) -> set[str]:

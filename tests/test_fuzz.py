@@ -21,11 +21,14 @@ from imr.protocol import Request
 
 from daemon_harness import BLOCKER, Daemon, remove_test_users
 from fuzz_cases import (
+    FORGED_LOG_LINE,
+    TERMINAL_ESCAPES,
     TEXT_VERBS,
     Tally,
     any_lines,
     check_survived,
     free_text,
+    hostile_key_message_is_escaped,
     hypothesis_fuzz,
     json_lines,
     json_round_trip,
@@ -35,6 +38,7 @@ from fuzz_cases import (
     text_lines,
     text_round_trip,
     token,
+    unsafe_reason_is_refused,
     valid_requests,
 )
 from robust_harness import (
@@ -92,6 +96,22 @@ def test_valid_text_requests_round_trip(
 @given(st.text(), st.text(), st.one_of(st.none(), st.text(max_size=64)))
 def test_every_reply_is_one_line(code: str, message: str, request_id: str | None) -> None:
     reply_is_one_line(code, message, request_id)
+
+
+@PARSER
+@given(
+    st.text(max_size=120),
+    st.sampled_from([*TERMINAL_ESCAPES, FORGED_LOG_LINE]),
+    st.sampled_from(["block", "block_many", "unblock", "list"]),
+)
+def test_terminal_escapes_in_a_reason_are_refused(prefix: str, escape: str, op: str) -> None:
+    unsafe_reason_is_refused(prefix, escape, op)
+
+
+@PARSER
+@given(st.text(max_size=40), st.sampled_from([*TERMINAL_ESCAPES, FORGED_LOG_LINE]))
+def test_a_hostile_key_is_quoted_back_escaped(prefix: str, escape: str) -> None:
+    hostile_key_message_is_escaped(prefix + escape)
 
 
 # The live daemon ----------------------------------------------------------------------

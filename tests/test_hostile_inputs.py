@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import BLOCKER, Daemon, remove_test_users
+from daemon_harness import BLOCKER, NOBODY, Daemon, remove_test_users
 from robust_harness import (
     NETWORK_CODES,
     LineConnection,
@@ -158,6 +158,17 @@ LINES: list[tuple[str, bytes, set[str]]] = [
     ("unknown verb", b"drop 203.0.113.9\n", BAD),
     ("capital verb still validated", b"BLOCK 127.0.0.1\n", {"loopback_address"}),
     ("text reason too long", b"block 203.0.113.9 " + b"x" * 201 + b"\n", BAD),
+    # Terminal escapes in a reason (issue #12): they would reach `imr list` on an admin's terminal.
+    ("screen clear in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u001b[2J"}\n', BAD),
+    (
+        "OSC title in reason",
+        b'{"op":"block","ip":"203.0.113.9","reason":"\\u001b]0;x\\u0007"}\n',
+        BAD,
+    ),
+    ("CR fake row in reason", b'{"op":"block","ip":"203.0.113.9","reason":"a\\rb"}\n', BAD),
+    ("bidi override in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u202eab"}\n', BAD),
+    ("C1 CSI in reason", b'{"op":"block","ip":"203.0.113.9","reason":"\\u009b2J"}\n', BAD),
+    ("bidi override, text form", "block 203.0.113.9 a\u202eb\n".encode(), BAD),
     # Operations a block-role client may not run.
     ("unblock", b"unblock 203.0.113.9\n", {"forbidden"}),
     ("show", b"show 203.0.113.9\n", {"forbidden"}),
@@ -263,3 +274,19 @@ def test_a_good_request_still_works_and_nothing_else_was_blocked(world: Daemon) 
     active = check_consistent(world, BACKEND, protected_addresses(world), {address})
     assert {str(a) for a in active} == {"203.0.113.77"}
     assert log_failures(world) == []
+
+
+def test_a_no_role_user_cannot_take_every_connection(world: Daemon) -> None:
+    """Slot exhaustion (issue #12): the no-role user gets 4 connections; the others still get in."""
+    conns = [LineConnection(connect_unix_as(NOBODY, world.socket)) for _ in range(8)]
+    try:
+        replies = [conn.request(b"ping\n") for conn in conns]
+        assert replies.count(b"ok pong\n") == 4, replies
+        assert all((r or b"").startswith(b"error busy:") for r in replies if r != b"ok pong\n"), (
+            replies
+        )
+        reply, serving = send_as_blocker(world, b"ping\n")
+        assert reply == b"ok pong\n" and serving
+    finally:
+        for conn in conns:
+            conn.close()

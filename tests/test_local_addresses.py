@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from imr.backends.nftables import NftablesBackend
+from imr.config import Config
 from imr.core.addresses import IPAddress
+from imr.core.clock import SystemClock
+from imr.protocol import BlockRequest
+from imr.server.broker import Broker
 from imr.server.local_addresses import LocalAddresses
+from imr.store import Store
 
+from fakes import ROOT, WEB
 from netns import Netns, netns
 
 WAIT = 5.0  # seconds for the view to follow a change (it takes milliseconds)
@@ -125,3 +135,58 @@ def test_start_raises_when_netlink_cannot_be_read(ns: Netns) -> None:
 
     with ns.entered(), pytest.raises(RuntimeError, match="cannot read the host's addresses"):
         LocalAddresses(wrong_family).start()
+
+
+def test_a_blocked_address_that_becomes_the_hosts_own_is_lifted_from_the_kernel(
+    ns: Netns, view: LocalAddresses, tmp_path: Path
+) -> None:
+    """A VIP failover: an address blocked while it was a remote peer's is added to the host.
+    The broker lifts the block (state: reason `protected`) and takes it out of the kernel at
+    once, not at the next restart; a network block holding the new address goes too."""
+    vip, other, network = "203.0.113.80", "203.0.113.81", "198.51.100.0/24"
+    nat64 = "64:ff9b::cb00:7150"  # the VIP's NAT64 form
+    state = tmp_path / "state.db"
+
+    async def scenario(backend: NftablesBackend) -> None:
+        store = Store(state)
+        broker = Broker(Config(), store, backend, SystemClock(), view)
+        broker.reconcile()
+        await broker.start()
+        try:
+            for ip in (vip, other, nat64):
+                reply = await broker.handle(BlockRequest(op="block", ip=ip), WEB)
+                assert reply["kind"] == "block", reply
+            reply = await broker.handle(BlockRequest(op="block", ip=network), ROOT)
+            assert reply["kind"] == "block", reply
+            assert backend.installed() == {
+                a(vip),
+                a(other),
+                a(nat64),
+                ipaddress.ip_network(network),
+            }
+
+            ns.run("ip", "addr", "add", f"{vip}/32", "dev", LINK)
+            ns.run("ip", "addr", "add", "198.51.100.9/32", "dev", LINK)
+            deadline = time.monotonic() + WAIT
+            while backend.installed() != {a(other)} and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert backend.installed() == {a(other)}  # read back from the kernel
+        finally:
+            await broker.stop()
+            store.close()
+
+    with ns.entered():
+        backend = NftablesBackend(Config().firewall)
+        try:
+            asyncio.run(scenario(backend))
+        finally:
+            backend.teardown()
+            backend.close()
+    with sqlite3.connect(state) as db:
+        rows = db.execute("SELECT ip, lift_reason, lifted_by FROM blocks ORDER BY ip").fetchall()
+    assert rows == [
+        (network, "protected", "imr"),
+        (vip, "protected", "imr"),
+        (other, None, None),
+        (nat64, "protected", "imr"),
+    ]

@@ -99,9 +99,11 @@ async def serving(
     *,
     certificates: dict[str, Any] | None = None,
     tokens: dict[str, Any] | None = None,
+    tcp_options: dict[str, object] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
     tcp: dict[str, object] = {"enabled": True, "listen": "127.0.0.1", "port": 0}
+    tcp |= tcp_options or {}
     if pki is not None:
         tcp |= {"tls_cert": str(pki.server), "client_ca": str(pki.ca)}
     config = Config.model_validate(
@@ -405,9 +407,11 @@ def test_connection_limit_on_plain_tcp(tmp_path: Path) -> None:
         async with serving(
             tmp_path, None, certificates={}, tokens=TOKENS, max_connections=1
         ) as served:
-            _, first = await connect(served.port, None)
-            await asyncio.sleep(0.1)
-            (busy,) = await exchange(served.port, None, b"ping\n")
+            # Slots are for identified clients; unidentified ones count as startups.
+            first_reader, first = await connect(served.port, None)
+            first.write(f"auth {WEB_TOKEN}\n".encode())
+            assert (await first_reader.readline()).startswith(b"ok authenticated")
+            (busy,) = await exchange(served.port, None, f"auth {READ_TOKEN}\n".encode())
             assert busy.startswith(b"error busy:")
             first.close()
 

@@ -5,8 +5,12 @@
     ipset imrnet4: hash:net family inet,  timeout 0, maxelem 262144   (admin network blocks)
     ipset imrnet6: hash:net family inet6, timeout 0, maxelem 262144
     -I INPUT 1 -j IMR
-    -A IMR -p tcp -m set --match-set imr4 src -m multiport --dports 80,25 -j REJECT ...
-    -A IMR -p tcp -m set --match-set imrnet4 src -m multiport --dports 80,25 -j REJECT ...
+    -A IMR -p tcp -m set --match-set imr4 src -m conntrack --ctstate NEW
+           -m multiport --dports 80,443 -j REJECT ...
+    -A IMR -p tcp -m set --match-set imrnet4 src -m conntrack --ctstate NEW ...
+
+`--ctstate NEW`: new connections only, never a reply to the host's own outbound
+connection or a connection already open (as on every backend).
 
 A packet costs one hash lookup per family however many addresses are blocked
 (plus one per prefix length in use for networks, which hash:net tries in turn).
@@ -54,7 +58,13 @@ from imr.backends.base import (
     count_problems,
     slot_of,
 )
-from imr.backends.iptables import FLAVOUR_LABELS, Flavour, detect_flavour, run_tool
+from imr.backends.iptables import (
+    CONNTRACK_NEW,
+    FLAVOUR_LABELS,
+    Flavour,
+    detect_flavour,
+    run_tool,
+)
 from imr.config import FirewallConfig
 from imr.core.addresses import Target
 
@@ -157,7 +167,7 @@ class IpsetBackend(Backend):
         config = self.config
         # In the order `iptables -S` prints it, so that a listing compares with it.
         rule = [] if config.protocol == "all" else ["-p", config.protocol]
-        rule += ["-m", "set", "--match-set", SETS[slot], "src"]
+        rule += ["-m", "set", "--match-set", SETS[slot], "src", *CONNTRACK_NEW]
         if config.ports:
             rule += ["-m", "multiport", "--dports", ",".join(config.ports)]
         reject = config.reject_with_ipv4 if FAMILY_OF[slot] == 4 else config.reject_with_ipv6

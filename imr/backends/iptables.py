@@ -3,8 +3,16 @@
 Layout (the same for both address families):
 
     -A INPUT -j IMR                      inserted once, at position 1, by prepare()
-    -A IMR -s 192.0.2.7/32 -p tcp -m multiport --dports 80,25 -j REJECT --reject-with ...
+    -A IMR -m conntrack ! --ctstate NEW -j RETURN            the guard, always first
+    -A IMR -s 192.0.2.7/32 -p tcp -m multiport --dports 80,443 -j REJECT --reject-with ...
     -A IMR -s 203.0.113.0/24 -p tcp ...  a network block (admin only): one rule as well
+
+The guard: a block refuses new connections only, never a reply to one of the
+host's own outbound connections or a connection already open (as the nftables
+and ipset backends do), and such packets leave the chain at its first rule
+instead of walking every per-address rule. It is there from prepare() on, so
+the kernel tracks connections before the first block: a connection first seen
+mid-stream counts as new, and its packets would be refused.
 
 A host runs one of two iptables flavours and mixing them is never right:
 
@@ -188,6 +196,13 @@ class RuleShape:
         return [*tokens, "-j", "REJECT", "--reject-with", self.reject_with[address.version]]
 
 
+# New connections only: a block never refuses a reply to the host's own outbound connection.
+CONNTRACK_NEW = ("-m", "conntrack", "--ctstate", "NEW")
+# The first rule of imr's chain: whatever is not a new connection leaves it at once.
+GUARD = ["-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN"]
+GUARD_TEXT = " ".join(GUARD)
+
+
 def _canonical_port(spec: str) -> str:
     # iptables prints ports without leading zeros; matching its form avoids needless rewrites.
     low, _, high = spec.partition(":")
@@ -310,8 +325,9 @@ class _Survey:
     """One family's part of the drift check: cheap counts, no per-rule parsing."""
 
     chain: bool  # imr's chain exists
-    rules: int  # rules in it
+    rules: int  # rules in it, the guard not counted
     jumps: int  # jumps to it from INPUT
+    guard: bool = False  # its first rule is the guard
 
 
 class _Driver(ABC):
@@ -349,11 +365,13 @@ class _Driver(ABC):
                 return _Survey(False, 0, 0)  # (iptables-nft calls a missing chain incompatible)
             raise BackendError(f"{tool} -S {self.chain} failed: {_trim(chain.stderr)}")
         prefix = f"-A {self.chain} "
-        rules = sum(1 for line in chain.stdout.splitlines() if line.startswith(prefix))
+        rules = [line for line in chain.stdout.splitlines() if line.startswith(prefix)]
+        guard = bool(rules) and rules[0] == prefix + GUARD_TEXT
         hooks = _NftDriver._run([tool, "-w", "10", "-S", "INPUT"])
         if hooks.returncode != 0:
             raise BackendError(f"{tool} -S INPUT failed: {_trim(hooks.stderr)}")
-        return _Survey(True, rules, hooks.stdout.splitlines().count(f"-A INPUT -j {self.chain}"))
+        jumps = hooks.stdout.splitlines().count(f"-A INPUT -j {self.chain}")
+        return _Survey(True, len(rules) - guard, jumps, guard)
 
 
 class _NftDriver(_Driver):
@@ -375,8 +393,14 @@ class _NftDriver(_Driver):
 
     def prepare(self, family: Family) -> None:
         lines = []
-        if self._read_chain(family) is None:
+        rules = self._read_chain(family)
+        if rules is None:
             lines.append(f"-N {self.chain}")
+            rules = []
+        guards = [text for text, tokens in rules if tokens == GUARD]
+        if len(guards) != 1 or rules[0][1] != GUARD:
+            lines += [f"-D {self.chain} {text}" for text in guards]
+            lines.append(f"-I {self.chain} 1 {GUARD_TEXT}")
         jumps = self._count_jumps(family)
         if jumps != 1:
             # None, or several (someone duplicated it): a delete takes the first match, so drop
@@ -393,7 +417,11 @@ class _NftDriver(_Driver):
             if not add:
                 return _Change()
             log.warning("chain %s is missing (IPv%d); creating it again", self.chain, family)
-            lines += [f"-N {self.chain}", f"-I INPUT 1 -j {self.chain}"]
+            lines += [
+                f"-N {self.chain}",
+                f"-A {self.chain} {GUARD_TEXT}",
+                f"-I INPUT 1 -j {self.chain}",
+            ]
             rules = []
         plan = _plan(
             [(_source_of(tokens), text) for text, tokens in rules],
@@ -418,6 +446,7 @@ class _NftDriver(_Driver):
         else:
             lines = [f"-F {self.chain}"]
             previous = _sources(tokens for _, tokens in rules)
+        lines.append(f"-A {self.chain} {GUARD_TEXT}")
         lines += [self._append_line(address) for address in _unique(addresses)]
         self._commit(family, lines)
         return previous
@@ -538,6 +567,14 @@ class _LegacyDriver(_Driver):
             if not table.is_chain(self.chain):
                 table.create_chain(self.chain)
                 changed = True
+            chain = self._iptc.Chain(table, self.chain)
+            guard = self._guard_rule(family)
+            guards = [rule for rule in chain.rules if rule == guard]
+            if len(guards) != 1 or chain.rules[0] != guard:
+                for rule in guards:
+                    chain.delete_rule(rule)
+                chain.insert_rule(guard, 0)
+                changed = True
             jumps = self._jumps(table, family)
             if len(jumps) != 1:
                 # None, or several (someone duplicated it): a delete takes the first match, so
@@ -557,6 +594,7 @@ class _LegacyDriver(_Driver):
                     return _Change()
                 log.warning("chain %s is missing (IPv%d); creating it again", self.chain, family)
                 table.create_chain(self.chain)
+                self._iptc.Chain(table, self.chain).append_rule(self._guard_rule(family))
                 self._insert_jump(table, family)
             chain = self._iptc.Chain(table, self.chain)
             plan = _plan(
@@ -585,6 +623,7 @@ class _LegacyDriver(_Driver):
             else:
                 return []
             chain = self._iptc.Chain(table, self.chain)
+            chain.append_rule(self._guard_rule(family))
             for address in _unique(addresses):
                 chain.append_rule(self._rule(address))
             table.commit()
@@ -639,6 +678,12 @@ class _LegacyDriver(_Driver):
         if self.shape.dports:
             rule.create_match("multiport").dports = self.shape.dports
         rule.create_target("REJECT").reject_with = self.shape.reject_with[address.version]
+        return rule
+
+    def _guard_rule(self, family: Family) -> Any:
+        rule = self._iptc.Rule() if family == 4 else self._iptc.Rule6()
+        rule.create_match("conntrack").ctstate = "!NEW"
+        rule.create_target("RETURN")
         return rule
 
     def _jump_rule(self, family: Family) -> Any:
@@ -788,6 +833,12 @@ class IptablesBackend(Backend):
                 elif survey.jumps == 0:
                     structure.append(
                         f"the jump from INPUT to {self._driver.chain} is missing ({tool})"
+                    )
+                if survey.chain and not survey.guard:
+                    # Lost with the rules (a flush, say): replace_all puts both back.
+                    entries.append(
+                        f"chain {self._driver.chain} ({tool}) lost its first rule "
+                        f"({GUARD_TEXT}: new connections only)"
                     )
                 if survey.rules not in wanted:
                     entries.append(

@@ -9,12 +9,17 @@ imr owns one table and nothing else:
         set blocked_net_v6 { type ipv6_addr; flags interval, timeout; }
         chain input {
             type filter hook input priority -10; policy accept;
-            ip saddr @blocked_v4 tcp dport { 25, 80 } reject with icmp type host-unreachable
-            ip6 saddr @blocked_v6 tcp dport { 25, 80 } reject with icmpv6 type addr-unreachable
-            ip saddr @blocked_net_v4 tcp dport { 25, 80 } reject with icmp type host-unreachable
-            ip6 saddr @blocked_net_v6 tcp dport { 25, 80 } reject ...
+            ip saddr @blocked_v4 ct state new tcp dport { 80, 443 } reject with icmp ...
+            ip6 saddr @blocked_v6 ct state new tcp dport { 80, 443 } reject with icmpv6 ...
+            ip saddr @blocked_net_v4 ct state new tcp dport { 80, 443 } reject ...
+            ip6 saddr @blocked_net_v6 ct state new tcp dport { 80, 443 } reject ...
         }
     }
+
+`ct state new`: a block refuses new connections from the address only. Replies to
+the host's own outbound connections (to a database, a resolver, a mail relay a
+block-role client named) and connections already open are left alone, as on
+every backend (docs/security.md, "Blocking the host's own peers").
 
 A packet costs one hash lookup per family however many addresses are blocked,
 and each element carries the block's remaining time as its timeout, so the
@@ -22,7 +27,8 @@ kernel lifts a block on time even while the daemon is down. Network blocks
 (admin only) live in separate interval sets, so inserting a single address
 never pays for interval bookkeeping. Each address set also holds one marker
 element (MARKERS) that the drift check looks up: if it is gone, someone
-flushed the set.
+flushed the set. The check also counts the elements (strays: entries no block
+accounts for), at every check while the sets are small (see check()).
 
 Priority -10 runs the chain before every filter-priority (0) chain: iptables'
 INPUT in both flavours and the usual `inet filter` table. An accept elsewhere
@@ -106,6 +112,12 @@ MARKERS: dict[Slot, IPAddress] = {
     "v4": ipaddress.IPv4Address("255.255.255.255"),
     "v6": ipaddress.IPv6Address("ff00::"),
 }
+# The drift check counts an address set's elements (a dump, read in the writer thread) at
+# every check while the broker expects at most COUNT_ALWAYS of them, and at most every
+# COUNT_INTERVAL seconds beyond; between counts only the marker tells a flush. Measured
+# (operations.md, Drift): ~10 ms at 2,000, ~1 s at 100,000, mostly Python reading the dump.
+COUNT_ALWAYS = 2_000
+COUNT_INTERVAL = 300.0
 TOOL_TIMEOUT = 60.0  # seconds for `nft -f -`; 100,000 elements take well under one
 PACKAGE_HINT = "install the Debian package 'nftables' (apt-get install nftables)"
 # The kernel keeps timeouts in milliseconds in 64 bits; a longer block gets no timeout
@@ -283,12 +295,12 @@ _SET_KINDS: tuple[tuple[Slot, str, str], ...] = (
 def _rules(config: FirewallConfig) -> list[str]:
     """One reject rule per set, from the same settings as the iptables backend."""
     protocol = None if config.protocol == "all" else config.protocol
-    match = ""
+    match = " ct state new"  # new connections only: never a reply to the host's own
     if config.ports:
         ports = ", ".join(_port(spec) for spec in config.ports)
-        match = f" {protocol} dport {{ {ports} }}"
+        match += f" {protocol} dport {{ {ports} }}"
     elif protocol:
-        match = f" meta l4proto {protocol}"
+        match += f" meta l4proto {protocol}"
     v4 = _REJECT_V4[config.reject_with_ipv4]
     v6 = _REJECT_V6[config.reject_with_ipv6]
     return [
@@ -463,6 +475,7 @@ class NftablesBackend(Backend):
         self._writer = nfnetlink.ElementWriter(FAMILY, TABLE) if element_netlink else None
         # One change at a time: the structure check and the retry must not interleave.
         self._lock = threading.Lock()
+        self._counted: dict[Slot, float] = {}  # when check() last counted an address set
 
     def describe(self) -> str:
         return (
@@ -590,9 +603,11 @@ class NftablesBackend(Backend):
         """Structure and markers through raw netlink: a few lookups, at any set size.
 
         Counting a hash set's elements means dumping them all (0.2 s of kernel
-        time at 100,000), so the address sets carry a marker element instead
-        (MARKERS): a flush or a deleted set takes it away. The network sets are
-        small (admin blocks only) and are counted.
+        time at 100,000), so the address sets carry a marker element (MARKERS),
+        looked up at every check: a flush or a deleted set takes it away. They
+        are counted as well (strays, elements deleted by hand) at every check
+        while small, at most every COUNT_INTERVAL once big. The network sets
+        are small (admin blocks only) and are counted every time.
         """
         with self._lock:
             try:
@@ -628,6 +643,15 @@ class NftablesBackend(Backend):
                     f"set {FAMILY} {TABLE} {name} lost its marker element {marker} "
                     f"(flushed or deleted); expected {expected[slot]} entries"
                 )
+            elif self._count_due(slot, expected[slot]):
+                # Less the marker. Finds strays (an element the state does not hold, say
+                # left by a request the broker refused) and elements deleted by hand.
+                count = max((nfnetlink.element_count(FAMILY, TABLE, name) or 0) - 1, 0)
+                if count not in expected[slot]:
+                    entries.append(
+                        f"set {FAMILY} {TABLE} {name} holds {count} addresses, "
+                        f"expected {expected[slot]}"
+                    )
         counts: dict[Slot, int] = {
             slot: nfnetlink.element_count(FAMILY, TABLE, SETS[slot], intervals=True) or 0
             for slot in NETWORK_SLOTS
@@ -638,6 +662,18 @@ class NftablesBackend(Backend):
             if count not in expected[slot]
         ]
         return Drift(tuple(structure), tuple(entries))
+
+    def _count_due(self, slot: Slot, expected: Expected) -> bool:
+        """Whether to count an address set's elements in this check: always while it is
+        small, at most every COUNT_INTERVAL once it is big (reading 100,000 elements
+        takes over a second, most of it Python's)."""
+        now = time.monotonic()
+        if expected.high > COUNT_ALWAYS and now - self._counted.get(slot, -math.inf) < (
+            COUNT_INTERVAL
+        ):
+            return False
+        self._counted[slot] = now
+        return True
 
     def close(self) -> None:
         with self._lock:

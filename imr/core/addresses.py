@@ -26,6 +26,16 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 _PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")  # decimal, no leading zeros, no netmask form
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")  # made once: not per check
+# IPv6 forms that carry an IPv4 address, and how far above the low bit it sits: through a
+# translator (NAT64, SIIT) or a tunnel (6to4) a packet from one of them may stand for the
+# IPv4 host, so each is refused when the IPv4 address inside it would be (issue #12).
+_EMBEDDINGS: tuple[tuple[ipaddress.IPv6Network, int, str], ...] = (
+    (ipaddress.IPv6Network("64:ff9b::/96"), 0, "NAT64, RFC 6052"),
+    (ipaddress.IPv6Network("::ffff:0:0:0/96"), 0, "SIIT IPv4-translated, RFC 2765"),
+    (ipaddress.IPv6Network("::/96"), 0, "IPv4-compatible, RFC 4291"),
+    (_MAPPED, 0, "IPv4-mapped"),
+    (ipaddress.IPv6Network("2002::/16"), 80, "6to4, RFC 3056"),
+)
 
 
 class RefusalCode(StrEnum):
@@ -88,6 +98,9 @@ def intrinsic_refusal(address: IPAddress) -> Refusal | None:
     """Addresses that can never belong to a remote attacker."""
     if address.is_unspecified:
         return Refusal(RefusalCode.UNSPECIFIED, f"{address} is the unspecified address")
+    if isinstance(address, ipaddress.IPv4Address) and address.packed[0] == 0:
+        # 0.0.0.0/8, "this network" (RFC 1122): never a packet's source on the wire.
+        return Refusal(RefusalCode.UNSPECIFIED, f"{address} is in 0.0.0.0/8 (this network)")
     if address.is_loopback:
         return Refusal(RefusalCode.LOOPBACK, f"{address} is a loopback address")
     if address.is_multicast:
@@ -107,7 +120,16 @@ def protection_refusal(
     broadcast_addresses: frozenset[IPAddress],
     allowlist: Iterable[IPNetwork],
 ) -> Refusal | None:
-    """Refuse the host's own addresses, its subnets' broadcast addresses and the allowlist."""
+    """Refuse the host's own addresses, its subnets' broadcast addresses and the allowlist,
+    and an IPv6 address that embeds an IPv4 address refused for any reason."""
+    found = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if found is not None:
+        form, inner = found
+        refusal = intrinsic_refusal(inner) or protection_refusal(
+            inner, own_addresses, broadcast_addresses, allowlist
+        )
+        if refusal is not None:
+            return Refusal(refusal.code, f"{address} embeds {inner} ({form}): {refusal.message}")
     if address in own_addresses:
         return Refusal(RefusalCode.OWN, f"{address} is an address of this host")
     if address in broadcast_addresses:
@@ -116,6 +138,18 @@ def protection_refusal(
         if address.version == network.version and address in network:
             return Refusal(RefusalCode.ALLOWLISTED, f"{address} is in the allowlist ({network})")
     return None
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address carries, with the name of its form; None if none.
+
+    Teredo (2001::/32) counts too: its client's address, obfuscated in the low bits.
+    """
+    for prefix, shift, form in _EMBEDDINGS:
+        if address in prefix:
+            return form, ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)
+    teredo = address.teredo
+    return None if teredo is None else ("Teredo client, RFC 4380", teredo[1])
 
 
 def parse_network(text: str) -> IPNetwork | Refusal:
@@ -211,10 +245,13 @@ def address_of_packed(packed: bytes) -> IPAddress:
     return ipaddress.IPv6Address(packed) if len(packed) == 16 else ipaddress.IPv4Address(packed)
 
 
-# ::/80 holds the IPv6 unspecified and loopback addresses and the IPv4-compatible and
-# IPv4-mapped ranges: ProtectionIndex leaves all of it to the full checks (newer Pythons'
-# is_loopback & co. look at the IPv4 address inside a mapped one; no byte test to keep in step).
-_ZERO_80 = bytes(10)
+# ::/64 holds the IPv6 unspecified and loopback addresses and the IPv4-compatible,
+# IPv4-mapped and SIIT ranges: ProtectionIndex leaves all of it to the full checks (newer
+# Pythons' is_loopback & co. look at the IPv4 address inside a mapped one; no byte test to
+# keep in step). So it does the other forms that embed an IPv4 address (_EMBEDDINGS, Teredo).
+_ZERO_64 = bytes(8)
+_NAT64_96 = bytes.fromhex("0064ff9b0000000000000000")
+_TEREDO_32 = bytes.fromhex("20010000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,10 +308,13 @@ class ProtectionIndex:
                 return False
             firsts, lasts = self.firsts4, self.lasts4
         else:
-            # ff00::/8 multicast, fe80::/10 link-local, ::/80 (unspecified, loopback, ...).
+            # ff00::/8 multicast, fe80::/10 link-local, ::/64 (unspecified, loopback, ...),
+            # and the forms that embed an IPv4 address: 6to4, NAT64, Teredo.
             if first == 0xFF or (first == 0xFE and packed[1] & 0xC0 == 0x80):
                 return False
-            if first == 0 and packed.startswith(_ZERO_80):
+            if first == 0 and (packed.startswith(_ZERO_64) or packed.startswith(_NAT64_96)):
+                return False
+            if first == 0x20 and (packed[1] == 0x02 or packed.startswith(_TEREDO_32)):
                 return False
             firsts, lasts = self.firsts6, self.lasts6
         if packed in self.packed:
@@ -315,7 +355,7 @@ def _merged_ranges(
 
 # Ranges no network block may touch, with the same codes as single addresses get.
 _SPECIAL_NETWORKS: tuple[tuple[IPNetwork, RefusalCode, str], ...] = (
-    (ipaddress.IPv4Network("0.0.0.0/32"), RefusalCode.UNSPECIFIED, "the unspecified address"),
+    (ipaddress.IPv4Network("0.0.0.0/8"), RefusalCode.UNSPECIFIED, "0.0.0.0/8 (this network)"),
     (ipaddress.IPv4Network("127.0.0.0/8"), RefusalCode.LOOPBACK, "loopback addresses"),
     (ipaddress.IPv4Network("224.0.0.0/4"), RefusalCode.MULTICAST, "multicast addresses"),
     (ipaddress.IPv4Network("255.255.255.255/32"), RefusalCode.BROADCAST, "the broadcast address"),
@@ -346,6 +386,38 @@ def network_refusal(
             RefusalCode.TOO_WIDE,
             f"{network} is too wide: IPv{network.version} networks may be /{widest} or longer",
         )
+    refusal = _covered(network, own_addresses, broadcast_addresses, allowlist)
+    if refusal is None and isinstance(network, ipaddress.IPv6Network):
+        for form, inner in _embedded_networks(network):
+            found = _covered(inner, own_addresses, broadcast_addresses, allowlist)
+            if found is not None:
+                return Refusal(found.code, f"{network} embeds {inner} ({form}): {found.message}")
+    return refusal
+
+
+def _embedded_networks(
+    network: ipaddress.IPv6Network,
+) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """The IPv4 networks whose embedded forms (_EMBEDDINGS) the IPv6 network covers: all of
+    IPv4 for a network wider than the form's prefix. (Teredo's obfuscated form: not here.)"""
+    found = []
+    for prefix, shift, form in _EMBEDDINGS:
+        if not network.overlaps(prefix):
+            continue
+        bits = max(0, min(network.prefixlen - prefix.prefixlen, 32))
+        inner = (int(network.network_address) >> shift) & 0xFFFFFFFF
+        found.append((form, ipaddress.IPv4Network((inner, bits), strict=False)))
+    return found
+
+
+def _covered(
+    network: IPNetwork,
+    own_addresses: frozenset[IPAddress],
+    broadcast_addresses: frozenset[IPAddress],
+    allowlist: Iterable[IPNetwork],
+) -> Refusal | None:
+    """Whether the network touches a special range, an own or broadcast address, or the
+    allowlist."""
     for special, code, what in _SPECIAL_NETWORKS:
         if network.version == special.version and network.overlaps(special):
             return Refusal(code, f"{network} covers {what}")

@@ -212,13 +212,24 @@ class LogThrottle:
         self._last: dict[Hashable, float] = {}
         self._suppressed = Counter[Hashable]()
 
+    MAX_KEYS = 10_000  # keys can be client addresses: forget old ones past this many
+
     def allow(self, key: Hashable, now: float) -> int | None:
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
             self._suppressed[key] += 1
             return None
+        if last is None and len(self._last) >= self.MAX_KEYS:
+            self._forget(now)
         self._last[key] = now
         return self._suppressed.pop(key, 0)
+
+    def _forget(self, now: float) -> None:
+        """Drop keys quiet for an interval (their counts with them); all of them if none is."""
+        stale = [key for key, last in self._last.items() if now - last >= self.interval]
+        for key in stale or list(self._last):
+            del self._last[key]
+            self._suppressed.pop(key, None)
 
 
 def _seconds(value: float) -> str:

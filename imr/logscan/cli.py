@@ -19,12 +19,15 @@ import click
 
 from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable
+from imr.config import PolicyConfig
+from imr.core.durations import format_duration
+from imr.core.policy import Ladder
 from imr.logscan.engine import Scanner, signatures_from_config
 from imr.logscan.fail2ban import FilterError, load_filter
 from imr.logscan.follow import Follower
 from imr.logscan.formats import LogFormat
 from imr.logscan.httpbl import ClientAddresses, HttpBLScan, HttpBLUnavailable, from_settings
-from imr.logscan.reader import StateError, StateStore
+from imr.logscan.reader import BUILTIN, StateError, StateStore
 from imr.logscan.runner import Outcome, Report, ScanError, scan_files
 from imr.logscan.settings import LogscanConfig
 from imr.logscan.signatures import Signature
@@ -43,11 +46,27 @@ def logscan_config(ctx: click.Context) -> LogscanConfig:
     return LogscanConfig()
 
 
+def filter_path(name: Path, directory: Path) -> Path:
+    """A --fail2ban-filter argument as a file: a path that exists as given, else
+    NAME or NAME.conf in fail2ban's filter.d (`sshd` -> /etc/fail2ban/filter.d/sshd.conf)."""
+    if name.exists() or len(name.parts) > 1:
+        return name
+    stem = name.name.removesuffix(".conf")
+    found = directory / f"{stem}.conf"
+    if not found.exists():
+        raise click.ClickException(f"{name}: no such filter file, and no {found}")
+    return found
+
+
 def _signatures(config: LogscanConfig, filters: tuple[Path, ...]) -> list[Signature]:
     if filters:
         try:
             return [
-                load_filter(p, maxretry=config.fail2ban_maxretry, findtime=config.fail2ban_findtime)
+                load_filter(
+                    filter_path(p, config.fail2ban_filter_dir),
+                    maxretry=config.fail2ban_maxretry,
+                    findtime=config.fail2ban_findtime,
+                )
                 for p in filters
             ]
         except FilterError as exc:
@@ -65,6 +84,19 @@ def _scanner(config: LogscanConfig, fmt: str | None, filters: tuple[Path, ...]) 
         tuple(config.trusted_proxies),
         config.max_line_bytes,
     )
+
+
+def _rule_sets(
+    config: LogscanConfig, fmt: str | None, filters: tuple[Path, ...], builtin: bool
+) -> list[tuple[str, Scanner]]:
+    """(rule set, scanner) pairs: each fail2ban filter is a rule set of its own, and the
+    built-in signatures one more (alone when no filter is given, or with --builtin)."""
+    sets = [
+        (f"fail2ban:{p.name.removesuffix('.conf')}", _scanner(config, fmt, (p,))) for p in filters
+    ]
+    if builtin or not filters:
+        sets.insert(0, (BUILTIN, _scanner(config, fmt, ())))
+    return sets
 
 
 def _httpbl(
@@ -108,7 +140,8 @@ _filter_option = click.option(
     "filters",
     multiple=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Use this fail2ban filter.d file instead of the built-in signatures (repeatable).",
+    help="Use this fail2ban filter (a filter.d file, or NAME for"
+    " /etc/fail2ban/filter.d/NAME.conf) instead of the built-in signatures (repeatable).",
 )
 _httpbl_option = click.option(
     "--httpbl/--no-httpbl",
@@ -133,6 +166,11 @@ def _outcome_line(o: Outcome) -> str:
 @_format_option
 @_filter_option
 @click.option(
+    "--builtin",
+    is_flag=True,
+    help="With --fail2ban-filter: also run the built-in signatures in the same pass.",
+)
+@click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -143,6 +181,8 @@ def _outcome_line(o: Outcome) -> str:
     is_flag=True,
     help="For a log never seen before, start at its end instead of its beginning.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only (no blocks, no warnings).")
+@click.option("-v", "--verbose", is_flag=True, help="Also print a summary line (to stderr).")
 @_httpbl_option
 @click.pass_context
 def scan(
@@ -152,23 +192,33 @@ def scan(
     as_json: bool,
     fmt: str | None,
     filters: tuple[Path, ...],
+    builtin: bool,
     state_dir: Path | None,
     from_end: bool,
+    quiet: bool,
+    verbose: bool,
     use_httpbl: bool | None,
 ) -> None:
-    """Scan the lines added to PATHS since the last run (for cron)."""
+    """Scan the lines added to PATHS since the last run (for cron).
+
+    Prints nothing when there is nothing to report: one line per block on
+    stdout, warnings on stderr (a missing log among several is a warning)."""
     config = logscan_config(ctx)
-    scanner = _scanner(config, fmt, filters)
+    rule_sets = _rule_sets(config, fmt, filters, builtin)
     httpbl = _httpbl(ctx, config, use_httpbl, fmt, follow=False)
     client = _client(ctx, dry_run)
-    for path in paths:
-        if not path.exists() and not _has_rotated(path):
-            raise click.ClickException(f"{path}: no such file")
+    if all(not p.exists() and not _has_rotated(p) for p in paths):
+        raise click.ClickException(f"{', '.join(map(str, paths))}: no such file")
     try:
         with StateStore(state_dir or config.state_dir) as store:
-            report = _run_with_progress(
-                paths, scanner, store, client, config, from_end, as_json, httpbl
-            )
+            report = Report()
+            for name, scanner in rule_sets:
+                report.merge(
+                    _run_with_progress(
+                        paths, scanner, store, client, config, from_end, as_json, httpbl, name
+                    )
+                )
+                httpbl = None  # one lookup per address, with the first rule set
             if not dry_run:
                 store.save()
     except (StateError, ScanError) as exc:
@@ -181,7 +231,10 @@ def scan(
         ctx.exit(EXIT_DAEMON)
     except OSError as exc:
         raise click.ClickException(f"cannot save state: {exc}") from None
-    _print_report(report, as_json)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    elif not quiet:
+        _print_report(report, verbose)
 
 
 def _has_rotated(path: Path) -> bool:
@@ -197,6 +250,7 @@ def _run_with_progress(
     from_end: bool,
     as_json: bool,
     httpbl: HttpBLScan | None,
+    rule_set: str,
 ) -> Report:
     total = 0
     for path in paths:
@@ -211,8 +265,9 @@ def _run_with_progress(
             max_line=config.max_line_bytes,
             start_at_end=from_end,
             httpbl=httpbl,
+            rule_set=rule_set,
         )
-    with click.progressbar(length=total, label="scanning", file=sys.stderr) as bar:
+    with click.progressbar(length=total, label=f"scanning ({rule_set})", file=sys.stderr) as bar:
         return scan_files(
             paths,
             scanner,
@@ -222,17 +277,19 @@ def _run_with_progress(
             start_at_end=from_end,
             progress=bar.update,
             httpbl=httpbl,
+            rule_set=rule_set,
         )
 
 
-def _print_report(report: Report, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report.as_json(), indent=2))
-        return
+def _print_report(report: Report, verbose: bool) -> None:
+    """Blocks on stdout, warnings on stderr; the summary only when asked (-v):
+    cron mails whatever a run prints, and a quiet run should send none."""
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     for outcome in report.outcomes:
         click.echo(_outcome_line(outcome))
+    if not verbose:
+        return
     s = report.stats
     rate = s.lines / report.seconds if report.seconds > 0 else 0.0
     click.echo(
@@ -308,19 +365,36 @@ def rules() -> None:
 @_filter_option
 @click.pass_context
 def rules_list(ctx: click.Context, as_json: bool, filters: tuple[Path, ...]) -> None:
-    """List the signatures with severity and threshold."""
+    """List the signatures with severity, the block a first offence gets, and threshold."""
     sigs = _signatures(logscan_config(ctx), filters)
+    ladder = _ladder(ctx)
     if as_json:
-        click.echo(json.dumps([_sig_json(s) for s in sigs], indent=2))
+        click.echo(json.dumps([_sig_json(s, ladder) for s in sigs], indent=2))
         return
     for s in sigs:
-        click.echo(f"{s.name:22} sev {s.severity:2}  {s.hits} in {s.window}s  {s.description}")
+        rung = ladder.starting_rung(s.severity)
+        first = f"rung {rung} ({format_duration(ladder.duration(rung))})"
+        click.echo(
+            f"{s.name:22} sev {s.severity:2} -> {first:14} {s.hits} in"
+            f" {format_duration(s.window)}  {s.description}"
+        )
+    if not ladder.severity_skips_rungs:
+        click.echo("(severity does not skip rungs: policy.severity_skips_rungs is off)", err=True)
 
 
-def _sig_json(s: Signature) -> dict[str, Any]:
+def _ladder(ctx: click.Context) -> Ladder:
+    """The daemon's ladder from the same config file, to say what a severity leads to."""
+    obj = ctx.obj
+    policy = getattr(obj.config, "policy", None) if isinstance(obj, CliContext) else None
+    return (policy if isinstance(policy, PolicyConfig) else PolicyConfig()).to_ladder()
+
+
+def _sig_json(s: Signature, ladder: Ladder) -> dict[str, Any]:
+    rung = ladder.starting_rung(s.severity)
     return {
         "name": s.name,
         "severity": s.severity,
+        "first_offence": {"rung": rung, "duration": format_duration(ladder.duration(rung))},
         "hits": s.hits,
         "window": s.window,
         "description": s.description,
@@ -358,6 +432,6 @@ def rules_test(
             s = hit.signature
             click.echo(
                 f"match {s.name} ip={hit.ip} severity={s.severity} "
-                f"threshold={s.hits}/{s.window}s: {hit.evidence}"
+                f"threshold={s.hits}/{format_duration(s.window)}: {hit.evidence}"
             )
     ctx.exit(0 if matched else 1)

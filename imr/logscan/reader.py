@@ -11,6 +11,15 @@ read is read next time, whole. On the next run:
   whole, then the live file from the start. This covers rename rotation
   (the inode moved to log.1), copytruncate (a copy in log.1, the live file
   truncated) and compression (log.1.gz) alike.
+
+A *rule set* is what one pass looks for: the built-in signatures ("builtin")
+or one fail2ban filter ("fail2ban:<name>"). Offsets and pending threshold
+counts are kept per (file, rule set), so a scan with one rule set never
+consumes the lines another one has not seen yet.
+
+The state file keeps its owner: when root runs `imr scan` on the scanner
+user's state directory, the new state.json (and the lock) are given to the
+directory's owner, so the next unprivileged run can still read them.
 """
 
 from __future__ import annotations
@@ -21,16 +30,18 @@ import gzip
 import hashlib
 import json
 import os
+import pwd
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 FP_BYTES = 4096
 BLOCK_SIZE = 1 << 20
 STATE_VERSION = 1
+BUILTIN = "builtin"  # the rule set of the built-in signatures (and [[logscan.rules]])
 
 
 class StateError(Exception):
@@ -195,25 +206,57 @@ def iter_chunks(f: IO[bytes], start: int, max_line: int, live: bool) -> Iterator
 # --- the state file ------------------------------------------------------------
 
 
+@dataclass
+class RuleSetState:
+    """What one rule set remembers: an offset per file and its pending hits."""
+
+    files: dict[str, FileState] = field(default_factory=dict)
+    pending: Any = field(default_factory=list)
+
+
 class StateStore:
     """state.json in the state directory, guarded by an exclusive lock so two
-    cron runs never interleave. Use as a context manager."""
+    cron runs never interleave. Use as a context manager.
+
+    The built-in rule set is stored in the top-level "files" and "pending"
+    (as before rule sets existed, so older state files read the same); every
+    other rule set under "rule_sets"."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "state.json"
         self._lock: IO[bytes] | None = None
-        self.files: dict[str, FileState] = {}
-        self.pending: Any = []
+        self.sets: dict[str, RuleSetState] = {BUILTIN: RuleSetState()}
+        # Logs found missing, so that a cron job naming a log this host does not
+        # have warns once, not on every run (and mails once).
+        self.missing: set[str] = set()
+
+    def rule_set(self, name: str) -> RuleSetState:
+        return self.sets.setdefault(name, RuleSetState())
+
+    @property
+    def files(self) -> dict[str, FileState]:
+        return self.sets[BUILTIN].files
+
+    @property
+    def pending(self) -> Any:
+        return self.sets[BUILTIN].pending
+
+    @pending.setter
+    def pending(self, value: Any) -> None:
+        self.sets[BUILTIN].pending = value
 
     def __enter__(self) -> StateStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._lock = open(self.directory / "lock", "ab")
+        except PermissionError:
+            raise StateError(_not_ours(self.directory, "cannot use state directory")) from None
         except OSError as exc:
             raise StateError(
                 f"cannot use state directory {self.directory}: {exc.strerror}"
             ) from None
+        self._keep_owner(self._lock.fileno())
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -234,30 +277,37 @@ class StateStore:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return
+        except PermissionError:
+            raise StateError(_not_ours(self.directory, f"{self.path}: cannot read")) from None
         except (OSError, ValueError) as exc:
             raise StateError(
                 f"{self.path}: unreadable state ({exc}); move it away to start over"
             ) from None
         if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
             raise StateError(f"{self.path}: not an imr logscan state file (version 1)")
-        for name, item in (raw.get("files") or {}).items():
-            with contextlib.suppress(TypeError, ValueError):
-                self.files[name] = FileState(
-                    int(item["dev"]),
-                    int(item["inode"]),
-                    int(item["offset"]),
-                    item.get("fingerprint"),
-                )
-        self.pending = raw.get("pending") or []
+        self.sets[BUILTIN] = _rule_set_of(raw)
+        missing = raw.get("missing")
+        self.missing = {str(m) for m in missing} if isinstance(missing, list) else set()
+        extra = raw.get("rule_sets")
+        for name, item in (extra if isinstance(extra, dict) else {}).items():
+            if isinstance(item, dict) and name != BUILTIN:
+                self.sets[str(name)] = _rule_set_of(item)
 
     def save(self) -> None:
         data = {
             "version": STATE_VERSION,
-            "files": {name: asdict(state) for name, state in self.files.items()},
-            "pending": self.pending,
+            **_rule_set_json(self.sets[BUILTIN]),
+            "rule_sets": {
+                name: _rule_set_json(rs) for name, rs in self.sets.items() if name != BUILTIN
+            },
+            "missing": sorted(self.missing),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:
+            fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
+        except PermissionError:
+            raise StateError(_not_ours(self.directory, "cannot save state")) from None
+        try:
+            self._keep_owner(fd)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(data, out)
                 out.flush()
@@ -267,6 +317,52 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def _keep_owner(self, fd: int) -> None:
+        """Root writing the scanner user's state gives the file to that user: a
+        root-owned 0600 state.json would lock the next cron run out."""
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = os.stat(self.path)
+        except FileNotFoundError:
+            owner = os.stat(self.directory)
+        if owner.st_uid != 0 or owner.st_gid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+def _not_ours(directory: Path, what: str) -> str:
+    """The message for a state directory another user (usually root) took over."""
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        me = str(os.geteuid())
+    return (
+        f"{what}: permission denied in {directory}; it was written by another user."
+        f" As root, run: chown -R {me}: {directory}"
+    )
+
+
+def _rule_set_of(raw: dict[str, Any]) -> RuleSetState:
+    state = RuleSetState()
+    files = raw.get("files")
+    for name, item in (files if isinstance(files, dict) else {}).items():
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            state.files[name] = FileState(
+                int(item["dev"]),
+                int(item["inode"]),
+                int(item["offset"]),
+                item.get("fingerprint"),
+            )
+    state.pending = raw.get("pending") or []
+    return state
+
+
+def _rule_set_json(state: RuleSetState) -> dict[str, Any]:
+    return {
+        "files": {name: asdict(fs) for name, fs in state.files.items()},
+        "pending": state.pending,
+    }
 
 
 def state_of_open(f: IO[bytes], offset: int) -> FileState:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from imr.client import ClientError, DaemonUnavailable, RequestFailed
 from imr.logscan.engine import BlockStats, Decision, Scanner, Thresholds, decide
 from imr.logscan.reader import (
+    BUILTIN,
     FileState,
     Source,
     StateStore,
@@ -70,6 +71,22 @@ class Report:
     bytes_read: int = 0
     seconds: float = 0.0
     httpbl: dict[str, int] | None = None  # lookup counts when --httpbl was on
+
+    def merge(self, other: Report) -> None:
+        """Add another rule set's pass over the same logs. Hits add up; lines and
+        bytes are the logs' (each pass reads them), and a warning is kept once."""
+        mine, theirs = self.stats, other.stats
+        mine.lines, mine.bad = max(mine.lines, theirs.lines), max(mine.bad, theirs.bad)
+        mine.unresolved = max(mine.unresolved, theirs.unresolved)
+        mine.candidates += theirs.candidates
+        mine.hits += theirs.hits
+        self.outcomes.extend(other.outcomes)
+        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
+        self.files.extend(f for f in other.files if f not in self.files)
+        self.bytes_read = max(self.bytes_read, other.bytes_read)
+        self.seconds += other.seconds
+        if other.httpbl is not None:
+            self.httpbl = other.httpbl
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -132,30 +149,42 @@ def scan_files(
     progress: Callable[[int], None] | None = None,
     start_at_end: bool = False,
     httpbl: HttpBLScan | None = None,
+    rule_set: str = BUILTIN,
 ) -> Report:
-    """Scan every path from where the last run stopped. Raises DaemonUnavailable
+    """Scan every path from where `rule_set` last stopped. Raises DaemonUnavailable
     (state untouched); otherwise updates `store` (the caller saves it).
 
     With `httpbl`, every client address is also looked up (after the block's
     signature decisions were sent, so a slow resolver delays no signature block)."""
     started = time.monotonic()
     report = Report()
-    thresholds = Thresholds.from_json(store.pending)
+    state = store.rule_set(rule_set)
+    thresholds = Thresholds.from_json(state.pending)
     new_states: dict[str, FileState] = {}
     for path in paths:
         key = str(path.absolute())
-        sources, warnings = plan_reads(path, store.files.get(key), start_at_end)
+        if key not in state.files and not path.exists():
+            if key not in store.missing:
+                report.warnings.append(f"{path}: no such file (said once, until it appears)")
+            store.missing.add(key)
+            continue
+        sources, warnings = plan_reads(path, state.files.get(key), start_at_end)
         report.warnings.extend(warnings)
+        if path.exists():
+            store.missing.discard(key)
+        else:  # gone since the last run: its rest was read from a rotated copy, if any
+            state.files.pop(key, None)
+            store.missing.add(key)
         for source in sources:
-            state = _scan_source(
+            read = _scan_source(
                 source, scanner, thresholds, client, report, max_line, clock, progress, httpbl
             )
-            if state is not None:
-                new_states[key] = state
-    store.files.update(new_states)
+            if read is not None:
+                new_states[key] = read
+    state.files.update(new_states)
     now = clock()
     thresholds.prune(now, {s.name: s.window for s in scanner.signatures})
-    store.pending = thresholds.to_json()
+    state.pending = thresholds.to_json()
     if httpbl is not None:
         report.warnings.extend(httpbl.take_warnings())
         report.httpbl = httpbl.counts()

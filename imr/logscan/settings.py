@@ -89,6 +89,8 @@ class LogscanConfig(_Model):
     # fail2ban filters have no thresholds of their own; these mirror fail2ban's defaults.
     fail2ban_maxretry: int = Field(5, ge=1, le=100_000)
     fail2ban_findtime: Duration = 600
+    # Where `--fail2ban-filter NAME` looks for NAME.conf when NAME is not a file.
+    fail2ban_filter_dir: Path = Path("/etc/fail2ban/filter.d")
     # Look every client address up in http:BL (needs [reputation.httpbl] with a key);
     # at most this many lookups per `imr scan` run (per hour for `imr watch`).
     httpbl: bool = False

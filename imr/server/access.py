@@ -9,6 +9,7 @@ roles; root is always admin); on TCP by a verified client certificate
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import hashlib
@@ -18,12 +19,14 @@ import pwd
 import secrets
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from time import monotonic
 from typing import Any
 
 from imr.config import AccessConfig, Role
+from imr.terminal import escape
 
 # Which roles may run each operation. ping is open to any client that can
 # reach the socket, so hooks can health-check without privileges.
@@ -40,6 +43,8 @@ PERMITTED: dict[str, frozenset[Role]] = {
 # uid, gid and pid of a TCP client: it is no local process. The state file
 # keeps them in its uid/pid columns; the daemon's log names the client.
 REMOTE_ID = -1
+
+IDENTITY_TTL = 60.0  # seconds a uid's name and roles are kept (Identities)
 
 # OpenSSL's long attribute names (ssl.getpeercert) -> the short names the config uses.
 _SHORT_NAMES = {
@@ -90,9 +95,10 @@ class Peer:
 
     @cached_property
     def _description(self) -> str:
+        # A certificate subject is the client's own text: escaped for the log line.
         if self.remote is not None:
-            return f"{self.user} from {self.remote}"
-        return f"uid={self.uid}({self.user}) pid={self.pid}"
+            return f"{escape(self.user)} from {self.remote}"
+        return f"uid={self.uid}({escape(self.user)}) pid={self.pid}"
 
 
 # Unix socket peers ------------------------------------------------------------------
@@ -105,10 +111,59 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def identify(pid: int, uid: int, gid: int, access: AccessConfig) -> Peer:
+def _lookup(uid: int, gid: int, access: AccessConfig) -> tuple[str, frozenset[Role]]:
+    """The uid's name and roles, from the user and group databases (may block: NSS, LDAP)."""
     user = _user_name(uid)
     groups = _group_names(user, gid)
-    return Peer(uid, gid, pid, user or str(uid), roles_for(uid, user, groups, access))
+    return user or str(uid), roles_for(uid, user, groups, access)
+
+
+class Identities:
+    """Socket peers' names and roles, looked up off the event loop and kept `ttl` seconds.
+
+    A look-up goes through NSS, which may ask LDAP or sssd over the network; done
+    on the event loop for every connection, one slow answer stalled every client.
+    A group change reaches a running daemon within `ttl` seconds.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(
+        self,
+        access: AccessConfig,
+        ttl: float = IDENTITY_TTL,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self._access = access
+        self._ttl = ttl
+        self._clock = clock
+        self._known: dict[
+            tuple[int, int], tuple[float, asyncio.Future[tuple[str, frozenset[Role]]]]
+        ] = {}
+
+    async def identify(self, pid: int, uid: int, gid: int) -> Peer:
+        key = (uid, gid)
+        now = self._clock()
+        entry = self._known.get(key)
+        if entry is None or now - entry[0] >= self._ttl:
+            if len(self._known) >= self.MAX_ENTRIES:
+                self._known.clear()
+            # One look-up per key at a time: concurrent connections of one uid share it.
+            looked_up = asyncio.ensure_future(asyncio.to_thread(_lookup, uid, gid, self._access))
+            entry = (now, looked_up)
+            self._known[key] = entry
+        try:
+            user, roles = await asyncio.shield(entry[1])
+        except Exception:
+            if self._known.get(key) is entry:
+                del self._known[key]  # try again next time
+            raise
+        return Peer(uid, gid, pid, user, roles)
+
+    def replace_access(self, access: AccessConfig) -> None:
+        """A reloaded [access] section: roles are looked up again from the next client on."""
+        self._access = access
+        self._known.clear()
 
 
 def roles_for(

@@ -52,6 +52,7 @@ from imr.core.addresses import (
     protection_refusal,
 )
 from imr.core.clock import Clock
+from imr.core.clock_steps import StepDetector
 from imr.core.durations import format_duration
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
@@ -71,14 +72,38 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
-from imr.store import BlockRecord, HitRecord, Offences, Store
+from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
+from imr.server.state_health import STATE_UNWRITABLE, StateHealth
+from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord, Offences, Store, unwritable
 
 log = logging.getLogger("imr.broker")
 
 MAX_BATCH = 512
+# Canonical-text beginnings of IPv6 forms that may carry an IPv4 address.
+_CARRIERS = ("64:ff9b::", "2002:", "2001:0:", "2001::", "::")
 EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 # Seconds: at most one refusal line per client and limit (quotas) or code (addresses).
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+# Backends whose entries are not re-armed on a report: iptables rules never time out.
+_NO_REARM = frozenset({"iptables"})
+
+# Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
+# start), PRUNE_ROWS per writer turn with PRUNE_PAUSE between turns, so a backlog of
+# millions never holds the writer for long.
+PRUNE_INTERVAL = 3600.0
+PRUNE_FIRST = 60.0
+PRUNE_ROWS = 5000
+PRUNE_PAUSE = 0.05
+
+
+class _StateUnwritable(Exception):
+    """A batch failed because the state file cannot be written; its kernel change is undone."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class BrokerError(Exception):
@@ -125,6 +150,9 @@ class _UnblockChange:
 @dataclass
 class _ExpireChange:
     due: Sequence[str]
+    # Blocks of addresses that became protected while blocked (a VIP moved to this host),
+    # lifted at once: index key -> why.
+    protected: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,10 +217,32 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._quota_log = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # The own and broadcast addresses the last look for newly protected blocks saw.
+        self._seen_local: tuple[frozenset[IPAddress], frozenset[IPAddress]] = (
+            frozenset(),
+            frozenset(),
+        )
+        # Set by a reload that changed the allowlist: every active block is looked at once.
+        self._recheck_all_protection = False
         self._refusal_log = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._change_log = LineBudget(config.server.log_changes_per_second)
+        self._health = StateHealth(store.path, monotonic)  # the writer thread's
+        self._steps = StepDetector()
+        # Re-arm a block's kernel entry on every report of it (see _Work._block); not for
+        # iptables, whose rules never time out and whose apply reads the whole chain.
+        self._rearm = backend.name not in _NO_REARM
 
     # Life cycle -------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration (reload.py keeps the fixed sections as they were):
+        the allowlist, ladder, quotas and log budget apply to the next requests."""
+        if config.protect.allowlist != self._config.protect.allowlist:
+            self._recheck_all_protection = True
+        self._config = config
+        self._ladder = config.policy.to_ladder()
+        self._quota.limits = config.quota.to_limits()
+        self._change_log = LineBudget(config.server.log_changes_per_second)
 
     def reconcile(self) -> None:
         """At start: lift what expired while we were down and make the kernel match the state.
@@ -259,6 +309,7 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="imr-writer"),
             asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
+            asyncio.create_task(self._prune_loop(), name="imr-prune"),
         ]
         if self._config.firewall.drift_check:
             self._tasks.append(asyncio.create_task(self._drift_loop(), name="imr-drift"))
@@ -289,13 +340,17 @@ class Broker:
 
     async def _dispatch(self, request: Request, peer: Peer) -> dict[str, Any]:
         if not peer.may(request.op):
-            log.warning(
-                "refused %s by %s: role %s may not %s",
-                request.op,
-                peer.describe(),
-                ",".join(sorted(peer.roles)) or "none",
-                request.op,
-            )
+            # One line per client every 10 s (with a count): a no-role loop cannot flood the log.
+            suppressed = self._refusal_log.allow((peer.principal, "forbidden"), self._monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "refused %s by %s: role %s may not %s%s",
+                    request.op,
+                    peer.describe(),
+                    ",".join(sorted(peer.roles)) or "none",
+                    request.op,
+                    f"; {suppressed} more like it since the last such line" if suppressed else "",
+                )
             raise BrokerError("forbidden", f"user {peer.user} is not allowed to {request.op}")
         match request:
             case BlockRequest():
@@ -311,7 +366,7 @@ class Broker:
             case StatusRequest():
                 return self.status()
             case ExportRequest():
-                return await self._export()
+                return await self._export(request)
             case PingRequest():
                 return {"kind": "pong", "version": __version__}
         raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
@@ -329,7 +384,16 @@ class Broker:
         """
         results: list[dict[str, Any] | None] = [None] * len(request.ips)
         waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
+        # one change, admitted and counted once; the others share its answer.
+        first: dict[str, int] = {}
+        spelling: dict[int, int] = {}
         for index, text in enumerate(request.ips):
+            parsed = canonical_target(text)
+            if not isinstance(parsed, Refusal):
+                spelling[index] = first.setdefault(parsed[1], index)
+                if spelling[index] != index:
+                    continue
             try:
                 change = self._block_change(text, request, peer, compact=True)
             except BrokerError as exc:
@@ -341,6 +405,10 @@ class Broker:
                 results[index] = await future
             except BrokerError as exc:
                 results[index] = _refused_item(request.ips[index], exc)
+        for index, original in spelling.items():
+            answer = results[original]
+            if index != original and answer is not None:
+                results[index] = answer if answer["ok"] else {**answer, "ip": request.ips[index]}
         items = [item for item in results if item is not None]
         counts = dict.fromkeys(("blocked", "escalated", "recorded", "refused"), 0)
         for item in items:
@@ -441,9 +509,17 @@ class Broker:
         """Networks are for admins, and may not overlap another active network block (nftables
         interval sets refuse overlaps; one block per address keeps the history clear too)."""
         if not peer.is_admin:
-            log.warning(
-                "refused %s %s by %s: networks need the admin role", op, network, peer.describe()
+            suppressed = self._refusal_log.allow(
+                (peer.principal, RefusalCode.NETWORK), self._monotonic()
             )
+            if suppressed is not None:
+                log.warning(
+                    "refused %s %s by %s: networks need the admin role%s",
+                    op,
+                    network,
+                    peer.describe(),
+                    f"; {suppressed} more like it since the last such line" if suppressed else "",
+                )
             raise BrokerError(
                 RefusalCode.NETWORK,
                 f"{network} is a network; user {peer.user} may block single addresses only"
@@ -496,19 +572,25 @@ class Broker:
         }
 
     async def _show(self, request: ShowRequest) -> dict[str, Any]:
+        """The address's history, newest first: one page of at most state.page_rows blocks
+        and hits; `next_before` asks for the hits before this page."""
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(parsed.code, parsed.message)
         ip = str(parsed)
-        blocks, hits = await self._in_writer(self._store.history, ip)
+        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
+        # One row more than the page, to know whether there is another.
+        blocks, hits = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
         now = self._clock.now()
         active = self._active.get(ip)
         return {
             "kind": "show",
             "ip": ip,
             "active": block_info(active, now) if active else None,
-            "blocks": [block_info(b, now) for b in blocks],
-            "hits": [hit_info(h) for h in hits],
+            "blocks": [block_info(b, now) for b in blocks[:rows]],
+            "hits": [hit_info(h) for h in hits[:rows]],
+            "more_blocks": len(blocks) > rows,
+            "next_before": hits[rows - 1].id if len(hits) > rows else None,
         }
 
     def status(self) -> dict[str, Any]:
@@ -526,14 +608,33 @@ class Broker:
             "active_blocks": len(self._active),
         }
 
-    async def _export(self) -> dict[str, Any]:
-        data = await self._in_writer(self._store.export)
+    async def _export(self, request: ExportRequest) -> dict[str, Any]:
+        """One page of the whole state, blocks then hits, each by id; `next` is the cursor
+        of the following page (None after the last). A page costs the daemon its own rows
+        (at most state.page_rows), so an export of any size never holds more than that."""
+        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
+        table, _, after = (request.after or "blocks:0").partition(":")
+        last = int(after)
+        blocks: list[dict[str, Any]] = []
+        hits: list[dict[str, Any]] = []
+        following: str | None
         now = self._clock.now()
+        if table == "blocks":
+            found = await self._in_writer(self._store.blocks_after, last, rows)
+            blocks = [block_info(b, now) for b in found]
+            more = len(found) == rows
+            following = f"blocks:{found[-1].id}" if more else "hits:0"
+        else:
+            found_hits = await self._in_writer(self._store.hits_after, last, rows)
+            hits = [hit_info(h) for h in found_hits]
+            more = len(found_hits) == rows
+            following = f"hits:{found_hits[-1].id}" if more else None
         return {
             "kind": "export",
-            "schema_version": data["schema_version"],
-            "blocks": [block_info(b, now) for b in data["blocks"]],
-            "hits": [hit_info(h) for h in data["hits"]],
+            "schema_version": SCHEMA_VERSION,
+            "blocks": blocks,
+            "hits": hits,
+            "next": following,
         }
 
     async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -550,17 +651,126 @@ class Broker:
             record = self._active.get(ip)
             if record is not None and record.expires_at == expires_at:
                 due.append(ip)
-        if due:
-            await self._enqueue(_ExpireChange(due))
+        seen_before, recheck_before = self._seen_local, self._recheck_all_protection
+        protected = self._newly_protected()
+        if not due and not protected:
+            return
+        try:
+            await self._enqueue(_ExpireChange(due, protected))
+        except BrokerError as exc:
+            # Not lifted: due again at the next tick (the state file may be full for a while),
+            # and the newly protected addresses are looked for again then.
+            self._seen_local, self._recheck_all_protection = seen_before, recheck_before
+            for ip in due:
+                if (record := self._active.get(ip)) is not None:
+                    heapq.heappush(self._expiry, (record.expires_at, ip))
+            if exc.code != STATE_UNWRITABLE:  # that one is logged once, by the writer
+                raise
+
+    def _newly_protected(self) -> dict[str, str]:
+        """Active blocks that the host's current own and broadcast addresses now protect,
+        looked for only when those changed (LocalAddresses follows them over netlink): an
+        address blocked before it became the host's (a VIP failover) must not stay blocked.
+        After a reload that changed the allowlist, every active block is looked at once."""
+        local = (self._local.own, self._local.broadcast)
+        if self._recheck_all_protection:
+            self._recheck_all_protection = False
+            self._seen_local = local
+            return {
+                key: refusal.message
+                for key in list(self._active)
+                if (refusal := self._protected(stored_address(key)))
+            }
+        if local == self._seen_local:
+            return {}
+        added = (local[0] | local[1]) - (self._seen_local[0] | self._seen_local[1])
+        self._seen_local = local
+        found: dict[str, str] = {}
+        # The new addresses themselves, and the few blocks that may hold one: networks and
+        # the IPv6 forms that carry an IPv4 address (NAT64, 6to4, Teredo, ::/64's).
+        holders = [k for k in self._active if "/" in k or k.startswith(_CARRIERS)]
+        for key in [str(a) for a in added] + holders:
+            if key in self._active and (refusal := self._protected(stored_address(key))):
+                found[key] = refusal.message
+        return found
 
     async def _expiry_loop(self) -> None:
         while True:
             try:
+                await self.check_clock()
                 await self.expire_due()
                 self._report_held_back()  # a flood's last second, once it is over
             except Exception:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
+
+    # Clock steps ------------------------------------------------------------------
+
+    async def check_clock(self) -> float | None:
+        """Notice a step of the wall clock (the expiry loop calls it every tick; tests call
+        it) and make the kernel agree with the state again; return the step in seconds.
+
+        Kernel timeouts count down on their own, but the daemon's expiries are wall-clock
+        times: after a step back the kernel would lift blocks early (by the step), and
+        after a step forward the expiry loop lifts them early in both. So on a step the
+        kernel's entries are all written again from the index, with their remaining time
+        as the wall clock now counts it (imr.core.clock_steps tells a step from time passing).
+        """
+        step = self._steps.step(self._clock.now(), self._monotonic())
+        if step is None:
+            return None
+        log.warning(
+            "the wall clock stepped %s by %.0f s; writing every active block's timeout to"
+            " the kernel again",
+            "forward" if step > 0 else "back",
+            abs(step),
+            extra={"event": "clock_step", "seconds": step},
+        )
+        async with self._turn:  # between batches: the index matches what the writer applied
+            await self._in_writer(self._rearm_all)
+        return step
+
+    def _rearm_all(self) -> None:
+        now = self._clock.now()
+        live = [self._kernel_block(r) for r in self._active.values() if r.expires_at > now]
+        self._backend.replace_all(live)
+
+    # Hit retention ----------------------------------------------------------------
+
+    async def prune_hits(self) -> int:
+        """Delete the hits older than state.hit_retention, looking at PRUNE_ROWS at a time,
+        each step its own turn of the writer thread (batches go in between); return how
+        many (the prune loop calls it every PRUNE_INTERVAL; tests call it)."""
+        retention = self._config.state.hit_retention
+        now = self._clock.now()
+        total, after = 0, 0
+        while True:
+            step = self._store.prune_hits, now - retention, now, PRUNE_ROWS, after
+            deleted: int
+            going_on: int | None
+            deleted, going_on = await self._in_writer(*step)
+            total += deleted
+            if going_on is None:
+                break
+            after = going_on
+            await asyncio.sleep(PRUNE_PAUSE)
+        if total:
+            log.info(
+                "deleted %d reports older than %s (state.hit_retention)",
+                total,
+                format_duration(retention),
+                extra={"event": "hits_pruned", "count": total},
+            )
+        return total
+
+    async def _prune_loop(self) -> None:
+        await asyncio.sleep(PRUNE_FIRST)
+        while True:
+            try:
+                await self.prune_hits()
+            except Exception as exc:  # a full disk, say: the next round tries again
+                log.warning("deleting old reports failed: %s; trying again later", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     # Drift ------------------------------------------------------------------------
 
@@ -660,11 +870,15 @@ class Broker:
     def _settle_quota(self, change: _AnyChange, outcome: _Outcome) -> None:
         if not isinstance(change, _BlockChange) or change.reservation is None:
             return  # nothing reserved (or a readmission without one, settled already)
-        made = outcome.error is None and (outcome.result or {}).get("action") == "block"
-        if made:
+        action = (outcome.result or {}).get("action") if outcome.error is None else None
+        if action == "block":
             self._quota.commit(change.reservation, str(change.address))
-        else:  # refused, failed, or a hit after all: the share goes back
-            self._quota.release(change.reservation)
+            return
+        self._quota.release(change.reservation)  # refused, failed, or a hit after all
+        if action is not None and not (self._config.quota.admin_exempt and change.peer.is_admin):
+            # A hit after all (two requests for one new address in one batch): it wrote a
+            # hit row, so it counts against hits_per_minute like any other report.
+            self._quota.admit_hit(change.peer.principal, self._monotonic())
 
     def _publish(self, result: _BatchResult) -> None:
         for ip, record in result.changed.items():
@@ -719,8 +933,12 @@ class Broker:
         parts of the same batch committed, which the event loop has not
         published yet.
         """
+        if self._health.holding_off():
+            return self._state_unwritable(len(batch), None)
         try:
             return self._commit(batch, earlier or {})
+        except _StateUnwritable as exc:
+            return self._state_unwritable(len(batch), exc)
         except Exception as exc:
             if len(batch) == 1:
                 log.error("change failed: %s", exc)
@@ -739,13 +957,60 @@ class Broker:
     def _commit(
         self, batch: list[_AnyChange], earlier: dict[str, BlockRecord | None]
     ) -> _BatchResult:
+        """The batch's state rows, then its kernel change, then the commit (fsync): so a
+        client hears "ok" only for a change that is in both. If the commit fails after
+        the kernel change (a full disk shows up at the commit), the change is taken out
+        of the kernel again before anyone hears of the failure."""
         work = _Work(self, self._clock.now(), earlier)
-        with self._store.transaction():
-            work.prefetch(batch)
-            outcomes = [work.run(change) for change in batch]
-            work.flush()
-            self._backend.apply(work.kernel_add, work.kernel_remove)
+        applied = False
+        try:
+            with self._store.transaction():
+                work.prefetch(batch)
+                outcomes = [work.run(change) for change in batch]
+                work.flush()
+                self._backend.apply(work.kernel_add, work.kernel_remove)
+                applied = True
+        except Exception as exc:
+            if applied:
+                self._undo_kernel(work, earlier)
+            if unwritable(exc):
+                raise _StateUnwritable(exc) from exc
+            raise
+        self._health.succeeded()
         return _BatchResult(outcomes, work.changed, work.expired, work.log_lines)
+
+    def _undo_kernel(self, work: _Work, earlier: dict[str, BlockRecord | None]) -> None:
+        """Put every target the failed batch touched back as it was before the batch."""
+        targets = {b.text: b.address for b in work.kernel_add}
+        targets.update((str(t), t) for t in work.kernel_remove)
+        restore: list[KernelBlock] = []
+        remove: list[Target] = []
+        for ip, target in targets.items():
+            before = self.current(ip, earlier)
+            if before is not None and before.expires_at > work.now:
+                restore.append(KernelBlock(target, before.expires_at, ip))
+            else:
+                remove.append(target)
+        try:
+            self._backend.apply(restore, remove)
+        except Exception as exc:  # the index still says what the kernel must hold
+            log.error("could not take a failed batch out of the kernel (%s); rebuilding it", exc)
+            live = {**self._active, **earlier}
+            try:
+                self._backend.replace_all(
+                    [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
+                )
+            except Exception:
+                log.exception("could not rebuild the kernel; the drift check tries again")
+
+    def _state_unwritable(self, count: int, exc: _StateUnwritable | None) -> _BatchResult:
+        """Refuse a whole batch: the state file takes no writes (no split: every part would
+        fail the same way)."""
+        if exc is not None:
+            self._health.failed(exc.cause)
+        self._health.refused(count)
+        error = BrokerError(STATE_UNWRITABLE, UNWRITABLE_MESSAGE)
+        return _BatchResult([_Outcome(error=error) for _ in range(count)])
 
     def _kernel_block(self, record: BlockRecord) -> KernelBlock:
         address, text = stored_target(record.ip)
@@ -878,6 +1143,11 @@ class _Work:
                 record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
                 # Re-adding updates kernel timeouts (set backends); never duplicates.
                 self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+            elif self.broker._rearm:
+                # Re-armed in the batch's own kernel transaction: if the kernel lifted the
+                # block early (its timeout ran on a clock that stepped, or someone deleted
+                # the entry), the report that shows the attacker is back puts it in again.
+                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
         self.hits.append(
             (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
         )
@@ -923,6 +1193,15 @@ class _Work:
             lifted.append(ip)
             self.expired += 1
             self.log_lines.append(functools.partial(_expiry_line, current))
+        for ip, why in change.protected.items():
+            current = self.broker.current(ip, self.changed)
+            if current is None:
+                continue
+            self._lift(current, "protected", "imr")
+            self.changed[ip] = None
+            self.kernel_remove.append(stored_address(ip))
+            lifted.append(ip)
+            log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return _Outcome({"kind": "expire", "lifted": lifted})
 
 
@@ -1003,6 +1282,7 @@ def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
 
 def hit_info(hit: HitRecord) -> dict[str, Any]:
     return {
+        "id": hit.id,  # show's `before` cursor
         "ip": hit.ip,
         "at": timestamp(hit.at),
         "outcome": hit.outcome,

@@ -16,20 +16,25 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from imr.backends import make_backend
 from imr.backends.base import Backend, BackendError
 from imr.config import Config
 from imr.core.clock import SystemClock
+from imr.server.adopt import KernelNotEmpty, check_kernel_against_state
 from imr.server.broker import Broker, BrokerError
+from imr.server.files import FileError, make_dirs, open_log, open_owned
 from imr.server.jsonlog import use_log_format
 from imr.server.listener import Listener, ListenerError, UnixListener
 from imr.server.local_addresses import LocalAddresses
 from imr.server.metrics import MetricsError, MetricsServer
+from imr.server.reload import Reloader
 from imr.server.systemd import (
     ActivationError,
     Notifier,
@@ -49,11 +54,29 @@ class DaemonError(Exception):
     """The daemon cannot start or stop; the message says why and what to do."""
 
 
+class DaemonNotRunning(DaemonError):
+    """No daemon holds the pid file (`imr server stop` and `reload` exit 3)."""
+
+
 # Running ----------------------------------------------------------------------
 
 
-def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Run until SIGTERM/SIGINT. Raises DaemonError if start-up fails."""
+def run_foreground(
+    config: Config,
+    on_ready: Callable[[], None] = lambda: None,
+    *,
+    adopt_kernel: bool = False,
+    reload_config: Callable[[], Config] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. Raises DaemonError if start-up fails.
+
+    `adopt_kernel`: record the blocks found in the kernel when the state file is new
+    (see check_kernel_against_state). `reload_config` reads the configuration again
+    for SIGHUP (raises ConfigError); without it SIGHUP only reopens the log.
+    """
+    os.umask(0o077)  # every file the daemon creates starts private (files.py widens it)
+    # SIGHUP reloads once the daemon serves (reload.py); until then it must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     use_log_format(config.server.log_format)
     if config.firewall.backend != "dryrun" and os.geteuid() != 0:
         raise DaemonError(
@@ -75,16 +98,20 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
             selection = make_backend(config.firewall)
             backend = selection.backend
             log.info("firewall backend %s: %s", backend.name, selection.why)
+            check_kernel_against_state(config, store, backend, SystemClock().now(), adopt_kernel)
             local.start()
             broker = Broker(config, store, backend, SystemClock(), local, selection.why)
             notifier.status("starting: putting active blocks back into the kernel")
-            broker.reconcile()
+            _reconcile(config, broker)
             _tune_garbage_collector()
-            asyncio.run(_serve(config, broker, on_ready, notifier, inherited))
+            asyncio.run(_serve(config, broker, on_ready, notifier, inherited, reload_config))
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the loop's close restored SIG_DFL
         except BackendError as exc:
             raise DaemonError(f"firewall backend: {exc}") from None
-        except (ListenerError, MetricsError) as exc:
+        except (ListenerError, MetricsError, KernelNotEmpty) as exc:
             raise DaemonError(str(exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise DaemonError(_damaged(config, exc)) from None
         except RuntimeError as exc:
             raise DaemonError(str(exc)) from None
         finally:
@@ -93,6 +120,22 @@ def run_foreground(config: Config, on_ready: Callable[[], None] = lambda: None) 
                 backend.close()
             store.close()
     log.info("stopped; blocks stay in force in the kernel and the state file")
+
+
+def _reconcile(config: Config, broker: Broker) -> None:
+    """broker.reconcile(), with a damaged state file named (it reads every active row
+    before it changes the kernel, so the kernel is untouched when this refuses)."""
+    try:
+        broker.reconcile()
+    except (sqlite3.DatabaseError, ValueError) as exc:
+        raise DaemonError(_damaged(config, exc)) from None
+
+
+def _damaged(config: Config, exc: Exception) -> str:
+    return (
+        f"state file {config.state.path} is damaged: {exc}; restore it from a backup or"
+        " move it aside (docs/operations.md, state-file recovery)"
+    )
 
 
 def _tune_garbage_collector() -> None:
@@ -115,6 +158,7 @@ async def _serve(
     on_ready: Callable[[], None],
     notifier: Notifier | None = None,
     inherited: socket.socket | None = None,
+    reload_config: Callable[[], Config] | None = None,
 ) -> None:
     notifier = notifier or Notifier(None)
     stop = asyncio.Event()
@@ -127,6 +171,8 @@ async def _serve(
     ]
     if config.server.tcp.enabled:  # off by default: clients on other hosts (tcp_listener.py)
         listeners.append(TcpListener(config.server, config.access, broker.handle, BrokerError))
+    reloader = Reloader(config, reload_config, _reopen_log, [broker, *listeners])
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     watchdog: asyncio.Task[None] | None = None
     # Prometheus endpoint (off by default) in its own threads: scrapes never wait on the loop.
     metrics = MetricsServer(config.metrics, broker.metrics) if config.metrics.enabled else None
@@ -161,6 +207,10 @@ async def _serve(
         await broker.stop()
 
 
+def _reopen_log(config: Config) -> None:
+    reopen_log_files(config.server.log_file)
+
+
 async def _watchdog(notifier: Notifier, interval: float) -> None:
     """WATCHDOG=1 from the event loop: if the loop hangs, systemd restarts the daemon."""
     while True:
@@ -179,9 +229,16 @@ def _open_store(config: Config) -> Store:
 
 @contextlib.contextmanager
 def _pid_file(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the pid file for the daemon's lifetime: one daemon per file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on the pid file for the daemon's lifetime: one daemon per file.
+
+    The lock also tells `imr server stop` that the pid in the file is the daemon's
+    (daemon_pid). Opened without following links and only if it is our own file (files.py).
+    """
+    try:
+        make_dirs(path.parent, 0o755)
+        fd, _ = open_owned(path, os.O_RDWR, 0o644)
+    except FileError as exc:
+        raise DaemonError(f"pid file: {exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -204,13 +261,20 @@ def _pid_file(path: Path) -> Iterator[None]:
 # Background start ---------------------------------------------------------------
 
 
-def start_background(config: Config, configure_logging: Callable[[Path | None], None]) -> int:
-    """Fork a daemon; return its pid once it is ready, or raise with its error."""
+def start_background(
+    config: Config,
+    configure_logging: Callable[[Path | None], None],
+    **options: Any,
+) -> int:
+    """Fork a daemon; return its pid once it is ready, or raise with its error.
+
+    `options` are run_foreground's keyword options (adopt_kernel, reload_config).
+    """
     read_end, write_end = os.pipe()
     first = os.fork()
     if first == 0:  # pragma: no cover - runs in the child
         os.close(read_end)
-        _become_daemon(config, configure_logging, write_end)
+        _become_daemon(config, configure_logging, write_end, options)
     os.close(write_end)
     os.waitpid(first, 0)  # the intermediate child exits at once
     message = _read_all(read_end, READY_TIMEOUT)
@@ -221,7 +285,10 @@ def start_background(config: Config, configure_logging: Callable[[Path | None], 
 
 
 def _become_daemon(  # pragma: no cover - runs in the child
-    config: Config, configure_logging: Callable[[Path | None], None], ready_fd: int
+    config: Config,
+    configure_logging: Callable[[Path | None], None],
+    ready_fd: int,
+    options: dict[str, Any],
 ) -> None:
     os.setsid()
     if os.fork() != 0:
@@ -238,7 +305,7 @@ def _become_daemon(  # pragma: no cover - runs in the child
             os.write(ready_fd, f"ready {os.getpid()}".encode())
             os.close(ready_fd)
 
-        run_foreground(config, ready)
+        run_foreground(config, ready, **options)
     except DaemonError as exc:
         log.error("%s", exc)
         _write_quietly(ready_fd, str(exc))
@@ -291,10 +358,54 @@ def is_imr_process(pid: int) -> bool:
     return b"imr" in cmdline
 
 
+def daemon_pid(path: Path) -> int | None:
+    """The pid of the daemon that holds the pid file's lock, or None if none does.
+
+    A pid file nobody holds locked is stale, whatever its pid runs now, and the
+    pid must be the lock's holder as /proc/locks names it (a command line that
+    merely contains "imr" proves nothing). Reading /proc/locks takes no lock, so
+    a daemon starting at this moment is not disturbed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        holders = _flock_holders(info)
+        if holders is None:  # no /proc/locks: is the lock held at all?
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holders = {int(text)} if text.isdigit() else set()
+            else:
+                holders = set()
+    finally:
+        os.close(fd)
+    if not text.isdigit() or int(text) not in holders:
+        return None
+    return int(text)
+
+
+def _flock_holders(info: os.stat_result) -> set[int] | None:
+    """Pids holding a flock on the file (from /proc/locks), or None if it cannot be read."""
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    holders = set()
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after "1:"
+        if fields[1:2] == ["FLOCK"] and fields[5:6] == [device] and fields[4].isdigit():
+            holders.add(int(fields[4]))
+    return holders
+
+
 def stop_daemon(config: Config, timeout: float = 20.0) -> int:
-    pid = read_pid(config.server.pid_file)
-    if pid is None or not is_imr_process(pid):
-        raise DaemonError(f"imr is not running (no live pid in {config.server.pid_file})")
+    pid = _running_pid(config)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -302,6 +413,22 @@ def stop_daemon(config: Config, timeout: float = 20.0) -> int:
             return pid
         time.sleep(0.05)
     raise DaemonError(f"imr (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def reload_daemon(config: Config) -> int:
+    """Send SIGHUP to the daemon (reload.py says what it does); its pid."""
+    pid = _running_pid(config)
+    os.kill(pid, signal.SIGHUP)
+    return pid
+
+
+def _running_pid(config: Config) -> int:
+    pid = daemon_pid(config.server.pid_file)
+    if pid is None:
+        raise DaemonNotRunning(
+            f"imr is not running (no daemon holds the pid file {config.server.pid_file})"
+        )
+    return pid
 
 
 def _is_zombie(pid: int) -> bool:
@@ -312,17 +439,65 @@ def _is_zombie(pid: int) -> bool:
 
 
 def configure_logging(log_file: Path | None, level: int = logging.INFO) -> None:
-    """Plain lines to stderr (journald adds time) or, in the background, to a file."""
+    """Plain lines to stderr (journald adds time) or, in the background, to a file.
+
+    The file is opened as files.open_log does (no links, our own, 0640 root:adm);
+    a FileError becomes a DaemonError.
+    """
     handler: logging.Handler
     if log_file is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        handler = LogFileHandler(log_file)
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
         )
     root = logging.getLogger("imr")
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class LogFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Appends to a log file that reopen() opens anew (after logrotate renamed it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(self._open(path))
+
+    @staticmethod
+    def _open(path: Path) -> TextIO:
+        try:
+            fd = open_log(path)
+        except FileError as exc:
+            raise DaemonError(f"log file: {exc}") from None
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def reopen(self, path: Path | None = None) -> None:
+        """Switch to a freshly opened file at `path` (default: the same name); raises
+        DaemonError and keeps the old file if it cannot be opened."""
+        stream = self._open(path or self.path)
+        self.acquire()
+        try:
+            old, self.stream = self.stream, stream
+            self.path = path or self.path
+        finally:
+            self.release()
+        with contextlib.suppress(OSError):
+            old.close()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            with contextlib.suppress(OSError):
+                self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def reopen_log_files(log_file: Path | None = None) -> None:
+    """Reopen the daemon's log file, if it logs to one (SIGHUP, after a rotation)."""
+    for handler in logging.getLogger("imr").handlers:
+        if isinstance(handler, LogFileHandler):
+            handler.reopen(log_file)

@@ -4,8 +4,11 @@ A listener accepts a connection and works out who the client is (an
 `Admission`); from then on `Conversations` runs the same protocol for every
 listener (Unix socket here, TCP in tcp_listener.py): each line is one request
 and gets one reply line. Limits keep a hostile or broken client from hurting
-anyone else: bounded line length, bounded connections, an idle timeout, and a
-write timeout for clients that never read.
+anyone else: bounded line length, connection slots (imr/core/slots.py: per
+client, and a reserve for admins), an idle timeout that only real requests
+renew (not `ping`), a write timeout for clients that never read, fair turns
+between connections, and at most one log line per client and kind of trouble
+every 10 s, with client text escaped (imr/terminal.py).
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import asyncio
 import contextlib
 import grp
 import logging
-import os
 import socket
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from imr.config import AccessConfig, ServerConfig
+from imr.config import AccessConfig, Config, ServerConfig
+from imr.core.quota import LogThrottle
+from imr.core.slots import Slots
 from imr.protocol import (
     AuthRequest,
+    PingRequest,
     ProtocolError,
     Request,
     encode_json_reply,
@@ -34,7 +40,9 @@ from imr.protocol import (
     ok_reply,
     parse_message,
 )
-from imr.server.access import Peer, identify, peer_credentials
+from imr.server.access import Identities, Peer, peer_credentials
+from imr.server.files import FileError, bind_unix_socket, make_dirs
+from imr.terminal import escape
 
 log = logging.getLogger("imr.listener")
 
@@ -42,6 +50,9 @@ Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
 TokenCheck = Callable[[str], Peer | None]
 WRITE_TIMEOUT = 5.0
 DISCARD_SECONDS = 1.0
+REFUSAL_WAIT = 1.0  # how long a refused client may take to send the line `busy` answers
+IDENTIFY_TIMEOUT = 10.0  # for the `auth` line of a TCP client (sshd's LoginGraceTime)
+LOG_INTERVAL = 10.0  # one line per client and kind of trouble this often (Conversations.note)
 
 
 class ListenerError(Exception):
@@ -50,6 +61,8 @@ class ListenerError(Exception):
 
 class Listener(Protocol):
     async def start(self) -> None: ...
+
+    def apply_config(self, config: Config) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -62,6 +75,8 @@ class Admission:
     peer: Peer | None = None  # known at once (Unix socket, mapped certificate)
     authenticate: TokenCheck | None = None  # set when the client may send `auth TOKEN`
     refusal: str | None = None  # why a client that is not identified cannot be served
+    source: str | None = None  # what log lines about an unidentified client are throttled by
+    identified: Callable[[], None] | None = None  # called once `auth` identifies the client
 
 
 class Conversations:
@@ -71,31 +86,40 @@ class Conversations:
         self._config = config
         self._handler = handler
         self._error_type = error_type  # exceptions with .code/.message that become error replies
-        self.open = 0
+        self.slots = Slots(config.slot_limits())
+        self._refusing = 0  # connections being told `busy`
+        self._log = LogThrottle(LOG_INTERVAL)
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[bool]:
-        """Count one connection while it lives; yields False past max_connections."""
-        self.open += 1
-        try:
-            yield self.open <= self._config.max_connections
-        finally:
-            self.open -= 1
+    def note(self, key: Hashable, level: int, message: str, *args: object) -> None:
+        """Log a line about a client at most once per key every 10 s, counting the rest.
 
-    async def refuse_busy(self, writer: asyncio.StreamWriter) -> None:
-        log.warning("refused a connection: %d connections open", self.open - 1)
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            await self.send(
-                writer,
-                encode_text_reply(error_reply(None, "busy", "too many connections; try again")),
-            )
+        Keys are (principal or source, kind): a flood of bad lines, refusals or
+        connections writes one line every 10 s, not one per request.
+        """
+        suppressed = self._log.allow(key, time.monotonic())
+        if suppressed is None:
+            return
+        if suppressed:
+            message += "; %d more like it since the last such line"
+            args = (*args, suppressed)
+        log.log(level, message, *args)
 
     async def serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
     ) -> None:
         """Converse until the client leaves, idles out or breaks a rule; then close."""
         try:
-            await self._conversation(reader, writer, admission)
+            peer = admission.peer
+            if peer is None:
+                peer = await self._identify(reader, writer, admission)
+            elif (why := self._claim(peer)) is not None:
+                await self.refuse_busy(reader, writer, peer.principal, peer.describe(), why)
+                peer = None
+            if peer is not None:
+                try:
+                    await self._conversation(reader, writer, peer)
+                finally:
+                    self.slots.release(peer.principal)
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
@@ -103,69 +127,154 @@ class Conversations:
         finally:
             await close_quietly(writer)
 
-    async def _conversation(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+    def _claim(self, peer: Peer) -> str | None:
+        return self.slots.claim(peer.principal, admin=peer.is_admin, has_role=bool(peer.roles))
+
+    async def refuse_busy(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        key: str,
+        who: str,
+        why: str,
     ) -> None:
-        peer = admission.peer
-        while True:
-            who = peer.describe() if peer is not None else admission.who
-            try:
-                # asyncio.timeout, not wait_for: no task per line (~20 us a request).
-                async with asyncio.timeout(self._config.idle_timeout):
+        """Answer the client's first line `busy`, in its own form (the hook speaks JSON)."""
+        self.note((key, "busy"), logging.WARNING, "refused a connection from %s: %s", who, why)
+        if self._refusing >= self._config.max_connections:
+            return  # a flood of connections: close them without waiting for a line
+        self._refusing += 1
+        try:
+            line = b""
+            with contextlib.suppress(TimeoutError, ValueError, ConnectionError):
+                async with asyncio.timeout(REFUSAL_WAIT):
                     line = await reader.readline()
-            except TimeoutError:
-                return
-            except ValueError:
-                # Longer than max_line_bytes: the rest of the line cannot be
-                # trusted to be framed, so answer and hang up.
-                log.warning("line too long from %s", who)
-                await self.send(
-                    writer,
-                    encode_text_reply(
-                        error_reply(
-                            None,
-                            "line_too_long",
-                            f"a request line may be at most {self._config.max_line_bytes} bytes",
-                        )
-                    ),
+            await self.send(writer, _busy_reply(line, why))
+        finally:
+            self._refusing -= 1
+
+    async def _identify(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+    ) -> Peer | None:
+        """Until it is identified a client gets one line: a good `auth`, or goodbye."""
+        line = await self._read_line(
+            reader,
+            writer,
+            admission.source or admission.who,
+            min(IDENTIFY_TIMEOUT, self._config.idle_timeout),
+        )
+        if line is None:
+            return None
+        reply, peer = self._authenticate(line, admission)
+        if peer is not None:
+            if admission.identified is not None:
+                admission.identified()
+            if (why := self._claim(peer)) is not None:
+                self.note(
+                    (peer.principal, "busy"),
+                    logging.WARNING,
+                    "refused %s: %s",
+                    peer.describe(),
+                    why,
                 )
-                # Closing with the rest of that line unread would reset the connection,
-                # and the client would lose this reply and those before it.
-                await _discard_then_close(reader, writer)
+                reply, peer = _busy_reply(line, why), None
+        await self.send(writer, reply)
+        return peer
+
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        # A ping does not renew the idle time, or pinging every few seconds would keep
+        # a slot forever; only a request that did something does.
+        idle_until = loop.time() + self._config.idle_timeout
+        while True:
+            line = await self._read_line(reader, writer, peer.principal, idle_until - loop.time())
+            if line is None:
                 return
-            if not line:
-                return
-            if not line.endswith(b"\n"):
-                return  # the client closed mid-line: nothing complete to answer
-            if peer is None:
-                # Until it is identified a client gets one line: a good `auth`, or goodbye.
-                reply, peer = self._authenticate(line, admission)
-                await self.send(writer, reply)
-                if peer is None:
-                    return
-                continue
-            await self.send(writer, await self._answer(line, peer))
+            reply, renews = await self._answer(line, peer)
+            await self.send(writer, reply)
+            if renews:
+                idle_until = loop.time() + self._config.idle_timeout
+            # Fair turns: a client with many lines buffered yields to the others after each.
+            await asyncio.sleep(0)
+
+    async def _read_line(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str, timeout: float
+    ) -> bytes | None:
+        """The next complete line, or None when the connection is over (closed, idle, too long)."""
+        try:
+            # asyncio.timeout, not wait_for: no task per line (~20 us a request).
+            async with asyncio.timeout(max(timeout, 0.0)):
+                line = await reader.readline()
+        except TimeoutError:
+            return None
+        except ValueError:
+            # Longer than max_line_bytes: the rest of the line cannot be
+            # trusted to be framed, so answer and hang up.
+            self.note((key, "line_too_long"), logging.WARNING, "line too long from %s", escape(key))
+            limit = self._config.max_line_bytes
+            await self.send(
+                writer,
+                encode_text_reply(
+                    error_reply(
+                        None, "line_too_long", f"a request line may be at most {limit} bytes"
+                    )
+                ),
+            )
+            # Closing with the rest of that line unread would reset the connection,
+            # and the client would lose this reply and those before it.
+            await _discard_then_close(reader, writer)
+            return None
+        if not line.endswith(b"\n"):
+            return None  # closed, or closed mid-line: nothing complete to answer
+        return line
 
     def _authenticate(self, line: bytes, admission: Admission) -> tuple[bytes, Peer | None]:
         encode = _encoder(line)
         refusal = admission.refusal or "send `auth TOKEN` first"
+        source = admission.source or admission.who
         try:
             message, _ = parse_message(line.rstrip(b"\r\n"))
         except ProtocolError as exc:
-            log.warning("refused %s: not authenticated, sent a bad line", admission.who)
+            self.note(
+                (source, "unauthenticated"),
+                logging.WARNING,
+                "refused %s: not authenticated, sent a bad line",
+                admission.who,
+            )
             return encode(error_reply(None, "unauthenticated", f"{refusal} ({exc.message})")), None
         if not isinstance(message, AuthRequest) or admission.authenticate is None:
-            log.warning("refused %s %s: %s", message.op, admission.who, refusal)
+            self.note(
+                (source, "unauthenticated"),
+                logging.WARNING,
+                "refused %s %s: %s",
+                message.op,
+                admission.who,
+                refusal,
+            )
             return encode(error_reply(message.id, "unauthenticated", refusal)), None
         peer = admission.authenticate(message.token)
         if peer is None:
-            log.warning("refused %s: unknown token", admission.who)
+            self.note(
+                (source, "unknown_token"),
+                logging.WARNING,
+                "refused %s: unknown token",
+                admission.who,
+            )
             return encode(error_reply(message.id, "unauthenticated", "unknown token")), None
-        log.info("authenticated %s (roles %s)", peer.describe(), _roles(peer))
+        # Once per client every 10 s: a client that reconnects in a loop cannot flood the log.
+        self.note(
+            (peer.principal, "authenticated"),
+            logging.INFO,
+            "authenticated %s (roles %s)",
+            peer.describe(),
+            _roles(peer),
+        )
         result = {"kind": "auth", "principal": peer.principal, "roles": sorted(peer.roles)}
         return encode(ok_reply(message.id, result)), peer
 
-    async def _answer(self, line: bytes, peer: Peer) -> bytes:
+    async def _answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
+        """The reply, and whether the request renews the idle time (done something, not ping)."""
         encode = _encoder(line)
         request_id = None
         try:
@@ -176,9 +285,15 @@ class Conversations:
                     "bad_request", f"this connection is already identified as {peer.principal}"
                 )
             result = await self._handler(message, peer)
-            reply = ok_reply(request_id, result)
+            return encode(ok_reply(request_id, result)), not isinstance(message, PingRequest)
         except ProtocolError as exc:
-            log.info("bad request from %s: %s", peer.describe(), exc.message)
+            self.note(
+                (peer.principal, "bad_request"),
+                logging.INFO,
+                "bad request from %s: %s",
+                peer.describe(),
+                escape(exc.message),
+            )
             reply = error_reply(request_id, exc.code, exc.message)
         except self._error_type as exc:
             reply = error_reply(
@@ -187,13 +302,29 @@ class Conversations:
         except Exception:
             log.exception("request from %s failed", peer.describe())
             reply = error_reply(request_id, "internal_error", "the daemon failed; see its log")
-        return encode(reply)
+        return encode(reply), False
 
     @staticmethod
     async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
         if writer.transport.get_write_buffer_size():  # only then can drain() wait at all
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+def _busy_reply(line: bytes, why: str) -> bytes:
+    """`busy` in the form of the client's first line (empty: the text form), echoing its id."""
+    return _encoder(line)(error_reply(_request_id(line), "busy", f"{why}; try again later"))
+
+
+def _request_id(line: bytes) -> str | None:
+    """The id of a JSON request line, to echo in a refusal; None if it has none or is not one."""
+    if not line.lstrip().startswith(b"{"):
+        return None
+    try:
+        message, _ = parse_message(line.rstrip(b"\r\n"))
+    except ProtocolError:
+        return None
+    return message.id
 
 
 def _encoder(line: bytes) -> Callable[[dict[str, Any]], bytes]:
@@ -226,6 +357,7 @@ class UnixListener:
         self._inherited = inherited
         self._access = access
         self._conversations = Conversations(config, handler, error_type)
+        self._identities = Identities(access)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -234,35 +366,35 @@ class UnixListener:
             return
         path = self._config.socket
         group_id = self._group_id()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make_dirs(path.parent, 0o755)  # clients must reach the socket; the umask is 077
+        except FileError as exc:
+            raise ListenerError(str(exc)) from None
         await self._remove_stale_socket(path)
-        # Create the socket owner-only, then open it up: no moment where it is
-        # wider than configured.
-        old_umask = os.umask(0o177)
+        # Bound, chowned and chmodded in a private directory, then renamed into place
+        # (files.py): nobody can swap the path between the bind and the chmod.
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(path), limit=self._config.max_line_bytes
-            )
-        except OSError as exc:
-            raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        try:
-            if group_id is not None:
-                os.chown(path, -1, group_id)
-            path.chmod(self._config.socket_mode_bits)
+            sock = bind_unix_socket(path, self._config.socket_mode_bits, group_id)
         except OSError as exc:
             # e.g. under imr.service without CAP_CHOWN: there imr.socket makes the socket.
             raise ListenerError(
-                f"cannot set the group and mode of {path}: {exc.strerror}"
+                f"cannot listen on {path} with its group and mode: {exc.strerror}"
                 " (under systemd, start imr.socket: it makes the socket)"
             ) from None
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=self._config.max_line_bytes
+        )
         log.info(
             "listening on %s (mode %s, group %s)",
             path,
             self._config.socket_mode,
             self._config.socket_group or "root",
         )
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: new roles for the next clients (reload.py)."""
+        self._access = config.access
+        self._identities.replace_access(config.access)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -325,19 +457,14 @@ class UnixListener:
         raise ListenerError(f"another imr daemon is already listening on {path}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self._conversations.slot() as admitted:
-            if not admitted:
-                await self._conversations.refuse_busy(writer)
-                await close_quietly(writer)
-                return
-            try:
-                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
-                peer = identify(pid, uid, gid, self._access)
-            except Exception:
-                log.exception("cannot identify a client of the Unix socket")
-                await close_quietly(writer)
-                return
-            await self._conversations.serve(reader, writer, Admission(peer.describe(), peer))
+        try:
+            pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+            peer = await self._identities.identify(pid, uid, gid)
+        except Exception:
+            log.exception("cannot identify a client of the Unix socket")
+            await close_quietly(writer)
+            return
+        await self._conversations.serve(reader, writer, Admission(peer.describe(), peer))
 
 
 async def _discard_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
-from imr.config import AccessConfig, ServerConfig, TcpConfig
+from imr.config import AccessConfig, Config, ServerConfig, TcpConfig
+from imr.core.slots import Startups, source_of
 from imr.protocol import encode_text_reply, error_reply
 from imr.server.access import (
     certificate_subject,
@@ -26,6 +29,7 @@ from imr.server.access import (
     subject_text,
 )
 from imr.server.listener import Admission, Conversations, Handler, ListenerError
+from imr.terminal import escape
 
 log = logging.getLogger("imr.listener.tcp")
 
@@ -45,6 +49,7 @@ class TcpListener:
         self._tcp: TcpConfig = config.tcp
         self._access = access
         self._conversations = Conversations(config, handler, error_type)
+        self._startups = Startups(self._tcp.startup_limits())
         self._tls: ssl.SSLContext | None = None
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -76,6 +81,11 @@ class TcpListener:
             "TLS" if self._tls else "plain TCP, loopback only",
             self._methods(),
         )
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: new certificate and token roles for the next clients
+        (whether a certificate is required stays as it was at start; reload.py)."""
+        self._access = config.access
 
     async def close(self) -> None:
         tasks = [t for t in (self._accepting, *self._clients) if t is not None]
@@ -152,20 +162,35 @@ class TcpListener:
                 log.warning("tcp accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.create_task(self._client(conn, _address_text(address)))
+            task = asyncio.create_task(self._client(conn, address))
             self._clients.add(task)
             task.add_done_callback(self._clients.discard)
 
-    async def _client(self, conn: socket.socket, remote: str) -> None:
-        with self._conversations.slot() as admitted:
+    async def _client(
+        self, conn: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]
+    ) -> None:
+        remote, source = _address_text(address), source_of(address[0])
+        why = self._startups.admit(source, random.random())  # noqa: S311 - not for secrets
+        if why is not None:
+            self._conversations.note(
+                (source, "busy"), logging.WARNING, "refused %s: %s", remote, why
+            )
+            if self._tls is None:
+                _send_now(conn, encode_text_reply(error_reply(None, "busy", f"{why}; try again")))
+            conn.close()
+            return
+        identified = False
+
+        def on_identified() -> None:
+            nonlocal identified
+            if not identified:
+                identified = True
+                self._startups.identified()
+
+        try:
             streams = None
             try:
-                if not admitted:
-                    log.warning("refused %s: %d connections open", remote, self._conversations.open)
-                    if self._tls is None:
-                        await _send_plain(conn, "busy", "too many connections; try again")
-                    return
-                streams = await self._open(conn, remote)
+                streams = await self._open(conn, remote, source)
             except Exception:
                 log.exception("tcp connection from %s failed", remote)
             finally:
@@ -173,10 +198,13 @@ class TcpListener:
                     conn.close()
             if streams is not None:  # the transport owns the socket now
                 reader, writer = streams
-                await self._conversations.serve(reader, writer, self._admit(writer, remote))
+                admission = self._admit(writer, remote, source, on_identified)
+                await self._conversations.serve(reader, writer, admission)
+        finally:
+            self._startups.closed(source, identified=identified)
 
     async def _open(
-        self, conn: socket.socket, remote: str
+        self, conn: socket.socket, remote: str, source: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Streams over the connection, after the TLS handshake; None if it failed (logged)."""
         loop = asyncio.get_running_loop()
@@ -190,7 +218,12 @@ class TcpListener:
                 return None
             if first[0] != TLS_HANDSHAKE_RECORD:
                 # Someone typed at the TLS port with nc: say so in plain text.
-                log.warning("refused %s: plain text on the TLS port", remote)
+                self._conversations.note(
+                    (source, "tls_required"),
+                    logging.WARNING,
+                    "refused %s: plain text on the TLS port",
+                    remote,
+                )
                 await _send_plain(
                     conn, "tls_required", "this port speaks TLS (use tls:// and a certificate)"
                 )
@@ -207,31 +240,63 @@ class TcpListener:
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             # No certificate, one from another CA, an expired one, or a client
             # that gave up: nothing was read, nothing to answer.
-            log.warning("refused %s: TLS handshake failed: %s", remote, _reason(exc))
+            reason = _reason(exc)  # OpenSSL's words: a small set, each worth a line
+            self._conversations.note(
+                (source, "handshake", reason),
+                logging.WARNING,
+                "refused %s: TLS handshake failed: %s",
+                remote,
+                reason,
+            )
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
-    def _admit(self, writer: asyncio.StreamWriter, remote: str) -> Admission:
+    def _admit(
+        self,
+        writer: asyncio.StreamWriter,
+        remote: str,
+        source: str,
+        identified: Callable[[], None],
+    ) -> Admission:
         peercert = writer.get_extra_info("peercert")
         if peercert:  # verified by the handshake against client_ca
             subject = certificate_subject(peercert)
             peer = identify_certificate(subject, remote, self._access)
             if peer is None:
                 text = subject_text(subject)
-                log.warning("refused %s: certificate subject %r is not mapped", remote, text)
-                return Admission(
-                    f"cert:{text} from {remote}",
-                    refusal=f"certificate subject {text!r} is not mapped in access.certificates",
+                # The subject is the client's text: escaped, so it cannot forge a log line.
+                self._conversations.note(
+                    (source, "unmapped"),
+                    logging.WARNING,
+                    "refused %s: certificate subject %s is not mapped",
+                    remote,
+                    escape(repr(text)),
                 )
-            log.info("connection from %s (roles %s)", peer.describe(), _roles(peer.roles))
+                return Admission(
+                    f"cert:{escape(text)} from {remote}",
+                    refusal=f"certificate subject {text!r} is not mapped in access.certificates",
+                    source=source,
+                )
+            identified()
+            self._conversations.note(
+                (peer.principal, "connected"),
+                logging.INFO,
+                "connection from %s (roles %s)",
+                peer.describe(),
+                _roles(peer.roles),
+            )
             return Admission(peer.describe(), peer)
         if not self._access.tokens:
-            return Admission(remote, refusal="this listener needs a client certificate")
+            return Admission(
+                remote, refusal="this listener needs a client certificate", source=source
+            )
         access = self._access
         return Admission(
             remote,
             authenticate=lambda token: identify_token(token, remote, access),
             refusal='not authenticated: send `auth TOKEN` (or {"op":"auth",...}) first',
+            source=source,
+            identified=identified,
         )
 
 
@@ -270,6 +335,12 @@ async def _send_plain(conn: socket.socket, code: str, message: str) -> None:
         conn.shutdown(socket.SHUT_WR)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(loop.sock_recv(conn, 65536), 1.0)
+
+
+def _send_now(conn: socket.socket, data: bytes) -> None:
+    """Send a short reply if the socket takes it at once; never wait (a flood is being refused)."""
+    with contextlib.suppress(OSError):
+        conn.send(data)
 
 
 def _address_text(address: tuple[str, int] | tuple[str, int, int, int]) -> str:

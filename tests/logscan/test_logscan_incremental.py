@@ -5,8 +5,14 @@ across all runs must be exactly the attack lines written, each once."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import pwd
 import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from imr.logscan.reader import StateError, StateStore
 from imr.logscan.runner import Report, scan_files
 from imr.logscan.signatures import BUILTIN
 
+from daemon_harness import NOBODY, require_unprivileged_access
 from logscan_helpers import FakeClient, benign, combined
 
 SCANNER = Scanner(BUILTIN)
@@ -187,3 +194,86 @@ def test_corrupt_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "s" / "state.json").write_text("{not json")
     with pytest.raises(StateError, match="unreadable state"), StateStore(tmp_path / "s"):
         pass
+
+
+# --- rule sets and ownership (issue #15 item 6) -----------------------------------------
+
+
+def test_offsets_are_kept_per_rule_set(log: Log, tmp_path: Path) -> None:
+    """A scan with another rule set does not move the built-in signatures' offset."""
+    log.attack(3)
+    other, builtin = FakeClient(), FakeClient()
+    with StateStore(tmp_path / "s") as store:
+        scan_files([log.path], SCANNER, store, other, max_line=65536, rule_set="fail2ban:x")
+        store.save()
+    with StateStore(tmp_path / "s") as store:
+        scan_files([log.path], SCANNER, store, builtin, max_line=65536)
+        store.save()
+    assert other.ips == builtin.ips == log.written
+    raw = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert list(raw["files"]) == list(raw["rule_sets"]["fail2ban:x"]["files"])
+
+
+def _as_user(user: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", user, "--", sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+
+
+_OPEN_STATE = """
+import sys
+from pathlib import Path
+from imr.logscan.reader import StateError, StateStore
+try:
+    with StateStore(Path(sys.argv[1])) as store:
+        print(len(store.files))
+        store.save()
+except StateError as exc:
+    print(exc)
+"""
+
+
+@pytest.fixture
+def user_state(test_users: None) -> Iterator[tuple[Path, pwd.struct_passwd]]:
+    """A state directory owned by an unprivileged user, in a world-traversable place."""
+    require_unprivileged_access()
+    root = Path(tempfile.mkdtemp(prefix="imrtest-scan-", dir="/tmp"))
+    root.chmod(0o755)
+    user = pwd.getpwnam(NOBODY)
+    state = root / "logscan"
+    state.mkdir(mode=0o750)
+    os.chown(state, user.pw_uid, user.pw_gid)
+    try:
+        yield state, user
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_root_run_keeps_the_state_owned_by_the_scanner_user(
+    log: Log, user_state: tuple[Path, pwd.struct_passwd]
+) -> None:
+    state, user = user_state
+    log.attack(2)
+    run(log, state, FakeClient())  # as root, e.g. an admin trying `imr scan` by hand
+    for name in ("state.json", "lock"):
+        st = (state / name).stat()
+        assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid), name
+    after = _as_user(NOBODY, _OPEN_STATE, str(state))
+    assert after.returncode == 0 and after.stdout.strip() == "1", after.stderr
+
+
+def test_a_state_file_root_took_over_is_refused_with_the_fix(
+    user_state: tuple[Path, pwd.struct_passwd],
+) -> None:
+    state, _ = user_state
+    (state / "state.json").write_text('{"version": 1, "files": {}, "pending": []}')
+    (state / "state.json").chmod(0o600)  # root's, as an older imr left it
+    result = _as_user(NOBODY, _OPEN_STATE, str(state))
+    assert result.returncode == 0, result.stderr
+    assert "permission denied" in result.stdout
+    assert f"As root, run: chown -R {NOBODY}: {state}" in result.stdout

@@ -111,6 +111,17 @@ def test_a_refusal_is_logged_on_one_line(tmp_path: Path) -> None:
     assert err == "imr-hook: the imr daemon refused the block: forbidden: no role"
 
 
+def test_a_text_busy_from_an_older_daemon_is_reported_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "imr.sock"
+    with fake_daemon(path, b"error busy: too many connections; try again\n"):
+        out, err = run({"IMR_IP": "203.0.113.66", "IMR_SOCKET": str(path)})
+    assert out == "imr-hook: not blocked"
+    assert (
+        err
+        == "imr-hook: not blocked: the imr daemon refused: busy: too many connections; try again"
+    )
+
+
 def test_fails_open_fast_when_the_daemon_hangs(tmp_path: Path) -> None:
     path = tmp_path / "imr.sock"
     with fake_daemon(path, None):

@@ -119,7 +119,7 @@ def test_setting_turns_it_on_and_blocks_reach_the_daemon_with_source_httpbl(
     config = write_config(tmp_path, dns_server.address, "httpbl = true\n")
     text = config.read_text().replace(f"{tmp_path}/imr.sock", str(fake_daemon.path))
     config.write_text(text + 'duration = "score"\nscore_per_rung = 10\n')
-    result = run_scan(config, str(log))
+    result = run_scan(config, str(log), "--verbose")  # the counts are part of the summary
     assert result.exit_code == 0, result.output
     assert f"blocked {LISTED} httpbl severity=4" in result.output
     assert "http:BL: 2 lookups, 1 listed, 1 to block" in result.output
