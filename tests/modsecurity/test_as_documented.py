@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from documented import BLOCK, DETECT, debian_crs_missing, documented_server
@@ -72,10 +72,11 @@ def extra_attackers(daemon: Daemon, count: int) -> list[str]:
     return addresses
 
 
-def shown(daemon: Daemon, address: str) -> dict[str, object]:
+def shown(daemon: Daemon, address: str) -> dict[str, Any]:
     result = daemon.as_root("show", address, "--json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
 
 
 def blocked_as(daemon: Daemon, web: WebServer, address: str, rule: int) -> None:
@@ -85,7 +86,7 @@ def blocked_as(daemon: Daemon, web: WebServer, address: str, rule: int) -> None:
         return shown(daemon, address)["active"] is not None
 
     assert daemon.wait_for(listed, 5), web.error_log.read_text(errors="replace")[-3000:]
-    block = shown(daemon, address)["blocks"][-1]  # type: ignore[index]
+    block = shown(daemon, address)["active"]  # the block just made: `blocks` is its history
     assert (block["source"], block["reason"]) == (f"modsecurity:{rule}", f"ModSecurity rule {rule}")
     assert f"-A IMR -s {address}/32 " in daemon.rules(4)
     again = get(daemon.attacker, SERVER_V4, "/", source=address)
@@ -124,7 +125,7 @@ def test_the_detection_only_vhost_stays_detection_only(
             assert get(daemon.attacker, SERVER_V4, SQLI, vhost=DETECT).status == 200
         # A scanner matched there gets its 403 without leaving the vhost blocking.
         assert get(daemon.attacker, SERVER_V4, "/x/soapCaller.bs", vhost=DETECT).status == 403
-        assert shown(daemon, ATTACKER_V4)["blocks"][0]["source"] == "modsecurity:99904"  # type: ignore[index]
+        assert shown(daemon, ATTACKER_V4)["active"]["source"] == "modsecurity:99904"
         assert daemon.as_root("unblock", ATTACKER_V4).returncode == 0
         time.sleep(0.5)
         assert get(daemon.attacker, SERVER_V4, SQLI, vhost=DETECT).status == 200
