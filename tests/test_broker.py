@@ -289,7 +289,7 @@ def test_a_reload_that_allowlists_a_blocked_address_lifts_it(tmp_path: Path) -> 
     lifts it from the kernel and records it as `protected`; other blocks stay."""
 
     async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, store):
+        async with running(tmp_path) as (broker, backend, _clock, store):
             await block(broker, ATTACKER)
             await block(broker, "203.0.113.99")
             reloaded = Config.model_validate(
