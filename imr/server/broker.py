@@ -26,7 +26,6 @@ from typing import Any
 
 from imr.backends.base import (
     Backend,
-    BackendError,
     Drift,
     KernelBlock,
 )
@@ -40,8 +39,6 @@ from imr.core.addresses import (
     parse_target,
 )
 from imr.core.clock import Clock
-from imr.core.clock_steps import StepDetector
-from imr.core.durations import format_duration
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
 from imr.core.quota import QuotaLedger
@@ -76,6 +73,7 @@ from imr.server.changes import (
 from imr.server.metrics import Metrics
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.server.transaction import BatchCommitter
+from imr.server.upkeep import Upkeep
 from imr.store import BlockRecord, Store
 
 __all__ = ["AddressView", "Broker", "BrokerError", "stored_address", "stored_target"]
@@ -88,14 +86,6 @@ EXPIRY_TICK = 0.25  # seconds between expiry checks: blocks lift within a second
 
 # Backends whose entries are not re-armed on a report: iptables rules never time out.
 _NO_REARM = frozenset({"iptables"})
-
-# Hit retention: old hits go every PRUNE_INTERVAL seconds (the first time PRUNE_FIRST after
-# start), PRUNE_ROWS per writer turn with PRUNE_PAUSE between turns, so a backlog of
-# millions never holds the writer for long.
-PRUNE_INTERVAL = 3600.0
-PRUNE_FIRST = 60.0
-PRUNE_ROWS = 5000
-PRUNE_PAUSE = 0.05
 
 
 class Broker:
@@ -142,13 +132,21 @@ class Broker:
             self.metrics,
         )
         self._change_log = LineBudget(config.server.log_changes_per_second)
-        self._steps = StepDetector()
         # Re-arm a block's kernel entry on every report of it; not for iptables, whose
         # rules never time out and whose apply reads the whole chain.
         rearm = backend.name not in _NO_REARM
         health = StateHealth(store.path, monotonic)  # the writer thread's
         self._committer = BatchCommitter(
             store, backend, clock, health, self._active, config.policy.to_ladder(), rearm
+        )
+        self._upkeep = Upkeep(
+            (config.state, config.firewall),
+            (clock, monotonic),
+            store,
+            self._committer,
+            self.metrics,
+            self._turn,
+            self._in_writer,
         )
 
     # Life cycle -------------------------------------------------------------------
@@ -229,10 +227,10 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="imr-writer"),
             asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
-            asyncio.create_task(self._prune_loop(), name="imr-prune"),
+            asyncio.create_task(self._upkeep.prune_loop(), name="imr-prune"),
         ]
         if self._config.firewall.drift_check:
-            self._tasks.append(asyncio.create_task(self._drift_loop(), name="imr-drift"))
+            self._tasks.append(asyncio.create_task(self._upkeep.drift_loop(), name="imr-drift"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -420,88 +418,19 @@ class Broker:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
 
-    # Clock steps ------------------------------------------------------------------
+    # Upkeep -----------------------------------------------------------------------
 
     async def check_clock(self) -> float | None:
-        """Notice a step of the wall clock (the expiry loop calls it every tick; tests call
-        it) and make the kernel agree with the state again; return the step in seconds.
-
-        Kernel timeouts count down on their own, but the daemon's expiries are wall-clock
-        times: after a step back the kernel would lift blocks early (by the step), and
-        after a step forward the expiry loop lifts them early in both. So on a step the
-        kernel's entries are all written again from the index, with their remaining time
-        as the wall clock now counts it (imr.core.clock_steps tells a step from time passing).
-        """
-        step = self._steps.step(self._clock.now(), self._monotonic())
-        if step is None:
-            return None
-        log.warning(
-            "the wall clock stepped %s by %.0f s; writing every active block's timeout to"
-            " the kernel again",
-            "forward" if step > 0 else "back",
-            abs(step),
-            extra={"event": "clock_step", "seconds": step},
-        )
-        async with self._turn:  # between batches: the index matches what the writer applied
-            await self._in_writer(self._committer.rearm_all)
-        return step
-
-    # Hit retention ----------------------------------------------------------------
+        """See Upkeep.check_clock (the expiry loop calls it every tick; tests call it)."""
+        return await self._upkeep.check_clock()
 
     async def prune_hits(self) -> int:
-        """Delete the hits older than state.hit_retention, looking at PRUNE_ROWS at a time,
-        each step its own turn of the writer thread (batches go in between); return how
-        many (the prune loop calls it every PRUNE_INTERVAL; tests call it)."""
-        retention = self._config.state.hit_retention
-        now = self._clock.now()
-        total, after = 0, 0
-        while True:
-            step = self._store.prune_hits, now - retention, now, PRUNE_ROWS, after
-            deleted: int
-            going_on: int | None
-            deleted, going_on = await self._in_writer(*step)
-            total += deleted
-            if going_on is None:
-                break
-            after = going_on
-            await asyncio.sleep(PRUNE_PAUSE)
-        if total:
-            log.info(
-                "deleted %d reports older than %s (state.hit_retention)",
-                total,
-                format_duration(retention),
-                extra={"event": "hits_pruned", "count": total},
-            )
-        return total
-
-    async def _prune_loop(self) -> None:
-        await asyncio.sleep(PRUNE_FIRST)
-        while True:
-            try:
-                await self.prune_hits()
-            except Exception as exc:  # a full disk, say: the next round tries again
-                log.warning("deleting old reports failed: %s; trying again later", exc)
-            await asyncio.sleep(PRUNE_INTERVAL)
-
-    # Drift ------------------------------------------------------------------------
-
-    async def _drift_loop(self) -> None:
-        interval = self._config.firewall.drift_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.check_drift()
-            except BackendError as exc:  # the tool's own message says enough
-                log.error("drift check failed: %s; trying again in %d s", exc, interval)
-            except Exception:
-                log.exception("drift check failed; trying again in %d s", interval)
+        """See Upkeep.prune_hits (its loop calls it every PRUNE_INTERVAL; tests call it)."""
+        return await self._upkeep.prune_hits()
 
     async def check_drift(self) -> Drift:
-        """Check imr's kernel objects against the index and repair them (the drift loop calls
-        it every firewall.drift_interval; tests call it). Returns what was found."""
-        async with self._turn:  # between batches: the index matches what the writer applied
-            drift: Drift = await self._in_writer(self._committer.check_and_repair, self.metrics)
-            return drift
+        """See Upkeep.check_drift (its loop calls it every firewall.drift_interval)."""
+        return await self._upkeep.check_drift()
 
     # The writer -------------------------------------------------------------------
 
