@@ -32,6 +32,9 @@ from pathlib import Path
 
 import click
 
+from imr.backends import auto_choice
+from imr.backends.base import BackendError
+from imr.backends.xtables import resolve_flavour
 from imr.cli_context import CliContext
 from imr.config import Config
 from imr.store import SCHEMA_VERSION
@@ -419,8 +422,36 @@ def check_kernel(config: Config, probe: Callable[[], dict[str, str | None]]) -> 
         ]
     findings = [ok("kernel", f"{m}: the kernel takes imr's rules and sets") for m in usable]
     if backend == "auto":
-        findings.append(ok("backend", f"auto would choose {usable[0]}"))
+        findings.append(check_auto_choice(config, results))
     return findings
+
+
+def check_auto_choice(config: Config, results: dict[str, str | None]) -> Finding:
+    """What the daemon's `auto` would take: the registry's order, and for iptables the
+    flavour the daemon's own detection picks (never a re-detection of doctor's own)."""
+    choice = auto_mechanism(config, lambda mechanism: results.get(mechanism, "") is None)
+    if results.get(choice, "") is None:
+        return ok("backend", f"auto would choose {choice}")
+    return problem(
+        "backend",
+        f"auto would choose {choice}, which the kernel refuses here",
+        "set firewall.backend (and firewall.iptables_flavour) to one the kernel takes",
+    )
+
+
+def auto_mechanism(config: Config, works: Callable[[str], bool]) -> str:
+    """The kernel mechanism `auto` takes given which ones `works`; iptables is the last resort."""
+
+    def mechanism(name: str) -> str:
+        if name != "iptables":
+            return name
+        try:
+            flavour, _ = resolve_flavour(config.firewall)
+        except BackendError as exc:
+            return f"iptables ({exc})"
+        return f"iptables-{flavour}"
+
+    return mechanism(auto_choice(lambda name: works(mechanism(name))) or "iptables")
 
 
 def _wanted_mechanisms(config: Config) -> list[str]:

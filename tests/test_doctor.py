@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from imr.backends import make_backend
 from imr.cli_context import CliContext
 from imr.config import Config, load_config
 from imr.doctor import (
@@ -314,6 +315,41 @@ def test_kernel_probes_run_in_a_throwaway_namespace_only() -> None:
         assert "imr_doctor" not in ns.run("nft", "list", "tables").stdout
         assert "IMR_DOCTOR" not in ns.run("iptables-nft-save").stdout
         assert "imr-doctor" not in ns.run("ipset", "list", "-n", check=False).stdout
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("missing", "legacy_chain", "expected"),
+    [
+        ((), False, "nftables"),
+        (("nft",), False, "ipset"),
+        (("nft", "ipset"), False, "iptables-nft"),
+        # imr's chain already in the legacy tables: the daemon stays there, and doctor says so.
+        (("nft", "ipset"), True, "iptables-legacy"),
+    ],
+)
+def test_doctor_names_the_backend_the_daemon_chooses(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    missing: tuple[str, ...],
+    legacy_chain: bool,
+    expected: str,
+) -> None:
+    config = make_config(tmp_path, backend="auto")
+    path = path_without(tmp_path, *missing)
+    with netns("imrdoc") as ns, ns.entered(), monkeypatch.context() as patch:
+        if legacy_chain:
+            ns.run("iptables-legacy", "-N", "IMR")
+        patch.setenv("PATH", path)  # only now: `ip` makes and deletes the namespace
+        tools = Tools.find()
+        with throwaway_netns() as inside:
+            results = kernel_probes(tools, inside)
+        said = [f.message for f in check_kernel(config, lambda: results) if f.check == "backend"]
+        chosen = make_backend(config.firewall).backend
+    flavour = getattr(chosen, "flavour", "")
+    name = f"iptables-{flavour}" if chosen.name == "iptables" else chosen.name
+    assert said == [f"auto would choose {name}"]
+    assert name == expected
 
 
 # The clock ------------------------------------------------------------------------
