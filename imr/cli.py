@@ -15,25 +15,27 @@ from typing import Any, NoReturn, TextIO, TypeVar
 import click
 
 from imr import __version__
-from imr.cli_context import CliContext
-from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
+from imr.cli_context import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliContext,
+    NotRunning,
+    client_errors,
+    error_for,
+)
+from imr.client import Client, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import parse_duration
 from imr.protocol import MAX_LIST_LIMIT
 from imr.terminal import escape
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 _T = TypeVar("_T")
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"imr: {message}", err=True)
-    sys.exit(code)
+    """Stop the command with `imr: message` and exit status `code` (see CliError)."""
+    raise error_for(code)(message)
 
 
 def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
@@ -47,14 +49,8 @@ def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[dict[str, 
 
 
 def _asking(ask: Callable[[Client], _T], ctx: CliContext) -> _T:
-    try:
+    with client_errors():
         return ask(ctx.client())
-    except DaemonUnavailable as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except RequestFailed as exc:
-        fail(f"{exc.message} [{exc.code}]")
-    except ClientError as exc:
-        fail(str(exc))
 
 
 class _MainGroup(click.Group):
@@ -221,7 +217,7 @@ def server_stop(ctx: CliContext) -> None:
     try:
         pid = stop_daemon(ctx.config)
     except DaemonNotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
+        raise NotRunning(str(exc)) from None
     except DaemonError as exc:
         fail(str(exc))
     except PermissionError:
@@ -240,7 +236,7 @@ def server_reload(ctx: CliContext) -> None:
     try:
         pid = reload_daemon(ctx.config)
     except DaemonNotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
+        raise NotRunning(str(exc)) from None
     except DaemonError as exc:
         fail(str(exc))
     except PermissionError:
