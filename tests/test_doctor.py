@@ -23,19 +23,13 @@ from click.testing import CliRunner, Result
 from imr.backends import make_backend
 from imr.cli_context import CliContext
 from imr.config import Config, load_config
-from imr.doctor import (
-    Finding,
-    Level,
-    Tools,
-    check_clock,
-    check_flavour,
-    check_kernel,
-    check_socket,
-    check_state,
-    doctor,
-    kernel_probes,
-    throwaway_netns,
-)
+from imr.doctor import doctor
+from imr.doctor.clock import check_clock
+from imr.doctor.daemon import check_socket
+from imr.doctor.findings import Finding, Level
+from imr.doctor.kernel import check_kernel, kernel_probes, throwaway_netns
+from imr.doctor.state import check_state
+from imr.doctor.tools import Tools, check_flavour
 from imr.store import SCHEMA_VERSION, Store
 
 from daemon_harness import Daemon, daemon_world, ensure_test_users, remove_test_users
@@ -258,7 +252,7 @@ def test_a_missing_tool_is_named_with_the_package(tmp_path: Path) -> None:
 def test_auto_with_no_firewall_tool_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path, backend="auto")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr("imr.doctor._has_libnftables", lambda: False)
+    monkeypatch.setattr("imr.doctor.tools._has_libnftables", lambda: False)
     result = invoke(config, "--no-kernel-probe")
     assert result.exit_code == 1
     assert "no firewall backend has its tools" in result.output
