@@ -6,6 +6,7 @@ Exit status: 0 success, 1 refused or failed, 2 usage or configuration error,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from imr.cli_context import (
     EXIT_FAILED,
     EXIT_USAGE,
     CliContext,
+    CliError,
     NotRunning,
     client_errors,
     error_for,
@@ -212,16 +214,10 @@ def server_start(ctx: CliContext, foreground: bool, log_json: bool, adopt_kernel
 @click.pass_obj
 def server_stop(ctx: CliContext) -> None:
     """Stop the daemon; blocks stay in the kernel and the state file."""
-    from imr.server.daemon import DaemonError, DaemonNotRunning, stop_daemon
+    from imr.server.daemon import stop_daemon
 
-    try:
+    with _signalling("stop"):
         pid = stop_daemon(ctx.config)
-    except DaemonNotRunning as exc:
-        raise NotRunning(str(exc)) from None
-    except DaemonError as exc:
-        fail(str(exc))
-    except PermissionError:
-        fail("only root can stop the daemon")
     click.echo(f"imr stopped (pid {pid}); blocks stay in force")
 
 
@@ -229,19 +225,28 @@ def server_stop(ctx: CliContext) -> None:
 @click.pass_obj
 def server_reload(ctx: CliContext) -> None:
     """Reopen the log and read the configuration again (SIGHUP); a bad one is refused."""
-    from imr.server.daemon import DaemonError, DaemonNotRunning, reload_daemon
+    from imr.server.daemon import reload_daemon
 
     # The configuration was read (and checked) before this runs: a bad one already
     # failed with its message, and the daemon keeps the one in force.
-    try:
+    with _signalling("reload"):
         pid = reload_daemon(ctx.config)
+    click.echo(f"imr (pid {pid}) asked to reload {ctx.config_path}; its log says what changed")
+
+
+@contextlib.contextmanager
+def _signalling(verb: str) -> Iterator[None]:
+    """Errors of signalling the daemon as CliErrors; no daemon exits 3."""
+    from imr.server.daemon import DaemonError, DaemonNotRunning
+
+    try:
+        yield
     except DaemonNotRunning as exc:
         raise NotRunning(str(exc)) from None
     except DaemonError as exc:
-        fail(str(exc))
+        raise CliError(str(exc)) from None
     except PermissionError:
-        fail("only root can reload the daemon")
-    click.echo(f"imr (pid {pid}) asked to reload {ctx.config_path}; its log says what changed")
+        raise CliError(f"only root can {verb} the daemon") from None
 
 
 @server.command("status")

@@ -42,16 +42,11 @@ CONNTRACK_NEW = ("-m", "conntrack", "--ctstate", "NEW")
 
 
 def run_tool(
-    argv: Sequence[str], input_text: str | None = None
+    argv: Sequence[str], input_text: str | None = None, timeout: float = TOOL_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     """Run a firewall tool with an argument list (never a shell) and capture its output."""
     return subprocess.run(
-        list(argv),
-        capture_output=True,
-        text=True,
-        input=input_text,
-        timeout=TOOL_TIMEOUT,
-        check=False,
+        list(argv), capture_output=True, text=True, input=input_text, timeout=timeout, check=False
     )
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from imr.backends.xtables import run_tool
+
 PROBE_TIMEOUT = 15.0
 APT_HINT = {
     "iptables": "apt-get install iptables",
@@ -54,14 +56,7 @@ Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 def run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a tool with an argument list (never a shell); a missing or hung tool is a result."""
     try:
-        return subprocess.run(
-            list(argv),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
+        return run_tool(argv, stdin, timeout=PROBE_TIMEOUT)
     except FileNotFoundError:
         return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]}: not found")
     except (OSError, subprocess.TimeoutExpired) as exc:
