@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from imr.backends import base
 from imr.backends.base import Backend, BackendError, Drift, Expected, KernelBlock, Slot
 from imr.backends.xtables import (
     FLAVOUR_LABELS,
@@ -101,11 +102,8 @@ GUARD_TEXT = " ".join(GUARD)
 
 
 def _canonical_port(spec: str) -> str:
-    # iptables prints ports without leading zeros; matching its form avoids needless rewrites.
-    low, _, high = spec.partition(":")
-    if not high or int(high) == int(low):
-        return str(int(low))
-    return f"{int(low)}:{int(high)}"
+    low, high = base.port_range(spec)
+    return str(low) if low == high else f"{low}:{high}"  # as `iptables -S` prints it
 
 
 def _cidr(target: Target) -> str:

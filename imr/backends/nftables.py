@@ -77,6 +77,7 @@ from imr.backends.base import (
     Expected,
     KernelBlock,
     Slot,
+    port_range,
     slot_of,
     slot_of_text,
 )
@@ -164,10 +165,8 @@ def _rules(config: FirewallConfig) -> list[str]:
 
 
 def _port(spec: str) -> str:
-    low, _, high = spec.partition(":")
-    if not high or int(high) == int(low):
-        return str(int(low))
-    return f"{int(low)}-{int(high)}"
+    low, high = port_range(spec)
+    return str(low) if low == high else f"{low}-{high}"  # nft writes a range low-high
 
 
 def _timeout(seconds: int) -> str:
