@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import Rows, load, require_root
+
 from imr.backends.libnftables import LibNftables
 
 # The test helpers' namespaces (tests/ is not a package; mypy checks it on its own).
