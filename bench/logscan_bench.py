@@ -75,12 +75,13 @@ LOOKALIKE_AGENTS = [
     "SecurityBlogReader/2.0 ({})",
 ]
 LOOKALIKE_QUERIES = ["/search?q={}", "/blog/attacks?topic={}&page=2", "/docs/view?file=/{}"]
-# The same attacks as one fail2ban filter (failregex per signature, as an operator would write).
+# The same attacks as one fail2ban filter (failregex per signature, as an operator would write);
+# like imr's tests, the path ones look at the path only (not the query string).
 F2B_FILTER = r"""[Definition]
-failregex = ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^"]*bin/msgimport
+failregex = ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^" ?]*/bin/msgimport[ ?]
             ^<HOST> \S+ \S+ \[\] "[A-Z]+ /(?i:w00tw00t\.at\.)
-            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^"]*(?i:soapcaller\.bs)
-            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^" ?]*(?i:cmd|root)\.exe
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^" ?]*/(?i:soapcaller\.bs)[ ?]
+            ^<HOST> \S+ \S+ \[\] "[A-Z]+ [^" ?]*(?i:cmd|root)\.exe[ ?]
             ^<HOST> \S+ \S+ \[\] "[A-Z]+ /default\.ida\?[NX]{20,}
             ^<HOST> \S+ \S+ \[\] "[A-Z]+ (?i:https?://)
             ^<HOST> \S+ \S+ \[\] "[^"]*" \d+ \S+ "[^"]*" "[^"]*(?i:morfeus)
