@@ -17,7 +17,7 @@ import imr.backends.iptables as iptables_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock
 from imr.backends.dryrun import DryRunBackend
 from imr.backends.iptables import IptablesBackend
-from imr.backends.xtables import detect_flavour
+from imr.backends.xtables import detect_flavour, run_tool
 from imr.config import FirewallConfig
 from imr.core.addresses import IPAddress, Target
 
@@ -222,7 +222,7 @@ class IptablesConformance(BackendConformance):
         makes that batch fail whole; the chain is then read and the change made."""
         backend.apply(blocks(V4_A, V4_B), [])
         calls: list[str] = []
-        real_run = iptables_module.run_tool
+        real_run = run_tool
 
         def counting_run(argv: Sequence[str], *args: Any) -> subprocess.CompletedProcess[str]:
             calls.append(" ".join(argv))
