@@ -254,8 +254,10 @@ class IpsetBackend(Backend):
             writer.commit(steps)
             return True
         except ipset_netlink.IpsetRefused as exc:
-            if exc.code == _ENOENT and not exc.done:
-                return False  # a set is missing: the fallback recreates it
+            if exc.code == _ENOENT:
+                # A set is missing: the fallback recreates it and makes the whole change
+                # again (re-adding and deleting are idempotent).
+                return False
             raise BackendError(_refusal(exc, steps)) from None
         except OSError as exc:
             log.info("ipset change over raw netlink failed (%s); using pyroute2", exc)
