@@ -6,8 +6,10 @@ its configuration, socket, pid file, database and log in a temporary
 directory; it is stopped with `fail2ban-client stop` and, failing that,
 killed by that pid. One jail, `imrbench`, with an nftables action (one
 `nft add element` per ban, fail2ban's own mechanism) on ports 80 and 443,
-like the imr bench daemon's configuration. Bans come from
-`fail2ban-client set imrbench banip ...`.
+like the imr bench daemon's configuration; or fail2ban's `iptables-multiport`
+action (one `ip6tables -I f2b-imrbench 1 -s IP -j REJECT` per ban) with the
+nft or the legacy iptables flavour (`action="iptables-nft"`/`"iptables-legacy"`).
+Bans come from `fail2ban-client set imrbench banip ...`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def version() -> str:
 class Fail2ban:
     ns: str
     root: Path
+    action: str = "nftables"  # or "iptables-nft", "iptables-legacy"
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,7 +99,19 @@ class Fail2ban:
                 raise RuntimeError(f"fail2ban-client banip failed: {result.stderr.strip()}")
 
     def in_kernel(self) -> int:
-        """Elements in fail2ban's IPv6 set (its nftables action's table f2b-table)."""
+        """Bans in the kernel: elements in fail2ban's IPv6 set (its nftables action's table
+        f2b-table), or rules in its ip6tables chain f2b-imrbench."""
+        if self.action.startswith("iptables-"):
+            tool = f"ip6tables-{self.action.removeprefix('iptables-')}"
+            listing = subprocess.run(
+                ["ip", "netns", "exec", self.ns, tool, "-w", "10", "-S", f"f2b-{JAIL}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            prefix = f"-A f2b-{JAIL} -s "
+            return sum(1 for line in listing.stdout.splitlines() if line.startswith(prefix))
         result = subprocess.run(
             [
                 "ip",
@@ -139,8 +154,9 @@ class Fail2ban:
 
 
 @contextlib.contextmanager
-def fail2ban(ns: str) -> Iterator[Fail2ban]:
-    """A configured fail2ban for namespace `ns`; stopped and its directory removed afterwards."""
+def fail2ban(ns: str, action: str = "nftables") -> Iterator[Fail2ban]:
+    """A configured fail2ban for namespace `ns`; stopped and its directory removed afterwards.
+    `action`: "nftables", "iptables-nft" or "iptables-legacy" (see the module docstring)."""
     root = Path(tempfile.mkdtemp(prefix="imrbench-f2b-"))
     etc = root / "etc"
     shutil.copytree(ETC, etc, symlinks=True)
@@ -157,13 +173,24 @@ def fail2ban(ns: str) -> Iterator[Fail2ban]:
     )
     (etc / "filter.d" / f"{JAIL}.conf").write_text("[Definition]\nfailregex = ^never <HOST>$\n")
     (root / "empty.log").write_text("")
+    banaction = "nftables"
+    if action.startswith("iptables-"):
+        banaction = "iptables"
+        flavour = action.removeprefix("iptables-")
+        # iptables.conf runs plain `iptables`/`ip6tables` (the host's alternative): name the
+        # flavour's own tool instead.
+        (etc / "action.d" / "iptables.local").write_text(
+            f"[Init]\niptables = iptables-{flavour} <lockingopt>\n"
+            f"[Init?family=inet6]\niptables = ip6tables-{flavour} <lockingopt>\n"
+        )
     (etc / "jail.local").write_text(
-        "[DEFAULT]\nbanaction = nftables-multiport\nbanaction_allports = nftables-allports\n"
+        f"[DEFAULT]\nbanaction = {banaction}-multiport\n"
+        f"banaction_allports = {banaction}-allports\n"
         f"[{JAIL}]\nenabled = true\nfilter = {JAIL}\nbackend = polling\n"
         f"logpath = {root}/empty.log\nport = 80,443\nprotocol = tcp\nmaxretry = 1\n"
         "bantime = 1d\n"
     )
-    f2b = Fail2ban(ns, root)
+    f2b = Fail2ban(ns, root, action)
     try:
         yield f2b
     finally:

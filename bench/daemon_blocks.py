@@ -27,7 +27,12 @@ With fail2ban installed (Debian package fail2ban), the same namespace setup
 runs a fail2ban-server of its own (bench/_fail2ban.py, nftables action) and
 bans addresses with `fail2ban-client set JAIL banip`, 500 per call (its best
 case: one client process per ban would be far slower), timed until the
-kernel holds them all; the ratio is imr's 50-client rate over that.
+kernel holds them all; the ratio is imr's 50-client rate over that. For the
+per-address iptables backend it runs fail2ban's `iptables-multiport` action
+with the same iptables flavour (`--flavour`) instead: the single-ban latency
+(`fail2ban-client set JAIL banip IP`, one at a time, until the rule is in the
+kernel, polled with `ip6tables -S`; fail2ban-client's own start-up counts, as
+it does for a user) and its ban throughput as above, each with the ratio.
 
 `--profile FILE` records the daemon with py-spy (pip install py-spy) during
 the 50-client run of the first backend (raw collapsed stacks, GIL holder only).
@@ -93,10 +98,11 @@ def kernel_count(daemon: BenchDaemon) -> int:
 
 
 def bench_backend(
-    backend: str, count: int, clients: int, rows: Rows, profile: Path | None
-) -> float:
-    """Rows for one backend; returns its best rate (single requests or block_many)."""
-    with bench_daemon(backend, prefix="imrblk") as daemon:
+    backend: str, count: int, clients: int, rows: Rows, profile: Path | None, flavour: str
+) -> tuple[float, float, float]:
+    """Rows for one backend; returns its best rate (single requests or block_many), its
+    50-client rate for one address a request, and its single-block p50 (seconds)."""
+    with bench_daemon(backend, flavour, prefix="imrblk") as daemon:
         daemon.start()
         next_ip = iter(range(10**7))
 
@@ -106,6 +112,7 @@ def bench_backend(
         block_load(daemon.socket, fresh(min(200, count)), 1)  # warm-up (imports, caches)
 
         elapsed, latencies = block_load(daemon.socket, fresh(count), 1)
+        single_p50 = percentile(latencies, 0.5)
         rows.add(
             f"{backend}: single-block latency p50 / p99 (1 client)",
             f"{percentile(latencies, 0.5) * 1000:.2f} ms"
@@ -143,6 +150,7 @@ def bench_backend(
             spy.send_signal(2)
             spy.wait(60)
         rate = many / elapsed
+        per_request = rate
         rows.add(
             f"{backend}: throughput, {clients} clients",
             f"{rate:,.0f} blocks/s (p50 {percentile(latencies, 0.5) * 1000:.1f} ms,"
@@ -177,7 +185,48 @@ def bench_backend(
                 f" expected {expected}"
             )
         rows.add(f"{backend}: kernel entries after the run (all acknowledged)", f"{found:,}")
-        return rate
+        return rate, per_request, single_p50
+
+
+def bench_fail2ban_iptables(
+    flavour: str, bans: int, rows: Rows, imr_p50: float, imr_rate: float
+) -> None:
+    """fail2ban's iptables-multiport action beside the per-address iptables backend."""
+    ns = f"imrf2b-{os.getpid()}"
+    run(["ip", "netns", "add", ns])
+    singles = 15
+    try:
+        with _fail2ban.fail2ban(ns, f"iptables-{flavour}") as f2b:
+            f2b.start()
+            latencies = []
+            for i in range(singles):
+                t0 = time.perf_counter()
+                f2b.ban([v6_address(2 * 10**6 + i)])
+                if f2b.wait_in_kernel(i + 1, timeout=60, poll=0.002) is None:
+                    raise SystemExit("fail2ban did not put a ban in the kernel in 60 s")
+                latencies.append(time.perf_counter() - t0)
+            ips = [v6_address(10**6 + i) for i in range(bans)]
+            t0 = time.perf_counter()
+            f2b.ban(ips)
+            if f2b.wait_in_kernel(singles + bans, timeout=900, poll=0.2) is None:
+                raise SystemExit(f"fail2ban did not put {bans} bans in the kernel in 900 s")
+            rate = bans / (time.perf_counter() - t0)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    f2b_p50 = percentile(latencies, 0.5)
+    what = f"fail2ban {_fail2ban.version()} iptables-multiport ({flavour} flavour)"
+    rows.add(
+        f"single-block p50: imr iptables vs {what} ({singles} bans one at a time)",
+        f"{imr_p50 * 1000:.1f} ms",
+        f"{f2b_p50 * 1000:.1f} ms",
+        f"{f2b_p50 / imr_p50:,.1f} x faster",
+    )
+    rows.add(
+        f"throughput: imr iptables, 50 clients, vs {what} ({bans:,} bans, banip 500 per call)",
+        f"{imr_rate:,.0f} blocks/s",
+        f"{rate:,.0f} bans/s",
+        f"{imr_rate / rate:,.1f} x",
+    )
 
 
 def bench_fail2ban(bans: int, rows: Rows, imr_rate: float) -> None:
@@ -210,6 +259,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="fewer blocks (bench/run-all)")
     parser.add_argument("--skip-fail2ban", action="store_true")
+    parser.add_argument(
+        "--flavour", choices=["nft", "legacy"], default="nft", help="iptables flavour"
+    )
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon")
     parser.add_argument("--rows", type=Path, help="append result rows (JSON lines) here")
     args = parser.parse_args()
@@ -224,9 +276,16 @@ def main() -> None:
             count = 1000
         if backend == "iptables":  # per-address rules: ~10-100 ms a change as the chain grows
             count = min(count, 150 if args.quick else 500)
-        rate = bench_backend(backend, count, args.clients, rows, args.profile if i == 0 else None)
+        profile = args.profile if i == 0 else None
+        rate, per_request, p50 = bench_backend(
+            backend, count, args.clients, rows, profile, args.flavour
+        )
         if backend == "nftables":
             nft_rate = rate
+        if backend == "iptables" and not args.skip_fail2ban and _fail2ban.available():
+            bench_fail2ban_iptables(
+                args.flavour, 200 if args.quick else 500, rows, p50, per_request
+            )
     if nft_rate is not None and not args.skip_fail2ban and _fail2ban.available():
         bench_fail2ban(500 if args.quick else FAIL2BAN_BANS, rows, nft_rate)
     print(f"daemon_blocks: {load()} at end", file=sys.stderr)

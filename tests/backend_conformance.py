@@ -221,6 +221,17 @@ class BackendConformance:
 
     # -- the kernel is the truth ------------------------------------------------
 
+    def test_a_batch_of_500_lands_completely(self, server_ns: Netns, backend: Backend) -> None:
+        """One apply() of 500 addresses of both families (set backends send them as lists),
+        then one that takes 250 out and puts 250 others in: the kernel holds exactly the rest."""
+        first = [ip(f"2001:db8:7::{i:x}") for i in range(1, 401)]
+        first += [ip(f"192.0.2.{i}") for i in range(1, 101)]
+        backend.apply(blocks(*first), [])
+        self.expect(server_ns, *first)
+        second = [ip(f"2001:db8:8::{i:x}") for i in range(1, 251)]
+        backend.apply(blocks(*second), first[:250])
+        self.expect(server_ns, *first[250:], *second)
+
     def test_installed_reads_the_kernel(
         self, server_ns: Netns, backend: Backend, make_backend: MakeBackend
     ) -> None:

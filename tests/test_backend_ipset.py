@@ -23,6 +23,7 @@ from backend_conformance import (
     MakeBackend,
     TimeoutConformance,
     blocks,
+    expected_for,
     target,
 )
 from netns import Netns
@@ -180,6 +181,38 @@ class IpsetConformance(TimeoutConformance):
         backend = IpsetBackend(BackendConformance.default_config, self.flavour)
         with pytest.raises(BackendError, match="ipset create imr4"):
             backend.prepare()
+
+    def test_a_refused_entry_in_a_batch(self, server_ns: Netns, backend: Backend) -> None:
+        """A full set refuses the 101st new address of a 500-address batch: BackendError
+        names it, the batch's removals are not made (no address of a failed batch is
+        unblocked), the additions before it are in, and the drift check then finds them."""
+        kept = [ipaddress.ip_address(f"2001:db8:6::{i:x}") for i in range(1, 11)]
+        backend.apply(blocks(*kept), [])
+        # The live set swapped for one of the same type that holds 110 entries at most.
+        server_ns.run(
+            "ipset",
+            "create",
+            "small6",
+            "hash:ip",
+            "family",
+            "inet6",
+            "timeout",
+            "0",
+            "maxelem",
+            "110",
+        )
+        for address in kept:
+            server_ns.run("ipset", "add", "small6", str(address), "timeout", "0")
+        server_ns.run("ipset", "swap", "small6", "imr6")
+        server_ns.run("ipset", "destroy", "small6")
+        batch = [ipaddress.ip_address(f"2001:db8:7::{i:x}") for i in range(1, 501)]
+        with pytest.raises(BackendError, match=r"entry 101 of its list .*hash is full") as info:
+            backend.apply(blocks(*batch), kept[:5])
+        assert "100 of the batch's 505 changes were made" in str(info.value)
+        assert set(self.read_blocked(server_ns, 6)) == {*kept, *batch[:100]}
+        wanted = blocks(*kept)
+        drift = backend.check(expected_for(wanted))
+        assert drift.entries and not drift.structure
 
 
 class TestIpsetNftFlavour(IpsetConformance):

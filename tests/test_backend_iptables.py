@@ -17,7 +17,7 @@ import imr.backends.iptables as iptables_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock
 from imr.backends.dryrun import DryRunBackend
 from imr.backends.iptables import IptablesBackend
-from imr.backends.xtables import detect_flavour
+from imr.backends.xtables import detect_flavour, run_tool
 from imr.config import FirewallConfig
 from imr.core.addresses import IPAddress, Target
 
@@ -26,6 +26,7 @@ from backend_conformance import (
     NET4_A,
     V4_A,
     V4_B,
+    V4_C,
     V6_A,
     V6_B,
     BackendConformance,
@@ -212,6 +213,28 @@ class IptablesConformance(BackendConformance):
             assert len(rules) == 1
             assert f"-s {address}/" in rules[0]
             assert "--dports 443 " in rules[0]
+
+    def test_a_change_is_one_process_and_survives_edits_behind_its_back(
+        self, server_ns: Netns, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """After a change, the next one makes one restore and reads nothing (a read costs a
+        process and, with 500 rules, most of a change). A rule someone deleted meanwhile
+        makes that batch fail whole; the chain is then read and the change made."""
+        backend.apply(blocks(V4_A, V4_B), [])
+        calls: list[str] = []
+        real_run = run_tool
+
+        def counting_run(argv: Sequence[str], *args: Any) -> subprocess.CompletedProcess[str]:
+            calls.append(" ".join(argv))
+            return real_run(argv, *args)
+
+        monkeypatch.setattr(iptables_module, "run_tool", counting_run)
+        backend.apply(blocks(V4_C), [V4_A])
+        assert len(calls) == 1 and "-restore" in calls[0], calls
+        self.expect(server_ns, V4_B, V4_C)
+        server_ns.run(self.tool(4), "-D", CHAIN, "2")  # V4_B's rule, behind the backend's back
+        backend.apply(blocks(V4_A), [V4_B, V4_C])
+        self.expect(server_ns, V4_A)
 
     def test_apply_recreates_a_chain_someone_deleted(
         self, server_ns: Netns, backend: Backend
