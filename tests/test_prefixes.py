@@ -218,7 +218,7 @@ def test_a_new_address_of_an_offending_unit_is_a_repeat() -> None:
     assert unit is not None
     first = decide(LADDER, unit_previous(None, memory.get(unit), 0), 0)
     assert first.rung == 1
-    memory.remember(unit, PreviousBlock(0, first.rung, first.expires_at, None))
+    memory.remember(unit, PreviousBlock(0, first.rung, first.expires_at, None), 0, 86400)
     # The first block is still in force: for the new address it is a repeat, not a hit.
     second = decide(LADDER, unit_previous(None, memory.get(unit), 100), 100)
     assert (second.action, second.rung) == (Action.BLOCK, 2)
@@ -237,8 +237,8 @@ def test_unit_previous_keeps_the_more_recent_block() -> None:
 
 def test_unit_memory_forgets_after_the_repeat_window() -> None:
     memory = UnitMemory()
-    memory.remember(1, PreviousBlock(0, 1, 10, None))
-    memory.remember(1, PreviousBlock(-5, 1, 4, None))  # older: ignored
+    memory.remember(1, PreviousBlock(0, 1, 10, None), 0, 50)
+    memory.remember(1, PreviousBlock(-5, 1, 4, None), 0, 50)  # older: ignored
     assert memory.get(1) == PreviousBlock(0, 1, 10, None)
     memory.sweep(100, 50)
     assert memory.get(1) is None
@@ -258,5 +258,8 @@ def test_coverage_finds_the_covering_network() -> None:
     assert coverage.covering(ip("192.0.2.9")) == net("192.0.2.0/24")
     assert coverage.covering(ip("192.0.3.9")) is None
     assert coverage.covering(ip("::c000:209")) is None  # 192.0.2.9's value, but IPv6
+    assert coverage.inside(net("2001:db8::/48")) and coverage.inside(net("2001:db8::/32"))
+    assert not coverage.inside(net("2001:db8:6::/48"))
+    assert not coverage.inside(net("2001:db8::/64"))  # the same network is not inside
     coverage.remove(net("192.0.2.0/24"))
     assert coverage.covering(ip("192.0.2.9")) is None

@@ -258,6 +258,7 @@ class UnitMemory:
 
     def __init__(self) -> None:
         self._last: dict[int, PreviousBlock] = {}
+        self._remembered = 0
 
     def __len__(self) -> int:
         return len(self._last)
@@ -265,7 +266,10 @@ class UnitMemory:
     def get(self, unit: int) -> PreviousBlock | None:
         return self._last.get(unit)
 
-    def remember(self, unit: int, block: PreviousBlock) -> None:
+    def remember(self, unit: int, block: PreviousBlock, now: float, repeat_window: float) -> None:
+        self._remembered += 1
+        if self._remembered % SWEEP_EVERY == 0:
+            self.sweep(now, repeat_window)
         known = self._last.get(unit)
         if known is None or block.blocked_at >= known.blocked_at:
             self._last[unit] = block
@@ -310,6 +314,17 @@ class Coverage:
             if base in keys:
                 return network_of(version, base, length)
         return None
+
+    def inside(self, network: IPNetwork) -> bool:
+        """Whether a network narrower than `network` and inside it is here (rare: a scan)."""
+        bits = 32 if network.version == 4 else 128
+        base = int(network.network_address) >> (bits - network.prefixlen)
+        for (version, length), keys in self._by_length.items():
+            if version != network.version or length <= network.prefixlen:
+                continue
+            if any(key >> (bits - network.prefixlen) == base for key in keys):
+                return True
+        return False
 
     def __bool__(self) -> bool:
         return bool(self._by_length)

@@ -1,0 +1,218 @@
+"""The broker's side of per-prefix offences and network escalation (issue #16, docs/policy.md).
+
+The decision is imr.core.prefixes'; this module applies it inside a writer batch:
+- an escalation becomes a network block row (source `imr:escalation`, the triggering
+  members in its reason) on the prefix ladder, and its kernel interval entry;
+- an address block *under* a network block has no kernel entry of its own while the
+  network covers it: the members that triggered the escalation are taken out of the
+  kernel, and later blocks under it never go in. Each network remembers the addresses it
+  holds out (`under`); when it ends (expiry or unblock), the still-valid ones go back in;
+- the offence unit: a new IPv6 address of a /64 that offended is a repeat for the ladder.
+
+Only the writer thread uses a PrefixBlocks (reconcile runs before it starts), like the
+Store; a batch that fails rebuilds its bookkeeping from the published index.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from imr.backends.base import KernelBlock
+from imr.core.addresses import IPAddress, IPNetwork, Target
+from imr.core.policy import Action, Decision, Ladder, PreviousBlock, decide
+from imr.core.prefixes import (
+    Coverage,
+    Escalation,
+    Guard,
+    Level,
+    PrefixIndex,
+    UnitMemory,
+    make_guard,
+    offence_unit,
+    unit_previous,
+)
+from imr.protocol import timestamp
+from imr.store import BlockRecord
+
+log = logging.getLogger("imr.broker")
+
+SOURCE = "imr:escalation"  # the source tag of a network block the daemon made
+MAX_NAMED = 8  # members named in a block's reason (the hits of each are in `imr show`)
+
+
+class BatchWork(Protocol):
+    """What PrefixBlocks needs of the broker's batch (_Work)."""
+
+    now: float
+    changed: dict[str, BlockRecord | None]
+    kernel_add: list[KernelBlock]
+    kernel_remove: list[Target]
+    log_lines: list[Callable[[], str]]
+
+    def current(self, ip: str) -> BlockRecord | None: ...
+
+    def previous_of(self, ip: str) -> tuple[int, BlockRecord | None]: ...
+
+    def new_record(
+        self, ip: str, decision: Decision, offence: int, reason: str, source: str
+    ) -> BlockRecord: ...
+
+    def lift_record(self, record: BlockRecord, reason: str, by: str) -> None: ...
+
+
+class PrefixBlocks:
+    def __init__(
+        self,
+        ladder: Ladder,
+        levels: Sequence[Level],
+        ipv6_offence_prefix: int,
+        guard: Callable[[], Guard],
+    ) -> None:
+        self.ladder = ladder  # the prefix ladder (escalation.ladder)
+        self.index = PrefixIndex(levels)
+        self.units = UnitMemory()
+        self.unit_prefix = ipv6_offence_prefix
+        self._guard = guard
+        self.coverage = Coverage()
+        self.under: dict[str, set[str]] = {}  # network -> addresses it holds out of the kernel
+        self.held_out: dict[str, str] = {}  # address -> the network holding it out
+
+    # --- Kernel entries ---
+
+    def needs_entry(self, ip: str) -> bool:
+        return ip not in self.held_out
+
+    def kernel_blocks(self, blocks: Iterable[KernelBlock]) -> list[KernelBlock]:
+        """The blocks that need a kernel entry (every one while no address is held out)."""
+        if not self.held_out:
+            return list(blocks)
+        return [b for b in blocks if b.text not in self.held_out]
+
+    def rebuild(self, blocks: Iterable[KernelBlock]) -> None:
+        """From every active block (at start, or after a failed batch): the networks, and
+        the addresses under them, held out of the kernel."""
+        self.coverage, self.under, self.held_out = Coverage(), {}, {}
+        addresses: list[tuple[IPAddress, str]] = []
+        for block in blocks:
+            if isinstance(block.address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                self.coverage.add(block.address)
+            else:
+                addresses.append((block.address, block.text))
+        if self.coverage:
+            for address, ip in addresses:
+                self._hold_if_covered(address, ip)
+
+    def _hold_if_covered(self, address: IPAddress, ip: str) -> bool:
+        network = self.coverage.covering(address)
+        if network is None:
+            return False
+        key = str(network)
+        self.under.setdefault(key, set()).add(ip)
+        self.held_out[ip] = key
+        return True
+
+    # --- The offence unit ---
+
+    def previous(
+        self, address: Target, own: PreviousBlock | None, now: float
+    ) -> PreviousBlock | None:
+        """The block the ladder reads for a new block of `address` (unit_previous)."""
+        if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            return own
+        unit = offence_unit(address, self.unit_prefix)
+        return own if unit is None else unit_previous(own, self.units.get(unit), now)
+
+    # --- Hooks of the batch ---
+
+    def blocked(self, work: BatchWork, address: Target, record: BlockRecord) -> None:
+        """A new or escalated block of `address` was written: remember it, hold it out of the
+        kernel if a network covers it, and escalate the prefixes it completes."""
+        if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            self.coverage.add(address)  # an admin's network: later blocks under it stay out
+            return
+        unit = offence_unit(address, self.unit_prefix)
+        if unit is not None:
+            self.units.remember(unit, record.as_previous(), work.now, self.ladder.repeat_window)
+        self._hold_if_covered(address, record.ip)
+        if not self.index.levels:
+            return
+        for escalation in self.index.observe(address, work.now, self._guard(), self._covered):
+            self._escalate(work, escalation)
+
+    def _covered(self, network: IPNetwork) -> bool:
+        """A network block covers the whole prefix already, or one inside it would overlap
+        (nftables interval sets refuse overlaps; an admin's narrower block is theirs)."""
+        found = self.coverage.covering(network.network_address)
+        return found is not None or self.coverage.inside(network)
+
+    def _escalate(self, work: BatchWork, escalation: Escalation) -> None:
+        key = str(escalation.network)
+        count, last = work.previous_of(key)  # admin unblocks are pardons (Store.offences)
+        decision = decide(self.ladder, last.as_previous() if last else None, work.now)
+        if decision.action is not Action.BLOCK:  # a stale row the index missed: leave it
+            return
+        record = work.new_record(key, decision, count + 1, _reason(escalation), SOURCE)
+        work.kernel_add.append(KernelBlock(escalation.network, record.expires_at, key))
+        work.changed[key] = record
+        self.coverage.add(escalation.network)
+        held = self.under.setdefault(key, set())
+        for member in escalation.members:
+            if "/" not in member and (current := work.current(member)) is not None:
+                held.add(current.ip)
+                self.held_out[current.ip] = key
+                work.kernel_remove.append(ipaddress.ip_address(member))
+        log.warning(
+            "escalated %s to a network block until %s (rung %d, %s): %s",
+            key,
+            _when(record.expires_at),
+            record.rung,
+            decision.why,
+            escalation.describe(),
+            extra={"event": "prefix_escalated", "ip": key, "members": list(escalation.members)},
+        )
+
+    def lifted(self, work: BatchWork, ip: str, target: Target, by_admin: bool) -> None:
+        """A block was lifted: a network's held-out addresses go back into the kernel; an
+        admin's unblock of a network pardons it (its count starts again)."""
+        if not isinstance(target, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            network = self.held_out.pop(ip, None)
+            if network is not None:
+                self.under.get(network, set()).discard(ip)
+            return
+        self.coverage.remove(target)
+        if by_admin:
+            self.index.pardon(target)
+        for member in sorted(self.under.pop(ip, set())):
+            self.held_out.pop(member, None)
+            current = work.current(member)
+            if current is None or current.expires_at <= work.now:
+                continue
+            address = ipaddress.ip_address(member)
+            if not self._hold_if_covered(address, member):
+                work.kernel_add.append(KernelBlock(address, current.expires_at, member))
+
+
+def guard_of(
+    min_prefix: Callable[[], Mapping[int, int]],
+    own: Callable[[], frozenset[IPAddress]],
+    broadcast: Callable[[], frozenset[IPAddress]],
+    allowlist: Callable[[], Sequence[IPNetwork]],
+    never: Callable[[], Sequence[IPNetwork]],
+) -> Callable[[], Guard]:
+    """The guard as of now (the host's addresses and the config change while running)."""
+    return lambda: make_guard(min_prefix(), own(), broadcast(), allowlist(), never())
+
+
+def _reason(escalation: Escalation) -> str:
+    text = escalation.describe()
+    if len(escalation.members) > MAX_NAMED:
+        named = ", ".join(escalation.members[:MAX_NAMED])
+        text = text.split(": ", 1)[0] + f": {named} and {len(escalation.members) - MAX_NAMED} more"
+    return text
+
+
+def _when(at: float) -> str:
+    return timestamp(at) or "-"
