@@ -167,13 +167,13 @@ class PolicyConfig(_Section):
     ladder: list[Duration] = Field(default_factory=lambda: [86400, 7 * 86400], min_length=1)
     repeat_window: Duration = 30 * 86400
     escalate_after: Duration = 3600
+    # The offence unit of IPv6 (issue #16): a new address of a /64 that offended within the
+    # repeat window is a repeat of that /64 for the ladder. 128: each address on its own.
+    ipv6_offence_prefix: int = Field(64, ge=32, le=128)
     # Off: a reporter's severity is only noted; every first offence starts at rung 1, and
     # reports within escalate_after of a block's start are one incident. On (the old
     # behaviour): severity N starts a block at rung N at least and escalates it at once.
     severity_skips_rungs: bool = False
-    # The offence unit of IPv6 (issue #16): a new address of a /64 that offended within the
-    # repeat window is a repeat of that /64 for the ladder. 128: each address on its own.
-    ipv6_offence_prefix: int = Field(64, ge=32, le=128)
 
     @field_validator("ladder")
     @classmethod

@@ -225,7 +225,11 @@ def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
 
     # 68 new blocks at once from one client: more than the default quota lets through.
     config = Config.model_validate(
-        {"protect": {"allowlist": ["198.51.100.0/24"]}, "quota": {"blocks_per_minute": 0}}
+        {
+            "protect": {"allowlist": ["198.51.100.0/24"]},
+            "quota": {"blocks_per_minute": 0},
+            "escalation": {"enabled": False},  # one kernel entry per address (issue #16)
+        }
     )
 
     async def scenario() -> None:
@@ -278,8 +282,10 @@ def test_reconcile_lifts_expired_and_restores_the_rest(tmp_path: Path) -> None:
 
 
 def test_requests_arriving_together_share_one_transaction(tmp_path: Path) -> None:
+    config = Config.model_validate({"escalation": {"enabled": False}})  # 50 of one /24
+
     async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, store):
+        async with running(tmp_path, config) as (broker, backend, _, store):
             ips = [f"203.0.113.{i}" for i in range(1, 51)]
             await asyncio.gather(*(block(broker, ip) for ip in ips))
             assert {str(a) for a in backend.kernel} == set(ips)

@@ -258,8 +258,9 @@ def test_coverage_finds_the_covering_network() -> None:
     assert coverage.covering(ip("192.0.2.9")) == net("192.0.2.0/24")
     assert coverage.covering(ip("192.0.3.9")) is None
     assert coverage.covering(ip("::c000:209")) is None  # 192.0.2.9's value, but IPv6
-    assert coverage.inside(net("2001:db8::/48")) and coverage.inside(net("2001:db8::/32"))
-    assert not coverage.inside(net("2001:db8:6::/48"))
-    assert not coverage.inside(net("2001:db8::/64"))  # the same network is not inside
+    assert coverage.inside(net("2001:db8::/48")) == [net("2001:db8::/64")]
+    assert len(coverage.inside(net("2001:db8::/32"))) == 2
+    assert coverage.inside(net("2001:db8:6::/48")) == []
+    assert coverage.inside(net("2001:db8::/64")) == []  # the same network is not inside
     coverage.remove(net("192.0.2.0/24"))
     assert coverage.covering(ip("192.0.2.9")) is None

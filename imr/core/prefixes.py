@@ -153,6 +153,15 @@ class PrefixIndex:
             del self._prefixes[(index, prefix_key)]  # the prefix's block starts a new count
         return found
 
+    def note(self, address: IPAddress, at: float) -> None:
+        """Count a block without deciding (at start, the blocks still inside a window)."""
+        value = int(address)
+        for index, level in enumerate(self.levels):
+            if level.version == address.version:
+                prefix_key, member_key = level.key(value)
+                members = self._prefixes.setdefault((index, prefix_key), _Members())
+                _remember(members, member_key, at, level)
+
     def refusal(self, address: IPAddress, guard: Guard) -> list[tuple[IPNetwork, str]]:
         """The prefixes of `address` that the guard refuses, with why (for `imr show`)."""
         found = []
@@ -315,16 +324,18 @@ class Coverage:
                 return network_of(version, base, length)
         return None
 
-    def inside(self, network: IPNetwork) -> bool:
-        """Whether a network narrower than `network` and inside it is here (rare: a scan)."""
+    def inside(self, network: IPNetwork) -> list[IPNetwork]:
+        """The networks here narrower than `network` and inside it (rare: a scan)."""
         bits = 32 if network.version == 4 else 128
-        base = int(network.network_address) >> (bits - network.prefixlen)
-        for (version, length), keys in self._by_length.items():
-            if version != network.version or length <= network.prefixlen:
-                continue
-            if any(key >> (bits - network.prefixlen) == base for key in keys):
-                return True
-        return False
+        shift = bits - network.prefixlen
+        base = int(network.network_address) >> shift
+        return [
+            network_of(version, key, length)
+            for (version, length), keys in self._by_length.items()
+            if version == network.version and length > network.prefixlen
+            for key in keys
+            if key >> shift == base
+        ]
 
     def __bool__(self) -> bool:
         return bool(self._by_length)

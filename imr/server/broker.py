@@ -56,7 +56,8 @@ from imr.core.clock_steps import StepDetector
 from imr.core.durations import format_duration
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
-from imr.core.policy import Action, Decision, decide
+from imr.core.policy import Action, Decision, Ladder, decide
+from imr.core.prefixes import Level
 from imr.core.quota import LogThrottle, QuotaLedger, QuotaRefusal, Reservation
 from imr.protocol import (
     BlockManyRequest,
@@ -72,6 +73,7 @@ from imr.protocol import (
 )
 from imr.server.access import Peer
 from imr.server.metrics import Metrics
+from imr.server.prefix_blocks import PrefixBlocks, guard_of
 from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord, Offences, Store, unwritable
@@ -231,6 +233,17 @@ class Broker:
         # Re-arm a block's kernel entry on every report of it (see _Work._block); not for
         # iptables, whose rules never time out and whose apply reads the whole chain.
         self._rearm = backend.name not in _NO_REARM
+        # Per-prefix offences and network escalation (issue #16); the writer thread's.
+        self._prefix = PrefixBlocks(
+            *_prefix_settings(config),
+            guard_of(
+                lambda: self._config.protect.network_min_prefix,
+                lambda: self._local.own,
+                lambda: self._local.broadcast,
+                lambda: self._config.protect.allowlist,
+                lambda: self._config.escalation.never_aggregate,
+            ),
+        )
 
     # Life cycle -------------------------------------------------------------------
 
@@ -243,6 +256,7 @@ class Broker:
         self._ladder = config.policy.to_ladder()
         self._quota.limits = config.quota.to_limits()
         self._change_log = LineBudget(config.server.log_changes_per_second)
+        self._prefix.configure(*_prefix_settings(config))
 
     def reconcile(self) -> None:
         """At start: lift what expired while we were down and make the kernel match the state.
@@ -287,8 +301,9 @@ class Broker:
         # The kernel load, then the index: nothing is published if the load fails. (The
         # index in a thread beside the load gained nothing measurable: it competed with the
         # load's own Python work for the GIL, not with the kernel's; docs/performance.md.)
+        self._prefix.restore(kernel, keep, now)
         self._backend.prepare()
-        self._backend.replace_all(kernel)
+        self._backend.replace_all(self._prefix.kernel_blocks(kernel))
         del kernel
         self._active = {r.ip: r for r in keep}
         self._expiry = [(r.expires_at, r.ip) for r in keep]
@@ -733,7 +748,7 @@ class Broker:
     def _rearm_all(self) -> None:
         now = self._clock.now()
         live = [self._kernel_block(r) for r in self._active.values() if r.expires_at > now]
-        self._backend.replace_all(live)
+        self._backend.replace_all(self._prefix.kernel_blocks(live))
 
     # Hit retention ----------------------------------------------------------------
 
@@ -795,7 +810,8 @@ class Broker:
     def _check_and_repair(self) -> Drift:
         """In the writer thread, so it never runs beside a batch's kernel change."""
         now = self._clock.now()
-        records = list(self._active.values())  # not changed while the turn is held
+        # Not changed while the turn is held; without the addresses a network holds out.
+        records = [r for r in self._active.values() if self._prefix.needs_entry(r.ip)]
         expected = expected_counts(((slot_of_text(r.ip), r.expires_at) for r in records), now)
         drift = self._backend.check(expected)
         if not drift.found:
@@ -963,6 +979,7 @@ class Broker:
         of the kernel again before anyone hears of the failure."""
         work = _Work(self, self._clock.now(), earlier)
         applied = False
+        prefix_changes = self._prefix.changes
         try:
             with self._store.transaction():
                 work.prefetch(batch)
@@ -971,6 +988,9 @@ class Broker:
                 self._backend.apply(work.kernel_add, work.kernel_remove)
                 applied = True
         except Exception as exc:
+            if self._prefix.changes != prefix_changes:  # the batch's holds are undone too
+                live = {**self._active, **earlier}
+                self._prefix.rebuild(self._kernel_block(r) for r in live.values() if r)
             if applied:
                 self._undo_kernel(work, earlier)
             if unwritable(exc):
@@ -998,7 +1018,11 @@ class Broker:
             live = {**self._active, **earlier}
             try:
                 self._backend.replace_all(
-                    [self._kernel_block(r) for r in live.values() if r and r.expires_at > work.now]
+                    self._prefix.kernel_blocks(
+                        self._kernel_block(r)
+                        for r in live.values()
+                        if r and r.expires_at > work.now
+                    )
                 )
             except Exception:
                 log.exception("could not rebuild the kernel; the drift check tries again")
@@ -1068,9 +1092,27 @@ class _Work:
         self.store.lift(record.id, self.now, reason, by)
         self.offences.pop(record.ip, None)
 
+    lift_record = _lift  # for PrefixBlocks (a superseded network block)
+
     def _new_block(
         self, ip: str, decision: Decision, change: _BlockChange, offence: int
     ) -> BlockRecord:
+        peer = change.peer
+        return self.new_record(
+            ip, decision, offence, change.reason, change.source, peer.uid, peer.pid
+        )
+
+    def new_record(
+        self,
+        ip: str,
+        decision: Decision,
+        offence: int,
+        reason: str,
+        source: str,
+        uid: int | None = None,
+        pid: int | None = None,
+    ) -> BlockRecord:
+        """A new block row, written with the batch's others (uid None: the daemon's own)."""
         if self.next_id is None:
             self.next_id = self.store.next_block_id()
         record = BlockRecord(
@@ -1080,14 +1122,27 @@ class _Work:
             decision.expires_at,
             decision.rung,
             offence,
-            change.reason,
-            change.source,
-            change.peer.uid,
-            change.peer.pid,
+            reason,
+            source,
+            uid,
+            pid,
         )
         self.next_id += 1
         self.new_blocks.append(record)
         return record
+
+    def current(self, ip: str) -> BlockRecord | None:
+        return self.broker.current(ip, self.changed)
+
+    def previous_of(self, ip: str) -> tuple[int, BlockRecord | None]:
+        """How many blocks `ip` had, and the last that counts for the ladder."""
+        found = self._offences(ip)
+        return found.count, found.last
+
+    def _kernel_entry(self, address: Target, expires_at: float, ip: str) -> None:
+        """An address's kernel entry, unless a network block holds it out (issue #16)."""
+        if self.broker._prefix.needs_entry(ip):
+            self.kernel_add.append(KernelBlock(address, expires_at, ip))
 
     def _offences(self, ip: str) -> Offences:
         """The address's history: from the batch's query, or read afresh (with this batch's
@@ -1115,6 +1170,7 @@ class _Work:
             self._lift(current, "expired", "imr")
             current = replace(current, lifted_at=self.now, lift_reason="expired")
             self.changed[ip] = None
+            self.broker._prefix.lifted(self, ip, change.address, by_admin=False)
             self.expired += 1
         previous: BlockRecord | None
         offences: Offences | None = None
@@ -1123,16 +1179,19 @@ class _Work:
         else:
             offences = self._offences(ip)
             previous = offences.last
-        decision = decide(
-            self.ladder, previous.as_previous() if previous else None, self.now, change.severity
-        )
+        prior = previous.as_previous() if previous else None
+        if offences is not None:  # a new block: its IPv6 /64 may have offended (issue #16)
+            prior = self.broker._prefix.previous(change.address, prior, self.now)
+        decision = decide(self.ladder, prior, self.now, change.severity)
         reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return _Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
         if decision.action is Action.BLOCK:  # so previous was no active block: offences read
             offence = (offences or self._offences(ip)).count + 1
             record = self._new_block(ip, decision, change, offence)
-            self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+            self.changed[ip] = record  # before the escalation, which may hold it out
+            self.broker._prefix.blocked(self, change.address, record)
+            self._kernel_entry(change.address, record.expires_at, ip)
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
         else:
@@ -1142,12 +1201,12 @@ class _Work:
                 self.store.escalate(record.id, decision.rung, decision.expires_at)
                 record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
                 # Re-adding updates kernel timeouts (set backends); never duplicates.
-                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+                self._kernel_entry(change.address, record.expires_at, ip)
             elif self.broker._rearm:
                 # Re-armed in the batch's own kernel transaction: if the kernel lifted the
                 # block early (its timeout ran on a clock that stepped, or someone deleted
                 # the entry), the report that shows the attacker is back puts it in again.
-                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+                self._kernel_entry(change.address, record.expires_at, ip)
         self.hits.append(
             (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
         )
@@ -1177,6 +1236,7 @@ class _Work:
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
+        self.broker._prefix.lifted(self, ip, change.address, by_admin=True)
         by, reason = change.peer.describe(), change.request.reason
         self.log_lines.append(lambda: f"unblocked {ip} by {by} reason={reason!r}")
         return _Outcome({"kind": "unblock", "ip": ip})
@@ -1189,7 +1249,9 @@ class _Work:
                 continue  # escalated or unblocked since it was found due
             self._lift(current, "expired", "imr")
             self.changed[ip] = None
-            self.kernel_remove.append(stored_address(ip))
+            target = stored_address(ip)
+            self.kernel_remove.append(target)
+            self.broker._prefix.lifted(self, ip, target, by_admin=False)
             lifted.append(ip)
             self.expired += 1
             self.log_lines.append(functools.partial(_expiry_line, current))
@@ -1199,10 +1261,20 @@ class _Work:
                 continue
             self._lift(current, "protected", "imr")
             self.changed[ip] = None
-            self.kernel_remove.append(stored_address(ip))
+            target = stored_address(ip)
+            self.kernel_remove.append(target)
+            self.broker._prefix.lifted(self, ip, target, by_admin=False)
             lifted.append(ip)
             log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return _Outcome({"kind": "expire", "lifted": lifted})
+
+
+def _prefix_settings(config: Config) -> tuple[Ladder, list[Level], int]:
+    """The prefix ladder, the escalation levels and the IPv6 offence unit (issue #16)."""
+    policy = config.policy
+    steps = tuple(config.escalation.ladder)
+    ladder = Ladder(steps, policy.repeat_window, policy.escalate_after)
+    return ladder, config.escalation.to_levels(), policy.ipv6_offence_prefix
 
 
 def _release_free_heap() -> None:

@@ -15,6 +15,7 @@ Store; a batch that fails rebuilds its bookkeeping from the published index.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -79,6 +80,31 @@ class PrefixBlocks:
         self.coverage = Coverage()
         self.under: dict[str, set[str]] = {}  # network -> addresses it holds out of the kernel
         self.held_out: dict[str, str] = {}  # address -> the network holding it out
+        self.changes = 0  # counts changes of the above: a failed batch rebuilds them if any
+
+    def configure(self, ladder: Ladder, levels: Sequence[Level], ipv6_offence_prefix: int) -> None:
+        """A reloaded configuration; the counts start again only if the levels changed."""
+        self.ladder, self.unit_prefix = ladder, ipv6_offence_prefix
+        if tuple(levels) != self.index.levels:
+            self.index = PrefixIndex(levels)
+
+    def restore(
+        self, blocks: Sequence[KernelBlock], records: Sequence[BlockRecord], now: float
+    ) -> None:
+        """At start, from the active blocks (`records` in the order of `blocks`): the held-out
+        addresses, the offence units, and the counts of blocks still inside a level's window."""
+        self.rebuild(blocks)
+        window = max((level.window for level in self.index.levels), default=0.0)
+        for block, record in zip(blocks, records, strict=True):
+            address = block.address
+            if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                continue
+            unit = offence_unit(address, self.unit_prefix)
+            if unit is not None:
+                previous = record.as_previous()
+                self.units.remember(unit, previous, now, self.ladder.repeat_window)
+            if now - record.blocked_at < window:
+                self.index.note(address, record.blocked_at)
 
     # --- Kernel entries ---
 
@@ -109,6 +135,7 @@ class PrefixBlocks:
         network = self.coverage.covering(address)
         if network is None:
             return False
+        self.changes += 1
         key = str(network)
         self.under.setdefault(key, set()).add(ip)
         self.held_out[ip] = key
@@ -132,6 +159,7 @@ class PrefixBlocks:
         kernel if a network covers it, and escalate the prefixes it completes."""
         if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
             self.coverage.add(address)  # an admin's network: later blocks under it stay out
+            self.changes += 1
             return
         unit = offence_unit(address, self.unit_prefix)
         if unit is not None:
@@ -139,17 +167,27 @@ class PrefixBlocks:
         self._hold_if_covered(address, record.ip)
         if not self.index.levels:
             return
-        for escalation in self.index.observe(address, work.now, self._guard(), self._covered):
+        covered = functools.partial(self._covered, work)
+        for escalation in self.index.observe(address, work.now, self._guard(), covered):
             self._escalate(work, escalation)
 
-    def _covered(self, network: IPNetwork) -> bool:
-        """A network block covers the whole prefix already, or one inside it would overlap
-        (nftables interval sets refuse overlaps; an admin's narrower block is theirs)."""
-        found = self.coverage.covering(network.network_address)
-        return found is not None or self.coverage.inside(network)
+    def _covered(self, work: BatchWork, network: IPNetwork) -> bool:
+        """A network block covers the whole prefix already, or an admin's narrower one inside
+        it would overlap (nftables interval sets refuse overlaps). Escalated ones inside are
+        taken into the wider block instead (_escalate)."""
+        if self.coverage.covering(network.network_address) is not None:
+            return True
+        return any(not self._escalated(work, inner) for inner in self.coverage.inside(network))
+
+    @staticmethod
+    def _escalated(work: BatchWork, network: IPNetwork) -> bool:
+        record = work.current(str(network))
+        return record is not None and record.source == SOURCE
 
     def _escalate(self, work: BatchWork, escalation: Escalation) -> None:
         key = str(escalation.network)
+        for inner in self.coverage.inside(escalation.network):  # all escalated (_covered)
+            self._supersede(work, inner, escalation.network)
         count, last = work.previous_of(key)  # admin unblocks are pardons (Store.offences)
         decision = decide(self.ladder, last.as_previous() if last else None, work.now)
         if decision.action is not Action.BLOCK:  # a stale row the index missed: leave it
@@ -157,6 +195,7 @@ class PrefixBlocks:
         record = work.new_record(key, decision, count + 1, _reason(escalation), SOURCE)
         work.kernel_add.append(KernelBlock(escalation.network, record.expires_at, key))
         work.changed[key] = record
+        self.changes += 1
         self.coverage.add(escalation.network)
         held = self.under.setdefault(key, set())
         for member in escalation.members:
@@ -164,6 +203,8 @@ class PrefixBlocks:
                 held.add(current.ip)
                 self.held_out[current.ip] = key
                 work.kernel_remove.append(ipaddress.ip_address(member))
+        if held:  # an add wins over a remove in one apply: drop this batch's adds of them
+            work.kernel_add[:] = [b for b in work.kernel_add if b.text not in held]
         log.warning(
             "escalated %s to a network block until %s (rung %d, %s): %s",
             key,
@@ -174,14 +215,31 @@ class PrefixBlocks:
             extra={"event": "prefix_escalated", "ip": key, "members": list(escalation.members)},
         )
 
+    def _supersede(self, work: BatchWork, inner: IPNetwork, wider: IPNetwork) -> None:
+        """An escalated network inside a wider escalation ends: the wider block holds its
+        addresses out of the kernel from now on."""
+        key, record = str(inner), work.current(str(inner))
+        if record is not None:
+            work.lift_record(record, "superseded", "imr")
+            work.changed[key] = None
+        work.kernel_remove.append(inner)
+        self.coverage.remove(inner)
+        moved = self.under.pop(key, set())
+        self.under.setdefault(str(wider), set()).update(moved)
+        for member in moved:
+            self.held_out[member] = str(wider)
+        self.changes += 1
+
     def lifted(self, work: BatchWork, ip: str, target: Target, by_admin: bool) -> None:
         """A block was lifted: a network's held-out addresses go back into the kernel; an
         admin's unblock of a network pardons it (its count starts again)."""
         if not isinstance(target, ipaddress.IPv4Network | ipaddress.IPv6Network):
             network = self.held_out.pop(ip, None)
             if network is not None:
+                self.changes += 1
                 self.under.get(network, set()).discard(ip)
             return
+        self.changes += 1
         self.coverage.remove(target)
         if by_admin:
             self.index.pardon(target)
