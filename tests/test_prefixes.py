@@ -139,6 +139,12 @@ def test_rotation_across_64s_of_one_48_is_counted_per_64() -> None:
     found = feed(index, ["2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:1:4::1"], start=5)
     assert [e.network for e in found] == [net("2001:db8:1::/48")]
     assert found[0].members[0] == "2001:db8:1:1::/64"
+    assert found[0].addresses == (
+        "2001:db8:1:1::3",
+        "2001:db8:1:2::1",
+        "2001:db8:1:3::1",
+        "2001:db8:1:4::1",
+    )
     assert "4 blocked networks of 2001:db8:1::/48" in found[0].describe()
 
 

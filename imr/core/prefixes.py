@@ -92,6 +92,7 @@ class Escalation:
     network: IPNetwork
     level: Level
     members: tuple[str, ...]  # oldest first: the blocks that made the count
+    addresses: tuple[str, ...] = ()  # the last blocked address of each member
 
     def describe(self) -> str:
         minutes = round(self.level.window / 60)
@@ -108,6 +109,9 @@ class Escalation:
 @dataclass
 class _Members:
     seen: dict[int, float] = field(default_factory=dict)  # member key -> last block time
+    # Member key -> the address of its last block, where members are networks (the /64s of
+    # a /48): the addresses the wider block takes out of the kernel.
+    address: dict[int, int] = field(default_factory=dict)
 
 
 class PrefixIndex:
@@ -141,15 +145,22 @@ class PrefixIndex:
                 continue
             prefix_key, member_key = level.key(value)
             members = self._prefixes.setdefault((index, prefix_key), _Members())
-            _remember(members, member_key, now, level)
+            _remember(members, member_key, now, level, value)
             if len(members.seen) < level.count:
                 continue
             network = level.network(prefix_key)
             if blocked(network) or guard(network) is not None:
                 continue
-            ordered = sorted(members.seen, key=members.seen.__getitem__)
+            ordered = list(members.seen)  # in the order of their last blocks
             names = tuple(str(level.member(m)) for m in ordered)
-            found.append(Escalation(network, level, names))
+            addresses = names
+            if members.address:
+                bits = 32 if level.version == 4 else 128
+                addresses = tuple(
+                    str(network_of(level.version, members.address[m], bits)).split("/")[0]
+                    for m in ordered
+                )
+            found.append(Escalation(network, level, names, addresses))
             del self._prefixes[(index, prefix_key)]  # the prefix's block starts a new count
         return found
 
@@ -160,7 +171,7 @@ class PrefixIndex:
             if level.version == address.version:
                 prefix_key, member_key = level.key(value)
                 members = self._prefixes.setdefault((index, prefix_key), _Members())
-                _remember(members, member_key, at, level)
+                _remember(members, member_key, at, level, value)
 
     def refusal(self, address: IPAddress, guard: Guard) -> list[tuple[IPNetwork, str]]:
         """The prefixes of `address` that the guard refuses, with why (for `imr show`)."""
@@ -196,18 +207,21 @@ class PrefixIndex:
             del self._prefixes[key]
 
 
-def _remember(members: _Members, member_key: int, now: float, level: Level) -> None:
+def _remember(members: _Members, member_key: int, now: float, level: Level, value: int) -> None:
     """Record one member's block; keep only members within the window, at most `count`
     of them (the newest): enough to know whether `count` fell within the window."""
     seen = members.seen
     seen.pop(member_key, None)  # re-inserted last: dict order is the order of blocks
     seen[member_key] = now
+    if level.member_prefix < (32 if level.version == 4 else 128):
+        members.address[member_key] = value
     cutoff = now - level.window
     while seen:
         oldest = next(iter(seen))
         if seen[oldest] >= cutoff and len(seen) <= level.count:
             break
         del seen[oldest]
+        members.address.pop(oldest, None)
 
 
 def make_guard(

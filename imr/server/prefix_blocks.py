@@ -198,8 +198,8 @@ class PrefixBlocks:
         self.changes += 1
         self.coverage.add(escalation.network)
         held = self.under.setdefault(key, set())
-        for member in escalation.members:
-            if "/" not in member and (current := work.current(member)) is not None:
+        for member in escalation.addresses:
+            if (current := work.current(member)) is not None:
                 held.add(current.ip)
                 self.held_out[current.ip] = key
                 work.kernel_remove.append(ipaddress.ip_address(member))
