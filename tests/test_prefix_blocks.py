@@ -162,6 +162,18 @@ def test_the_never_aggregate_list_prevents_the_escalation(tmp_path: Path) -> Non
     run(scenario)
 
 
+def test_a_trusted_proxy_inside_prevents_the_escalation(tmp_path: Path) -> None:
+    proxy = config(logscan={"trusted_proxies": ["203.0.113.254/32"]})
+
+    async def scenario() -> None:
+        async with running(tmp_path, proxy) as (broker, _backend, _clock, _store):
+            for n in range(1, 12):
+                await block(broker, v4(n))
+            assert await active(broker, networks=True) == []
+
+    run(scenario)
+
+
 def test_escalation_off_and_offence_unit_128_are_the_old_behaviour(tmp_path: Path) -> None:
     old = config(escalation={"enabled": False}, policy={"ipv6_offence_prefix": 128})
 

@@ -239,7 +239,7 @@ def make_guard(
     def guard(network: IPNetwork) -> str | None:
         for listed in never:
             if listed.version == network.version and network.overlaps(listed):
-                return f"{network} overlaps {listed} (escalation.never_aggregate)"
+                return f"{network} overlaps {listed}, never aggregated"
         refusal = network_refusal(network, min_prefix, own, broadcast, allowed)
         return None if refusal is None else refusal.message
 

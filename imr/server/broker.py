@@ -241,7 +241,11 @@ class Broker:
                 lambda: self._local.own,
                 lambda: self._local.broadcast,
                 lambda: self._config.protect.allowlist,
-                lambda: self._config.escalation.never_aggregate,
+                # A trusted proxy inside a prefix speaks for everyone behind it.
+                lambda: [
+                    *self._config.escalation.never_aggregate,
+                    *self._config.logscan.trusted_proxies,
+                ],
             ),
         )
 
