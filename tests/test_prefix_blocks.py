@@ -255,3 +255,19 @@ def test_a_restart_keeps_the_members_out_of_the_kernel(tmp_path: Path) -> None:
         store.close()
 
     run(scenario)
+
+
+def test_a_reload_applies_the_escalation_settings(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path, config()) as (broker, backend, _clock, _store):
+            broker.apply_config(config(escalation={"enabled": False}))
+            for n in range(1, 5):
+                await block(broker, v6(n))
+            assert await active(broker, networks=True) == []
+            broker.apply_config(config())  # on again: the count starts from nothing
+            for n in range(5, 8):
+                await block(broker, v6(n))
+            assert await active(broker, networks=True) == [NET6]
+            assert NET6 in kernel_texts(backend)
+
+    run(scenario)
