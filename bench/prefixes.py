@@ -89,10 +89,11 @@ def single_latencies(path: Path, count: int) -> list[float]:
 def bench_setting(enabled: bool, ips: list[str], rows: Rows) -> dict[str, float]:
     label = "escalation on" if enabled else "escalation off"
     with bench_daemon("nftables", prefix="imrpfx") as daemon:
+        daemon.escalation = enabled
+        daemon.write_config()
         with daemon.config.open("a") as config:
             config.write(
                 "[quota]\nblocks_per_minute = 0\nactive_per_client = 0\nactive_global = 0\n"
-                f"[escalation]\nenabled = {'true' if enabled else 'false'}\n"
             )
         daemon.start()
         seconds, _ = block_load(daemon.socket, ips, clients=1, per_request=100)

@@ -485,8 +485,6 @@ def write_config(world: Daemon, options: Options) -> None:
     text = text.replace(f'"{BLOCKER}" = "block"', f'"{options.blocker}" = "block"', 1)
     if "quota" in Config.model_fields:
         text += "\n[quota]\nblocks_per_minute = 0\nactive_per_client = 0\nactive_global = 0\n"
-    if "escalation" in Config.model_fields:  # one kernel entry per acknowledged address
-        text += "\n[escalation]\nenabled = false\n"
     if options.tcp:  # plain TCP on loopback with a block-role token (docs/security.md)
         from imr.server.access import hash_token
 

@@ -35,7 +35,11 @@ async def running(
     backend: RecordingBackend | None = None,
     clock: FakeClock | None = None,
 ) -> AsyncIterator[tuple[Broker, RecordingBackend, FakeClock, Store]]:
-    config = config or Config.model_validate({"protect": {"allowlist": ["198.51.100.0/24"]}})
+    # Escalation off unless a test asks for it: these tests block many addresses of one /24
+    # and read one kernel entry per address (tests/test_prefix_blocks.py turns it on).
+    config = config or Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "escalation": {"enabled": False}}
+    )
     backend = backend or RecordingBackend()
     clock = clock or FakeClock()
     store = Store(tmp_path / "state.db")
@@ -282,10 +286,8 @@ def test_reconcile_lifts_expired_and_restores_the_rest(tmp_path: Path) -> None:
 
 
 def test_requests_arriving_together_share_one_transaction(tmp_path: Path) -> None:
-    config = Config.model_validate({"escalation": {"enabled": False}})  # 50 of one /24
-
     async def scenario() -> None:
-        async with running(tmp_path, config) as (broker, backend, _, store):
+        async with running(tmp_path) as (broker, backend, _, store):
             ips = [f"203.0.113.{i}" for i in range(1, 51)]
             await asyncio.gather(*(block(broker, ip) for ip in ips))
             assert {str(a) for a in backend.kernel} == set(ips)

@@ -103,6 +103,7 @@ def report(world: Daemon, address: str) -> None:
 
 def test_a_rotating_attacker_is_blocked_as_a_prefix(test_users: None) -> None:
     with daemon_world() as world:
+        world.escalation = True
         world.write_config()
         text = world.config_file.read_text()
         text = text.replace('backend = "iptables"', 'backend = "nftables"', 1)
