@@ -45,7 +45,7 @@ MAX_NAMED = 8  # members named in a block's reason (the hits of each are in `imr
 
 
 class BatchWork(Protocol):
-    """What PrefixBlocks needs of the broker's batch (_Work)."""
+    """What PrefixBlocks needs of a batch (transaction._BatchTransaction)."""
 
     now: float
     changed: dict[str, BlockRecord | None]
