@@ -440,6 +440,8 @@ def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_jso
             f" (rung {active['rung']}, offence {active['offence']}, {active['duration']},"
             f" {format_duration(active['remaining_seconds'])} left)"
         )
+        if result.get("covered_by"):  # older daemons do not say
+            click.echo(f"  (in the kernel through the network block {result['covered_by']})")
     else:
         click.echo(f"{result['ip']} is not blocked")
     if result["blocks"]:

@@ -67,6 +67,8 @@ def test_three_addresses_of_a_64_become_a_network_block(tmp_path: Path) -> None:
             # A fresh address of the prefix: its own row, no kernel entry of its own.
             await block(broker, v6(0x99))
             assert kernel_texts(backend) == {NET6}
+            member = await broker.handle(ShowRequest(op="show", ip=v6(0x99)), ROOT)
+            assert member["active"] is not None and member["covered_by"] == NET6
             assert {r.ip for r in store.active_blocks()} >= {NET6, v6(0x99)}
 
     run(scenario)

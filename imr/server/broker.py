@@ -367,7 +367,11 @@ class Broker:
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         # One row more than the page, to know whether there is another.
         page = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
-        return replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
+        reply = replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
+        # The network block that holds this address out of the kernel (issue #16), if any:
+        # one dict read, atomic under the GIL beside the writer thread's changes of it.
+        reply["covered_by"] = self._prefix.held_out.get(ip)
+        return reply
 
     def status(self) -> dict[str, Any]:
         backend = self._backend.name, self._backend.describe(), self._backend_choice
