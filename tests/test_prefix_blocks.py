@@ -6,6 +6,8 @@ kernel side in namespaces is tests/test_prefix_kernel.py.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from test_broker import block, run, running
 
 from imr.config import Config
 from imr.protocol import ListRequest, ShowRequest, UnblockRequest
-from imr.server.broker import Broker
+from imr.server.broker import Broker, BrokerError
 from imr.server.prefix_blocks import SOURCE
 from imr.store import Store
 
@@ -271,5 +273,26 @@ def test_a_reload_applies_the_escalation_settings(tmp_path: Path) -> None:
                 await block(broker, v6(n))
             assert await active(broker, networks=True) == [NET6]
             assert NET6 in kernel_texts(backend)
+
+    run(scenario)
+
+
+def test_an_escalation_in_a_failed_batch_is_decided_again(tmp_path: Path) -> None:
+    backend = RecordingBackend()
+    bad = "2001:db8:99::1"
+    backend.refuse.add(ipaddress.ip_address(bad))
+
+    async def scenario() -> None:
+        async with running(tmp_path, config(), backend=backend) as (broker, _b, _clock, _s):
+            for n in (1, 2):
+                await block(broker, v6(n))
+            # One batch: the third address (it escalates the /64) and one the kernel refuses.
+            # The batch fails and is split; the third address's half must escalate again.
+            results = await asyncio.gather(
+                block(broker, v6(3)), block(broker, bad), return_exceptions=True
+            )
+            assert isinstance(results[1], BrokerError) and not isinstance(results[0], Exception)
+            assert NET6 in kernel_texts(backend)
+            assert await active(broker, networks=True) == [NET6]
 
     run(scenario)

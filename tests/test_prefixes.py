@@ -65,7 +65,10 @@ def feed(
     guard = guard_with(**kw)
     found: list[Escalation] = []
     for n, a in enumerate(addresses):
-        found += index.observe(ip(a), start + n * step, guard, nothing_blocked)
+        made = index.observe(ip(a), start + n * step, guard, nothing_blocked)
+        for escalation in made:  # committed at once
+            index.forget(escalation)
+        found += made
     return found
 
 
@@ -154,6 +157,19 @@ def test_an_already_blocked_prefix_does_not_escalate_again() -> None:
     blocked = {net("2001:db8::/64")}
     for n in range(1, 6):
         assert index.observe(ip(f"2001:db8::{n}"), n, guard, blocked.__contains__) == []
+
+
+def test_an_escalation_not_committed_keeps_its_count() -> None:
+    index = PrefixIndex([V6_64])
+    guard = guard_with()
+    for n in (1, 2):
+        index.observe(ip(f"2001:db8::{n}"), n, guard, nothing_blocked)
+    (first,) = index.observe(ip("2001:db8::3"), 3, guard, nothing_blocked)
+    # The batch failed (not forgotten): tried again, the same block escalates again.
+    (again,) = index.observe(ip("2001:db8::3"), 3, guard, nothing_blocked)
+    assert again == first
+    index.forget(again)
+    assert index.observe(ip("2001:db8::4"), 4, guard, nothing_blocked) == []
 
 
 def test_an_escalation_starts_a_new_count() -> None:

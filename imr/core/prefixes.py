@@ -131,7 +131,8 @@ class PrefixIndex:
         """Count a new block of `address`; return the prefixes it makes escalate.
 
         `blocked(network)` tells whether a network covering the prefix is already blocked
-        (then nothing escalates: the block would add nothing). A prefix the guard refuses
+        (then nothing escalates: the block would add nothing). The caller `forget`s an
+        escalation once its block is committed. A prefix the guard refuses
         is not escalated; its count is kept, so the decision is made again with the
         guard of the day (an allowlist entry removed later).
         """
@@ -161,8 +162,15 @@ class PrefixIndex:
                     for m in ordered
                 )
             found.append(Escalation(network, level, names, addresses))
-            del self._prefixes[(index, prefix_key)]  # the prefix's block starts a new count
         return found
+
+    def forget(self, escalation: Escalation) -> None:
+        """The escalation's block was committed: its prefix starts a new count. (Not in
+        observe: a batch that fails is tried again, and must find the count as it was.)"""
+        level = escalation.level
+        index = self.levels.index(level) if level in self.levels else -1
+        prefix_key = level.key(int(escalation.network.network_address))[0]
+        self._prefixes.pop((index, prefix_key), None)
 
     def note(self, address: IPAddress, at: float) -> None:
         """Count a block without deciding (at start, the blocks still inside a window)."""

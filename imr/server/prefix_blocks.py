@@ -81,6 +81,7 @@ class PrefixBlocks:
         self.under: dict[str, set[str]] = {}  # network -> addresses it holds out of the kernel
         self.held_out: dict[str, str] = {}  # address -> the network holding it out
         self.changes = 0  # counts changes of the above: a failed batch rebuilds them if any
+        self._made: list[Escalation] = []  # this batch's escalations, forgotten once committed
 
     def configure(self, ladder: Ladder, levels: Sequence[Level], ipv6_offence_prefix: int) -> None:
         """A reloaded configuration; the counts start again only if the levels changed."""
@@ -210,6 +211,7 @@ class PrefixBlocks:
                 work.kernel_remove.append(ipaddress.ip_address(member))
         if held:  # an add wins over a remove in one apply: drop this batch's adds of them
             work.kernel_add[:] = [b for b in work.kernel_add if b.text not in held]
+        self._made.append(escalation)
         log.warning(
             "escalated %s to a network block until %s (rung %d, %s): %s",
             key,
@@ -219,6 +221,14 @@ class PrefixBlocks:
             escalation.describe(),
             extra={"event": "prefix_escalated", "ip": key, "members": list(escalation.members)},
         )
+
+    def committed(self, done: bool) -> None:
+        """The batch committed (`done`) or failed: its escalations start new counts, or
+        are decided again when the batch is tried again."""
+        if done:
+            for escalation in self._made:
+                self.index.forget(escalation)
+        self._made.clear()
 
     def _supersede(self, work: BatchWork, inner: IPNetwork, wider: IPNetwork) -> None:
         """An escalated network inside a wider escalation ends: the wider block holds its

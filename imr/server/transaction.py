@@ -122,6 +122,7 @@ class BatchCommitter:
                 self.backend.apply(transaction.kernel_add, transaction.kernel_remove)
                 applied = True
         except Exception as exc:
+            self.prefix.committed(False)
             if self.prefix.changes != prefix_changes:  # the batch's holds are undone too
                 live = {**self.active, **earlier}
                 self.prefix.rebuild(kernel_block(r) for r in live.values() if r)
@@ -131,6 +132,7 @@ class BatchCommitter:
                 raise StateUnwritable(exc) from exc
             raise
         self.health.succeeded()
+        self.prefix.committed(True)
         return BatchResult(
             outcomes, transaction.changed, transaction.expired, transaction.log_lines
         )
