@@ -108,6 +108,7 @@ class BenchDaemon:
     backend: str
     flavour: str = "nft"
     max_connections: int = 64
+    escalation: bool = False
 
     @property
     def config(self) -> Path:
@@ -128,6 +129,9 @@ class BenchDaemon:
             f'[state]\npath = "{self.state}"\n'
             f'[firewall]\nbackend = "{self.backend}"\niptables_flavour = "{self.flavour}"\n'
             "ports = [80, 443]\n"
+            # One kernel entry per address, as the benches count them; bench/prefixes.py
+            # measures escalation.
+            f"[escalation]\nenabled = {'true' if self.escalation else 'false'}\n"
         )
 
     def imr(self, *args: str) -> list[str]:

@@ -372,6 +372,9 @@ def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | 
 @click.option(
     "--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=None, help="At most N rows."
 )
+@click.option(
+    "--networks", is_flag=True, help="Only network blocks (an admin's, and escalated prefixes)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of blocks).")
 @click.pass_obj
 def list_blocks(
@@ -380,15 +383,17 @@ def list_blocks(
     reason: str | None,
     source: str | None,
     limit: int | None,
+    networks: bool,
     as_json: bool,
 ) -> None:
     """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
-    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit)
+    only = {"networks": True} if networks else {}  # not sent unless asked: older daemons
+    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit, **only)
     blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
         return
-    filtered = any(v is not None for v in (since, reason, source))
+    filtered = networks or any(v is not None for v in (since, reason, source))
     if not blocks:
         click.echo("no matching active blocks" if filtered else "no active blocks")
         return
@@ -435,6 +440,8 @@ def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_jso
             f" (rung {active['rung']}, offence {active['offence']}, {active['duration']},"
             f" {format_duration(active['remaining_seconds'])} left)"
         )
+        if result.get("covered_by"):  # older daemons do not say
+            click.echo(f"  (in the kernel through the network block {result['covered_by']})")
     else:
         click.echo(f"{result['ip']} is not blocked")
     if result["blocks"]:

@@ -27,6 +27,7 @@ from pydantic import (
 
 from imr.config_types import Duration, Network
 from imr.core.policy import Ladder
+from imr.core.prefixes import Level
 from imr.core.quota import QuotaLimits
 from imr.core.slots import SlotLimits, StartupLimits
 from imr.logscan.settings import LogscanConfig
@@ -166,6 +167,9 @@ class PolicyConfig(_Section):
     ladder: list[Duration] = Field(default_factory=lambda: [86400, 7 * 86400], min_length=1)
     repeat_window: Duration = 30 * 86400
     escalate_after: Duration = 3600
+    # The offence unit of IPv6 (issue #16): a new address of a /64 that offended within the
+    # repeat window is a repeat of that /64 for the ladder. 128: each address on its own.
+    ipv6_offence_prefix: int = Field(64, ge=32, le=128)
     # Off: a reporter's severity is only noted; every first offence starts at rung 1, and
     # reports within escalate_after of a block's start are one incident. On (the old
     # behaviour): severity N starts a block at rung N at least and escalates it at once.
@@ -182,6 +186,63 @@ class PolicyConfig(_Section):
         return Ladder(
             tuple(self.ladder), self.repeat_window, self.escalate_after, self.severity_skips_rungs
         )
+
+
+class EscalationLevel(_Section):
+    """One rule of aggregation: `count` blocked members of one /prefix within `window`."""
+
+    family: Literal[4, 6]
+    prefix: int = Field(ge=1, le=127)
+    # What is counted: addresses (32/128, the default) or networks (64: the /64s of a /48).
+    member_prefix: int | None = Field(None, ge=2, le=128)
+    count: int = Field(ge=2, le=65536)
+    window: Duration = 3600
+
+    @model_validator(mode="after")
+    def _shorter(self) -> EscalationLevel:
+        members = self.members
+        if not self.prefix < members <= (32 if self.family == 4 else 128):
+            raise ValueError(
+                f"prefix /{self.prefix} must be shorter than member_prefix /{members}"
+                f" (at most /{32 if self.family == 4 else 128} for IPv{self.family})"
+            )
+        return self
+
+    @property
+    def members(self) -> int:
+        return self.member_prefix or (32 if self.family == 4 else 128)
+
+    def to_level(self) -> Level:
+        return Level(self.family, self.prefix, self.members, self.count, self.window)
+
+
+def _default_levels() -> list[EscalationLevel]:
+    # docs/policy.md says why: a /64 is one subscriber's LAN, a /24 often many customers.
+    return [
+        EscalationLevel(family=6, prefix=64, count=3, window=3600),
+        EscalationLevel(family=4, prefix=24, count=8, window=3600),
+    ]
+
+
+class EscalationConfig(_Section):
+    """Blocks of many addresses of one prefix become a block of the prefix (docs/policy.md)."""
+
+    enabled: bool = True
+    levels: list[EscalationLevel] = Field(default_factory=_default_levels)
+    # The prefix blocks' own ladder: shorter than the addresses', as a prefix holds bystanders.
+    ladder: list[Duration] = Field(default_factory=lambda: [3600, 86400, 7 * 86400], min_length=1)
+    # Never escalated, whatever the count: CGNAT ranges, a CDN's, a partner's.
+    never_aggregate: list[Network] = Field(default_factory=list)
+
+    @field_validator("ladder")
+    @classmethod
+    def _ascending(cls, steps: list[int]) -> list[int]:
+        if steps != sorted(steps):
+            raise ValueError("ladder steps must be in ascending order, e.g. ['1h', '1d']")
+        return steps
+
+    def to_levels(self) -> list[Level]:
+        return [level.to_level() for level in self.levels] if self.enabled else []
 
 
 _PORT_RANGE = re.compile(r"^(\d{1,5})(?::(\d{1,5}))?$")
@@ -396,6 +457,7 @@ class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    escalation: EscalationConfig = Field(default_factory=EscalationConfig)
     firewall: FirewallConfig = Field(default_factory=FirewallConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
     protect: ProtectConfig = Field(default_factory=ProtectConfig)

@@ -126,6 +126,7 @@ class ListRequest(_Request):
     since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
     reason: ReasonFilter | None = None  # substring, any case
     source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
+    networks: bool = False  # only network blocks (an admin's, and the escalated ones)
 
 
 class StatusRequest(_Request):

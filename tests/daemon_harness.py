@@ -93,6 +93,9 @@ class Daemon:
     flavour: str = "nft"
     ports: tuple[int, ...] = (80,)
     ladder: str = '["1d", "7d"]'
+    # Network escalation (issue #16): off unless a test is about it, as the tests block
+    # many addresses of one /24 and read one kernel entry per address.
+    escalation: bool = False
     started: list[int] = field(default_factory=list)
 
     @property
@@ -139,6 +142,9 @@ ports = [{ports}]
 
 [protect]
 allowlist = ["198.51.100.0/24"]
+
+[escalation]
+enabled = {"true" if self.escalation else "false"}
 {self.extra_config}
 """)
         self.config_file.chmod(0o644)

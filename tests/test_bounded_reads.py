@@ -47,6 +47,7 @@ def config(**state: Any) -> Config:
             "protect": {"allowlist": ["198.51.100.0/24"]},
             "state": {"page_rows": PAGE, **state},
             "quota": {"hits_per_minute": 3},
+            "escalation": {"enabled": False},  # pages of one /24's addresses, not its network
         }
     )
 

@@ -35,7 +35,11 @@ async def running(
     backend: RecordingBackend | None = None,
     clock: FakeClock | None = None,
 ) -> AsyncIterator[tuple[Broker, RecordingBackend, FakeClock, Store]]:
-    config = config or Config.model_validate({"protect": {"allowlist": ["198.51.100.0/24"]}})
+    # Escalation off unless a test asks for it: these tests block many addresses of one /24
+    # and read one kernel entry per address (tests/test_prefix_blocks.py turns it on).
+    config = config or Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "escalation": {"enabled": False}}
+    )
     backend = backend or RecordingBackend()
     clock = clock or FakeClock()
     store = Store(tmp_path / "state.db")
@@ -225,7 +229,11 @@ def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
 
     # 68 new blocks at once from one client: more than the default quota lets through.
     config = Config.model_validate(
-        {"protect": {"allowlist": ["198.51.100.0/24"]}, "quota": {"blocks_per_minute": 0}}
+        {
+            "protect": {"allowlist": ["198.51.100.0/24"]},
+            "quota": {"blocks_per_minute": 0},
+            "escalation": {"enabled": False},  # one kernel entry per address (issue #16)
+        }
     )
 
     async def scenario() -> None:

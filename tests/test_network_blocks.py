@@ -56,10 +56,11 @@ def test_an_admin_blocks_a_network(tmp_path: Path) -> None:
             shown = await broker.handle(ShowRequest(op="show", ip=NET), ROOT)
             assert shown["active"]["ip"] == NET and len(shown["hits"]) == 1
 
-            # An address inside the network can still be blocked on its own (another set).
+            # An address inside the network can still be blocked on its own: a state row, but
+            # no kernel entry while the network covers it (issue #16); back in once it ends.
             inside = await block(broker, "203.0.113.200")
             assert inside["action"] == "block"
-            assert set(backend.kernel) == {network(NET), ipaddress.ip_address("203.0.113.200")}
+            assert set(backend.kernel) == {network(NET)}
 
             await broker.handle(UnblockRequest(op="unblock", ip=NET), ROOT)
             assert set(backend.kernel) == {ipaddress.ip_address("203.0.113.200")}

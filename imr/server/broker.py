@@ -20,7 +20,7 @@ import ctypes
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,6 +41,8 @@ from imr.core.addresses import (
 from imr.core.clock import Clock
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
+from imr.core.policy import Ladder
+from imr.core.prefixes import Level
 from imr.core.quota import QuotaLedger
 from imr.protocol import (
     BlockManyRequest,
@@ -71,6 +73,7 @@ from imr.server.changes import (
     stored_target,
 )
 from imr.server.metrics import Metrics
+from imr.server.prefix_blocks import PrefixBlocks, guard_of
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.server.transaction import BatchCommitter
 from imr.server.upkeep import Upkeep
@@ -136,9 +139,25 @@ class Broker:
         # rules never time out and whose apply reads the whole chain.
         rearm = backend.name not in _NO_REARM
         health = StateHealth(store.path, monotonic)  # the writer thread's
+        # Per-prefix offences and network escalation (issue #16); the writer thread's.
+        prefix = PrefixBlocks(
+            *_prefix_settings(config),
+            guard_of(
+                lambda: self._config.protect.network_min_prefix,
+                lambda: self._local.own,
+                lambda: self._local.broadcast,
+                lambda: self._config.protect.allowlist,
+                # A trusted proxy inside a prefix speaks for everyone behind it.
+                lambda: [
+                    *self._config.escalation.never_aggregate,
+                    *self._config.logscan.trusted_proxies,
+                ],
+            ),
+        )
         self._committer = BatchCommitter(
             store, backend, clock, health, self._active, config.policy.to_ladder(), rearm
         )
+        self._committer.prefix = self._prefix = prefix
         self._upkeep = Upkeep(
             (config.state, config.firewall),
             (clock, monotonic),
@@ -161,6 +180,7 @@ class Broker:
         self._gate.protect, self._gate.quota_config = config.protect, config.quota
         self._quota.limits = config.quota.to_limits()
         self._change_log = LineBudget(config.server.log_changes_per_second)
+        self._prefix.configure(*_prefix_settings(config))
 
     def reconcile(self) -> None:
         """At start: lift what expired while we were down and make the kernel match the state.
@@ -205,8 +225,9 @@ class Broker:
         # The kernel load, then the index: nothing is published if the load fails. (The
         # index in a thread beside the load gained nothing measurable: it competed with the
         # load's own Python work for the GIL, not with the kernel's; docs/performance.md.)
+        self._prefix.restore(kernel, keep, now)
         self._backend.prepare()
-        self._backend.replace_all(kernel)
+        self._backend.replace_all(self._prefix.kernel_blocks(kernel))
         del kernel
         self._active.update((r.ip, r) for r in keep)
         self._expiry = [(r.expires_at, r.ip) for r in keep]
@@ -330,7 +351,10 @@ class Broker:
     def _list(self, request: ListRequest) -> dict[str, Any]:
         now = self._clock.now()
         query = ListQuery(request.since, request.reason, request.source, request.limit)
-        listing = select_blocks(self._active.values(), query, now)
+        records: Iterable[BlockRecord] = self._active.values()
+        if request.networks:  # a few among 100,000: the text says which (issue #16)
+            records = [r for r in records if "/" in r.ip]
+        listing = select_blocks(records, query, now)
         return replies.list_reply(listing, now, len(self._active))
 
     async def _show(self, request: ShowRequest) -> dict[str, Any]:
@@ -343,7 +367,11 @@ class Broker:
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         # One row more than the page, to know whether there is another.
         page = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
-        return replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
+        reply = replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
+        # The network block that holds this address out of the kernel (issue #16), if any:
+        # one dict read, atomic under the GIL beside the writer thread's changes of it.
+        reply["covered_by"] = self._prefix.held_out.get(ip)
+        return reply
 
     def status(self) -> dict[str, Any]:
         backend = self._backend.name, self._backend.describe(), self._backend_choice
@@ -530,3 +558,11 @@ def _release_free_heap() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def _prefix_settings(config: Config) -> tuple[Ladder, list[Level], int]:
+    """The prefix ladder, the escalation levels and the IPv6 offence unit (issue #16)."""
+    policy = config.policy
+    steps = tuple(config.escalation.ladder)
+    ladder = Ladder(steps, policy.repeat_window, policy.escalate_after)
+    return ladder, config.escalation.to_levels(), policy.ipv6_offence_prefix

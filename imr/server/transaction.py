@@ -38,6 +38,7 @@ from imr.server.changes import (
     stored_target,
 )
 from imr.server.metrics import Metrics
+from imr.server.prefix_blocks import PrefixBlocks
 from imr.server.replies import block_reply, compact_block_item
 from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
@@ -67,6 +68,9 @@ class BatchCommitter:
         self.ladder = ladder  # a reload replaces it
         # Re-arm a block's kernel entry on every report of it (see _apply_block).
         self.rearm = rearm
+        # Per-prefix offences and escalation (issue #16); the broker sets its own. This one,
+        # without levels, only holds addresses under an admin's network out of the kernel.
+        self.prefix = PrefixBlocks(ladder, [], 128, lambda: lambda network: None)
 
     def commit_isolated(
         self, batch: list[AnyChange], earlier: dict[str, BlockRecord | None] | None = None
@@ -109,6 +113,7 @@ class BatchCommitter:
         of the kernel again before anyone hears of the failure."""
         transaction = _BatchTransaction(self, self.clock.now(), earlier)
         applied = False
+        prefix_changes = self.prefix.changes
         try:
             with self.store.transaction():
                 transaction.prefetch(batch)
@@ -117,12 +122,17 @@ class BatchCommitter:
                 self.backend.apply(transaction.kernel_add, transaction.kernel_remove)
                 applied = True
         except Exception as exc:
+            self.prefix.committed(False)
+            if self.prefix.changes != prefix_changes:  # the batch's holds are undone too
+                live = {**self.active, **earlier}
+                self.prefix.rebuild(kernel_block(r) for r in live.values() if r)
             if applied:
                 self._undo_kernel(transaction, earlier)
             if unwritable(exc):
                 raise StateUnwritable(exc) from exc
             raise
         self.health.succeeded()
+        self.prefix.committed(True)
         return BatchResult(
             outcomes, transaction.changed, transaction.expired, transaction.log_lines
         )
@@ -149,7 +159,9 @@ class BatchCommitter:
             live = {**self.active, **earlier}
             try:
                 self.backend.replace_all(
-                    [kernel_block(r) for r in live.values() if r and r.expires_at > now]
+                    self.prefix.kernel_blocks(
+                        kernel_block(r) for r in live.values() if r and r.expires_at > now
+                    )
                 )
             except Exception:
                 log.exception("could not rebuild the kernel; the drift check tries again")
@@ -172,13 +184,14 @@ class BatchCommitter:
         """Write every active block's kernel entry again, with its remaining time now."""
         now = self.clock.now()
         live = [kernel_block(r) for r in self.active.values() if r.expires_at > now]
-        self.backend.replace_all(live)
+        self.backend.replace_all(self.prefix.kernel_blocks(live))
 
     def check_and_repair(self, metrics: Metrics) -> Drift:
         """Check imr's kernel objects against the index and repair them. In the writer thread,
         so it never runs beside a batch's kernel change."""
         now = self.clock.now()
-        records = list(self.active.values())  # not changed while the turn is held
+        # Not changed while the turn is held; without the addresses a network holds out.
+        records = [r for r in self.active.values() if self.prefix.needs_entry(r.ip)]
         expected = expected_counts(((slot_of_text(r.ip), r.expires_at) for r in records), now)
         drift = self.backend.check(expected)
         if not drift.found:
@@ -250,9 +263,27 @@ class _BatchTransaction:
         self.store.lift(record.id, self.now, reason, by)
         self.offences.pop(record.ip, None)
 
+    lift_record = _lift  # for PrefixBlocks (a superseded network block)
+
     def _new_block(
         self, ip: str, decision: Decision, change: BlockChange, offence: int
     ) -> BlockRecord:
+        peer = change.peer
+        return self.new_record(
+            ip, decision, offence, change.reason, change.source, peer.uid, peer.pid
+        )
+
+    def new_record(
+        self,
+        ip: str,
+        decision: Decision,
+        offence: int,
+        reason: str,
+        source: str,
+        uid: int | None = None,
+        pid: int | None = None,
+    ) -> BlockRecord:
+        """A new block row, written with the batch's others (uid None: the daemon's own)."""
         if self.next_id is None:
             self.next_id = self.store.next_block_id()
         record = BlockRecord(
@@ -262,14 +293,27 @@ class _BatchTransaction:
             decision.expires_at,
             decision.rung,
             offence,
-            change.reason,
-            change.source,
-            change.peer.uid,
-            change.peer.pid,
+            reason,
+            source,
+            uid,
+            pid,
         )
         self.next_id += 1
         self.new_blocks.append(record)
         return record
+
+    def current(self, ip: str) -> BlockRecord | None:
+        return self.committer.current(ip, self.changed)
+
+    def previous_of(self, ip: str) -> tuple[int, BlockRecord | None]:
+        """How many blocks `ip` had, and the last that counts for the ladder."""
+        found = self._offences(ip)
+        return found.count, found.last
+
+    def _kernel_entry(self, address: Target, expires_at: float, ip: str) -> None:
+        """An address's kernel entry, unless a network block holds it out (issue #16)."""
+        if self.committer.prefix.needs_entry(ip):
+            self.kernel_add.append(KernelBlock(address, expires_at, ip))
 
     def _offences(self, ip: str) -> Offences:
         """The address's history: from the batch's query, or read afresh (with this batch's
@@ -297,6 +341,7 @@ class _BatchTransaction:
             self._lift(current, "expired", "imr")
             current = replace(current, lifted_at=self.now, lift_reason="expired")
             self.changed[ip] = None
+            self.committer.prefix.lifted(self, ip, change.address, by_admin=False)
             self.expired += 1
         previous: BlockRecord | None
         offences: Offences | None = None
@@ -305,16 +350,19 @@ class _BatchTransaction:
         else:
             offences = self._offences(ip)
             previous = offences.last
-        decision = decide(
-            self.ladder, previous.as_previous() if previous else None, self.now, change.severity
-        )
+        prior = previous.as_previous() if previous else None
+        if offences is not None:  # a new block: its IPv6 /64 may have offended (issue #16)
+            prior = self.committer.prefix.previous(change.address, prior, self.now)
+        decision = decide(self.ladder, prior, self.now, change.severity)
         reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
         if decision.action is Action.BLOCK:  # so previous was no active block: offences read
             offence = (offences or self._offences(ip)).count + 1
             record = self._new_block(ip, decision, change, offence)
-            self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+            self.changed[ip] = record  # before the escalation, which may hold it out
+            self.committer.prefix.blocked(self, change.address, record)
+            self._kernel_entry(change.address, record.expires_at, ip)
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
         else:
@@ -324,12 +372,12 @@ class _BatchTransaction:
                 self.store.escalate(record.id, decision.rung, decision.expires_at)
                 record = replace(record, rung=decision.rung, expires_at=decision.expires_at)
                 # Re-adding updates kernel timeouts (set backends); never duplicates.
-                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+                self._kernel_entry(change.address, record.expires_at, ip)
             elif self.committer.rearm:
                 # Re-armed in the batch's own kernel transaction: if the kernel lifted the
                 # block early (its timeout ran on a clock that stepped, or someone deleted
                 # the entry), the report that shows the attacker is back puts it in again.
-                self.kernel_add.append(KernelBlock(change.address, record.expires_at, ip))
+                self._kernel_entry(change.address, record.expires_at, ip)
         self.hits.append(
             (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
         )
@@ -348,6 +396,7 @@ class _BatchTransaction:
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
+        self.committer.prefix.lifted(self, ip, change.address, by_admin=True)
         by, reason = change.peer.describe(), change.request.reason
         self.log_lines.append(lambda: f"unblocked {ip} by {by} reason={reason!r}")
         return Outcome({"kind": "unblock", "ip": ip})
@@ -360,7 +409,9 @@ class _BatchTransaction:
                 continue  # escalated or unblocked since it was found due
             self._lift(current, "expired", "imr")
             self.changed[ip] = None
-            self.kernel_remove.append(stored_address(ip))
+            target = stored_address(ip)
+            self.kernel_remove.append(target)
+            self.committer.prefix.lifted(self, ip, target, by_admin=False)
             lifted.append(ip)
             self.expired += 1
             self.log_lines.append(functools.partial(_expiry_line, current))
@@ -370,7 +421,9 @@ class _BatchTransaction:
                 continue
             self._lift(current, "protected", "imr")
             self.changed[ip] = None
-            self.kernel_remove.append(stored_address(ip))
+            target = stored_address(ip)
+            self.kernel_remove.append(target)
+            self.committer.prefix.lifted(self, ip, target, by_admin=False)
             lifted.append(ip)
             log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return Outcome({"kind": "expire", "lifted": lifted})
