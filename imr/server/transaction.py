@@ -22,6 +22,7 @@ from typing import Any
 from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot_of_text
 from imr.core.addresses import Target
 from imr.core.clock import Clock
+from imr.core.durations import format_duration
 from imr.core.policy import Action, Decision, Ladder, decide
 from imr.protocol import timestamp
 from imr.server.changes import (
@@ -308,6 +309,8 @@ class _BatchTransaction:
         decision = decide(
             self.ladder, previous.as_previous() if previous else None, self.now, change.severity
         )
+        if change.duration is not None:
+            decision = _chosen_duration(decision, change.duration, self.now)
         reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
@@ -384,6 +387,13 @@ def kernel_block(record: BlockRecord) -> KernelBlock:
 
 def _expiry_line(record: BlockRecord) -> str:
     return f"expired {record.ip} (blocked {timestamp(record.blocked_at)}, rung {record.rung})"
+
+
+def _chosen_duration(decision: Decision, duration: float, now: float) -> Decision:
+    """An admin's duration: the block (new, or the active one) ends `duration` from now."""
+    why = f"{decision.why}; admin chose {format_duration(duration)}".lstrip("; ")
+    action = Action.ESCALATE if decision.action is Action.RECORD else decision.action
+    return replace(decision, action=action, expires_at=now + duration, why=why)
 
 
 def _change_line(decision: Decision, record: BlockRecord, change: BlockChange) -> str:
