@@ -350,7 +350,10 @@ def block(
                 )
             else:
                 error = item["error"]
-                click.echo(f"refused {item['ip']}: {error['message']} [{error['code']}]")
+                click.echo(
+                    f"imr: block {escape(item['ip'])}: {error['message']} [{error['code']}]",
+                    err=True,
+                )
     if not all(item["ok"] for item in results):
         sys.exit(EXIT_FAILED)
 

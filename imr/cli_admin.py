@@ -109,7 +109,10 @@ def unblock(
             click.echo(f"unblocked {item['ip']}")
         else:
             error = item["error"]
-            click.echo(f"imr: unblock {escape(item['ip'])}: {error['message']} [{error['code']}]")
+            click.echo(
+                f"imr: unblock {escape(item['ip'])}: {error['message']} [{error['code']}]",
+                err=True,
+            )
     if not all(item["ok"] for item in results):
         raise SystemExit(1)
 
