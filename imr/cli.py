@@ -11,7 +11,7 @@ import functools
 import json
 import pwd
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -58,6 +58,12 @@ def _asking(ask: Callable[[Client], _T], ctx: CliContext) -> _T:
         return ask(ctx.client())
 
 
+# click >= 8.2 raises this UsageError for a bare group; its message is the group's help.
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {})
+)
+
+
 class _MainGroup(click.Group):
     """`imr`, with the log-scanning, reputation and doctor commands imported only when asked
     for: `imr server start` (the daemon forks from that process and keeps what it imported)
@@ -87,6 +93,35 @@ class _MainGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_extras()
         return super().list_commands(ctx)
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """click's main loop, with its usage errors in imr's one style: `imr: <message>`
+        and where to read more, exit 2 (click prints the usage and `Error: ...`)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # a group without its command: its help, as click does
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "imr"
+            click.echo(f"imr: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("imr: aborted", err=True)
+            sys.exit(EXIT_FAILED)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 @click.group(cls=_MainGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -100,6 +100,17 @@ def test_bash_completion_completes_commands_and_options() -> None:
     assert "plain,--all" in options.stdout.splitlines()
 
 
+def test_usage_errors_have_the_one_error_style() -> None:
+    unknown = imr("list", "--bogus")
+    assert unknown.returncode == 2
+    assert unknown.stderr == "imr: No such option '--bogus'. (see imr list --help)\n"
+    missing = imr("show")
+    assert missing.returncode == 2 and missing.stderr.startswith("imr: Missing argument 'IP'")
+    bad = imr("list", "--since", "3x")
+    assert bad.returncode == 2 and bad.stderr.startswith("imr: Invalid value for '--since'")
+    assert imr("--help").returncode == 0 and imr("--version").returncode == 0
+
+
 # Doctor: [access] and the logscan state directory -----------------------------------------
 
 
