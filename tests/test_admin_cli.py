@@ -141,6 +141,8 @@ root = "read"
 [access.groups]
 "admincli-no-such-group" = "read"
 nogroup = "read"
+[access.tokens]
+web1 = {{ sha256 = "{"0" * 64}", role = "block" }}
 [logscan]
 state_dir = "{locked / "logscan"}"
 """)
@@ -158,6 +160,7 @@ state_dir = "{locked / "logscan"}"
     assert f"{BLOCKER} has role" not in text  # a member of the socket's group
     assert "root has role" not in text  # root always connects
     assert f"logscan.state_dir {locked / 'logscan'} is not writable" in text
+    assert "[access.tokens] name 1 TCP client(s) but server.tcp is off" in text
     fixes = [f["fix"] for f in findings if f["level"] == "warning"]
     assert any("adduser <member> imrtest" in fix for fix in fixes)
 

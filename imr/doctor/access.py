@@ -94,6 +94,17 @@ def check_access(config: Config) -> list[Finding]:
             )
     for name, roles in config.access.groups.items():
         findings += _check_group(name, roles, reach, group_fix)
+    remote = [*config.access.certificates, *config.access.tokens]
+    if remote and not config.server.tcp.enabled:
+        findings.append(
+            warning(
+                CHECK,
+                f"[access.certificates] and [access.tokens] name {len(remote)} TCP client(s)"
+                " but server.tcp is off: nobody can use their roles",
+                "set server.tcp.enabled = true (docs/operations.md, Clients on other hosts),"
+                " or remove the entries",
+            )
+        )
     findings += check_logscan_dir(config.logscan.state_dir)
     return findings or [ok(CHECK, "every user and group in [access] exists and can connect")]
 
