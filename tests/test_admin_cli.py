@@ -7,6 +7,7 @@ says an admin would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -18,11 +19,15 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from test_broker import addr, running
 
 from imr.cli_admin import summarise
 from imr.core.listing import source_matcher
+from imr.protocol import BlockRequest, timestamp
+from imr.server.broker import BrokerError
 
 from daemon_harness import BLOCKER, IMR, READER, REPO, Daemon, daemon_world
+from fakes import ROOT, WEB
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -54,6 +59,29 @@ def test_stats_count_by_source_rung_backend_and_hour() -> None:
         "2026-12-07T04:00Z": 1,
         "2026-12-07T05:00Z": 1,
     }
+
+
+def test_the_broker_takes_a_duration_from_admins_only(tmp_path: Path) -> None:
+    def request(duration: str) -> BlockRequest:
+        return BlockRequest(op="block", ip="203.0.113.5", duration=duration)
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (broker, backend, clock, store):
+            with pytest.raises(BrokerError) as refused:
+                await broker.handle(request("1w"), WEB)
+            assert refused.value.code == "forbidden"
+            assert store.active_blocks() == [] and backend.kernel == {}
+            made = await broker.handle(request("2h"), ROOT)
+            assert made["expires_at"] == timestamp(clock.now() + 7200) and made["rung"] == 1
+            assert backend.kernel == {addr("203.0.113.5"): clock.now() + 7200}
+            clock.advance(60)
+            later = await broker.handle(request("30m"), ROOT)  # an active block: ends again
+            assert later["action"] == "escalate"
+            assert backend.kernel == {addr("203.0.113.5"): clock.now() + 1800}
+            (row,) = store.active_blocks()
+            assert row.expires_at == clock.now() + 1800
+
+    asyncio.run(scenario())
 
 
 # Man page and completion -------------------------------------------------------------------
