@@ -95,7 +95,7 @@ def unblock(
         found = [b["ip"] for b in _active(ctx, pattern)]
         what = "active block(s)" + (f" of source {pattern!r}" if pattern else "")
         confirm_bulk(len(found), escape(what), yes, sys.stdin.isatty)
-        wanted += [ip for ip in found if ip not in wanted]
+        wanted += found  # an address given twice is lifted once (below)
     elif not wanted:
         raise UsageFailure("give at least one address, --from-file, --source or --all")
     if not wanted:
@@ -104,17 +104,20 @@ def unblock(
     results = [_unblock_one(ctx, ip, reason) for ip in dict.fromkeys(wanted)]
     if as_json:
         click.echo(json.dumps(results, indent=2))
-    for item in results if not as_json else []:
-        if item["ok"]:
-            click.echo(f"unblocked {item['ip']}")
-        else:
-            error = item["error"]
-            click.echo(
-                f"imr: unblock {escape(item['ip'])}: {error['message']} [{error['code']}]",
-                err=True,
-            )
+    else:
+        for item in results:
+            _print_unblocked(item)
     if not all(item["ok"] for item in results):
         raise SystemExit(1)
+
+
+def _print_unblocked(item: dict[str, Any]) -> None:
+    if item["ok"]:
+        click.echo(f"unblocked {item['ip']}")
+        return
+    error = item["error"]
+    message = escape(f"unblock {item['ip']}: {error['message']} [{error['code']}]")
+    click.echo(f"imr: {message}", err=True)
 
 
 def _unblock_one(ctx: CliContext, ip: str, reason: str) -> dict[str, Any]:
