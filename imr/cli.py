@@ -7,15 +7,17 @@ Exit status: 0 success, 1 refused or failed, 2 usage or configuration error,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import pwd
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 
-from imr import __version__
+from imr import __version__, cli_admin
 from imr.cli_context import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -56,6 +58,12 @@ def _asking(ask: Callable[[Client], _T], ctx: CliContext) -> _T:
         return ask(ctx.client())
 
 
+# click >= 8.2 raises this UsageError for a bare group; its message is the group's help.
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {})
+)
+
+
 class _MainGroup(click.Group):
     """`imr`, with the log-scanning, reputation and doctor commands imported only when asked
     for: `imr server start` (the daemon forks from that process and keeps what it imported)
@@ -85,6 +93,35 @@ class _MainGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_extras()
         return super().list_commands(ctx)
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """click's main loop, with its usage errors in imr's one style: `imr: <message>`
+        and where to read more, exit 2 (click prints the usage and `Error: ...`)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # a group without its command: its help, as click does
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "imr"
+            click.echo(f"imr: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("imr: aborted", err=True)
+            sys.exit(EXIT_FAILED)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 @click.group(cls=_MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -290,6 +327,12 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
     default=None,
     help="How bad, 1-10: noted; starts at this rung only if policy.severity_skips_rungs.",
 )
+@click.option(
+    "--duration",
+    metavar="DURATION",
+    default=None,
+    help="Admins: the block ends this long from now (30m, 2d), whatever the ladder says.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def block(
@@ -299,6 +342,7 @@ def block(
     reason: str,
     source: str,
     severity: int | None,
+    duration: str | None,
     as_json: bool,
 ) -> None:
     """Block each IP (roles: block, admin).
@@ -312,9 +356,14 @@ def block(
         wanted += [line.split()[0] for line in from_file if line.strip()[:1] not in ("", "#")]
     if not wanted:
         fail("give at least one address (or --from-file)", EXIT_USAGE)
+    if duration is not None and (len(wanted) > 1 or from_file is not None):
+        fail("--duration takes one address", EXIT_USAGE)
     verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
     if len(wanted) == 1 and from_file is None:
-        result = call(ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity)
+        extra = {"duration": duration} if duration is not None else {}
+        result = call(
+            ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity, **extra
+        )
         if as_json:
             click.echo(json.dumps(result, indent=2))
             return
@@ -336,19 +385,12 @@ def block(
                 )
             else:
                 error = item["error"]
-                click.echo(f"refused {item['ip']}: {error['message']} [{error['code']}]")
+                click.echo(
+                    f"imr: block {escape(item['ip'])}: {error['message']} [{error['code']}]",
+                    err=True,
+                )
     if not all(item["ok"] for item in results):
         sys.exit(EXIT_FAILED)
-
-
-@main.command()
-@click.argument("ip")
-@click.option("--reason", default="", help="Why (kept in the logs).")
-@click.pass_obj
-def unblock(ctx: CliContext, ip: str, reason: str) -> None:
-    """Lift the block on IP now (role: admin)."""
-    result = call(ctx, "unblock", ip=ip, reason=reason)
-    click.echo(f"unblocked {result['ip']}")
 
 
 def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
@@ -368,7 +410,12 @@ def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | 
     help="Only blocks made within this long (90s, 30m, 1h, 1d, 2w).",
 )
 @click.option("--reason", metavar="TEXT", default=None, help="Reason contains TEXT (any case).")
-@click.option("--source", metavar="TAG", default=None, help="Source tag is exactly TAG.")
+@click.option(
+    "--source",
+    metavar="PATTERN",
+    default=None,
+    help="Source tag is PATTERN or PATTERN:..., or matches the glob PATTERN ('logscan*').",
+)
 @click.option(
     "--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=None, help="At most N rows."
 )
@@ -426,10 +473,24 @@ def list_blocks(
 )
 @click.option("--before", type=click.IntRange(1), default=None, help="Only reports before this id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--check", is_flag=True, help="Exit 1 if IP is not blocked now (for scripts; prints as usual)."
+)
 @click.pass_obj
-def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_json: bool) -> None:
-    """The current block of IP, if any, and its history, newest first (roles: read, admin)."""
+def show(
+    ctx: CliContext, ip: str, limit: int | None, before: int | None, as_json: bool, check: bool
+) -> None:
+    """The current block of IP, if any, and its history, newest first (roles: read, admin).
+
+    With --check the exit status says whether IP is blocked: 0 blocked, 1 not.
+    """
     result = call(ctx, "show", ip=ip, limit=limit, before=before)
+    _show(result, as_json)
+    if check and not result["active"]:
+        sys.exit(EXIT_FAILED)
+
+
+def _show(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -614,7 +675,10 @@ def contrib_path(name: str) -> None:
     click.echo(str(target))
 
 
-# Log scanning (imr/logscan) ------------------------------------------------------
+# Unblock, stats, completion, man page (imr/cli_admin.py) ----------------------------
+
+for _command in (cli_admin.unblock, cli_admin.stats, cli_admin.completion, cli_admin.man_page):
+    main.add_command(_command)
 
 
 # Helpers --------------------------------------------------------------------------
@@ -626,7 +690,16 @@ def _who(entry: dict[str, Any]) -> str:
         return "-"
     if uid < 0:
         return "tcp client"  # access.REMOTE_ID: the daemon's log names it
-    return f"uid {uid}" + (f" pid {pid}" if pid else "")
+    return _user(uid) + (f" pid {pid}" if pid else "")
+
+
+@functools.cache
+def _user(uid: int) -> str:
+    """The user's name where this host knows the uid (the daemon's host, usually), else it."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _uptime(seconds: float) -> str:

@@ -38,6 +38,8 @@ MAX_BLOCK_MANY = 1000  # addresses in one block_many (the line limit usually bin
 MAX_PAGE_ROWS = 10_000
 
 _SOURCE_PATTERN = r"^[A-Za-z0-9_.:/@+-]*$"
+# list's source filter: a tag, or a glob of one (imr.core.listing.source_matcher).
+_SOURCE_FILTER_PATTERN = r"^[A-Za-z0-9_.:/@+*?!\[\]-]*$"
 
 
 def _printable(text: str) -> str:
@@ -77,6 +79,9 @@ class BlockRequest(_Request):
     reason: Reason = ""
     source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     severity: int = Field(1, ge=1, le=10)
+    # Admins only (others: forbidden): the block lasts this long from now, whatever the
+    # ladder says; its rung is still the ladder's, so a repeat escalates from there.
+    duration: Duration | None = None
 
 
 class BlockManyRequest(_Request):
@@ -125,7 +130,9 @@ class ListRequest(_Request):
     limit: int | None = Field(None, ge=1, le=MAX_LIST_LIMIT)
     since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
     reason: ReasonFilter | None = None  # substring, any case
-    source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
+    source: str | None = Field(
+        None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_FILTER_PATTERN
+    )
     networks: bool = False  # only network blocks (an admin's, and the escalated ones)
 
 

@@ -261,12 +261,14 @@ def test_cli_blocks_many_addresses_as_the_web_user(world: Daemon) -> None:
     assert result.returncode == 1, result.stderr  # some were refused
     assert "Traceback" not in result.stderr
     assert f"blocked {ATTACKER_V4} until" in result.stdout
-    assert "refused 127.0.0.1: 127.0.0.1 is a loopback address [loopback_address]" in result.stdout
-    assert f"refused {SERVER_V4}:" in result.stdout and "[own_address]" in result.stdout
+    # Refusals in the one error style, on stderr: `imr: block IP: message [code]`.
+    refusal = "imr: block 127.0.0.1: 127.0.0.1 is a loopback address [loopback_address]"
+    assert refusal in result.stderr
+    assert f"imr: block {SERVER_V4}:" in result.stderr and "[own_address]" in result.stderr
     # The default quota (60 new blocks a minute) counts addresses, not requests.
     wanted = [ATTACKER_V4, *wave[:58]]
-    assert result.stdout.count("[rate_limited]") == 42
-    assert f"refused {wave[58]}:" in result.stdout
+    assert result.stderr.count("[rate_limited]") == 42
+    assert f"imr: block {wave[58]}:" in result.stderr
     rules = world.rules(4)
     assert all(f"-s {ip}/32" in rules for ip in wanted)
     assert not any(f"-s {ip}/32" in rules for ip in wave[58:])

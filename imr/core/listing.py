@@ -6,14 +6,18 @@ kernel (listing a set of 100,000 elements takes seconds). The filters combine
 
 - `since`: blocked within this many seconds before `now`;
 - `reason`: the block's reason contains this text (case-insensitive);
-- `source`: the block's source tag is exactly this (case-sensitive, like the tags);
+- `source`: the block's source tag is this tag or starts with it and a colon (`logscan`
+  matches `logscan` and `logscan:nginx-404`, not `logscanner`), case-sensitive like the
+  tags; with a `*`, `?` or `[` in it, the tag matches it as a glob (`logscan*`, `modsec*:9*`);
 - `limit`: at most this many rows, the oldest first (the order of the listing).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import heapq
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -51,6 +55,19 @@ class Listing(Generic[R]):
     matched: int  # how many matched the filters before the limit
 
 
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def source_matcher(pattern: str) -> Callable[[str], bool]:
+    """A source tag test: the tag or a `tag:...` below it, or a case-sensitive glob if
+    `pattern` has glob characters (the log scanner tags `logscan:<signature>`)."""
+    if not GLOB_CHARACTERS & set(pattern):
+        below = pattern + ":"
+        return lambda source: source == pattern or source.startswith(below)
+    compiled = re.compile(fnmatch.translate(pattern))
+    return lambda source: compiled.fullmatch(source) is not None
+
+
 def select_blocks(records: Iterable[R], query: ListQuery, now: float) -> Listing[R]:
     """The records matching `query`, ordered by (blocked_at, id), cut to `query.limit`."""
     matching = list(records)
@@ -58,8 +75,8 @@ def select_blocks(records: Iterable[R], query: ListQuery, now: float) -> Listing
         cutoff = now - query.since
         matching = [r for r in matching if r.blocked_at >= cutoff]
     if query.source is not None:
-        source = query.source
-        matching = [r for r in matching if r.source == source]
+        matches = source_matcher(query.source)
+        matching = [r for r in matching if matches(r.source)]
     if query.reason:
         needle = query.reason.casefold()
         matching = [r for r in matching if needle in r.reason.casefold()]

@@ -21,6 +21,7 @@ from dataclasses import asdict
 import click
 
 from imr.cli_context import CliContext
+from imr.doctor.access import check_access
 from imr.doctor.clock import check_clock
 from imr.doctor.daemon import check_daemon, check_socket
 from imr.doctor.findings import Finding, Level
@@ -47,6 +48,7 @@ def diagnose(ctx: CliContext, probe_kernel: bool = True) -> list[Finding]:
         findings += check_socket(config)  # a missing socket is the daemon finding's business
     findings += check_state(config, time.time())
     findings += check_clock()
+    findings += check_access(config)
     return findings
 
 
@@ -75,7 +77,7 @@ def render(findings: Sequence[Finding]) -> str:
 )
 @click.pass_obj
 def doctor(ctx: CliContext, as_json: bool, strict: bool, no_kernel_probe: bool) -> None:
-    """Check tools, kernel, socket, state file, daemon and clock; say how to fix each problem.
+    """Check tools, kernel, socket, state file, daemon, clock and [access]; say how to fix each.
 
     Exit 0: no problems; 1: problems found; 2: usage or configuration error.
     """

@@ -289,7 +289,7 @@ def _print_report(report: Report, verbose: bool) -> None:
     """Blocks on stdout, warnings on stderr; the summary only when asked (-v):
     cron mails whatever a run prints, and a quiet run should send none."""
     for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"imr: warning: {warning}", err=True)
     for outcome in report.outcomes:
         click.echo(_outcome_line(outcome))
     if not verbose:

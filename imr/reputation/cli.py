@@ -30,6 +30,7 @@ from imr.cli_context import (
     client_errors,
 )
 from imr.core.durations import format_duration, parse_duration
+from imr.protocol import timestamp
 from imr.reputation import exports
 from imr.reputation.abuse_mail import not_mailed
 from imr.reputation.contacts import ContactFinder
@@ -196,9 +197,8 @@ def _pardon_check(
 
 
 def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
+    # The one time format of every imr command: ISO 8601, UTC (imr.protocol.timestamp).
+    return timestamp(epoch) or "-"
 
 
 def _report_json(r: Report, settings: ReputationSettings) -> dict[str, Any]:

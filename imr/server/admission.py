@@ -114,6 +114,10 @@ class Gatekeeper:
         change = BlockChange(
             address, ip, request.reason, request.source, request.severity, peer, compact
         )
+        if isinstance(request, BlockRequest) and request.duration is not None:
+            if not peer.is_admin:  # the ladder decides for everyone else
+                raise BrokerError("forbidden", f"user {peer.user} may not choose a duration")
+            change.duration = request.duration
         active = self._active.get(ip)
         if active is None or active.expires_at <= self._clock.now():
             self.reserve_block(change)  # may make a new block: the quota decides, before queueing

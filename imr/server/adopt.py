@@ -12,11 +12,11 @@ the kernel's entries as blocks of the first rung instead.
 from __future__ import annotations
 
 import logging
-import time
 
 from imr.backends.base import Backend
 from imr.config import Config
 from imr.core.addresses import Target
+from imr.protocol import timestamp
 from imr.store import BlockRecord, Store
 
 log = logging.getLogger("imr.daemon")
@@ -76,7 +76,7 @@ def check_kernel_against_state(
         len(found),
         backend.name,
         path,
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires_at)),
+        timestamp(expires_at),
     )
 
 

@@ -52,6 +52,7 @@ class BlockChange:
     severity: int
     peer: Peer
     compact: bool = False  # answer with block_many's short per-address result
+    duration: float | None = None  # an admin's `duration`: ends now + this, not the ladder's
     # Quotas: may this change make a new block (admitted, or exempt)? The reservation
     # is given back unless it does. A hit on an active block is admitted without one.
     may_create: bool = False

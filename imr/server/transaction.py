@@ -22,6 +22,7 @@ from typing import Any
 from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot_of_text
 from imr.core.addresses import Target
 from imr.core.clock import Clock
+from imr.core.durations import format_duration
 from imr.core.policy import Action, Decision, Ladder, decide
 from imr.protocol import timestamp
 from imr.server.changes import (
@@ -354,6 +355,8 @@ class _BatchTransaction:
         if offences is not None:  # a new block: its IPv6 /64 may have offended (issue #16)
             prior = self.committer.prefix.previous(change.address, prior, self.now)
         decision = decide(self.ladder, prior, self.now, change.severity)
+        if change.duration is not None:
+            decision = _chosen_duration(decision, change.duration, self.now)
         reason, source = change.reason, change.source
         if decision.action is Action.BLOCK and not change.may_create:
             return Outcome(readmit=True)  # admitted as a hit; a new block must pass the quota
@@ -437,6 +440,13 @@ def kernel_block(record: BlockRecord) -> KernelBlock:
 
 def _expiry_line(record: BlockRecord) -> str:
     return f"expired {record.ip} (blocked {timestamp(record.blocked_at)}, rung {record.rung})"
+
+
+def _chosen_duration(decision: Decision, duration: float, now: float) -> Decision:
+    """An admin's duration: the block (new, or the active one) ends `duration` from now."""
+    why = f"{decision.why}; admin chose {format_duration(duration)}".lstrip("; ")
+    action = Action.ESCALATE if decision.action is Action.RECORD else decision.action
+    return replace(decision, action=action, expires_at=now + duration, why=why)
 
 
 def _change_line(decision: Decision, record: BlockRecord, change: BlockChange) -> str:

@@ -186,7 +186,7 @@ def test_a_missing_log_among_several_is_a_warning(
     args = [str(missing), str(log), "--state-dir", str(tmp_path / "st")]
     result = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
     assert result.exit_code == 0, result.output
-    assert result.stderr == f"warning: {missing}: no such file (said once, until it appears)\n"
+    assert result.stderr == f"imr: warning: {missing}: no such file (said once, until it appears)\n"
     assert result.stdout.startswith("blocked 203.0.113.50")
     assert json.loads((tmp_path / "st" / "state.json").read_text())["files"]  # remembered
     again = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
@@ -197,7 +197,7 @@ def test_a_missing_log_among_several_is_a_warning(
     assert back.exit_code == 0 and back.output == ""
     missing.unlink()
     gone = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
-    assert gone.exit_code == 0 and gone.stderr.startswith("warning: ")  # gone again: told
+    assert gone.exit_code == 0 and gone.stderr.startswith("imr: warning: ")  # gone again: told
     still = CliRunner().invoke(scan, args, obj=_ctx(fake_daemon.path))
     assert still.exit_code == 0 and still.output == ""
     alone = CliRunner().invoke(scan, args[:1] + args[2:], obj=_ctx(fake_daemon.path))
