@@ -358,8 +358,10 @@ def parse_modsec_json(line: str) -> Record | None:
 # Apache: the client is a fixed field before the message ("[client ADDR]"), after the
 # 2.4 default prefix "[pid P:tid T] %7F: %E: " (source file at debug levels, APR status).
 # Only that position counts: the message itself quotes paths and values the client chose.
+# The level is one word ("error", "proxy:error", "core:trace5"): a line whose second field
+# holds spaces is not Apache's (an nginx access line that starts with a client-chosen $host).
 _APACHE_ERR = re.compile(
-    r"^\[(?P<time>[^\]]{1,64})\] \[(?P<level>[^\]]*)\](?P<pid> \[pid [^\]]*\])?"
+    r"^\[(?P<time>[^\]]{1,64})\] \[(?P<level>[\w:.-]{0,40})\](?P<pid> \[pid [^\]]*\])?"
     r"(?: [\w.-]+\(\d+\):)?(?: \(-?\d+\)[^\[\]]*?:(?= \[client ))?"
     r"(?: \[client (?P<peer>\[[^\]\s]+\]:\d+|[^\]\s]+)\])?(?: \[client [^\]]*\])? (?P<msg>.*)$",
     re.DOTALL,

@@ -326,6 +326,8 @@ def blamed(line: bytes, fmt: LogFormat, trusted: tuple[IPNetwork, ...] = ()) -> 
     real=ipaddress.ip_address("203.0.113.9"),
     evil="[client 198.51.100.3] ModSecurity: x, client: 198.51.100.3, server: w" + "A" * 1900,
 )
+# A Host header that makes an nginx host-first access line look like an Apache error line.
+@example(real=ipaddress.ip_address("203.0.113.1"), evil="[pid 1] [client ::ffff:198.51.100.1] ")
 def test_only_the_real_peer_is_ever_blamed(writer: str, real: IPAddress, evil: str) -> None:
     line, fmt = WRITERS[writer](str(real), evil)
     assert blamed(line, fmt) <= {str(real)}, line
