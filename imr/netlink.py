@@ -1,16 +1,17 @@
 """The netlink wire format, shared by imr's raw-netlink readers and writers.
 
-Only what imr speaks: the message header, attributes (TLVs) and their parsing.
-Callers open their own sockets (AF_NETLINK with NETLINK_NETFILTER or
-NETLINK_ROUTE); a socket belongs to the network namespace of the thread that
+Only what imr speaks: the message header, attributes (TLVs) and their parsing,
+and the NETLINK_NETFILTER socket that the nftables and ipset writers keep
+(`KeptSocket`). A socket belongs to the network namespace of the thread that
 opened it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -22,6 +23,7 @@ NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 NLA_MAX_PAYLOAD = 0xFFFF - 4  # an attribute's length is 16 bits, header included
 
+NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # errors do not echo the failed request (a batch message is ~64 KiB)
 SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python build
@@ -84,3 +86,56 @@ def where_we_are() -> tuple[int, int, int]:
     the parent's, so a kept socket is reopened when this changes."""
     ns = os.stat("/proc/thread-self/ns/net")
     return os.getpid(), ns.st_dev, ns.st_ino
+
+
+def replies(
+    sock: socket.socket, sequence: int, buffer_size: int
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(type, flags, payload) of each reply to request `sequence`, read from `sock` until
+    an NLMSG_DONE or NLMSG_ERROR, which is yielded last."""
+    buffer = bytearray(buffer_size)
+    while True:
+        size = sock.recv_into(buffer)
+        for kind, flags, seq, payload in messages(memoryview(buffer)[:size]):
+            if seq != sequence:
+                continue
+            yield kind, flags, payload
+            if kind in (NLMSG_DONE, NLMSG_ERROR):
+                return
+
+
+def netfilter_socket(timeout: float) -> socket.socket:
+    """A bound NETLINK_NETFILTER socket whose error replies do not echo the request."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class KeptSocket:
+    """One socket kept between calls, opened anew when the calling thread is in another
+    network namespace (or process), and after `close`. Not thread-safe: the owner
+    serialises."""
+
+    def __init__(self, opener: Callable[[], socket.socket]) -> None:
+        self._open = opener
+        self._sock: socket.socket | None = None
+        self._where: tuple[int, int, int] | None = None
+
+    def get(self) -> socket.socket:
+        where = where_we_are()
+        if self._sock is None or where != self._where:
+            self.close()
+            self._sock, self._where = self._open(), where
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self._where is not None and self._where[0] == os.getpid():
+                self._sock.close()  # (one inherited over fork is the parent's: only dropped)
+            self._sock = self._where = None

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import pytest
 
 from imr.config import Config
 from imr.server.broker import Broker, BrokerError
@@ -16,6 +18,8 @@ from imr.server.listener import UnixListener
 from imr.store import Store
 
 from fakes import FakeClock, FixedAddresses, RecordingBackend
+
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
 
 
 @asynccontextmanager
@@ -48,31 +52,24 @@ async def exchange(path: Path, *lines: bytes) -> list[bytes]:
     return replies
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(test())  # type: ignore[arg-type]
+async def test_json_and_text_forms_on_one_connection(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (path, backend):
+        replies = await exchange(
+            path,
+            b'{"v":1,"id":"a","op":"block","ip":"203.0.113.7","source":"test"}\n',
+            b"block 2001:db8::bad soapCaller.bs\n",
+            b'{"op":"ping"}\n',
+            b"list\n",
+        )
+        first = json.loads(replies[0])
+        assert first["ok"] and first["id"] == "a" and first["result"]["action"] == "block"
+        assert replies[1].startswith(b"ok blocked 2001:db8::bad until ")
+        assert json.loads(replies[2])["result"]["kind"] == "pong"
+        assert replies[3].startswith(b"ok 2 active")
+        assert len(backend.kernel) == 2
 
 
-def test_json_and_text_forms_on_one_connection(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path) as (path, backend):
-            replies = await exchange(
-                path,
-                b'{"v":1,"id":"a","op":"block","ip":"203.0.113.7","source":"test"}\n',
-                b"block 2001:db8::bad soapCaller.bs\n",
-                b'{"op":"ping"}\n',
-                b"list\n",
-            )
-            first = json.loads(replies[0])
-            assert first["ok"] and first["id"] == "a" and first["result"]["action"] == "block"
-            assert replies[1].startswith(b"ok blocked 2001:db8::bad until ")
-            assert json.loads(replies[2])["result"]["kind"] == "pong"
-            assert replies[3].startswith(b"ok 2 active")
-            assert len(backend.kernel) == 2
-
-    run(scenario)
-
-
-def test_malformed_input_gets_an_error_and_the_daemon_keeps_serving(tmp_path: Path) -> None:
+async def test_malformed_input_gets_an_error_and_the_daemon_keeps_serving(tmp_path: Path) -> None:
     hostile = [
         (b"{not json\n", "bad_request"),
         (b'{"v":2,"op":"ping"}\n', "unsupported_version"),
@@ -93,78 +90,62 @@ def test_malformed_input_gets_an_error_and_the_daemon_keeps_serving(tmp_path: Pa
         (b"[" * 2000 + b"\n", "bad_request"),
         (b"{" + b'"a":{' * 700 + b"\n", "bad_request"),
     ]
-
-    async def scenario() -> None:
-        async with serving(tmp_path) as (path, backend):
-            for line, code in hostile:
-                (reply,) = await exchange(path, line)
-                text = reply.decode()
-                if text.startswith("{"):
-                    assert json.loads(text)["error"]["code"] == code, line
-                else:
-                    assert text.startswith(f"error {code}:"), (line, text)
-            assert backend.kernel == {}
-            (reply,) = await exchange(path, b"ping\n")
-            assert reply == b"ok pong\n"
-
-    run(scenario)
+    async with serving(tmp_path) as (path, backend):
+        for line, code in hostile:
+            (reply,) = await exchange(path, line)
+            text = reply.decode()
+            if text.startswith("{"):
+                assert json.loads(text)["error"]["code"] == code, line
+            else:
+                assert text.startswith(f"error {code}:"), (line, text)
+        assert backend.kernel == {}
+        (reply,) = await exchange(path, b"ping\n")
+        assert reply == b"ok pong\n"
 
 
-def test_overlong_line_is_refused_and_closed(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, max_line_bytes=1024) as (path, _):
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            writer.write(b"block 203.0.113.9 " + b"x" * 10 * 1024 * 1024 + b"\n")
-            sending = asyncio.create_task(writer.drain())
-            reply = await asyncio.wait_for(reader.readline(), 10)
-            sending.cancel()
-            assert reply.startswith(b"error line_too_long:")
-            # The daemon hangs up: EOF, or a reset if we were still sending.
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
-            (pong,) = await exchange(path, b"ping\n")
-            assert pong == b"ok pong\n"
-
-    run(scenario)
+async def test_overlong_line_is_refused_and_closed(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_line_bytes=1024) as (path, _):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"block 203.0.113.9 " + b"x" * 10 * 1024 * 1024 + b"\n")
+        sending = asyncio.create_task(writer.drain())
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        sending.cancel()
+        assert reply.startswith(b"error line_too_long:")
+        # The daemon hangs up: EOF, or a reset if we were still sending.
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        (pong,) = await exchange(path, b"ping\n")
+        assert pong == b"ok pong\n"
 
 
-def test_connection_limit_and_idle_clients_do_not_stall_others(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, max_connections=3, idle_timeout=1.0) as (path, _):
-            idle = [await asyncio.open_unix_connection(str(path)) for _ in range(3)]
-            await asyncio.sleep(0.1)
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            busy = await asyncio.wait_for(reader.readline(), 5)
-            assert busy.startswith(b"error busy:")
-            writer.close()
-            # The idle connections are dropped after idle_timeout; then others get in.
-            await asyncio.sleep(1.5)
-            (pong,) = await exchange(path, b"ping\n")
-            assert pong == b"ok pong\n"
-            for _, idle_writer in idle:
-                idle_writer.close()
-
-    run(scenario)
+async def test_connection_limit_and_idle_clients_do_not_stall_others(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_connections=3, idle_timeout=1.0) as (path, _):
+        idle = [await asyncio.open_unix_connection(str(path)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        busy = await asyncio.wait_for(reader.readline(), 5)
+        assert busy.startswith(b"error busy:")
+        writer.close()
+        # The idle connections are dropped after idle_timeout; then others get in.
+        await asyncio.sleep(1.5)
+        (pong,) = await exchange(path, b"ping\n")
+        assert pong == b"ok pong\n"
+        for _, idle_writer in idle:
+            idle_writer.close()
 
 
-def test_half_sent_request_is_not_executed(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path) as (path, backend):
-            _, writer = await asyncio.open_unix_connection(str(path))
-            writer.write(b"block 203.0.113.9")  # no newline, then hang up
-            await writer.drain()
-            writer.close()
-            await asyncio.sleep(0.2)
-            assert backend.kernel == {}
-
-    run(scenario)
+async def test_half_sent_request_is_not_executed(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (path, backend):
+        _, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"block 203.0.113.9")  # no newline, then hang up
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert backend.kernel == {}
 
 
-def test_socket_is_created_with_the_configured_mode(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, socket_mode="0660") as (path, _):
-            mode = stat.S_IMODE(path.stat().st_mode)
-            assert mode == 0o660
-
-    run(scenario)
+async def test_socket_is_created_with_the_configured_mode(tmp_path: Path) -> None:
+    async with serving(tmp_path, socket_mode="0660") as (path, _):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o660

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_broker import DAY, block, run, running
+from test_broker import DAY, block, running
 from test_drift import start
 
 from imr.config import Config
@@ -31,6 +31,8 @@ from daemon_harness import (
 )
 from fakes import ROOT, WEB
 
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
+
 NET = "203.0.113.128/25"
 
 
@@ -42,47 +44,41 @@ def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 # The broker
 
 
-def test_an_admin_blocks_a_network(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, store):
-            result = await block(broker, NET, peer=ROOT, reason="scan wave")
-            assert (result["ip"], result["action"], result["duration"]) == (NET, "block", "1d")
-            assert backend.kernel == {network(NET): clock.now() + DAY}
-            (row,) = store.active_blocks()
-            assert (row.ip, row.uid, row.reason) == (NET, 0, "scan wave")
+async def test_an_admin_blocks_a_network(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, clock, store):
+        result = await block(broker, NET, peer=ROOT, reason="scan wave")
+        assert (result["ip"], result["action"], result["duration"]) == (NET, "block", "1d")
+        assert backend.kernel == {network(NET): clock.now() + DAY}
+        (row,) = store.active_blocks()
+        assert (row.ip, row.uid, row.reason) == (NET, 0, "scan wave")
 
-            listing = await broker.handle(ListRequest(op="list"), ROOT)
-            assert [b["ip"] for b in listing["blocks"]] == [NET]
-            shown = await broker.handle(ShowRequest(op="show", ip=NET), ROOT)
-            assert shown["active"]["ip"] == NET and len(shown["hits"]) == 1
+        listing = await broker.handle(ListRequest(op="list"), ROOT)
+        assert [b["ip"] for b in listing["blocks"]] == [NET]
+        shown = await broker.handle(ShowRequest(op="show", ip=NET), ROOT)
+        assert shown["active"]["ip"] == NET and len(shown["hits"]) == 1
 
-            # An address inside the network can still be blocked on its own: a state row, but
-            # no kernel entry while the network covers it (issue #16); back in once it ends.
-            inside = await block(broker, "203.0.113.200")
-            assert inside["action"] == "block"
-            assert set(backend.kernel) == {network(NET)}
+        # An address inside the network can still be blocked on its own: a state row, but
+        # no kernel entry while the network covers it (issue #16); back in once it ends.
+        inside = await block(broker, "203.0.113.200")
+        assert inside["action"] == "block"
+        assert set(backend.kernel) == {network(NET)}
 
-            await broker.handle(UnblockRequest(op="unblock", ip=NET), ROOT)
-            assert set(backend.kernel) == {ipaddress.ip_address("203.0.113.200")}
-            assert [r.ip for r in store.active_blocks()] == ["203.0.113.200"]
-
-    run(scenario)
+        await broker.handle(UnblockRequest(op="unblock", ip=NET), ROOT)
+        assert set(backend.kernel) == {ipaddress.ip_address("203.0.113.200")}
+        assert [r.ip for r in store.active_blocks()] == ["203.0.113.200"]
 
 
-def test_the_block_role_may_not_block_networks(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, store):
-            for text in (NET, "2001:db8:5::/48", "0.0.0.0/0"):
-                with pytest.raises(BrokerError) as refused:
-                    await block(broker, text, peer=WEB)
-                assert refused.value.code == "network_not_allowed"
-                assert "admin role" in refused.value.message
-            assert backend.kernel == {} and store.active_blocks() == []
-            # A full-length prefix is one address, which the block role may block.
-            single = await block(broker, "203.0.113.9/32", peer=WEB)
-            assert single["ip"] == "203.0.113.9"
-
-    run(scenario)
+async def test_the_block_role_may_not_block_networks(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, _, store):
+        for text in (NET, "2001:db8:5::/48", "0.0.0.0/0"):
+            with pytest.raises(BrokerError) as refused:
+                await block(broker, text, peer=WEB)
+            assert refused.value.code == "network_not_allowed"
+            assert "admin role" in refused.value.message
+        assert backend.kernel == {} and store.active_blocks() == []
+        # A full-length prefix is one address, which the block role may block.
+        single = await block(broker, "203.0.113.9/32", peer=WEB)
+        assert single["ip"] == "203.0.113.9"
 
 
 @pytest.mark.parametrize(
@@ -102,78 +98,62 @@ def test_the_block_role_may_not_block_networks(tmp_path: Path) -> None:
         ("203.0.113.0/255.255.255.0", "invalid_address"),
     ],
 )
-def test_protected_or_too_wide_networks_are_refused_even_to_an_admin(
+async def test_protected_or_too_wide_networks_are_refused_even_to_an_admin(
     tmp_path: Path, text: str, code: str
 ) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, store):
-            with pytest.raises(BrokerError) as refused:
-                await block(broker, text, peer=ROOT)
-            assert refused.value.code == code
-            assert backend.kernel == {} and store.active_blocks() == []
-
-    run(scenario)
+    async with running(tmp_path) as (broker, backend, _, store):
+        with pytest.raises(BrokerError) as refused:
+            await block(broker, text, peer=ROOT)
+        assert refused.value.code == code
+        assert backend.kernel == {} and store.active_blocks() == []
 
 
-def test_the_width_limit_is_configurable(tmp_path: Path) -> None:
+async def test_the_width_limit_is_configurable(tmp_path: Path) -> None:
     config = Config.model_validate(
         {"protect": {"network_min_prefix_v4": 24, "network_min_prefix_v6": 64}}
     )
-
-    async def scenario() -> None:
-        async with running(tmp_path, config) as (broker, _, _c, _s):
-            with pytest.raises(BrokerError, match="may be /24 or longer"):
-                await block(broker, "203.0.112.0/23", peer=ROOT)
-            with pytest.raises(BrokerError, match="may be /64 or longer"):
-                await block(broker, "2001:db8:5::/48", peer=ROOT)
-            assert (await block(broker, "203.0.113.0/24", peer=ROOT))["action"] == "block"
-
-    run(scenario)
-
-
-def test_overlapping_network_blocks_are_refused(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, _):
-            await block(broker, NET, peer=ROOT)
-            for text in ("203.0.113.0/24", "203.0.113.192/26"):
-                with pytest.raises(BrokerError) as refused:
-                    await block(broker, text, peer=ROOT)
-                assert refused.value.code == "network_overlaps"
-                assert NET in refused.value.message
-            assert set(backend.kernel) == {network(NET)}
-            # The same network again is a hit on the active block, as for an address.
-            clock.advance(60)
-            assert (await block(broker, NET, peer=ROOT))["action"] == "record"
-            assert (await block(broker, "203.0.113.0/25", peer=ROOT))["action"] == "block"
-
-    run(scenario)
-
-
-def test_the_ladder_applies_to_networks(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, store):
-            await block(broker, NET, peer=ROOT)
-            clock.advance(DAY)
-            await broker.expire_due()
-            assert backend.kernel == {}
-            clock.advance(3 * DAY)  # back within the repeat window: one rung up
-            again = await block(broker, NET, peer=ROOT)
-            assert (again["rung"], again["offence"], again["duration"]) == (2, 2, "7d")
-            blocks, _ = store.history(NET)
-            assert [b.lift_reason for b in blocks] == ["expired", None]
-
-    run(scenario)
-
-
-def test_a_network_block_survives_a_restart(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, _, _c, _s):
-            await block(broker, NET, peer=ROOT)
+    async with running(tmp_path, config) as (broker, _, _c, _s):
+        with pytest.raises(BrokerError, match="may be /24 or longer"):
+            await block(broker, "203.0.112.0/23", peer=ROOT)
+        with pytest.raises(BrokerError, match="may be /64 or longer"):
             await block(broker, "2001:db8:5::/48", peer=ROOT)
-        async with running(tmp_path) as (_, backend, _c, _s):  # reconcile rebuilds the kernel
-            assert set(backend.kernel) == {network(NET), network("2001:db8:5::/48")}
+        assert (await block(broker, "203.0.113.0/24", peer=ROOT))["action"] == "block"
 
-    run(scenario)
+
+async def test_overlapping_network_blocks_are_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, clock, _):
+        await block(broker, NET, peer=ROOT)
+        for text in ("203.0.113.0/24", "203.0.113.192/26"):
+            with pytest.raises(BrokerError) as refused:
+                await block(broker, text, peer=ROOT)
+            assert refused.value.code == "network_overlaps"
+            assert NET in refused.value.message
+        assert set(backend.kernel) == {network(NET)}
+        # The same network again is a hit on the active block, as for an address.
+        clock.advance(60)
+        assert (await block(broker, NET, peer=ROOT))["action"] == "record"
+        assert (await block(broker, "203.0.113.0/25", peer=ROOT))["action"] == "block"
+
+
+async def test_the_ladder_applies_to_networks(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, clock, store):
+        await block(broker, NET, peer=ROOT)
+        clock.advance(DAY)
+        await broker.expire_due()
+        assert backend.kernel == {}
+        clock.advance(3 * DAY)  # back within the repeat window: one rung up
+        again = await block(broker, NET, peer=ROOT)
+        assert (again["rung"], again["offence"], again["duration"]) == (2, 2, "7d")
+        blocks, _ = store.history(NET)
+        assert [b.lift_reason for b in blocks] == ["expired", None]
+
+
+async def test_a_network_block_survives_a_restart(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, _, _c, _s):
+        await block(broker, NET, peer=ROOT)
+        await block(broker, "2001:db8:5::/48", peer=ROOT)
+    async with running(tmp_path) as (_, backend, _c, _s):  # reconcile rebuilds the kernel
+        assert set(backend.kernel) == {network(NET), network("2001:db8:5::/48")}
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from imr.store import Store
 from fakes import ROOT, FakeClock, FixedAddresses, RecordingBackend
 from fakes import WEB as WEB_PEER
 
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
+
 T0 = 1000.0
 # A second block-role client (another uid: another principal).
 READER_BLOCKER = Peer(uid=1000, gid=1000, pid=9, user="alice", roles=frozenset({Role.BLOCK}))
@@ -219,113 +221,91 @@ def kernel(backend: RecordingBackend) -> set[str]:
     return {str(a) for a in backend.kernel}
 
 
-def test_broker_hits_on_active_blocks_pass_an_exhausted_rate(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, blocks_per_minute=2) as (broker, backend, _, ticker):
-            assert await outcome(broker, "203.0.113.1") == "ok"
-            assert await outcome(broker, "203.0.113.2") == "ok"
-            assert await outcome(broker, "203.0.113.3") == RATE_LIMITED
-            assert (await block(broker, "203.0.113.1"))["action"] == "record"
-            assert kernel(backend) == {"203.0.113.1", "203.0.113.2"}
-            ticker.now += 60
-            assert await outcome(broker, "203.0.113.3") == "ok"
-
-    asyncio.run(scenario())
+async def test_broker_hits_on_active_blocks_pass_an_exhausted_rate(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, blocks_per_minute=2) as (broker, backend, _, ticker):
+        assert await outcome(broker, "203.0.113.1") == "ok"
+        assert await outcome(broker, "203.0.113.2") == "ok"
+        assert await outcome(broker, "203.0.113.3") == RATE_LIMITED
+        assert (await block(broker, "203.0.113.1"))["action"] == "record"
+        assert kernel(backend) == {"203.0.113.1", "203.0.113.2"}
+        ticker.now += 60
+        assert await outcome(broker, "203.0.113.3") == "ok"
 
 
-def test_broker_many_requests_in_flight_get_exactly_the_quota(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, blocks_per_minute=5) as (broker, backend, store, _):
-            results = await asyncio.gather(
-                *(outcome(broker, f"203.0.113.{i}") for i in range(1, 41))
-            )
-            assert results.count("ok") == 5 and results.count(RATE_LIMITED) == 35
-            assert len(backend.kernel) == 5 and len(store.active_blocks()) == 5
-            # Refused before queueing: the writer only ever saw the five.
-            registry = broker.metrics.registry
-            assert registry.get_sample_value("imr_batch_size_sum") == 5
-
-    asyncio.run(scenario())
+async def test_broker_many_requests_in_flight_get_exactly_the_quota(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, blocks_per_minute=5) as (broker, backend, store, _):
+        results = await asyncio.gather(*(outcome(broker, f"203.0.113.{i}") for i in range(1, 41)))
+        assert results.count("ok") == 5 and results.count(RATE_LIMITED) == 35
+        assert len(backend.kernel) == 5 and len(store.active_blocks()) == 5
+        # Refused before queueing: the writer only ever saw the five.
+        registry = broker.metrics.registry
+        assert registry.get_sample_value("imr_batch_size_sum") == 5
 
 
-def test_broker_a_hit_that_becomes_a_new_block_must_pass_the_quota(tmp_path: Path) -> None:
+async def test_broker_a_hit_that_becomes_a_new_block_must_pass_the_quota(tmp_path: Path) -> None:
     """The admin's unblock is queued just ahead of the client's report of the same address:
     admitted as a hit, it would make a new block; it is sent back through the quota."""
-
-    async def scenario() -> None:
-        async with broker_with(tmp_path, blocks_per_minute=1) as (broker, backend, store, _):
-            assert await outcome(broker, "203.0.113.1") == "ok"
-            unblock = broker.handle(UnblockRequest(op="unblock", ip="203.0.113.1"), ROOT)
-            _, again = await asyncio.gather(unblock, outcome(broker, "203.0.113.1"))
-            assert again == RATE_LIMITED
-            assert backend.kernel == {} and store.active_blocks() == []
-            # Within its quota the same race simply blocks again.
-            broker._quota.limits = QuotaLimits(3, 0, 0)
-            assert await outcome(broker, "203.0.113.2") == "ok"
-            unblock = broker.handle(UnblockRequest(op="unblock", ip="203.0.113.2"), ROOT)
-            _, again = await asyncio.gather(unblock, outcome(broker, "203.0.113.2"))
-            assert again == "ok" and kernel(backend) == {"203.0.113.2"}
-
-    asyncio.run(scenario())
+    async with broker_with(tmp_path, blocks_per_minute=1) as (broker, backend, store, _):
+        assert await outcome(broker, "203.0.113.1") == "ok"
+        unblock = broker.handle(UnblockRequest(op="unblock", ip="203.0.113.1"), ROOT)
+        _, again = await asyncio.gather(unblock, outcome(broker, "203.0.113.1"))
+        assert again == RATE_LIMITED
+        assert backend.kernel == {} and store.active_blocks() == []
+        # Within its quota the same race simply blocks again.
+        broker._quota.limits = QuotaLimits(3, 0, 0)
+        assert await outcome(broker, "203.0.113.2") == "ok"
+        unblock = broker.handle(UnblockRequest(op="unblock", ip="203.0.113.2"), ROOT)
+        _, again = await asyncio.gather(unblock, outcome(broker, "203.0.113.2"))
+        assert again == "ok" and kernel(backend) == {"203.0.113.2"}
 
 
-def test_broker_a_failed_block_gives_its_share_back(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, blocks_per_minute=1) as (broker, backend, _, _):
-            backend.refuse.add(ipaddress.ip_address("203.0.113.1"))
-            assert await outcome(broker, "203.0.113.1") == "internal_error"
-            assert await outcome(broker, "203.0.113.2") == "ok"
-
-    asyncio.run(scenario())
+async def test_broker_a_failed_block_gives_its_share_back(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, blocks_per_minute=1) as (broker, backend, _, _):
+        backend.refuse.add(ipaddress.ip_address("203.0.113.1"))
+        assert await outcome(broker, "203.0.113.1") == "internal_error"
+        assert await outcome(broker, "203.0.113.2") == "ok"
 
 
-def test_broker_active_cap_counts_until_lifted_and_admins_are_exempt(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, active_per_client=1, active_global=3) as (
-            broker,
-            backend,
-            _,
-            _,
-        ):
-            assert await outcome(broker, "203.0.113.1") == "ok"
-            assert await outcome(broker, "203.0.113.2") == QUOTA_EXCEEDED
-            assert await outcome(broker, "203.0.113.3", ROOT) == "ok"
-            assert await outcome(broker, "203.0.113.4", ROOT) == "ok"
-            assert await outcome(broker, "203.0.113.5", ROOT) == "ok"  # exempt from the total
-            await broker.handle(UnblockRequest(op="unblock", ip="203.0.113.1"), ROOT)
-            assert await outcome(broker, "203.0.113.2") == QUOTA_EXCEEDED  # now the global cap
-            for ip in ("203.0.113.3", "203.0.113.4"):
-                await broker.handle(UnblockRequest(op="unblock", ip=ip), ROOT)
-            assert await outcome(broker, "203.0.113.2") == "ok"
-            assert len(backend.kernel) == 2
-
-    asyncio.run(scenario())
+async def test_broker_active_cap_counts_until_lifted_and_admins_are_exempt(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, active_per_client=1, active_global=3) as (
+        broker,
+        backend,
+        _,
+        _,
+    ):
+        assert await outcome(broker, "203.0.113.1") == "ok"
+        assert await outcome(broker, "203.0.113.2") == QUOTA_EXCEEDED
+        assert await outcome(broker, "203.0.113.3", ROOT) == "ok"
+        assert await outcome(broker, "203.0.113.4", ROOT) == "ok"
+        assert await outcome(broker, "203.0.113.5", ROOT) == "ok"  # exempt from the total
+        await broker.handle(UnblockRequest(op="unblock", ip="203.0.113.1"), ROOT)
+        assert await outcome(broker, "203.0.113.2") == QUOTA_EXCEEDED  # now the global cap
+        for ip in ("203.0.113.3", "203.0.113.4"):
+            await broker.handle(UnblockRequest(op="unblock", ip=ip), ROOT)
+        assert await outcome(broker, "203.0.113.2") == "ok"
+        assert len(backend.kernel) == 2
 
 
-def test_broker_admins_count_when_not_exempt(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, blocks_per_minute=1, admin_exempt=False) as (
-            broker,
-            _,
-            _,
-            _,
-        ):
-            assert await outcome(broker, "203.0.113.1", ROOT) == "ok"
-            assert await outcome(broker, "203.0.113.2", ROOT) == RATE_LIMITED
-
-    asyncio.run(scenario())
+async def test_broker_admins_count_when_not_exempt(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, blocks_per_minute=1, admin_exempt=False) as (
+        broker,
+        _,
+        _,
+        _,
+    ):
+        assert await outcome(broker, "203.0.113.1", ROOT) == "ok"
+        assert await outcome(broker, "203.0.113.2", ROOT) == RATE_LIMITED
 
 
-def test_broker_restart_counts_active_blocks_for_the_uid_that_made_them(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, active_per_client=2) as (broker, _, _, _):
-            assert await outcome(broker, "203.0.113.1") == "ok"
-            assert await outcome(broker, "203.0.113.2") == "ok"
-        async with broker_with(tmp_path, active_per_client=2) as (broker, _, _, _):
-            assert await outcome(broker, "203.0.113.3") == QUOTA_EXCEEDED
-            assert await outcome(broker, "203.0.113.3", READER_BLOCKER) == "ok"
-
-    asyncio.run(scenario())
+async def test_broker_restart_counts_active_blocks_for_the_uid_that_made_them(
+    tmp_path: Path,
+) -> None:
+    async with broker_with(tmp_path, active_per_client=2) as (broker, _, _, _):
+        assert await outcome(broker, "203.0.113.1") == "ok"
+        assert await outcome(broker, "203.0.113.2") == "ok"
+    async with broker_with(tmp_path, active_per_client=2) as (broker, _, _, _):
+        assert await outcome(broker, "203.0.113.3") == QUOTA_EXCEEDED
+        assert await outcome(broker, "203.0.113.3", READER_BLOCKER) == "ok"
 
 
 def test_hits_on_blocked_addresses_are_limited_per_client_in_any_minute() -> None:
@@ -341,17 +321,14 @@ def test_hits_on_blocked_addresses_are_limited_per_client_in_any_minute() -> Non
     assert QuotaLedger(QuotaLimits(hits_per_minute=0)).admit_hit(WEB, T0) is None  # 0: no limit
 
 
-def test_broker_hit_flood_is_refused_and_writes_no_more_hit_rows(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with broker_with(tmp_path, hits_per_minute=3) as (broker, _, store, ticker):
-            assert await outcome(broker, "203.0.113.1") == "ok"
-            results = [await outcome(broker, "203.0.113.1") for _ in range(10)]
-            assert results == ["ok"] * 3 + [RATE_LIMITED] * 7
-            # One hit row for the block itself and one per admitted report, none for refusals.
-            _, hits = store.history("203.0.113.1")
-            assert len(hits) == 4
-            assert await outcome(broker, "203.0.113.1", ROOT) == "ok"  # admins are exempt
-            ticker.now += 60
-            assert await outcome(broker, "203.0.113.1") == "ok"
-
-    asyncio.run(scenario())
+async def test_broker_hit_flood_is_refused_and_writes_no_more_hit_rows(tmp_path: Path) -> None:
+    async with broker_with(tmp_path, hits_per_minute=3) as (broker, _, store, ticker):
+        assert await outcome(broker, "203.0.113.1") == "ok"
+        results = [await outcome(broker, "203.0.113.1") for _ in range(10)]
+        assert results == ["ok"] * 3 + [RATE_LIMITED] * 7
+        # One hit row for the block itself and one per admitted report, none for refusals.
+        _, hits = store.history("203.0.113.1")
+        assert len(hits) == 4
+        assert await outcome(broker, "203.0.113.1", ROOT) == "ok"  # admins are exempt
+        ticker.now += 60
+        assert await outcome(broker, "203.0.113.1") == "ok"

@@ -15,7 +15,7 @@ import sqlite3
 import ssl
 import stat
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,8 @@ from imr.server.tcp_listener import TcpListener
 from imr.store import Store
 
 from fakes import FakeClock, FixedAddresses, RecordingBackend
+
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
 
 # Throwaway tokens for these tests only.
 WEB_TOKEN = "imr_web1-test-token-000000000000000000000000"  # noqa: S105
@@ -174,10 +176,6 @@ async def refused(port: int, context: ssl.SSLContext | None) -> bool:
     return replies == [b""]
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(test())  # type: ignore[arg-type]
-
-
 def error_code(reply: bytes) -> str:
     data = json.loads(reply)
     assert data["ok"] is False, data
@@ -192,264 +190,225 @@ def block_rows(state: Path) -> list[tuple[Any, ...]]:
 # Certificates ------------------------------------------------------------------------
 
 
-def test_mapped_certificates_get_their_roles(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki) as served:
-            replies = await exchange(
-                served.port,
-                client_context(pki, "block"),
-                b'{"op":"block","ip":"203.0.113.7","source":"test"}\n',
-                b"block 2001:db8::bad probe\n",
-                b"list\n",
-                b'{"op":"unblock","ip":"203.0.113.7"}\n',
-            )
-            assert json.loads(replies[0])["result"]["action"] == "block"
-            assert replies[1].startswith(b"ok blocked 2001:db8::bad until ")
-            assert replies[2].startswith(b"error forbidden: user cert:O=trustme")
-            assert replies[2].endswith(b",CN=block.imrtest is not allowed to list\n")
-            assert error_code(replies[3]) == "forbidden"
-            (listed,) = await exchange(served.port, client_context(pki, "read"), b"list\n")
-            assert listed.startswith(b"ok 2 active")
-            assert {str(a) for a in served.backend.kernel} == {"203.0.113.7", "2001:db8::bad"}
-            # No local uid or pid: the state file says so, the daemon's log names the client.
-            assert {(uid, pid) for _, uid, pid in block_rows(served.state)} == {
-                (REMOTE_ID, REMOTE_ID)
-            }
-
-    run(scenario)
+async def test_mapped_certificates_get_their_roles(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki) as served:
+        replies = await exchange(
+            served.port,
+            client_context(pki, "block"),
+            b'{"op":"block","ip":"203.0.113.7","source":"test"}\n',
+            b"block 2001:db8::bad probe\n",
+            b"list\n",
+            b'{"op":"unblock","ip":"203.0.113.7"}\n',
+        )
+        assert json.loads(replies[0])["result"]["action"] == "block"
+        assert replies[1].startswith(b"ok blocked 2001:db8::bad until ")
+        assert replies[2].startswith(b"error forbidden: user cert:O=trustme")
+        assert replies[2].endswith(b",CN=block.imrtest is not allowed to list\n")
+        assert error_code(replies[3]) == "forbidden"
+        (listed,) = await exchange(served.port, client_context(pki, "read"), b"list\n")
+        assert listed.startswith(b"ok 2 active")
+        assert {str(a) for a in served.backend.kernel} == {"203.0.113.7", "2001:db8::bad"}
+        # No local uid or pid: the state file says so, the daemon's log names the client.
+        assert {(uid, pid) for _, uid, pid in block_rows(served.state)} == {(REMOTE_ID, REMOTE_ID)}
 
 
-def test_no_certificate_or_another_ca_fails_the_handshake(
+async def test_no_certificate_or_another_ca_fails_the_handshake(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "imr")
-
-    async def scenario() -> None:
-        async with serving(tmp_path, pki) as served:
-            assert await refused(served.port, client_context(pki, None))
-            assert await refused(served.port, client_context(pki, "forged"))
-            assert served.backend.kernel == {}
-            # Still serving the good ones.
-            (pong,) = await exchange(served.port, client_context(pki, "block"), b"ping\n")
-            assert pong == b"ok pong\n"
-
-    run(scenario)
+    async with serving(tmp_path, pki) as served:
+        assert await refused(served.port, client_context(pki, None))
+        assert await refused(served.port, client_context(pki, "forged"))
+        assert served.backend.kernel == {}
+        # Still serving the good ones.
+        (pong,) = await exchange(served.port, client_context(pki, "block"), b"ping\n")
+        assert pong == b"ok pong\n"
     handshakes = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.message]
     assert len(handshakes) == 2, handshakes
     assert any("certificate" in m for m in handshakes)
 
 
-def test_unmapped_subject_is_refused_and_nothing_happens(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki) as served:
-            replies = await exchange(
-                served.port,
-                client_context(pki, "stranger"),
-                b'{"op":"block","ip":"203.0.113.9"}\n',
-                b"ping\n",
-            )
-            assert error_code(replies[0]) == "unauthenticated"
-            assert "CN=stranger.imrtest" in json.loads(replies[0])["error"]["message"]
-            assert replies[1:] == [b""]  # and hung up
-            assert served.backend.kernel == {}
-            assert block_rows(served.state) == []
-
-    run(scenario)
+async def test_unmapped_subject_is_refused_and_nothing_happens(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki) as served:
+        replies = await exchange(
+            served.port,
+            client_context(pki, "stranger"),
+            b'{"op":"block","ip":"203.0.113.9"}\n',
+            b"ping\n",
+        )
+        assert error_code(replies[0]) == "unauthenticated"
+        assert "CN=stranger.imrtest" in json.loads(replies[0])["error"]["message"]
+        assert replies[1:] == [b""]  # and hung up
+        assert served.backend.kernel == {}
+        assert block_rows(served.state) == []
 
 
-def test_plain_text_to_the_tls_port_is_told_so(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki) as served:
-            replies = await exchange(served.port, None, b"block 203.0.113.9\n", b"ping\n")
-            assert replies[0].startswith(b"error tls_required: this port speaks TLS")
-            assert replies[1:] == [b""]
-            assert served.backend.kernel == {}
-
-    run(scenario)
+async def test_plain_text_to_the_tls_port_is_told_so(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki) as served:
+        replies = await exchange(served.port, None, b"block 203.0.113.9\n", b"ping\n")
+        assert replies[0].startswith(b"error tls_required: this port speaks TLS")
+        assert replies[1:] == [b""]
+        assert served.backend.kernel == {}
 
 
 # Tokens ---------------------------------------------------------------------------------
 
 
-def test_tokens_over_tls_without_a_certificate(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki, tokens=TOKENS) as served:
-            no_cert = client_context(pki, None)
-            # Nothing before `auth`: the first other line is refused and the connection ends.
-            replies = await exchange(served.port, no_cert, b"block 203.0.113.9\n", b"ping\n")
-            assert replies[0].startswith(b"error unauthenticated: not authenticated: send `auth")
-            assert replies[1:] == [b""]
-            replies = await exchange(
-                served.port, no_cert, b'{"op":"auth","token":"imr_guess"}\n', b"ping\n"
-            )
-            assert json.loads(replies[0])["error"] == {
-                "code": "unauthenticated",
-                "message": "unknown token",
-            }
-            assert replies[1:] == [b""]
-            replies = await exchange(
-                served.port,
-                no_cert,
-                f"auth {WEB_TOKEN}\n".encode(),
-                b"block 203.0.113.9 probe\n",
-                b"list\n",
-                f"auth {READ_TOKEN}\n".encode(),
-            )
-            assert replies[0] == b"ok authenticated token:web1 (roles block)\n"
-            assert replies[1].startswith(b"ok blocked 203.0.113.9")
-            assert replies[2].startswith(b"error forbidden: user token:web1 is not allowed")
-            assert replies[3] == (
-                b"error bad_request: this connection is already identified as token:web1\n"
-            )
-            (auth, block) = await exchange(
-                served.port,
-                no_cert,
-                json.dumps({"op": "auth", "token": READ_TOKEN, "id": "a"}).encode() + b"\n",
-                b'{"op":"block","ip":"203.0.113.10"}\n',
-            )
-            assert json.loads(auth) == {
-                "v": 1,
-                "id": "a",
-                "ok": True,
-                "result": {"kind": "auth", "principal": "token:reader", "roles": ["read"]},
-            }
-            assert error_code(block) == "forbidden"
-            # Certificates still work beside tokens.
-            (pong,) = await exchange(served.port, client_context(pki, "read"), b"ping\n")
-            assert pong == b"ok pong\n"
-            assert [str(a) for a in served.backend.kernel] == ["203.0.113.9"]
-
-    run(scenario)
+async def test_tokens_over_tls_without_a_certificate(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki, tokens=TOKENS) as served:
+        no_cert = client_context(pki, None)
+        # Nothing before `auth`: the first other line is refused and the connection ends.
+        replies = await exchange(served.port, no_cert, b"block 203.0.113.9\n", b"ping\n")
+        assert replies[0].startswith(b"error unauthenticated: not authenticated: send `auth")
+        assert replies[1:] == [b""]
+        replies = await exchange(
+            served.port, no_cert, b'{"op":"auth","token":"imr_guess"}\n', b"ping\n"
+        )
+        assert json.loads(replies[0])["error"] == {
+            "code": "unauthenticated",
+            "message": "unknown token",
+        }
+        assert replies[1:] == [b""]
+        replies = await exchange(
+            served.port,
+            no_cert,
+            f"auth {WEB_TOKEN}\n".encode(),
+            b"block 203.0.113.9 probe\n",
+            b"list\n",
+            f"auth {READ_TOKEN}\n".encode(),
+        )
+        assert replies[0] == b"ok authenticated token:web1 (roles block)\n"
+        assert replies[1].startswith(b"ok blocked 203.0.113.9")
+        assert replies[2].startswith(b"error forbidden: user token:web1 is not allowed")
+        assert replies[3] == (
+            b"error bad_request: this connection is already identified as token:web1\n"
+        )
+        (auth, block) = await exchange(
+            served.port,
+            no_cert,
+            json.dumps({"op": "auth", "token": READ_TOKEN, "id": "a"}).encode() + b"\n",
+            b'{"op":"block","ip":"203.0.113.10"}\n',
+        )
+        assert json.loads(auth) == {
+            "v": 1,
+            "id": "a",
+            "ok": True,
+            "result": {"kind": "auth", "principal": "token:reader", "roles": ["read"]},
+        }
+        assert error_code(block) == "forbidden"
+        # Certificates still work beside tokens.
+        (pong,) = await exchange(served.port, client_context(pki, "read"), b"ping\n")
+        assert pong == b"ok pong\n"
+        assert [str(a) for a in served.backend.kernel] == ["203.0.113.9"]
 
 
-def test_plain_tcp_tokens_on_loopback(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, None, certificates={}, tokens=TOKENS) as served:
-            replies = await exchange(
-                served.port, None, f"auth {WEB_TOKEN}\n".encode(), b"block 203.0.113.11\n"
-            )
-            assert replies[0] == b"ok authenticated token:web1 (roles block)\n"
-            assert replies[1].startswith(b"ok blocked 203.0.113.11")
-
-    run(scenario)
+async def test_plain_tcp_tokens_on_loopback(tmp_path: Path) -> None:
+    async with serving(tmp_path, None, certificates={}, tokens=TOKENS) as served:
+        replies = await exchange(
+            served.port, None, f"auth {WEB_TOKEN}\n".encode(), b"block 203.0.113.11\n"
+        )
+        assert replies[0] == b"ok authenticated token:web1 (roles block)\n"
+        assert replies[1].startswith(b"ok blocked 203.0.113.11")
 
 
 # Limits (shared with the Unix socket) -----------------------------------------------------
 
 
-def test_overlong_line_over_tls_is_refused_and_closed(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki, max_line_bytes=1024) as served:
-            reader, writer = await connect(served.port, client_context(pki, "block"))
-            writer.write(b"block 203.0.113.9 " + b"x" * 1024 * 1024 + b"\n")
-            sending = asyncio.create_task(writer.drain())
-            reply = await asyncio.wait_for(reader.readline(), 10)
-            sending.cancel()
-            assert reply.startswith(b"error line_too_long:")
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
-            (pong,) = await exchange(served.port, client_context(pki, "block"), b"ping\n")
-            assert pong == b"ok pong\n"
-            assert served.backend.kernel == {}
-
-    run(scenario)
+async def test_overlong_line_over_tls_is_refused_and_closed(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki, max_line_bytes=1024) as served:
+        reader, writer = await connect(served.port, client_context(pki, "block"))
+        writer.write(b"block 203.0.113.9 " + b"x" * 1024 * 1024 + b"\n")
+        sending = asyncio.create_task(writer.drain())
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        sending.cancel()
+        assert reply.startswith(b"error line_too_long:")
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        (pong,) = await exchange(served.port, client_context(pki, "block"), b"ping\n")
+        assert pong == b"ok pong\n"
+        assert served.backend.kernel == {}
 
 
-def test_replies_before_an_overlong_line_are_not_lost(tmp_path: Path) -> None:
+async def test_replies_before_an_overlong_line_are_not_lost(tmp_path: Path) -> None:
     """Pipelined lines, then one too long, then more: every earlier reply and the refusal
     arrive, then EOF. (The daemon closed with the rest unread, the kernel reset the TCP
     connection, and the client lost the replies it had not read yet: tests/test_fuzz.py
     found it.)"""
-
-    async def scenario() -> None:
-        async with serving(
-            tmp_path, None, certificates={}, tokens=TOKENS, max_line_bytes=1024
-        ) as served:
-            loop = asyncio.get_running_loop()
-            # A plain socket: what arrives stays in the kernel until we read it, as for a
-            # blocking client (an asyncio client would read it in at once).
-            with socket.create_connection(("127.0.0.1", served.port)) as sock:
-                sock.setblocking(False)
-                lines = f"auth {WEB_TOKEN}\n".encode() + b"ping\n" * 20 + b"x" * 20_000 + b"\n"
-                # ... and 1 MB more, still arriving when the daemon hangs up.
-                sending = asyncio.create_task(loop.sock_sendall(sock, lines + b"ping\n" * 200_000))
-                await asyncio.sleep(0.5)  # the daemon has answered and hung up
-                with contextlib.suppress(OSError):
-                    await asyncio.wait_for(sending, 5)
-                received = b""
-                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
-                    received += chunk
-            replies = received.splitlines(keepends=True)
-            assert replies[0].startswith(b"ok authenticated")
-            assert replies[1:21] == [b"ok pong\n"] * 20
-            assert replies[21].startswith(b"error line_too_long:")
-            assert len(replies) == 22  # then EOF, not a reset
-
-    run(scenario)
+    async with serving(
+        tmp_path, None, certificates={}, tokens=TOKENS, max_line_bytes=1024
+    ) as served:
+        loop = asyncio.get_running_loop()
+        # A plain socket: what arrives stays in the kernel until we read it, as for a
+        # blocking client (an asyncio client would read it in at once).
+        with socket.create_connection(("127.0.0.1", served.port)) as sock:
+            sock.setblocking(False)
+            lines = f"auth {WEB_TOKEN}\n".encode() + b"ping\n" * 20 + b"x" * 20_000 + b"\n"
+            # ... and 1 MB more, still arriving when the daemon hangs up.
+            sending = asyncio.create_task(loop.sock_sendall(sock, lines + b"ping\n" * 200_000))
+            await asyncio.sleep(0.5)  # the daemon has answered and hung up
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(sending, 5)
+            received = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+                received += chunk
+        replies = received.splitlines(keepends=True)
+        assert replies[0].startswith(b"ok authenticated")
+        assert replies[1:21] == [b"ok pong\n"] * 20
+        assert replies[21].startswith(b"error line_too_long:")
+        assert len(replies) == 22  # then EOF, not a reset
 
 
-def test_idle_clients_are_dropped_authenticated_or_not(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki, tokens=TOKENS, idle_timeout=0.5) as served:
-            for cert in ("block", None):
-                reader, writer = await connect(served.port, client_context(pki, cert))
-                start = asyncio.get_running_loop().time()
-                assert await asyncio.wait_for(reader.read(), 5) == b""
-                assert asyncio.get_running_loop().time() - start < 3
-                writer.close()
-
-    run(scenario)
+async def test_idle_clients_are_dropped_authenticated_or_not(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki, tokens=TOKENS, idle_timeout=0.5) as served:
+        for cert in ("block", None):
+            reader, writer = await connect(served.port, client_context(pki, cert))
+            start = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert asyncio.get_running_loop().time() - start < 3
+            writer.close()
 
 
-def test_connection_limit_on_plain_tcp(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with serving(
-            tmp_path, None, certificates={}, tokens=TOKENS, max_connections=1
-        ) as served:
-            # Slots are for identified clients; unidentified ones count as startups.
-            first_reader, first = await connect(served.port, None)
-            first.write(f"auth {WEB_TOKEN}\n".encode())
-            assert (await first_reader.readline()).startswith(b"ok authenticated")
-            (busy,) = await exchange(served.port, None, f"auth {READ_TOKEN}\n".encode())
-            assert busy.startswith(b"error busy:")
-            first.close()
-
-    run(scenario)
+async def test_connection_limit_on_plain_tcp(tmp_path: Path) -> None:
+    async with serving(tmp_path, None, certificates={}, tokens=TOKENS, max_connections=1) as served:
+        # Slots are for identified clients; unidentified ones count as startups.
+        first_reader, first = await connect(served.port, None)
+        first.write(f"auth {WEB_TOKEN}\n".encode())
+        assert (await first_reader.readline()).startswith(b"ok authenticated")
+        (busy,) = await exchange(served.port, None, f"auth {READ_TOKEN}\n".encode())
+        assert busy.startswith(b"error busy:")
+        first.close()
 
 
 # The client library ----------------------------------------------------------------------
 
 
-def test_client_over_tls_with_a_certificate_or_a_token(tmp_path: Path, pki: Pki) -> None:
-    async def scenario() -> None:
-        async with serving(tmp_path, pki, tokens=TOKENS) as served:
+async def test_client_over_tls_with_a_certificate_or_a_token(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki, tokens=TOKENS) as served:
 
-            def tls(**options: Any) -> TcpTarget:
-                return TcpTarget("127.0.0.1", served.port, True, pki.ca, **options)
+        def tls(**options: Any) -> TcpTarget:
+            return TcpTarget("127.0.0.1", served.port, True, pki.ca, **options)
 
-            def calls() -> None:
-                by_cert = Client(tcp=tls(cert_file=pki.clients["block"]))
-                assert by_cert.block("203.0.113.20")["action"] == "block"
-                by_token = Client(tcp=tls(token=READ_TOKEN))
-                assert [b["ip"] for b in by_token.request("list")["blocks"]] == ["203.0.113.20"]
-                with pytest.raises(RequestFailed) as forbidden:
-                    by_token.block("203.0.113.21")
-                assert forbidden.value.code == "forbidden"
-                with pytest.raises(RequestFailed) as unknown:
-                    Client(tcp=tls(token=WEB_TOKEN + "x")).request("ping")
-                assert unknown.value.code == "unauthenticated"
-                forged = Client(tcp=tls(cert_file=pki.clients["forged"]))
-                with pytest.raises(ClientError, match="refused the TLS session"):
-                    forged.request("ping")
-                plain = Client(tcp=TcpTarget("127.0.0.1", served.port, tls=False))
-                with pytest.raises(RequestFailed) as tls_required:
-                    plain.request("ping")
-                assert tls_required.value.code == "tls_required"
+        def calls() -> None:
+            by_cert = Client(tcp=tls(cert_file=pki.clients["block"]))
+            assert by_cert.block("203.0.113.20")["action"] == "block"
+            by_token = Client(tcp=tls(token=READ_TOKEN))
+            assert [b["ip"] for b in by_token.request("list")["blocks"]] == ["203.0.113.20"]
+            with pytest.raises(RequestFailed) as forbidden:
+                by_token.block("203.0.113.21")
+            assert forbidden.value.code == "forbidden"
+            with pytest.raises(RequestFailed) as unknown:
+                Client(tcp=tls(token=WEB_TOKEN + "x")).request("ping")
+            assert unknown.value.code == "unauthenticated"
+            forged = Client(tcp=tls(cert_file=pki.clients["forged"]))
+            with pytest.raises(ClientError, match="refused the TLS session"):
+                forged.request("ping")
+            plain = Client(tcp=TcpTarget("127.0.0.1", served.port, tls=False))
+            with pytest.raises(RequestFailed) as tls_required:
+                plain.request("ping")
+            assert tls_required.value.code == "tls_required"
 
-            await asyncio.to_thread(calls)
-
-    run(scenario)
+        await asyncio.to_thread(calls)
 
 
 def test_target_urls() -> None:

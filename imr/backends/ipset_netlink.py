@@ -25,20 +25,18 @@ from dataclasses import dataclass
 from imr.netlink import (
     ERROR,
     HEADER,
-    NETLINK_CAP_ACK,
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_REQUEST,
     NLMSG_ERROR,
-    SOL_NETLINK,
+    KeptSocket,
     attributes,
     message,
     messages,
+    netfilter_socket,
     nla,
-    where_we_are,
 )
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 IPSET_CMD_ADD = 9
 IPSET_CMD_DEL = 10
@@ -145,14 +143,13 @@ class EntryWriter:
     ipset backend's lock serialises."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._where: tuple[int, int, int] | None = None
+        self._socket = KeptSocket(lambda: netfilter_socket(TIMEOUT))
         self._next = 1
 
     def commit(self, steps: Sequence[Step]) -> None:
         """Apply the steps in order; IpsetRefused at the first refusal, OSError or
         TimeoutError if the kernel could not be asked."""
-        sock = self._socket()
+        sock = self._socket.get()
         done = 0
         try:
             for step in steps:
@@ -170,25 +167,7 @@ class EntryWriter:
             raise
 
     def close(self) -> None:
-        if self._sock is not None:
-            if self._where is not None and self._where[0] == os.getpid():
-                self._sock.close()  # (one inherited over fork is the parent's: only dropped)
-            self._sock = self._where = None
-
-    def _socket(self) -> socket.socket:
-        where = where_we_are()
-        if self._sock is None or where != self._where:
-            self.close()
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            try:
-                sock.settimeout(TIMEOUT)
-                sock.bind((0, 0))
-                sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            except BaseException:
-                sock.close()
-                raise
-            self._sock, self._where = sock, where
-        return self._sock
+        self._socket.close()
 
 
 def _await_ack(sock: socket.socket, sequence: int) -> tuple[int, int] | None:

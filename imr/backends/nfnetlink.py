@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from imr.netlink import (
     ERROR,
-    NETLINK_CAP_ACK,
+    NETLINK_NETFILTER,
     NLA,
     NLA_F_NESTED,
     NLA_MAX_PAYLOAD,
@@ -41,18 +41,18 @@ from imr.netlink import (
     NLMSG_DONE,
     NLMSG_ERROR,
     SO_SNDBUFFORCE,
-    SOL_NETLINK,
+    KeptSocket,
     attributes,
     message,
     messages,
     nested,
+    netfilter_socket,
     nla,
+    replies,
     string,
     text,
-    where_we_are,
 )
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 16
 NFNL_MSG_BATCH_END = 17
@@ -286,13 +286,12 @@ class ElementWriter:
 
     def __init__(self, family: str, table: str) -> None:
         self.family, self.table = family, table
-        self._sock: socket.socket | None = None
-        self._where: tuple[int, int, int] | None = None
+        self._socket = KeptSocket(_batch_socket)
         self._next = 1
 
     def commit(self, steps: Sequence[Step]) -> None:
         """One transaction; NetlinkWriteError or OSError if it was refused (nothing done)."""
-        sock = self._socket()
+        sock = self._socket.get()
         batch, sequences = element_batch(self.family, self.table, steps, self._next)
         self._next = 1 if sequences.stop > 1 << 30 else sequences.stop + 1
         try:
@@ -302,29 +301,11 @@ class ElementWriter:
             raise
 
     def close(self) -> None:
-        if self._sock is not None:
-            if self._where is not None and self._where[0] == os.getpid():
-                self._sock.close()  # (one inherited over fork is the parent's: only dropped)
-            self._sock = self._where = None
-
-    def _socket(self) -> socket.socket:
-        where = where_we_are()
-        if self._sock is None or where != self._where:
-            self.close()
-            self._sock, self._where = _batch_socket(), where
-        return self._sock
+        self._socket.close()
 
 
 def _batch_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        sock.settimeout(TIMEOUT)
-        sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return netfilter_socket(TIMEOUT)
 
 
 def _send(sock: socket.socket, batch: bytes, sequences: range) -> None:
@@ -426,19 +407,14 @@ def _exchange(
         sequence = 1
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
         sock.send(message(kind, flags, sequence, body))
-        buffer = bytearray(RECV_BUFFER)
-        while True:
-            size = sock.recv_into(buffer)
-            for reply, _flags, seq, payload in messages(memoryview(buffer)[:size]):
-                if seq != sequence:
-                    continue
-                if reply == NLMSG_DONE:
-                    return
-                if reply == NLMSG_ERROR:
-                    code = -ERROR.unpack_from(payload)[0]
-                    if code:
-                        raise NetlinkReadError(code, "nf_tables netlink read")
-                    return
-                yield dict(attributes(payload[_NFGEN.size :]))
-                if not dump:
-                    return
+        for reply, _flags, payload in replies(sock, sequence, RECV_BUFFER):
+            if reply == NLMSG_DONE:
+                return
+            if reply == NLMSG_ERROR:
+                code = -ERROR.unpack_from(payload)[0]
+                if code:
+                    raise NetlinkReadError(code, "nf_tables netlink read")
+                return
+            yield dict(attributes(payload[_NFGEN.size :]))
+            if not dump:
+                return

@@ -34,7 +34,7 @@ from imr.core.addresses import IPNetwork
 from imr.logscan.engine import resolve_client
 from imr.logscan.formats import LogFormat, parse_line
 from imr.reputation.dns_client import DnsUnavailable, make_resolver
-from imr.reputation.httpbl import HttpBL, Verdict
+from imr.reputation.httpbl import LOCAL_NETWORKS, HttpBL, Verdict
 from imr.reputation.settings import ReputationSettings, SecretError
 
 FAILURES_IN_A_ROW = 3
@@ -42,23 +42,6 @@ PAUSE_AFTER_FAILURES = 300.0  # follow mode
 PERIOD = 3600.0  # follow mode: the "run" that the dedupe and the cap apply to
 _QUEUE = 1000  # follow mode: addresses waiting for the worker
 _TOKENS = 100_000  # bound on the parse-skipping set below
-
-# Never sent to a public DNS list: they say something about the local network and
-# cannot be listed anyway. (ipaddress's is_private also covers the documentation
-# networks, which the tests use, so the list is spelled out.)
-_LOCAL = tuple(
-    ipaddress.IPv4Network(n)
-    for n in (
-        "0.0.0.0/8",
-        "10.0.0.0/8",
-        "100.64.0.0/10",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "224.0.0.0/3",  # multicast, reserved and broadcast
-    )
-)
 
 
 class HttpBLUnavailable(Exception):
@@ -114,8 +97,8 @@ class ClientAddresses:
             if len(self._known_tokens) >= _TOKENS:
                 self._known_tokens.clear()
             self._known_tokens.add(token)
-        if any(client in net for net in _LOCAL):
-            return None
+        if any(client in net for net in LOCAL_NETWORKS):
+            return None  # never sent to a public DNS list (reputation/httpbl.py)
         return str(client)
 
 

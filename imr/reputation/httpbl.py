@@ -44,10 +44,11 @@ _TYPE_BITS = ((1, "suspicious"), (2, "harvester"), (4, "comment spammer"))
 THREAT_BITS = 7  # the rest (8 ... 128) are reserved: they say nothing about a threat
 
 
-# Never looked up nor blocked (the log scanner's list, imr/logscan/httpbl.py, plus the
-# daemon's intrinsic refusals): they say something about the local network, cannot be
-# listed, and `imr check --block` must refuse them as every other path does.
-_LOCAL = tuple(
+# Never looked up nor blocked, here and in the log scanner (imr/logscan/httpbl.py): they
+# say something about the local network, cannot be listed, and `imr check --block` must
+# refuse them as every other path does. (ipaddress's is_private also covers the
+# documentation networks, which the tests use, so the list is spelled out.)
+LOCAL_NETWORKS = tuple(
     ipaddress.IPv4Network(n)
     for n in (
         "0.0.0.0/8",
@@ -75,7 +76,7 @@ def local_refusal(ip: str) -> str | None:
             special = special or address in ipaddress.IPv6Network("fc00::/7")
             return f"{ip} is a private or reserved address" if special else None
         address = address.ipv4_mapped
-    if any(address in net for net in _LOCAL):
+    if any(address in net for net in LOCAL_NETWORKS):
         return f"{ip} is a private or reserved address"
     return None
 

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -111,14 +112,11 @@ def submit_abuseipdb(
             "comment": abuseipdb_comment(incident, zone),
             "timestamp": iso(incident.blocked_at, zone),
         }
-        try:
-            response = client.post(
-                settings.url,
-                data=form,
-                headers={"Key": api_key, "Accept": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            result.stopped = f"cannot reach {settings.url}: {exc.__class__.__name__} {exc}"
+        response = _post(
+            client, settings.url, data=form, headers={"Key": api_key, "Accept": "application/json"}
+        )
+        if isinstance(response, str):
+            result.stopped = response
             break
         if response.status_code == 200:
             outbox.record_submissions("abuseipdb", [(key, incident.ip)])
@@ -132,6 +130,14 @@ def submit_abuseipdb(
             result.stopped = f"{_failure(response)}{hint}"
             break
     return result
+
+
+def _post(client: httpx.Client, url: str, **request: Any) -> httpx.Response | str:
+    """The service's response, or why it could not be reached (the run stops there)."""
+    try:
+        return client.post(url, **request)
+    except httpx.HTTPError as exc:
+        return f"cannot reach {url}: {exc.__class__.__name__} {exc}"
 
 
 def dshield_auth_header(userid: int, api_key: str, nonce: str | None = None) -> str:
@@ -168,14 +174,14 @@ def submit_dshield(
         header = dshield_auth_header(settings.userid, api_key)
         body = {"type": "firewall", "logs": [entry for _, entry in batch], "authheader": header}
         pacer.wait()
-        try:
-            response = client.post(
-                settings.url,
-                json=body,
-                headers={"X-ISC-Authorization": header, "X-ISC-LogType": "firewall"},
-            )
-        except httpx.HTTPError as exc:
-            result.stopped = f"cannot reach {settings.url}: {exc.__class__.__name__} {exc}"
+        response = _post(
+            client,
+            settings.url,
+            json=body,
+            headers={"X-ISC-Authorization": header, "X-ISC-LogType": "firewall"},
+        )
+        if isinstance(response, str):
+            result.stopped = response
             break
         # DShield answers errors with 200 and a body starting "ERROR".
         if response.status_code != 200 or response.text.lstrip().upper().startswith("ERROR"):

@@ -28,11 +28,11 @@ from imr.netlink import (
     ERROR,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     attributes,
     message,
     messages,
+    replies,
 )
 
 log = logging.getLogger("imr.local")
@@ -152,28 +152,22 @@ def _dump_addresses(
         sequence = 1
         request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         sock.send(message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, sequence, request))
-        buffer = bytearray(RECV_BUFFER)
-        while True:
-            size = sock.recv_into(buffer)
-            for kind, flags, seq, payload in messages(memoryview(buffer)[:size]):
-                if seq != sequence:
-                    continue
-                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-                if kind == NLMSG_DONE:
-                    return None if interrupted else (frozenset(own), frozenset(broadcast))
-                if kind == NLMSG_ERROR:
-                    code = -ERROR.unpack_from(payload)[0]
-                    raise OSError(code, f"RTM_GETADDR: {os.strerror(code)}")
-                if kind != RTM_NEWADDR or len(payload) < _IFADDRMSG.size:
-                    continue
-                width = _ADDRESS_SIZE.get(_IFADDRMSG.unpack_from(payload)[0])
-                for attr, value in attributes(payload[_IFADDRMSG.size :]):
-                    if width is None or len(value) != width:
-                        continue  # not IPv4 or IPv6
-                    if attr in (IFA_ADDRESS, IFA_LOCAL):
-                        own.add(_plain(ipaddress.ip_address(bytes(value))))
-                    elif attr == IFA_BROADCAST:
-                        broadcast.add(_plain(ipaddress.ip_address(bytes(value))))
+        for kind, flags, payload in replies(sock, sequence, RECV_BUFFER):
+            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+            if kind == NLMSG_ERROR:
+                code = -ERROR.unpack_from(payload)[0]
+                raise OSError(code, f"RTM_GETADDR: {os.strerror(code)}")
+            if kind != RTM_NEWADDR or len(payload) < _IFADDRMSG.size:
+                continue  # the NLMSG_DONE that ends the dump, too
+            width = _ADDRESS_SIZE.get(_IFADDRMSG.unpack_from(payload)[0])
+            for attr, value in attributes(payload[_IFADDRMSG.size :]):
+                if width is None or len(value) != width:
+                    continue  # not IPv4 or IPv6
+                if attr in (IFA_ADDRESS, IFA_LOCAL):
+                    own.add(_plain(ipaddress.ip_address(bytes(value))))
+                elif attr == IFA_BROADCAST:
+                    broadcast.add(_plain(ipaddress.ip_address(bytes(value))))
+    return None if interrupted else (frozenset(own), frozenset(broadcast))
 
 
 def _plain(address: IPAddress) -> IPAddress:
