@@ -27,6 +27,7 @@ from pydantic import (
 
 from imr.config_types import Duration
 from imr.terminal import UNSAFE, escape
+from imr.wire_codes import WireCode
 
 PROTOCOL_VERSION = 1
 MAX_REASON = 200
@@ -59,7 +60,7 @@ ReasonFilter = Annotated[
 class ProtocolError(Exception):
     """A request line that cannot be understood; `code` goes on the wire."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: WireCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -183,7 +184,7 @@ def parse_request(line: bytes) -> tuple[Request, bool]:
     """Parse one request line (without its newline). Returns (request, is_json)."""
     message, is_json = _parse(line, allow_auth=False)
     if isinstance(message, AuthRequest):  # pragma: no cover - allow_auth=False never makes one
-        raise ProtocolError("bad_request", "auth is not a request")
+        raise ProtocolError(WireCode.BAD_REQUEST, "auth is not a request")
     return message, is_json
 
 
@@ -196,10 +197,10 @@ def _parse(line: bytes, *, allow_auth: bool) -> tuple[Request | AuthRequest, boo
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("bad_request", "request is not valid UTF-8") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request is not valid UTF-8") from None
     text = text.strip()
     if not text:
-        raise ProtocolError("bad_request", "empty request")
+        raise ProtocolError(WireCode.BAD_REQUEST, "empty request")
     if text.startswith("{"):
         return _parse_json(text, allow_auth), True
     return _parse_text(text, allow_auth), False
@@ -215,17 +216,17 @@ def _parse_json(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         if "\\u" in text:
             json.dumps(data, ensure_ascii=False).encode()
     except _DuplicateKey as exc:
-        raise ProtocolError("bad_request", str(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, str(exc)) from None
     except UnicodeEncodeError:
-        raise ProtocolError("bad_request", "request holds a lone surrogate escape") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request holds a lone surrogate escape") from None
     except (ValueError, RecursionError):
-        raise ProtocolError("bad_request", "request is not valid JSON") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request is not valid JSON") from None
     if not isinstance(data, dict):
-        raise ProtocolError("bad_request", "a JSON request must be an object")
+        raise ProtocolError(WireCode.BAD_REQUEST, "a JSON request must be an object")
     version = data.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unsupported_version",
+            WireCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported;"
             f" this daemon speaks v{PROTOCOL_VERSION}",
         )
@@ -234,13 +235,15 @@ def _parse_json(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         try:
             return AuthRequest.model_validate(data)
         except ValidationError as exc:
-            raise ProtocolError("bad_request", _first_error(exc, nested=False)) from None
+            raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc, nested=False)) from None
     if op not in OPS:
-        raise ProtocolError("bad_request", f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}")
+        raise ProtocolError(
+            WireCode.BAD_REQUEST, f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}"
+        )
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError("bad_request", _first_error(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc)) from None
 
 
 class _DuplicateKey(ValueError):
@@ -274,17 +277,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
     if _CONTROL.search(text):
-        raise ProtocolError("bad_request", "control characters are not allowed")
+        raise ProtocolError(WireCode.BAD_REQUEST, "control characters are not allowed")
     verb, _, rest = text.partition(" ")
     verb = verb.lower()
     if allow_auth and verb == "auth":
         token = rest.strip()
         if not token or " " in token or len(token) > 256:
-            raise ProtocolError("bad_request", "usage: auth TOKEN")
+            raise ProtocolError(WireCode.BAD_REQUEST, "usage: auth TOKEN")
         return AuthRequest(op="auth", token=token)
     if verb not in _TEXT_VERBS:
         raise ProtocolError(
-            "bad_request", f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
+            WireCode.BAD_REQUEST, f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
         )
     needs_ip, free_text = _TEXT_VERBS[verb]
     data: dict[str, Any] = {"op": verb}
@@ -293,21 +296,21 @@ def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         ip, _, tail = rest.partition(" ")
         if not ip:
             raise ProtocolError(
-                "bad_request", f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else "")
+                WireCode.BAD_REQUEST, f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else "")
             )
         data["ip"] = ip
         if tail.strip():
             if not free_text:
-                raise ProtocolError("bad_request", f"usage: {verb} ADDRESS")
+                raise ProtocolError(WireCode.BAD_REQUEST, f"usage: {verb} ADDRESS")
             data["reason"] = tail.strip()
     elif verb == "list" and rest:
         data.update(_list_options(rest))
     elif rest:
-        raise ProtocolError("bad_request", f"usage: {verb}")
+        raise ProtocolError(WireCode.BAD_REQUEST, f"usage: {verb}")
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError("bad_request", _first_error(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc)) from None
 
 
 _LIST_OPTIONS = ("since", "reason", "source", "limit")
@@ -320,7 +323,8 @@ def _list_options(rest: str) -> dict[str, str]:
         key, sep, value = word.partition("=")
         if not sep or key not in _LIST_OPTIONS or key in options or not value:
             raise ProtocolError(
-                "bad_request", "usage: list [since=DURATION] [reason=TEXT] [source=TAG] [limit=N]"
+                WireCode.BAD_REQUEST,
+                "usage: list [since=DURATION] [reason=TEXT] [source=TAG] [limit=N]",
             )
         options[key] = value
     return options

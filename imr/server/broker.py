@@ -75,6 +75,7 @@ from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.server.transaction import BatchCommitter
 from imr.server.upkeep import Upkeep
 from imr.store import BlockRecord, Store
+from imr.wire_codes import WireCode
 
 __all__ = ["AddressView", "Broker", "BrokerError", "stored_address", "stored_target"]
 
@@ -251,7 +252,7 @@ class Broker:
             result = exc.code
             raise
         except Exception:
-            result = "internal_error"
+            result = WireCode.INTERNAL_ERROR
             raise
         finally:
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
@@ -275,7 +276,7 @@ class Broker:
                 return await self._export(request)
             case PingRequest():
                 return replies.pong()
-        raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
+        raise BrokerError(WireCode.BAD_REQUEST, f"unsupported op {request.op}")  # pragma: no cover
 
     async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> dict[str, Any]:
         """Each address as its own block request: own checks, own quota share, own outcome.
@@ -316,7 +317,7 @@ class Broker:
     async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> dict[str, Any]:
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
-            raise BrokerError(parsed.code, parsed.message)
+            raise BrokerError(WireCode(parsed.code), parsed.message)
         return await self._enqueue(UnblockChange(parsed, request, peer))
 
     def _enqueue(self, change: AnyChange) -> asyncio.Future[dict[str, Any]]:
@@ -338,7 +339,7 @@ class Broker:
         and hits; `next_before` asks for the hits before this page."""
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
-            raise BrokerError(parsed.code, parsed.message)
+            raise BrokerError(WireCode(parsed.code), parsed.message)
         ip = str(parsed)
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         # One row more than the page, to know whether there is another.

@@ -20,6 +20,7 @@ from imr.core.quota import Reservation
 from imr.protocol import UnblockRequest
 from imr.server.access import Peer
 from imr.store import BlockRecord
+from imr.wire_codes import WireCode
 
 
 class StateUnwritable(Exception):
@@ -33,14 +34,14 @@ class StateUnwritable(Exception):
 class BrokerError(Exception):
     """A request that fails for a reason the client should hear; `code` goes on the wire."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: WireCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
 
 
 def internal_error(exc: Exception) -> BrokerError:
-    return BrokerError("internal_error", f"the change could not be applied: {exc}")
+    return BrokerError(WireCode.INTERNAL_ERROR, f"the change could not be applied: {exc}")
 
 
 @dataclass

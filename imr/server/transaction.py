@@ -42,6 +42,7 @@ from imr.server.replies import block_reply, compact_block_item
 from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.store import BlockRecord, Offences, Store, unwritable
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.broker")
 
@@ -344,7 +345,7 @@ class _BatchTransaction:
         ip = str(change.address)
         current = self.committer.current(ip, self.changed)
         if current is None:
-            return Outcome(error=BrokerError("not_blocked", f"{ip} is not blocked"))
+            return Outcome(error=BrokerError(WireCode.NOT_BLOCKED, f"{ip} is not blocked"))
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
