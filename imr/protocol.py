@@ -58,7 +58,9 @@ ReasonFilter = Annotated[
 
 
 class ProtocolError(Exception):
-    """A request line that cannot be understood; `code` goes on the wire."""
+    """A request that fails for a reason the client should hear: a line that cannot be
+    understood (here), or a refusal (the broker, which calls it BrokerError). `code` goes on
+    the wire; `message` is for the user."""
 
     def __init__(self, code: WireCode, message: str) -> None:
         super().__init__(message)
@@ -345,7 +347,7 @@ def ok_reply(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
 
 
-def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+def error_reply(request_id: str | None, code: WireCode, message: str) -> dict[str, Any]:
     return {
         "v": PROTOCOL_VERSION,
         "id": request_id,

@@ -17,7 +17,7 @@ from typing import Any
 
 from imr.core.addresses import Refusal, Target, canonical_target, parse_target
 from imr.core.quota import Reservation
-from imr.protocol import UnblockRequest
+from imr.protocol import ProtocolError, UnblockRequest
 from imr.server.access import Peer
 from imr.store import BlockRecord
 from imr.wire_codes import WireCode
@@ -31,13 +31,9 @@ class StateUnwritable(Exception):
         self.cause = cause
 
 
-class BrokerError(Exception):
-    """A request that fails for a reason the client should hear; `code` goes on the wire."""
-
-    def __init__(self, code: WireCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# The request error is one type for the parser and the broker; this name stays because
+# the broker's stages (and branches merging into them) raise it under this name.
+BrokerError = ProtocolError
 
 
 def internal_error(exc: Exception) -> BrokerError:

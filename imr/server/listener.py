@@ -83,10 +83,12 @@ class Admission:
 class Conversations:
     """The per-connection protocol every listener shares: framing, limits, answers."""
 
-    def __init__(self, config: ServerConfig, handler: Handler, error_type: type[Exception]) -> None:
+    def __init__(
+        self, config: ServerConfig, handler: Handler, error_type: type[ProtocolError]
+    ) -> None:
         self._config = config
         self._handler = handler
-        self._error_type = error_type  # exceptions with .code/.message that become error replies
+        self._error_type = error_type  # refusals that become error replies (ProtocolError)
         self.slots = Slots(config.slot_limits())
         self._refusing = 0  # connections being told `busy`
         self._log = LogThrottle(LOG_INTERVAL)
@@ -284,6 +286,8 @@ class Conversations:
         """The reply, and whether the request renews the idle time (done something, not ping)."""
         encode = _encoder(line)
         request_id = None
+        # Two tries, though one error type: a line that cannot be parsed is logged as a bad
+        # request; a refusal of a parsed request is the handler's to log.
         try:
             message, _ = parse_message(line.rstrip(b"\r\n"))
             request_id = message.id
@@ -292,8 +296,6 @@ class Conversations:
                     WireCode.BAD_REQUEST,
                     f"this connection is already identified as {peer.principal}",
                 )
-            result = await self._handler(message, peer)
-            return encode(ok_reply(request_id, result)), not isinstance(message, PingRequest)
         except ProtocolError as exc:
             self.note(
                 (peer.principal, WireCode.BAD_REQUEST),
@@ -302,11 +304,12 @@ class Conversations:
                 peer.describe(),
                 escape(exc.message),
             )
-            reply = error_reply(request_id, exc.code, exc.message)
+            return encode(error_reply(request_id, exc.code, exc.message)), False
+        try:
+            result = await self._handler(message, peer)
+            return encode(ok_reply(request_id, result)), not isinstance(message, PingRequest)
         except self._error_type as exc:
-            reply = error_reply(
-                request_id, getattr(exc, "code", "error"), getattr(exc, "message", str(exc))
-            )
+            reply = error_reply(request_id, exc.code, exc.message)
         except Exception:
             log.exception("request from %s failed", peer.describe())
             reply = error_reply(
@@ -358,7 +361,7 @@ class UnixListener:
         config: ServerConfig,
         access: AccessConfig,
         handler: Handler,
-        error_type: type[Exception],
+        error_type: type[ProtocolError],
         inherited: socket.socket | None = None,
     ) -> None:
         self._config = config

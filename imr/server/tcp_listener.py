@@ -21,7 +21,7 @@ from pathlib import Path
 
 from imr.config import AccessConfig, Config, ServerConfig, TcpConfig
 from imr.core.slots import Startups, source_of
-from imr.protocol import encode_text_reply, error_reply
+from imr.protocol import ProtocolError, encode_text_reply, error_reply
 from imr.server.access import (
     certificate_subject,
     identify_certificate,
@@ -44,7 +44,7 @@ class TcpListener:
         config: ServerConfig,
         access: AccessConfig,
         handler: Handler,
-        error_type: type[Exception],
+        error_type: type[ProtocolError],
     ) -> None:
         self._config = config
         self._tcp: TcpConfig = config.tcp
