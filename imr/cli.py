@@ -28,7 +28,7 @@ from imr.cli_context import (
 from imr.client import Client, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import format_duration, parse_duration
-from imr.core.policy import describe_severities
+from imr.core.policy import Action, describe_severities
 from imr.protocol import MAX_LIST_LIMIT
 from imr.terminal import escape
 
@@ -312,7 +312,7 @@ def block(
         wanted += [line.split()[0] for line in from_file if line.strip()[:1] not in ("", "#")]
     if not wanted:
         fail("give at least one address (or --from-file)", EXIT_USAGE)
-    verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
+    verb = {action.value: action.told for action in Action}
     if len(wanted) == 1 and from_file is None:
         result = call(ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity)
         if as_json:

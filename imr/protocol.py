@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict, overload
 
 from pydantic import (
     AfterValidator,
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from imr.config_types import Duration
+from imr.core.policy import Action
 from imr.terminal import UNSAFE, escape
 from imr.wire_codes import WireCode
 
@@ -170,6 +171,12 @@ _REQUEST = TypeAdapter(Request)
 OPS = ("block", "block_many", "unblock", "show", "list", "status", "ping", "export")
 
 
+@overload
+def timestamp(epoch: float) -> str: ...
+@overload
+def timestamp(epoch: None) -> None: ...
+@overload
+def timestamp(epoch: float | None) -> str | None: ...
 def timestamp(epoch: float | None) -> str | None:
     """Wire form of a time: ISO 8601 in UTC, to the second."""
     if epoch is None:
@@ -340,10 +347,150 @@ def _first_error(exc: ValidationError, nested: bool = True) -> str:
     return escape(f"{key[:64]}: {error['msg'].removeprefix('Value error, ')}")
 
 
-# Replies ------------------------------------------------------------------
+# --- Replies ---
+# What `result` holds for each op (docs/protocol.md describes every field). TypedDicts cost
+# nothing at run time; they let mypy check each reader's keys. Times are `timestamp` text.
 
 
-def ok_reply(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
+class ErrorInfo(TypedDict):
+    code: str  # a WireCode (imr/wire_codes.py)
+    message: str  # for people
+
+
+class BlockInfo(TypedDict):
+    """One block, active or lifted: list, show, export and block itself."""
+
+    ip: str
+    blocked_at: str
+    expires_at: str
+    duration: str  # as the ladder writes it ("1d")
+    remaining_seconds: int  # 0 once lifted
+    rung: int
+    offence: int
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    lifted_at: str | None
+    lift_reason: str | None
+    lifted_by: str | None
+
+
+class BlockResult(BlockInfo):
+    kind: Literal["block"]
+    action: str  # an Action (imr/core/policy.py): block, escalate or record
+    why: str  # the ladder's reason for the rung
+
+
+class BlockedItem(TypedDict):
+    """block_many's short answer for one address that went through."""
+
+    ip: str
+    ok: Literal[True]
+    action: str
+    expires_at: str
+    rung: int
+    offence: int
+
+
+class RefusedItem(TypedDict):
+    """block_many's answer for one address that was refused or failed."""
+
+    ip: str
+    ok: Literal[False]
+    error: ErrorInfo
+
+
+BlockManyItem = BlockedItem | RefusedItem
+
+
+class BlockManyResult(TypedDict):
+    kind: Literal["block_many"]
+    results: list[BlockManyItem]  # in request order
+    counts: dict[str, int]  # blocked, escalated, recorded, refused (Action.counted)
+
+
+class UnblockResult(TypedDict):
+    kind: Literal["unblock"]
+    ip: str
+
+
+class HitInfo(TypedDict):
+    id: int  # show's `before` cursor
+    ip: str
+    at: str
+    outcome: str
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    block_id: int | None
+
+
+class ShowResult(TypedDict):
+    kind: Literal["show"]
+    ip: str
+    active: BlockInfo | None
+    blocks: list[BlockInfo]  # newest first, one page
+    hits: list[HitInfo]  # newest first, one page
+    more_blocks: bool
+    next_before: int | None  # the next page's `before`; None on the last page
+
+
+class ListResult(TypedDict):
+    kind: Literal["list"]
+    blocks: list[BlockInfo]
+    matched: int  # active blocks the filters matched, before `limit`
+    active: int  # all active blocks
+
+
+class ExportPage(TypedDict):
+    kind: Literal["export"]
+    schema_version: int
+    blocks: list[BlockInfo]
+    hits: list[HitInfo]
+    next: str | None  # the next page's `after`; None after the last page
+
+
+class StatusResult(TypedDict):
+    kind: Literal["status"]
+    version: str
+    pid: int
+    started_at: str
+    uptime_seconds: float
+    backend: str
+    backend_detail: str
+    backend_choice: str  # why this backend was chosen
+    socket: str
+    state_file: str
+    active_blocks: int
+
+
+class PongResult(TypedDict):
+    kind: Literal["pong"]
+    version: str
+
+
+class AuthResult(TypedDict):
+    kind: Literal["auth"]
+    principal: str
+    roles: list[str]
+
+
+Result = (
+    BlockResult
+    | BlockManyResult
+    | UnblockResult
+    | ShowResult
+    | ListResult
+    | ExportPage
+    | StatusResult
+    | PongResult
+    | AuthResult
+)
+
+
+def ok_reply(request_id: str | None, result: Result) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
 
 
@@ -373,12 +520,14 @@ def encode_text_reply(reply: dict[str, Any]) -> bytes:
     return _CONTROL.sub(" ", line).strip().encode() + b"\n"
 
 
+_TOLD = {action.value: action.told for action in Action}
+
+
 def _summarise(result: dict[str, Any]) -> str:
     kind = result.get("kind")
     if kind == "block":
-        verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
         return (
-            f"{verb.get(result['action'], result['action'])} {result['ip']}"
+            f"{_TOLD.get(result['action'], result['action'])} {result['ip']}"
             f" until {result['expires_at']}"
             f" (rung {result['rung']}, offence {result['offence']})"
         )

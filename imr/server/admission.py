@@ -245,7 +245,8 @@ class Gatekeeper:
         """After the batch: commit the reservation if the change made a block, else release it."""
         if not isinstance(change, BlockChange) or change.reservation is None:
             return  # nothing reserved (or a readmission without one, settled already)
-        action = (outcome.result or {}).get("action") if outcome.error is None else None
+        result = outcome.result if outcome.error is None else None
+        action = result.get("action") if result is not None else None
         if action == "block":
             self._quota.commit(change.reservation, str(change.address))
             return

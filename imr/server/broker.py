@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast, overload
 
 from imr.backends.base import (
     Backend,
@@ -43,21 +43,35 @@ from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
 from imr.core.quota import QuotaLedger
 from imr.protocol import (
+    BlockedItem,
+    BlockInfo,
+    BlockManyItem,
     BlockManyRequest,
+    BlockManyResult,
     BlockRequest,
+    BlockResult,
+    ExportPage,
     ExportRequest,
+    HitInfo,
     ListRequest,
+    ListResult,
     PingRequest,
+    PongResult,
     Request,
+    Result,
     ShowRequest,
+    ShowResult,
     StatusRequest,
+    StatusResult,
     UnblockRequest,
+    UnblockResult,
     timestamp,
 )
 from imr.server import replies
 from imr.server.access import Peer
 from imr.server.admission import AddressView, Gatekeeper
 from imr.server.changes import (
+    Answer,
     AnyChange,
     BatchResult,
     BlockChange,
@@ -241,7 +255,25 @@ class Broker:
 
     # Requests ---------------------------------------------------------------------
 
-    async def handle(self, request: Request, peer: Peer) -> dict[str, Any]:
+    @overload
+    async def handle(self, request: BlockRequest, peer: Peer) -> BlockResult: ...
+    @overload
+    async def handle(self, request: BlockManyRequest, peer: Peer) -> BlockManyResult: ...
+    @overload
+    async def handle(self, request: UnblockRequest, peer: Peer) -> UnblockResult: ...
+    @overload
+    async def handle(self, request: ListRequest, peer: Peer) -> ListResult: ...
+    @overload
+    async def handle(self, request: ShowRequest, peer: Peer) -> ShowResult: ...
+    @overload
+    async def handle(self, request: StatusRequest, peer: Peer) -> StatusResult: ...
+    @overload
+    async def handle(self, request: ExportRequest, peer: Peer) -> ExportPage: ...
+    @overload
+    async def handle(self, request: PingRequest, peer: Peer) -> PongResult: ...
+    @overload
+    async def handle(self, request: Request, peer: Peer) -> Result: ...
+    async def handle(self, request: Request, peer: Peer) -> Result:
         """Run one request for an identified peer; raise BrokerError for a refusal."""
         started, result = time.monotonic(), "cancelled"  # the client went away, or we stop
         try:
@@ -257,11 +289,12 @@ class Broker:
         finally:
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
 
-    async def _dispatch(self, request: Request, peer: Peer) -> dict[str, Any]:
+    async def _dispatch(self, request: Request, peer: Peer) -> Result:
         self._gate.check_role(request, peer)
         match request:
             case BlockRequest():
-                return await self._enqueue(self._gate.block_change(request.ip, request, peer))
+                change = self._gate.block_change(request.ip, request, peer)
+                return cast(BlockResult, await self._enqueue(change))
             case BlockManyRequest():
                 return await self._request_block_many(request, peer)
             case UnblockRequest():
@@ -278,15 +311,15 @@ class Broker:
                 return replies.pong()
         raise BrokerError(WireCode.BAD_REQUEST, f"unsupported op {request.op}")  # pragma: no cover
 
-    async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> dict[str, Any]:
+    async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> BlockManyResult:
         """Each address as its own block request: own checks, own quota share, own outcome.
 
         All the admitted ones are queued at once, so they usually share one batch (one
         state transaction, one kernel transaction); a refusal or failure of one address
         answers only that address.
         """
-        results: list[dict[str, Any] | None] = [None] * len(request.ips)
-        waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        results: list[BlockManyItem | None] = [None] * len(request.ips)
+        waiting: list[tuple[int, asyncio.Future[Answer]]] = []
         # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
         # one change, admitted and counted once; the others share its answer.
         first: dict[str, int] = {}
@@ -305,7 +338,7 @@ class Broker:
             waiting.append((index, self._enqueue(change)))
         for index, future in waiting:
             try:
-                results[index] = await future
+                results[index] = cast(BlockedItem, await future)  # a compact change's
             except BrokerError as exc:
                 results[index] = replies.refused_item(request.ips[index], exc)
         for index, original in spelling.items():
@@ -314,13 +347,13 @@ class Broker:
                 results[index] = answer if answer["ok"] else {**answer, "ip": request.ips[index]}
         return replies.block_many_reply([item for item in results if item is not None])
 
-    async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> dict[str, Any]:
+    async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> UnblockResult:
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
             raise BrokerError(WireCode(parsed.code), parsed.message)
-        return await self._enqueue(UnblockChange(parsed, request, peer))
+        return cast(UnblockResult, await self._enqueue(UnblockChange(parsed, request, peer)))
 
-    def _enqueue(self, change: AnyChange) -> asyncio.Future[dict[str, Any]]:
+    def _enqueue(self, change: AnyChange) -> asyncio.Future[Answer]:
         """Queue a change for the writer; the future gets its outcome."""
         if self._queue is None:
             raise RuntimeError("the broker has not been started")
@@ -328,13 +361,13 @@ class Broker:
         self._queue.put_nowait(queued)  # unbounded: admission (quotas, connections) bounds it
         return queued.future
 
-    def _list(self, request: ListRequest) -> dict[str, Any]:
+    def _list(self, request: ListRequest) -> ListResult:
         now = self._clock.now()
         query = ListQuery(request.since, request.reason, request.source, request.limit)
         listing = select_blocks(self._active.values(), query, now)
         return replies.list_reply(listing, now, len(self._active))
 
-    async def _show(self, request: ShowRequest) -> dict[str, Any]:
+    async def _show(self, request: ShowRequest) -> ShowResult:
         """The address's history, newest first: one page of at most state.page_rows blocks
         and hits; `next_before` asks for the hits before this page."""
         parsed = parse_target(request.ip)
@@ -346,7 +379,7 @@ class Broker:
         page = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
         return replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusResult:
         backend = self._backend.name, self._backend.describe(), self._backend_choice
         return replies.status_reply(
             self.started_at,
@@ -356,15 +389,15 @@ class Broker:
             len(self._active),
         )
 
-    async def _export(self, request: ExportRequest) -> dict[str, Any]:
+    async def _export(self, request: ExportRequest) -> ExportPage:
         """One page of the whole state, blocks then hits, each by id; `next` is the cursor
         of the following page (None after the last). A page costs the daemon its own rows
         (at most state.page_rows), so an export of any size never holds more than that."""
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         table, _, after = (request.after or "blocks:0").partition(":")
         last = int(after)
-        blocks: list[dict[str, Any]] = []
-        hits: list[dict[str, Any]] = []
+        blocks: list[BlockInfo] = []
+        hits: list[HitInfo] = []
         following: str | None
         now = self._clock.now()
         if table == "blocks":
@@ -467,7 +500,7 @@ class Broker:
                 if outcome.error is not None:
                     future.set_exception(outcome.error)
                 else:
-                    future.set_result(outcome.result or {})
+                    future.set_result(outcome.result or cast(Answer, {}))
 
     def _readmit(self, queued: Queued, change: BlockChange, queue: asyncio.Queue[Queued]) -> None:
         """A hit whose block was lifted before the writer got to it: a new block, if the quota

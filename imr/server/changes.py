@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, TypedDict
 
 from imr.core.addresses import Refusal, Target, canonical_target, parse_target
 from imr.core.quota import Reservation
-from imr.protocol import ProtocolError, UnblockRequest
+from imr.protocol import BlockedItem, BlockResult, ProtocolError, UnblockRequest, UnblockResult
 from imr.server.access import Peer
 from imr.store import BlockRecord
 from imr.wire_codes import WireCode
@@ -73,17 +73,28 @@ class ExpireChange:
 AnyChange = BlockChange | UnblockChange | ExpireChange
 
 
+class ExpireResult(TypedDict):
+    """The expiry loop's outcome (not a reply: no client waits for it)."""
+
+    kind: Literal["expire"]
+    lifted: list[str]
+
+
+# A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
+Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult
+
+
 @dataclass
 class Queued:
     """One change waiting for the writer, and the client waiting for its outcome."""
 
     change: AnyChange
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[Answer]
 
 
 @dataclass
 class Outcome:
-    result: dict[str, Any] | None = None
+    result: Answer | None = None
     error: BrokerError | None = None
     readmit: bool = False  # a hit turned into a new block: pass the quota first, then retry
 

@@ -31,9 +31,11 @@ from imr.core.quota import LogThrottle
 from imr.core.slots import Slots
 from imr.protocol import (
     AuthRequest,
+    AuthResult,
     PingRequest,
     ProtocolError,
     Request,
+    Result,
     encode_json_reply,
     encode_text_reply,
     error_reply,
@@ -47,7 +49,7 @@ from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.listener")
 
-Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
+Handler = Callable[[Request, Peer], Awaitable[Result]]
 TokenCheck = Callable[[str], Peer | None]
 WRITE_TIMEOUT = 5.0
 DISCARD_SECONDS = 1.0
@@ -279,7 +281,11 @@ class Conversations:
             peer.describe(),
             _roles(peer),
         )
-        result = {"kind": "auth", "principal": peer.principal, "roles": sorted(peer.roles)}
+        result: AuthResult = {
+            "kind": "auth",
+            "principal": peer.principal,
+            "roles": sorted(peer.roles),
+        }
         return encode(ok_reply(message.id, result)), peer
 
     async def _answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:

@@ -389,9 +389,8 @@ def _expiry_line(record: BlockRecord) -> str:
 
 def _change_line(decision: Decision, record: BlockRecord, change: BlockChange) -> str:
     """The log line of a block request's outcome (the request's own reason and source)."""
-    verb = {"block": "blocked", "escalate": "escalated", "record": "hit on blocked"}
     return (
-        f"{verb[decision.action.value]} {record.ip} until {timestamp(record.expires_at)}"
+        f"{decision.action.logged} {record.ip} until {timestamp(record.expires_at)}"
         f" rung={record.rung} offence={record.offence} ({decision.why})"
         f" by {change.peer.describe()} source={change.source or '-'} reason={change.reason!r}"
     )
