@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 import click
 
@@ -29,7 +29,19 @@ from imr.client import Client, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import format_duration, parse_duration
 from imr.core.policy import Action, describe_severities
-from imr.protocol import MAX_LIST_LIMIT
+from imr.protocol import (
+    MAX_LIST_LIMIT,
+    BlockInfo,
+    BlockManyItem,
+    BlockResult,
+    ExportPage,
+    HitInfo,
+    ListResult,
+    PongResult,
+    ShowResult,
+    StatusResult,
+    UnblockResult,
+)
 from imr.terminal import escape
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
@@ -46,7 +58,7 @@ def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
     return _asking(lambda client: client.request(op, **fields), ctx)
 
 
-def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[dict[str, Any]]:
+def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[BlockManyItem]:
     """block_many in as many requests as the line limit needs; errors as in call()."""
     return _asking(lambda client: client.block_many(ips, **fields), ctx)
 
@@ -255,7 +267,7 @@ def _signalling(verb: str) -> Iterator[None]:
 @click.pass_obj
 def server_status(ctx: CliContext, as_json: bool) -> None:
     """Is the daemon running? Exit 0 only if it is."""
-    status = call(ctx, "status")
+    status = cast(StatusResult, call(ctx, "status"))
     if as_json:
         click.echo(json.dumps(status, indent=2))
         return
@@ -314,7 +326,8 @@ def block(
         fail("give at least one address (or --from-file)", EXIT_USAGE)
     verb = {action.value: action.told for action in Action}
     if len(wanted) == 1 and from_file is None:
-        result = call(ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity)
+        asked = call(ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity)
+        result = cast(BlockResult, asked)
         if as_json:
             click.echo(json.dumps(result, indent=2))
             return
@@ -347,7 +360,7 @@ def block(
 @click.pass_obj
 def unblock(ctx: CliContext, ip: str, reason: str) -> None:
     """Lift the block on IP now (role: admin)."""
-    result = call(ctx, "unblock", ip=ip, reason=reason)
+    result = cast(UnblockResult, call(ctx, "unblock", ip=ip, reason=reason))
     click.echo(f"unblocked {result['ip']}")
 
 
@@ -383,7 +396,8 @@ def list_blocks(
     as_json: bool,
 ) -> None:
     """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
-    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit)
+    asked = call(ctx, "list", since=since, reason=reason, source=source, limit=limit)
+    result = cast(ListResult, asked)
     blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
@@ -424,7 +438,7 @@ def list_blocks(
 @click.pass_obj
 def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_json: bool) -> None:
     """The current block of IP, if any, and its history, newest first (roles: read, admin)."""
-    result = call(ctx, "show", ip=ip, limit=limit, before=before)
+    result = cast(ShowResult, call(ctx, "show", ip=ip, limit=limit, before=before))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -476,7 +490,7 @@ def export(ctx: CliContext, as_json: bool) -> None:
     _asking(lambda client: _write_export(client.export_pages()), ctx)
 
 
-def _write_export(pages: Iterator[dict[str, Any]]) -> None:
+def _write_export(pages: Iterator[ExportPage]) -> None:
     """The export document, one row a line, written page by page (blocks come first)."""
     out = sys.stdout
     tables = ("blocks", "hits")
@@ -487,8 +501,9 @@ def _write_export(pages: Iterator[dict[str, Any]]) -> None:
             version = json.dumps(page.get("schema_version"))
             out.write(f'{{\n  "kind": "export",\n  "schema_version": {version},\n  "blocks": [')
             opened = 0
-        for index, name in enumerate(tables):
-            for row in page.get(name) or []:
+        found: list[list[Any] | None] = [page.get("blocks"), page.get("hits")]  # as `tables`
+        for index, rows in enumerate(found):
+            for row in rows or []:
                 while opened < index:
                     opened, written = opened + 1, 0
                     out.write(f'\n  ],\n  "{tables[opened]}": [')
@@ -504,7 +519,7 @@ def _write_export(pages: Iterator[dict[str, Any]]) -> None:
 @click.pass_obj
 def ping(ctx: CliContext) -> None:
     """Does the daemon answer this client? Exit 0 if so (any role, even none)."""
-    result = call(ctx, "ping")
+    result = cast(PongResult, call(ctx, "ping"))
     click.echo(f"pong (imr {result.get('version', '?')})")
 
 
@@ -613,7 +628,7 @@ def contrib_path(name: str) -> None:
 # Helpers --------------------------------------------------------------------------
 
 
-def _who(entry: dict[str, Any]) -> str:
+def _who(entry: BlockInfo | HitInfo) -> str:
     uid, pid = entry.get("uid"), entry.get("pid")
     if uid is None:
         return "-"
