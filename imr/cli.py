@@ -13,7 +13,7 @@ import pwd
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 import click
 
@@ -30,8 +30,19 @@ from imr.cli_context import (
 from imr.client import Client, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import format_duration, parse_duration
-from imr.core.policy import describe_severities
-from imr.protocol import MAX_LIST_LIMIT
+from imr.core.policy import Action, describe_severities
+from imr.protocol import (
+    MAX_LIST_LIMIT,
+    BlockInfo,
+    BlockManyItem,
+    BlockResult,
+    ExportPage,
+    HitInfo,
+    ListResult,
+    PongResult,
+    ShowResult,
+    StatusResult,
+)
 from imr.terminal import escape
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
@@ -48,7 +59,7 @@ def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
     return _asking(lambda client: client.request(op, **fields), ctx)
 
 
-def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[dict[str, Any]]:
+def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[BlockManyItem]:
     """block_many in as many requests as the line limit needs; errors as in call()."""
     return _asking(lambda client: client.block_many(ips, **fields), ctx)
 
@@ -292,7 +303,7 @@ def _signalling(verb: str) -> Iterator[None]:
 @click.pass_obj
 def server_status(ctx: CliContext, as_json: bool) -> None:
     """Is the daemon running? Exit 0 only if it is."""
-    status = call(ctx, "status")
+    status = cast(StatusResult, call(ctx, "status"))
     if as_json:
         click.echo(json.dumps(status, indent=2))
         return
@@ -358,12 +369,13 @@ def block(
         fail("give at least one address (or --from-file)", EXIT_USAGE)
     if duration is not None and (len(wanted) > 1 or from_file is not None):
         fail("--duration takes one address", EXIT_USAGE)
-    verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
+    verb = {action.value: action.told for action in Action}
     if len(wanted) == 1 and from_file is None:
         extra = {"duration": duration} if duration is not None else {}
-        result = call(
+        asked = call(
             ctx, "block", ip=wanted[0], reason=reason, source=source, severity=severity, **extra
         )
+        result = cast(BlockResult, asked)
         if as_json:
             click.echo(json.dumps(result, indent=2))
             return
@@ -435,7 +447,8 @@ def list_blocks(
 ) -> None:
     """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
     only = {"networks": True} if networks else {}  # not sent unless asked: older daemons
-    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit, **only)
+    asked = call(ctx, "list", since=since, reason=reason, source=source, limit=limit, **only)
+    result = cast(ListResult, asked)
     blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
@@ -484,13 +497,13 @@ def show(
 
     With --check the exit status says whether IP is blocked: 0 blocked, 1 not.
     """
-    result = call(ctx, "show", ip=ip, limit=limit, before=before)
+    result = cast(ShowResult, call(ctx, "show", ip=ip, limit=limit, before=before))
     _show(result, as_json)
     if check and not result["active"]:
         sys.exit(EXIT_FAILED)
 
 
-def _show(result: dict[str, Any], as_json: bool) -> None:
+def _show(result: ShowResult, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -544,7 +557,7 @@ def export(ctx: CliContext, as_json: bool) -> None:
     _asking(lambda client: _write_export(client.export_pages()), ctx)
 
 
-def _write_export(pages: Iterator[dict[str, Any]]) -> None:
+def _write_export(pages: Iterator[ExportPage]) -> None:
     """The export document, one row a line, written page by page (blocks come first)."""
     out = sys.stdout
     tables = ("blocks", "hits")
@@ -555,8 +568,9 @@ def _write_export(pages: Iterator[dict[str, Any]]) -> None:
             version = json.dumps(page.get("schema_version"))
             out.write(f'{{\n  "kind": "export",\n  "schema_version": {version},\n  "blocks": [')
             opened = 0
-        for index, name in enumerate(tables):
-            for row in page.get(name) or []:
+        found: list[list[Any] | None] = [page.get("blocks"), page.get("hits")]  # as `tables`
+        for index, rows in enumerate(found):
+            for row in rows or []:
                 while opened < index:
                     opened, written = opened + 1, 0
                     out.write(f'\n  ],\n  "{tables[opened]}": [')
@@ -572,7 +586,7 @@ def _write_export(pages: Iterator[dict[str, Any]]) -> None:
 @click.pass_obj
 def ping(ctx: CliContext) -> None:
     """Does the daemon answer this client? Exit 0 if so (any role, even none)."""
-    result = call(ctx, "ping")
+    result = cast(PongResult, call(ctx, "ping"))
     click.echo(f"pong (imr {result.get('version', '?')})")
 
 
@@ -684,7 +698,7 @@ for _command in (cli_admin.unblock, cli_admin.stats, cli_admin.completion, cli_a
 # Helpers --------------------------------------------------------------------------
 
 
-def _who(entry: dict[str, Any]) -> str:
+def _who(entry: BlockInfo | HitInfo) -> str:
     uid, pid = entry.get("uid"), entry.get("pid")
     if uid is None:
         return "-"

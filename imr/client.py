@@ -13,8 +13,11 @@ import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # the client stays light: no pydantic at run time
+    from imr.protocol import BlockManyItem, BlockResult, ExportPage, UnblockResult
 
 
 class ClientError(Exception):
@@ -90,12 +93,12 @@ class Client:
             return _joined(self.export_pages(fields.get("limit")))
         return self._request(op, **fields)
 
-    def export_pages(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def export_pages(self, limit: int | None = None) -> Iterator[ExportPage]:
         """The daemon's whole state, one `export` page after the other (docs/protocol.md):
         blocks by id, then hits by id; each page's `next` asks for the following one."""
         after: str | None = None
         while True:
-            page = self._request("export", after=after, limit=limit)
+            page = cast("ExportPage", self._request("export", after=after, limit=limit))
             yield page
             after = page.get("next")
             if after is None:
@@ -115,8 +118,9 @@ class Client:
 
     def block(
         self, ip: str, reason: str = "", source: str = "", severity: int | None = None
-    ) -> dict[str, Any]:
-        return self.request("block", ip=ip, reason=reason, source=source, severity=severity)
+    ) -> BlockResult:
+        result = self.request("block", ip=ip, reason=reason, source=source, severity=severity)
+        return cast("BlockResult", result)
 
     def block_many(
         self,
@@ -124,14 +128,14 @@ class Client:
         reason: str = "",
         source: str = "",
         severity: int | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[BlockManyItem]:
         """Block every address; one result per distinct address, in order (`ok` false: refused).
 
         Sent as `block_many` requests that each fit the daemon's default line limit, so a
         list of any length works; RequestFailed only for a request refused as a whole
         (forbidden, say), and then nothing of that request was done.
         """
-        results: list[dict[str, Any]] = []
+        results: list[BlockManyItem] = []
         for chunk in _chunks(ips, reason, source):
             reply = self.request(
                 "block_many", ips=chunk, reason=reason, source=source, severity=severity
@@ -139,8 +143,8 @@ class Client:
             results.extend(reply["results"])
         return results
 
-    def unblock(self, ip: str, reason: str = "") -> dict[str, Any]:
-        return self.request("unblock", ip=ip, reason=reason)
+    def unblock(self, ip: str, reason: str = "") -> UnblockResult:
+        return cast("UnblockResult", self.request("unblock", ip=ip, reason=reason))
 
     def _round_trip(self, line: bytes) -> dict[str, Any]:
         sock = self._connect_tcp() if self.tcp is not None else self._connect_unix()
@@ -252,7 +256,7 @@ def _chunks(ips: Sequence[str], reason: str, source: str) -> Iterator[list[str]]
         yield chunk
 
 
-def _joined(pages: Iterator[dict[str, Any]]) -> dict[str, Any]:
+def _joined(pages: Iterator[ExportPage]) -> dict[str, Any]:
     """Export pages as one result, as a daemon before paging answered it."""
     whole: dict[str, Any] = {"kind": "export", "blocks": [], "hits": []}
     for page in pages:

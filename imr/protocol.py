@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, TypedDict, overload
 
 from pydantic import (
     AfterValidator,
@@ -26,7 +26,9 @@ from pydantic import (
 )
 
 from imr.config_types import Duration
+from imr.core.policy import Action
 from imr.terminal import UNSAFE, escape
+from imr.wire_codes import WireCode
 
 PROTOCOL_VERSION = 1
 MAX_REASON = 200
@@ -59,9 +61,11 @@ ReasonFilter = Annotated[
 
 
 class ProtocolError(Exception):
-    """A request line that cannot be understood; `code` goes on the wire."""
+    """A request that fails for a reason the client should hear: a line that cannot be
+    understood (here), or a refusal (the broker, which calls it BrokerError). `code` goes on
+    the wire; `message` is for the user."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: WireCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -175,6 +179,12 @@ _REQUEST = TypeAdapter(Request)
 OPS = ("block", "block_many", "unblock", "show", "list", "status", "ping", "export")
 
 
+@overload
+def timestamp(epoch: float) -> str: ...
+@overload
+def timestamp(epoch: None) -> None: ...
+@overload
+def timestamp(epoch: float | None) -> str | None: ...
 def timestamp(epoch: float | None) -> str | None:
     """Wire form of a time: ISO 8601 in UTC, to the second."""
     if epoch is None:
@@ -191,7 +201,7 @@ def parse_request(line: bytes) -> tuple[Request, bool]:
     """Parse one request line (without its newline). Returns (request, is_json)."""
     message, is_json = _parse(line, allow_auth=False)
     if isinstance(message, AuthRequest):  # pragma: no cover - allow_auth=False never makes one
-        raise ProtocolError("bad_request", "auth is not a request")
+        raise ProtocolError(WireCode.BAD_REQUEST, "auth is not a request")
     return message, is_json
 
 
@@ -204,10 +214,10 @@ def _parse(line: bytes, *, allow_auth: bool) -> tuple[Request | AuthRequest, boo
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("bad_request", "request is not valid UTF-8") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request is not valid UTF-8") from None
     text = text.strip()
     if not text:
-        raise ProtocolError("bad_request", "empty request")
+        raise ProtocolError(WireCode.BAD_REQUEST, "empty request")
     if text.startswith("{"):
         return _parse_json(text, allow_auth), True
     return _parse_text(text, allow_auth), False
@@ -223,17 +233,17 @@ def _parse_json(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         if "\\u" in text:
             json.dumps(data, ensure_ascii=False).encode()
     except _DuplicateKey as exc:
-        raise ProtocolError("bad_request", str(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, str(exc)) from None
     except UnicodeEncodeError:
-        raise ProtocolError("bad_request", "request holds a lone surrogate escape") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request holds a lone surrogate escape") from None
     except (ValueError, RecursionError):
-        raise ProtocolError("bad_request", "request is not valid JSON") from None
+        raise ProtocolError(WireCode.BAD_REQUEST, "request is not valid JSON") from None
     if not isinstance(data, dict):
-        raise ProtocolError("bad_request", "a JSON request must be an object")
+        raise ProtocolError(WireCode.BAD_REQUEST, "a JSON request must be an object")
     version = data.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unsupported_version",
+            WireCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported;"
             f" this daemon speaks v{PROTOCOL_VERSION}",
         )
@@ -242,13 +252,15 @@ def _parse_json(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         try:
             return AuthRequest.model_validate(data)
         except ValidationError as exc:
-            raise ProtocolError("bad_request", _first_error(exc, nested=False)) from None
+            raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc, nested=False)) from None
     if op not in OPS:
-        raise ProtocolError("bad_request", f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}")
+        raise ProtocolError(
+            WireCode.BAD_REQUEST, f"unknown op {str(op)[:32]!r}; known: {', '.join(OPS)}"
+        )
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError("bad_request", _first_error(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc)) from None
 
 
 class _DuplicateKey(ValueError):
@@ -282,17 +294,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
     if _CONTROL.search(text):
-        raise ProtocolError("bad_request", "control characters are not allowed")
+        raise ProtocolError(WireCode.BAD_REQUEST, "control characters are not allowed")
     verb, _, rest = text.partition(" ")
     verb = verb.lower()
     if allow_auth and verb == "auth":
         token = rest.strip()
         if not token or " " in token or len(token) > 256:
-            raise ProtocolError("bad_request", "usage: auth TOKEN")
+            raise ProtocolError(WireCode.BAD_REQUEST, "usage: auth TOKEN")
         return AuthRequest(op="auth", token=token)
     if verb not in _TEXT_VERBS:
         raise ProtocolError(
-            "bad_request", f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
+            WireCode.BAD_REQUEST, f"unknown command {verb[:32]!r}; known: {', '.join(_TEXT_VERBS)}"
         )
     needs_ip, free_text = _TEXT_VERBS[verb]
     data: dict[str, Any] = {"op": verb}
@@ -301,21 +313,21 @@ def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
         ip, _, tail = rest.partition(" ")
         if not ip:
             raise ProtocolError(
-                "bad_request", f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else "")
+                WireCode.BAD_REQUEST, f"usage: {verb} ADDRESS" + (" [REASON]" if free_text else "")
             )
         data["ip"] = ip
         if tail.strip():
             if not free_text:
-                raise ProtocolError("bad_request", f"usage: {verb} ADDRESS")
+                raise ProtocolError(WireCode.BAD_REQUEST, f"usage: {verb} ADDRESS")
             data["reason"] = tail.strip()
     elif verb == "list" and rest:
         data.update(_list_options(rest))
     elif rest:
-        raise ProtocolError("bad_request", f"usage: {verb}")
+        raise ProtocolError(WireCode.BAD_REQUEST, f"usage: {verb}")
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError("bad_request", _first_error(exc)) from None
+        raise ProtocolError(WireCode.BAD_REQUEST, _first_error(exc)) from None
 
 
 _LIST_OPTIONS = ("since", "reason", "source", "limit")
@@ -328,7 +340,8 @@ def _list_options(rest: str) -> dict[str, str]:
         key, sep, value = word.partition("=")
         if not sep or key not in _LIST_OPTIONS or key in options or not value:
             raise ProtocolError(
-                "bad_request", "usage: list [since=DURATION] [reason=TEXT] [source=TAG] [limit=N]"
+                WireCode.BAD_REQUEST,
+                "usage: list [since=DURATION] [reason=TEXT] [source=TAG] [limit=N]",
             )
         options[key] = value
     return options
@@ -342,14 +355,155 @@ def _first_error(exc: ValidationError, nested: bool = True) -> str:
     return escape(f"{key[:64]}: {error['msg'].removeprefix('Value error, ')}")
 
 
-# Replies ------------------------------------------------------------------
+# --- Replies ---
+# What `result` holds for each op (docs/protocol.md describes every field). TypedDicts cost
+# nothing at run time; they let mypy check each reader's keys. Times are `timestamp` text.
 
 
-def ok_reply(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
+class ErrorInfo(TypedDict):
+    code: str  # a WireCode (imr/wire_codes.py)
+    message: str  # for people
+
+
+class BlockInfo(TypedDict):
+    """One block, active or lifted: list, show, export and block itself."""
+
+    ip: str
+    blocked_at: str
+    expires_at: str
+    duration: str  # as the ladder writes it ("1d")
+    remaining_seconds: int  # 0 once lifted
+    rung: int
+    offence: int
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    lifted_at: str | None
+    lift_reason: str | None
+    lifted_by: str | None
+
+
+class BlockResult(BlockInfo):
+    kind: Literal["block"]
+    action: str  # an Action (imr/core/policy.py): block, escalate or record
+    why: str  # the ladder's reason for the rung
+
+
+class BlockedItem(TypedDict):
+    """block_many's short answer for one address that went through."""
+
+    ip: str
+    ok: Literal[True]
+    action: str
+    expires_at: str
+    rung: int
+    offence: int
+
+
+class RefusedItem(TypedDict):
+    """block_many's answer for one address that was refused or failed."""
+
+    ip: str
+    ok: Literal[False]
+    error: ErrorInfo
+
+
+BlockManyItem = BlockedItem | RefusedItem
+
+
+class BlockManyResult(TypedDict):
+    kind: Literal["block_many"]
+    results: list[BlockManyItem]  # in request order
+    counts: dict[str, int]  # blocked, escalated, recorded, refused (Action.counted)
+
+
+class UnblockResult(TypedDict):
+    kind: Literal["unblock"]
+    ip: str
+
+
+class HitInfo(TypedDict):
+    id: int  # show's `before` cursor
+    ip: str
+    at: str
+    outcome: str
+    reason: str
+    source: str
+    uid: int | None
+    pid: int | None
+    block_id: int | None
+
+
+class ShowResult(TypedDict):
+    kind: Literal["show"]
+    ip: str
+    active: BlockInfo | None
+    blocks: list[BlockInfo]  # newest first, one page
+    hits: list[HitInfo]  # newest first, one page
+    more_blocks: bool
+    next_before: int | None  # the next page's `before`; None on the last page
+    covered_by: NotRequired[str | None]  # the network block holding it out of the kernel
+
+
+class ListResult(TypedDict):
+    kind: Literal["list"]
+    blocks: list[BlockInfo]
+    matched: int  # active blocks the filters matched, before `limit`
+    active: int  # all active blocks
+
+
+class ExportPage(TypedDict):
+    kind: Literal["export"]
+    schema_version: int
+    blocks: list[BlockInfo]
+    hits: list[HitInfo]
+    next: str | None  # the next page's `after`; None after the last page
+
+
+class StatusResult(TypedDict):
+    kind: Literal["status"]
+    version: str
+    pid: int
+    started_at: str
+    uptime_seconds: float
+    backend: str
+    backend_detail: str
+    backend_choice: str  # why this backend was chosen
+    socket: str
+    state_file: str
+    active_blocks: int
+
+
+class PongResult(TypedDict):
+    kind: Literal["pong"]
+    version: str
+
+
+class AuthResult(TypedDict):
+    kind: Literal["auth"]
+    principal: str
+    roles: list[str]
+
+
+Result = (
+    BlockResult
+    | BlockManyResult
+    | UnblockResult
+    | ShowResult
+    | ListResult
+    | ExportPage
+    | StatusResult
+    | PongResult
+    | AuthResult
+)
+
+
+def ok_reply(request_id: str | None, result: Result) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
 
 
-def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+def error_reply(request_id: str | None, code: WireCode, message: str) -> dict[str, Any]:
     return {
         "v": PROTOCOL_VERSION,
         "id": request_id,
@@ -375,12 +529,14 @@ def encode_text_reply(reply: dict[str, Any]) -> bytes:
     return _CONTROL.sub(" ", line).strip().encode() + b"\n"
 
 
+_TOLD = {action.value: action.told for action in Action}
+
+
 def _summarise(result: dict[str, Any]) -> str:
     kind = result.get("kind")
     if kind == "block":
-        verb = {"block": "blocked", "escalate": "escalated", "record": "already blocked"}
         return (
-            f"{verb.get(result['action'], result['action'])} {result['ip']}"
+            f"{_TOLD.get(result['action'], result['action'])} {result['ip']}"
             f" until {result['expires_at']}"
             f" (rung {result['rung']}, offence {result['offence']})"
         )

@@ -44,6 +44,7 @@ from imr.protocol import (
     parse_request,
 )
 from imr.terminal import UNSAFE
+from imr.wire_codes import WireCode
 
 from daemon_harness import Daemon
 from robust_harness import (
@@ -548,7 +549,7 @@ def text_round_trip(verb: str, ip: str, reason: str, case: Callable[[str], str])
     assert parse_request(line.encode()) == (expected, False)
 
 
-def reply_is_one_line(code: str, message: str, request_id: str | None) -> None:
+def reply_is_one_line(code: WireCode, message: str, request_id: str | None) -> None:
     """Whatever a refusal quotes back, the reply cannot break the framing or forge a line."""
     text = encode_text_reply(error_reply(request_id, code, message))
     assert text.endswith(b"\n") and text.count(b"\n") == 1 and b"\r" not in text

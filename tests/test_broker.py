@@ -17,7 +17,7 @@ import pytest
 
 from imr.backends.base import KernelBlock
 from imr.config import Config
-from imr.protocol import BlockRequest, ListRequest, ShowRequest, UnblockRequest
+from imr.protocol import BlockRequest, BlockResult, ListRequest, ShowRequest, UnblockRequest
 from imr.server.access import Peer
 from imr.server.broker import Broker, BrokerError
 from imr.store import Store
@@ -61,7 +61,7 @@ async def running(
         store.close()
 
 
-async def block(broker: Broker, ip: str, peer: Peer = WEB, **fields: Any) -> dict[str, Any]:
+async def block(broker: Broker, ip: str, peer: Peer = WEB, **fields: Any) -> BlockResult:
     return await broker.handle(BlockRequest(op="block", ip=ip, **fields), peer)
 
 
@@ -192,7 +192,7 @@ async def test_show_keeps_history_after_unblock(tmp_path: Path) -> None:
         # An admin unblock is a pardon: the next block is not a repeat.
         assert (second["rung"], second["offence"]) == (1, 2)
         shown = await broker.handle(ShowRequest(op="show", ip=ATTACKER), READER)
-        assert shown["active"]["reason"] == "second"
+        assert shown["active"] is not None and shown["active"]["reason"] == "second"
         assert [b["lift_reason"] for b in shown["blocks"]] == [None, "unblocked"]  # newest
         assert [h["reason"] for h in shown["hits"]] == ["second", "first"]
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imr.protocol import Request
+from imr.wire_codes import WireCode
 
 from daemon_harness import BLOCKER, Daemon, remove_test_users
 from fuzz_cases import (
@@ -93,8 +94,8 @@ def test_valid_text_requests_round_trip(
 
 
 @PARSER
-@given(st.text(), st.text(), st.one_of(st.none(), st.text(max_size=64)))
-def test_every_reply_is_one_line(code: str, message: str, request_id: str | None) -> None:
+@given(st.sampled_from(list(WireCode)), st.text(), st.one_of(st.none(), st.text(max_size=64)))
+def test_every_reply_is_one_line(code: WireCode, message: str, request_id: str | None) -> None:
     reply_is_one_line(code, message, request_id)
 
 

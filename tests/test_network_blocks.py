@@ -55,6 +55,7 @@ async def test_an_admin_blocks_a_network(tmp_path: Path) -> None:
         listing = await broker.handle(ListRequest(op="list"), ROOT)
         assert [b["ip"] for b in listing["blocks"]] == [NET]
         shown = await broker.handle(ShowRequest(op="show", ip=NET), ROOT)
+        assert shown["active"] is not None
         assert shown["active"]["ip"] == NET and len(shown["hits"]) == 1
 
         # An address inside the network can still be blocked on its own: a state row, but

@@ -66,6 +66,7 @@ async def test_three_addresses_of_a_64_become_a_network_block(tmp_path: Path) ->
         assert len(await active(broker)) == 4
         shown = await broker.handle(ShowRequest(op="show", ip=NET6), ROOT)
         row = shown["active"]
+        assert row is not None
         assert (row["source"], row["duration"], row["uid"]) == (SOURCE, "1h", None)
         assert row["reason"].endswith(f"{v6(1)}, {v6(2)}, {v6(3)}")
         # A fresh address of the prefix: its own row, no kernel entry of its own.
@@ -100,6 +101,7 @@ async def test_an_admin_unblock_pardons_the_prefix_not_the_members(tmp_path: Pat
         assert NET6 not in kernel_texts(backend)
         await block(broker, v6(6))
         shown = await broker.handle(ShowRequest(op="show", ip=NET6), ROOT)
+        assert shown["active"] is not None
         assert (shown["active"]["rung"], shown["active"]["duration"]) == (1, "1h")
         assert [b["lift_reason"] for b in shown["blocks"]] == [None, "unblocked"]
 
@@ -113,6 +115,7 @@ async def test_a_repeat_escalation_climbs_the_prefix_ladder(tmp_path: Path) -> N
         for n in range(4, 7):
             await block(broker, v6(n))
         shown = await broker.handle(ShowRequest(op="show", ip=NET6), ROOT)
+        assert shown["active"] is not None
         assert (shown["active"]["rung"], shown["active"]["duration"]) == (2, "1d")
 
 

@@ -7,7 +7,6 @@ import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,7 @@ from imr.core.quota import (
     QuotaRefusal,
     Reservation,
 )
-from imr.protocol import BlockRequest, UnblockRequest
+from imr.protocol import BlockRequest, BlockResult, UnblockRequest
 from imr.server.access import Peer
 from imr.server.broker import Broker, BrokerError
 from imr.store import Store
@@ -205,7 +204,7 @@ async def broker_with(
         store.close()
 
 
-async def block(broker: Broker, ip: str, peer: Peer = WEB_PEER) -> dict[str, Any]:
+async def block(broker: Broker, ip: str, peer: Peer = WEB_PEER) -> BlockResult:
     return await broker.handle(BlockRequest(op="block", ip=ip), peer)
 
 

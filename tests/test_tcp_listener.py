@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trustme
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from imr.cli import main
 from imr.client import Client, ClientError, RequestFailed, TcpTarget
 from imr.config import AccessConfig, Config, Role, describe_errors
+from imr.protocol import Result
 from imr.server.access import (
     REMOTE_ID,
     certificate_roles,
@@ -459,8 +460,8 @@ def test_start_up_errors_name_the_problem(tmp_path: Path, pki: Pki) -> None:
             {"server": {"tcp": {"enabled": True, "port": 0, **tcp}}, "access": access}
         )
 
-        async def handler(*_: object) -> dict[str, Any]:
-            return {}
+        async def handler(*_: object) -> Result:
+            return cast(Result, {})
 
         return TcpListener(config.server, config.access, handler, BrokerError)
 

@@ -82,6 +82,29 @@ class Action(StrEnum):
     ESCALATE = "escalate"  # the active block goes up a rung or lasts longer
     RECORD = "record"  # already blocked: only the hit is recorded
 
+    @property
+    def told(self) -> str:
+        """The word a client's person reads: `imr block`, the text reply ("already blocked")."""
+        return _WORDS[self][0]
+
+    @property
+    def counted(self) -> str:
+        """block_many's `counts` key ("recorded"): a wire name, so it never changes."""
+        return _WORDS[self][1]
+
+    @property
+    def logged(self) -> str:
+        """The daemon's log line ("hit on blocked": the operator reads it as a hit)."""
+        return _WORDS[self][2]
+
+
+# Each action's words, in one place: (told, counted, logged).
+_WORDS = {
+    Action.BLOCK: ("blocked", "blocked", "blocked"),
+    Action.ESCALATE: ("escalated", "escalated", "escalated"),
+    Action.RECORD: ("already blocked", "recorded", "hit on blocked"),
+}
+
 
 @dataclass(frozen=True)
 class Decision:

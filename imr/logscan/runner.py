@@ -32,12 +32,13 @@ from imr.reputation.httpbl import Verdict
 
 if TYPE_CHECKING:
     from imr.logscan.httpbl import HttpBLScan
+    from imr.protocol import BlockResult
 
 
 class BlockClient(Protocol):
     def block(
         self, ip: str, reason: str = "", source: str = "", severity: int | None = None
-    ) -> dict[str, Any]: ...
+    ) -> BlockResult: ...
 
 
 @dataclass

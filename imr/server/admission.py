@@ -38,6 +38,7 @@ from imr.server.access import Peer
 from imr.server.changes import AnyChange, BlockChange, BrokerError, Outcome, stored_address
 from imr.server.metrics import Metrics
 from imr.store import BlockRecord
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.broker")
 
@@ -94,7 +95,9 @@ class Gatekeeper:
         if peer.may(request.op):
             return
         # One line per client every 10 s (with a count): a no-role loop cannot flood the log.
-        suppressed = self._refusal_log.allow((peer.principal, "forbidden"), self._monotonic())
+        suppressed = self._refusal_log.allow(
+            (peer.principal, WireCode.FORBIDDEN), self._monotonic()
+        )
         if suppressed is not None:
             log.warning(
                 "refused %s by %s: role %s may not %s%s",
@@ -104,7 +107,7 @@ class Gatekeeper:
                 request.op,
                 f"; {suppressed} more like it since the last such line" if suppressed else "",
             )
-        raise BrokerError("forbidden", f"user {peer.user} is not allowed to {request.op}")
+        raise BrokerError(WireCode.FORBIDDEN, f"user {peer.user} is not allowed to {request.op}")
 
     def block_change(
         self, text: str, request: BlockRequest | BlockManyRequest, peer: Peer, compact: bool = False
@@ -116,7 +119,7 @@ class Gatekeeper:
         )
         if isinstance(request, BlockRequest) and request.duration is not None:
             if not peer.is_admin:  # the ladder decides for everyone else
-                raise BrokerError("forbidden", f"user {peer.user} may not choose a duration")
+                raise BrokerError(WireCode.FORBIDDEN, f"user {peer.user} may not choose a duration")
             change.duration = request.duration
         active = self._active.get(ip)
         if active is None or active.expires_at <= self._clock.now():
@@ -168,7 +171,7 @@ class Gatekeeper:
                     "suppressed": suppressed,
                 },
             )
-        raise BrokerError(refusal.code, refusal.message)
+        raise BrokerError(WireCode(refusal.code), refusal.message)
 
     def target(self, text: str, op: str, peer: Peer) -> tuple[Target, str]:
         """The target to block and its canonical text; BrokerError if it may not be."""
@@ -191,7 +194,7 @@ class Gatekeeper:
                     refusal.message,
                     f"; {suppressed} more like it since the last such line" if suppressed else "",
                 )
-            raise BrokerError(refusal.code, refusal.message)
+            raise BrokerError(WireCode(refusal.code), refusal.message)
         return parsed
 
     def _network_allowed(self, network: IPNetwork, op: str, peer: Peer) -> None:
@@ -210,7 +213,7 @@ class Gatekeeper:
                     f"; {suppressed} more like it since the last such line" if suppressed else "",
                 )
             raise BrokerError(
-                RefusalCode.NETWORK,
+                WireCode.NETWORK_NOT_ALLOWED,
                 f"{network} is a network; user {peer.user} may block single addresses only"
                 " (network blocks need the admin role)",
             )
@@ -219,7 +222,7 @@ class Gatekeeper:
             if "/" in ip and ip != key and network.overlaps(ipaddress.ip_network(ip)):
                 log.warning("refused %s %s by %s: overlaps %s", op, network, peer.describe(), ip)
                 raise BrokerError(
-                    "network_overlaps",
+                    WireCode.NETWORK_OVERLAPS,
                     f"{network} overlaps the blocked network {ip}; unblock that first",
                 )
 
@@ -246,7 +249,8 @@ class Gatekeeper:
         """After the batch: commit the reservation if the change made a block, else release it."""
         if not isinstance(change, BlockChange) or change.reservation is None:
             return  # nothing reserved (or a readmission without one, settled already)
-        action = (outcome.result or {}).get("action") if outcome.error is None else None
+        result = outcome.result if outcome.error is None else None
+        action = result.get("action") if result is not None else None
         if action == "block":
             self._quota.commit(change.reservation, str(change.address))
             return

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast, overload
 
 from imr.backends.base import (
     Backend,
@@ -45,21 +45,35 @@ from imr.core.policy import Ladder
 from imr.core.prefixes import Level
 from imr.core.quota import QuotaLedger
 from imr.protocol import (
+    BlockedItem,
+    BlockInfo,
+    BlockManyItem,
     BlockManyRequest,
+    BlockManyResult,
     BlockRequest,
+    BlockResult,
+    ExportPage,
     ExportRequest,
+    HitInfo,
     ListRequest,
+    ListResult,
     PingRequest,
+    PongResult,
     Request,
+    Result,
     ShowRequest,
+    ShowResult,
     StatusRequest,
+    StatusResult,
     UnblockRequest,
+    UnblockResult,
     timestamp,
 )
 from imr.server import replies
 from imr.server.access import Peer
 from imr.server.admission import AddressView, Gatekeeper
 from imr.server.changes import (
+    Answer,
     AnyChange,
     BatchResult,
     BlockChange,
@@ -78,6 +92,7 @@ from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.server.transaction import BatchCommitter
 from imr.server.upkeep import Upkeep
 from imr.store import BlockRecord, Store
+from imr.wire_codes import WireCode
 
 __all__ = ["AddressView", "Broker", "BrokerError", "stored_address", "stored_target"]
 
@@ -261,7 +276,25 @@ class Broker:
 
     # Requests ---------------------------------------------------------------------
 
-    async def handle(self, request: Request, peer: Peer) -> dict[str, Any]:
+    @overload
+    async def handle(self, request: BlockRequest, peer: Peer) -> BlockResult: ...
+    @overload
+    async def handle(self, request: BlockManyRequest, peer: Peer) -> BlockManyResult: ...
+    @overload
+    async def handle(self, request: UnblockRequest, peer: Peer) -> UnblockResult: ...
+    @overload
+    async def handle(self, request: ListRequest, peer: Peer) -> ListResult: ...
+    @overload
+    async def handle(self, request: ShowRequest, peer: Peer) -> ShowResult: ...
+    @overload
+    async def handle(self, request: StatusRequest, peer: Peer) -> StatusResult: ...
+    @overload
+    async def handle(self, request: ExportRequest, peer: Peer) -> ExportPage: ...
+    @overload
+    async def handle(self, request: PingRequest, peer: Peer) -> PongResult: ...
+    @overload
+    async def handle(self, request: Request, peer: Peer) -> Result: ...
+    async def handle(self, request: Request, peer: Peer) -> Result:
         """Run one request for an identified peer; raise BrokerError for a refusal."""
         started, result = time.monotonic(), "cancelled"  # the client went away, or we stop
         try:
@@ -272,16 +305,17 @@ class Broker:
             result = exc.code
             raise
         except Exception:
-            result = "internal_error"
+            result = WireCode.INTERNAL_ERROR
             raise
         finally:
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
 
-    async def _dispatch(self, request: Request, peer: Peer) -> dict[str, Any]:
+    async def _dispatch(self, request: Request, peer: Peer) -> Result:
         self._gate.check_role(request, peer)
         match request:
             case BlockRequest():
-                return await self._enqueue(self._gate.block_change(request.ip, request, peer))
+                change = self._gate.block_change(request.ip, request, peer)
+                return cast(BlockResult, await self._enqueue(change))
             case BlockManyRequest():
                 return await self._request_block_many(request, peer)
             case UnblockRequest():
@@ -296,17 +330,17 @@ class Broker:
                 return await self._export(request)
             case PingRequest():
                 return replies.pong()
-        raise BrokerError("bad_request", f"unsupported op {request.op}")  # pragma: no cover
+        raise BrokerError(WireCode.BAD_REQUEST, f"unsupported op {request.op}")  # pragma: no cover
 
-    async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> dict[str, Any]:
+    async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> BlockManyResult:
         """Each address as its own block request: own checks, own quota share, own outcome.
 
         All the admitted ones are queued at once, so they usually share one batch (one
         state transaction, one kernel transaction); a refusal or failure of one address
         answers only that address.
         """
-        results: list[dict[str, Any] | None] = [None] * len(request.ips)
-        waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        results: list[BlockManyItem | None] = [None] * len(request.ips)
+        waiting: list[tuple[int, asyncio.Future[Answer]]] = []
         # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
         # one change, admitted and counted once; the others share its answer.
         first: dict[str, int] = {}
@@ -325,7 +359,7 @@ class Broker:
             waiting.append((index, self._enqueue(change)))
         for index, future in waiting:
             try:
-                results[index] = await future
+                results[index] = cast(BlockedItem, await future)  # a compact change's
             except BrokerError as exc:
                 results[index] = replies.refused_item(request.ips[index], exc)
         for index, original in spelling.items():
@@ -334,13 +368,13 @@ class Broker:
                 results[index] = answer if answer["ok"] else {**answer, "ip": request.ips[index]}
         return replies.block_many_reply([item for item in results if item is not None])
 
-    async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> dict[str, Any]:
+    async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> UnblockResult:
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
-            raise BrokerError(parsed.code, parsed.message)
-        return await self._enqueue(UnblockChange(parsed, request, peer))
+            raise BrokerError(WireCode(parsed.code), parsed.message)
+        return cast(UnblockResult, await self._enqueue(UnblockChange(parsed, request, peer)))
 
-    def _enqueue(self, change: AnyChange) -> asyncio.Future[dict[str, Any]]:
+    def _enqueue(self, change: AnyChange) -> asyncio.Future[Answer]:
         """Queue a change for the writer; the future gets its outcome."""
         if self._queue is None:
             raise RuntimeError("the broker has not been started")
@@ -348,7 +382,7 @@ class Broker:
         self._queue.put_nowait(queued)  # unbounded: admission (quotas, connections) bounds it
         return queued.future
 
-    def _list(self, request: ListRequest) -> dict[str, Any]:
+    def _list(self, request: ListRequest) -> ListResult:
         now = self._clock.now()
         query = ListQuery(request.since, request.reason, request.source, request.limit)
         records: Iterable[BlockRecord] = self._active.values()
@@ -357,12 +391,12 @@ class Broker:
         listing = select_blocks(records, query, now)
         return replies.list_reply(listing, now, len(self._active))
 
-    async def _show(self, request: ShowRequest) -> dict[str, Any]:
+    async def _show(self, request: ShowRequest) -> ShowResult:
         """The address's history, newest first: one page of at most state.page_rows blocks
         and hits; `next_before` asks for the hits before this page."""
         parsed = parse_target(request.ip)
         if isinstance(parsed, Refusal):
-            raise BrokerError(parsed.code, parsed.message)
+            raise BrokerError(WireCode(parsed.code), parsed.message)
         ip = str(parsed)
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         # One row more than the page, to know whether there is another.
@@ -373,7 +407,7 @@ class Broker:
         reply["covered_by"] = self._prefix.held_out.get(ip)
         return reply
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusResult:
         backend = self._backend.name, self._backend.describe(), self._backend_choice
         return replies.status_reply(
             self.started_at,
@@ -383,15 +417,15 @@ class Broker:
             len(self._active),
         )
 
-    async def _export(self, request: ExportRequest) -> dict[str, Any]:
+    async def _export(self, request: ExportRequest) -> ExportPage:
         """One page of the whole state, blocks then hits, each by id; `next` is the cursor
         of the following page (None after the last). A page costs the daemon its own rows
         (at most state.page_rows), so an export of any size never holds more than that."""
         rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
         table, _, after = (request.after or "blocks:0").partition(":")
         last = int(after)
-        blocks: list[dict[str, Any]] = []
-        hits: list[dict[str, Any]] = []
+        blocks: list[BlockInfo] = []
+        hits: list[HitInfo] = []
         following: str | None
         now = self._clock.now()
         if table == "blocks":
@@ -494,7 +528,7 @@ class Broker:
                 if outcome.error is not None:
                     future.set_exception(outcome.error)
                 else:
-                    future.set_result(outcome.result or {})
+                    future.set_result(outcome.result or cast(Answer, {}))
 
     def _readmit(self, queued: Queued, change: BlockChange, queue: asyncio.Queue[Queued]) -> None:
         """A hit whose block was lifted before the writer got to it: a new block, if the quota

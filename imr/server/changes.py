@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, TypedDict
 
 from imr.core.addresses import Refusal, Target, canonical_target, parse_target
 from imr.core.quota import Reservation
-from imr.protocol import UnblockRequest
+from imr.protocol import BlockedItem, BlockResult, ProtocolError, UnblockRequest, UnblockResult
 from imr.server.access import Peer
 from imr.store import BlockRecord
+from imr.wire_codes import WireCode
 
 
 class StateUnwritable(Exception):
@@ -30,17 +31,13 @@ class StateUnwritable(Exception):
         self.cause = cause
 
 
-class BrokerError(Exception):
-    """A request that fails for a reason the client should hear; `code` goes on the wire."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# The request error is one type for the parser and the broker; this name stays because
+# the broker's stages (and branches merging into them) raise it under this name.
+BrokerError = ProtocolError
 
 
 def internal_error(exc: Exception) -> BrokerError:
-    return BrokerError("internal_error", f"the change could not be applied: {exc}")
+    return BrokerError(WireCode.INTERNAL_ERROR, f"the change could not be applied: {exc}")
 
 
 @dataclass
@@ -77,17 +74,28 @@ class ExpireChange:
 AnyChange = BlockChange | UnblockChange | ExpireChange
 
 
+class ExpireResult(TypedDict):
+    """The expiry loop's outcome (not a reply: no client waits for it)."""
+
+    kind: Literal["expire"]
+    lifted: list[str]
+
+
+# A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
+Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult
+
+
 @dataclass
 class Queued:
     """One change waiting for the writer, and the client waiting for its outcome."""
 
     change: AnyChange
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[Answer]
 
 
 @dataclass
 class Outcome:
-    result: dict[str, Any] | None = None
+    result: Answer | None = None
     error: BrokerError | None = None
     readmit: bool = False  # a hit turned into a new block: pass the quota first, then retry
 

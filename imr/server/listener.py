@@ -31,9 +31,11 @@ from imr.core.quota import LogThrottle
 from imr.core.slots import Slots
 from imr.protocol import (
     AuthRequest,
+    AuthResult,
     PingRequest,
     ProtocolError,
     Request,
+    Result,
     encode_json_reply,
     encode_text_reply,
     error_reply,
@@ -43,10 +45,11 @@ from imr.protocol import (
 from imr.server.access import Identities, Peer, peer_credentials
 from imr.server.files import FileError, bind_unix_socket, make_dirs
 from imr.terminal import escape
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.listener")
 
-Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
+Handler = Callable[[Request, Peer], Awaitable[Result]]
 TokenCheck = Callable[[str], Peer | None]
 WRITE_TIMEOUT = 5.0
 DISCARD_SECONDS = 1.0
@@ -82,10 +85,12 @@ class Admission:
 class Conversations:
     """The per-connection protocol every listener shares: framing, limits, answers."""
 
-    def __init__(self, config: ServerConfig, handler: Handler, error_type: type[Exception]) -> None:
+    def __init__(
+        self, config: ServerConfig, handler: Handler, error_type: type[ProtocolError]
+    ) -> None:
         self._config = config
         self._handler = handler
-        self._error_type = error_type  # exceptions with .code/.message that become error replies
+        self._error_type = error_type  # refusals that become error replies (ProtocolError)
         self.slots = Slots(config.slot_limits())
         self._refusing = 0  # connections being told `busy`
         self._log = LogThrottle(LOG_INTERVAL)
@@ -139,7 +144,9 @@ class Conversations:
         why: str,
     ) -> None:
         """Answer the client's first line `busy`, in its own form (the hook speaks JSON)."""
-        self.note((key, "busy"), logging.WARNING, "refused a connection from %s: %s", who, why)
+        self.note(
+            (key, WireCode.BUSY), logging.WARNING, "refused a connection from %s: %s", who, why
+        )
         if self._refusing >= self._config.max_connections:
             return  # a flood of connections: close them without waiting for a line
         self._refusing += 1
@@ -170,7 +177,7 @@ class Conversations:
                 admission.identified()
             if (why := self._claim(peer)) is not None:
                 self.note(
-                    (peer.principal, "busy"),
+                    (peer.principal, WireCode.BUSY),
                     logging.WARNING,
                     "refused %s: %s",
                     peer.describe(),
@@ -211,13 +218,15 @@ class Conversations:
         except ValueError:
             # Longer than max_line_bytes: the rest of the line cannot be
             # trusted to be framed, so answer and hang up.
-            self.note((key, "line_too_long"), logging.WARNING, "line too long from %s", escape(key))
+            self.note(
+                (key, WireCode.LINE_TOO_LONG), logging.WARNING, "line too long from %s", escape(key)
+            )
             limit = self._config.max_line_bytes
             await self.send(
                 writer,
                 encode_text_reply(
                     error_reply(
-                        None, "line_too_long", f"a request line may be at most {limit} bytes"
+                        None, WireCode.LINE_TOO_LONG, f"a request line may be at most {limit} bytes"
                     )
                 ),
             )
@@ -237,22 +246,24 @@ class Conversations:
             message, _ = parse_message(line.rstrip(b"\r\n"))
         except ProtocolError as exc:
             self.note(
-                (source, "unauthenticated"),
+                (source, WireCode.UNAUTHENTICATED),
                 logging.WARNING,
                 "refused %s: not authenticated, sent a bad line",
                 admission.who,
             )
-            return encode(error_reply(None, "unauthenticated", f"{refusal} ({exc.message})")), None
+            return encode(
+                error_reply(None, WireCode.UNAUTHENTICATED, f"{refusal} ({exc.message})")
+            ), None
         if not isinstance(message, AuthRequest) or admission.authenticate is None:
             self.note(
-                (source, "unauthenticated"),
+                (source, WireCode.UNAUTHENTICATED),
                 logging.WARNING,
                 "refused %s %s: %s",
                 message.op,
                 admission.who,
                 refusal,
             )
-            return encode(error_reply(message.id, "unauthenticated", refusal)), None
+            return encode(error_reply(message.id, WireCode.UNAUTHENTICATED, refusal)), None
         peer = admission.authenticate(message.token)
         if peer is None:
             self.note(
@@ -261,7 +272,7 @@ class Conversations:
                 "refused %s: unknown token",
                 admission.who,
             )
-            return encode(error_reply(message.id, "unauthenticated", "unknown token")), None
+            return encode(error_reply(message.id, WireCode.UNAUTHENTICATED, "unknown token")), None
         # Once per client every 10 s: a client that reconnects in a loop cannot flood the log.
         self.note(
             (peer.principal, "authenticated"),
@@ -270,38 +281,46 @@ class Conversations:
             peer.describe(),
             _roles(peer),
         )
-        result = {"kind": "auth", "principal": peer.principal, "roles": sorted(peer.roles)}
+        result: AuthResult = {
+            "kind": "auth",
+            "principal": peer.principal,
+            "roles": sorted(peer.roles),
+        }
         return encode(ok_reply(message.id, result)), peer
 
     async def _answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply, and whether the request renews the idle time (done something, not ping)."""
         encode = _encoder(line)
         request_id = None
+        # Two tries, though one error type: a line that cannot be parsed is logged as a bad
+        # request; a refusal of a parsed request is the handler's to log.
         try:
             message, _ = parse_message(line.rstrip(b"\r\n"))
             request_id = message.id
             if isinstance(message, AuthRequest):
                 raise ProtocolError(
-                    "bad_request", f"this connection is already identified as {peer.principal}"
+                    WireCode.BAD_REQUEST,
+                    f"this connection is already identified as {peer.principal}",
                 )
-            result = await self._handler(message, peer)
-            return encode(ok_reply(request_id, result)), not isinstance(message, PingRequest)
         except ProtocolError as exc:
             self.note(
-                (peer.principal, "bad_request"),
+                (peer.principal, WireCode.BAD_REQUEST),
                 logging.INFO,
                 "bad request from %s: %s",
                 peer.describe(),
                 escape(exc.message),
             )
-            reply = error_reply(request_id, exc.code, exc.message)
+            return encode(error_reply(request_id, exc.code, exc.message)), False
+        try:
+            result = await self._handler(message, peer)
+            return encode(ok_reply(request_id, result)), not isinstance(message, PingRequest)
         except self._error_type as exc:
-            reply = error_reply(
-                request_id, getattr(exc, "code", "error"), getattr(exc, "message", str(exc))
-            )
+            reply = error_reply(request_id, exc.code, exc.message)
         except Exception:
             log.exception("request from %s failed", peer.describe())
-            reply = error_reply(request_id, "internal_error", "the daemon failed; see its log")
+            reply = error_reply(
+                request_id, WireCode.INTERNAL_ERROR, "the daemon failed; see its log"
+            )
         return encode(reply), False
 
     @staticmethod
@@ -313,7 +332,7 @@ class Conversations:
 
 def _busy_reply(line: bytes, why: str) -> bytes:
     """`busy` in the form of the client's first line (empty: the text form), echoing its id."""
-    return _encoder(line)(error_reply(_request_id(line), "busy", f"{why}; try again later"))
+    return _encoder(line)(error_reply(_request_id(line), WireCode.BUSY, f"{why}; try again later"))
 
 
 def _request_id(line: bytes) -> str | None:
@@ -348,7 +367,7 @@ class UnixListener:
         config: ServerConfig,
         access: AccessConfig,
         handler: Handler,
-        error_type: type[Exception],
+        error_type: type[ProtocolError],
         inherited: socket.socket | None = None,
     ) -> None:
         self._config = config

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from imr.config import MetricsConfig, Role
 from imr.server.access import Peer
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.metrics")
 
@@ -92,7 +93,7 @@ class Metrics:
                 self.requests.labels(op, role_label(peer), result),
                 self.latency.labels(op),
                 self.refusals.labels(result)
-                if result not in ("ok", "internal_error", "cancelled")
+                if result not in ("ok", WireCode.INTERNAL_ERROR, "cancelled")
                 else None,
             )
         requests, latency, refusals = children

@@ -8,21 +8,35 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from imr import __version__
 from imr.core.durations import format_duration
 from imr.core.listing import Listing
-from imr.core.policy import Decision
-from imr.protocol import timestamp
+from imr.core.policy import Action, Decision
+from imr.protocol import (
+    BlockedItem,
+    BlockInfo,
+    BlockManyItem,
+    BlockManyResult,
+    BlockResult,
+    ExportPage,
+    HitInfo,
+    ListResult,
+    PongResult,
+    RefusedItem,
+    ShowResult,
+    StatusResult,
+    timestamp,
+)
 from imr.server.changes import BrokerError
 from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord
 
 # block_many's counts: each action's count, by the action's name.
-_COUNTED = {"block": "blocked", "escalate": "escalated", "record": "recorded"}
+_COUNTED = {action.value: action.counted for action in Action}
 
 
-def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
+def block_info(record: BlockRecord, now: float) -> BlockInfo:
     return {
         "ip": record.ip,
         "blocked_at": timestamp(record.blocked_at),
@@ -43,7 +57,7 @@ def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
     }
 
 
-def hit_info(hit: HitRecord) -> dict[str, Any]:
+def hit_info(hit: HitRecord) -> HitInfo:
     return {
         "id": hit.id,  # show's `before` cursor
         "ip": hit.ip,
@@ -57,14 +71,14 @@ def hit_info(hit: HitRecord) -> dict[str, Any]:
     }
 
 
-def block_reply(record: BlockRecord, decision: Decision, now: float) -> dict[str, Any]:
+def block_reply(record: BlockRecord, decision: Decision, now: float) -> BlockResult:
     """A block request's answer: the block as it is now, and what the policy did."""
-    result = block_info(record, now)
+    result = cast(dict[str, Any], block_info(record, now))  # updated in place: no copy
     result.update(kind="block", action=decision.action.value, why=decision.why)
-    return result
+    return cast(BlockResult, result)
 
 
-def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> dict[str, Any]:
+def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> BlockedItem:
     """block_many's short answer for one address that went through."""
     return {
         "ip": ip,
@@ -76,19 +90,19 @@ def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> dict
     }
 
 
-def refused_item(ip: str, exc: BrokerError) -> dict[str, Any]:
+def refused_item(ip: str, exc: BrokerError) -> RefusedItem:
     """block_many's answer for one address that was refused or failed."""
     return {"ip": ip, "ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
-def block_many_reply(items: list[dict[str, Any]]) -> dict[str, Any]:
+def block_many_reply(items: list[BlockManyItem]) -> BlockManyResult:
     counts = dict.fromkeys(("blocked", "escalated", "recorded", "refused"), 0)
     for item in items:
-        counts[_COUNTED.get(item.get("action", ""), "refused")] += 1
+        counts[_COUNTED[item["action"]] if item["ok"] else "refused"] += 1
     return {"kind": "block_many", "results": items, "counts": counts}
 
 
-def list_reply(listing: Listing[BlockRecord], now: float, active: int) -> dict[str, Any]:
+def list_reply(listing: Listing[BlockRecord], now: float, active: int) -> ListResult:
     return {
         "kind": "list",
         "blocks": [block_info(r, now) for r in listing.rows],
@@ -103,7 +117,7 @@ def show_reply(
     page: tuple[list[BlockRecord], list[HitRecord]],
     rows: int,
     now: float,
-) -> dict[str, Any]:
+) -> ShowResult:
     """One page of an address's history; `page` was read with one row more than `rows`."""
     blocks, hits = page
     return {
@@ -117,9 +131,7 @@ def show_reply(
     }
 
 
-def export_reply(
-    blocks: list[dict[str, Any]], hits: list[dict[str, Any]], following: str | None
-) -> dict[str, Any]:
+def export_reply(blocks: list[BlockInfo], hits: list[HitInfo], following: str | None) -> ExportPage:
     return {
         "kind": "export",
         "schema_version": SCHEMA_VERSION,
@@ -131,7 +143,7 @@ def export_reply(
 
 def status_reply(
     started_at: float, backend: tuple[str, str, str], socket: str, state_file: str, active: int
-) -> dict[str, Any]:
+) -> StatusResult:
     """`backend` is the backend's name, its description, and why it was chosen."""
     name, detail, choice = backend
     return {
@@ -149,5 +161,5 @@ def status_reply(
     }
 
 
-def pong() -> dict[str, Any]:
+def pong() -> PongResult:
     return {"kind": "pong", "version": __version__}

@@ -15,9 +15,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from imr.wire_codes import WireCode
+
 log = logging.getLogger("imr.broker")
 
-STATE_UNWRITABLE = "state_unwritable"  # the wire code
+STATE_UNWRITABLE = WireCode.STATE_UNWRITABLE
 MESSAGE = (
     "the state file cannot be written (disk full or failing); nothing was changed;"
     " changes are refused until it can be, reads still work"

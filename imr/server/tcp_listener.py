@@ -21,7 +21,7 @@ from pathlib import Path
 
 from imr.config import AccessConfig, Config, ServerConfig, TcpConfig
 from imr.core.slots import Startups, source_of
-from imr.protocol import encode_text_reply, error_reply
+from imr.protocol import ProtocolError, encode_text_reply, error_reply
 from imr.server.access import (
     certificate_subject,
     identify_certificate,
@@ -30,6 +30,7 @@ from imr.server.access import (
 )
 from imr.server.listener import Admission, Conversations, Handler, ListenerError
 from imr.terminal import escape
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.listener.tcp")
 
@@ -43,7 +44,7 @@ class TcpListener:
         config: ServerConfig,
         access: AccessConfig,
         handler: Handler,
-        error_type: type[Exception],
+        error_type: type[ProtocolError],
     ) -> None:
         self._config = config
         self._tcp: TcpConfig = config.tcp
@@ -173,10 +174,12 @@ class TcpListener:
         why = self._startups.admit(source, random.random())  # noqa: S311 - not for secrets
         if why is not None:
             self._conversations.note(
-                (source, "busy"), logging.WARNING, "refused %s: %s", remote, why
+                (source, WireCode.BUSY), logging.WARNING, "refused %s: %s", remote, why
             )
             if self._tls is None:
-                _send_now(conn, encode_text_reply(error_reply(None, "busy", f"{why}; try again")))
+                _send_now(
+                    conn, encode_text_reply(error_reply(None, WireCode.BUSY, f"{why}; try again"))
+                )
             conn.close()
             return
         identified = False
@@ -219,13 +222,15 @@ class TcpListener:
             if first[0] != TLS_HANDSHAKE_RECORD:
                 # Someone typed at the TLS port with nc: say so in plain text.
                 self._conversations.note(
-                    (source, "tls_required"),
+                    (source, WireCode.TLS_REQUIRED),
                     logging.WARNING,
                     "refused %s: plain text on the TLS port",
                     remote,
                 )
                 await _send_plain(
-                    conn, "tls_required", "this port speaks TLS (use tls:// and a certificate)"
+                    conn,
+                    WireCode.TLS_REQUIRED,
+                    "this port speaks TLS (use tls:// and a certificate)",
                 )
                 return None
         reader = asyncio.StreamReader(limit=self._config.max_line_bytes, loop=loop)
@@ -325,7 +330,7 @@ async def _peek(conn: socket.socket) -> bytes:
     return conn.recv(1, socket.MSG_PEEK)
 
 
-async def _send_plain(conn: socket.socket, code: str, message: str) -> None:
+async def _send_plain(conn: socket.socket, code: WireCode, message: str) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         loop = asyncio.get_running_loop()
         data = encode_text_reply(error_reply(None, code, message))

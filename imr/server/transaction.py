@@ -44,6 +44,7 @@ from imr.server.replies import block_reply, compact_block_item
 from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.store import BlockRecord, Offences, Store, unwritable
+from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.broker")
 
@@ -395,7 +396,7 @@ class _BatchTransaction:
         ip = str(change.address)
         current = self.committer.current(ip, self.changed)
         if current is None:
-            return Outcome(error=BrokerError("not_blocked", f"{ip} is not blocked"))
+            return Outcome(error=BrokerError(WireCode.NOT_BLOCKED, f"{ip} is not blocked"))
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
@@ -451,9 +452,8 @@ def _chosen_duration(decision: Decision, duration: float, now: float) -> Decisio
 
 def _change_line(decision: Decision, record: BlockRecord, change: BlockChange) -> str:
     """The log line of a block request's outcome (the request's own reason and source)."""
-    verb = {"block": "blocked", "escalate": "escalated", "record": "hit on blocked"}
     return (
-        f"{verb[decision.action.value]} {record.ip} until {timestamp(record.expires_at)}"
+        f"{decision.action.logged} {record.ip} until {timestamp(record.expires_at)}"
         f" rung={record.rung} offence={record.offence} ({decision.why})"
         f" by {change.peer.describe()} source={change.source or '-'} reason={change.reason!r}"
     )

@@ -8,9 +8,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from imr.client import DaemonUnavailable, RequestFailed
+from imr.protocol import BlockResult
 
 
 def combined(
@@ -34,13 +35,13 @@ class FakeClient:
 
     def block(
         self, ip: str, reason: str = "", source: str = "", severity: int | None = None
-    ) -> dict[str, Any]:
+    ) -> BlockResult:
         if self.down:
             raise DaemonUnavailable("the imr daemon is not running (test)")
         if ip in self.refuse:
             raise RequestFailed(self.refuse[ip], f"{ip} refused")
         self.blocked.append({"ip": ip, "reason": reason, "source": source, "severity": severity})
-        return {"ip": ip, "expires_at": "2099-01-01T00:00:00Z"}
+        return cast(BlockResult, {"ip": ip, "expires_at": "2099-01-01T00:00:00Z"})  # what is read
 
     @property
     def ips(self) -> list[str]:
