@@ -94,9 +94,10 @@ class Gatekeeper:
         """Refuse an op the peer's roles do not allow."""
         if peer.may(request.op):
             return
-        # One line per client every 10 s (with a count): a no-role loop cannot flood the log.
+        # One line per client and op every 10 s (with a count): a no-role loop cannot flood
+        # the log, and each kind of thing a client was refused still shows.
         suppressed = self._refusal_log.allow(
-            (peer.principal, WireCode.FORBIDDEN), self._monotonic()
+            (peer.principal, WireCode.FORBIDDEN, request.op), self._monotonic()
         )
         if suppressed is not None:
             log.warning(

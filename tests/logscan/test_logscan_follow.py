@@ -66,6 +66,10 @@ def test_attacker_in_growing_file_is_blocked_fast(
     assert request["ip"] == "203.0.113.77" and request["source"] == "logscan:dfind"
     # The target is 50 ms; allow slack on a loaded CI machine but catch a fallback to slow polling.
     assert arrived - written < 0.5
+    # The outcome is recorded once the reply is read, a moment after the request arrived.
+    deadline = time.monotonic() + 5
+    while not running.outcomes and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [o.status for o in running.outcomes] == ["blocked"]
 
 
