@@ -58,6 +58,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX hits_by_ip ON hits(ip, at);
     """,
+    # Fleet mode (docs/fleet.md): the member a block came from (NULL: this host), the
+    # events waiting to be published, and how far each other member's stream is applied.
+    """
+    ALTER TABLE blocks ADD COLUMN origin TEXT;
+    CREATE TABLE fleet_outbox (
+        seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+        event BLOB NOT NULL
+    );
+    CREATE TABLE fleet_positions (
+        stream   TEXT PRIMARY KEY,
+        position TEXT NOT NULL,
+        seq      INTEGER NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -111,6 +125,7 @@ class BlockRecord:
     lifted_at: float | None = None
     lift_reason: str | None = None
     lifted_by: str | None = None
+    origin: str | None = None  # the fleet member it came from; None: decided here
 
     def as_previous(self) -> PreviousBlock:
         return PreviousBlock(self.blocked_at, self.rung, self.expires_at, self.lifted_at)
@@ -139,7 +154,7 @@ class HitRecord:
 
 _BLOCK_COLUMNS = (
     "id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid,"
-    " lifted_at, lift_reason, lifted_by"
+    " lifted_at, lift_reason, lifted_by, origin"
 )
 _HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
 
@@ -278,9 +293,9 @@ class Store:
         """Many new blocks in one statement, with the ids their records carry (from
         next_block_id(), inside the same transaction: the only writer holds it)."""
         self._db.executemany(
-            "INSERT INTO blocks"
-            " (id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO blocks (id, ip, blocked_at, expires_at, rung, offence, reason, source,"
+            " uid, pid, lifted_at, lift_reason, lifted_by, origin)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.id,
@@ -293,6 +308,10 @@ class Store:
                     r.source,
                     r.uid,
                     r.pid,
+                    r.lifted_at,
+                    r.lift_reason,
+                    r.lifted_by,
+                    r.origin,
                 )
                 for r in records
             ],
@@ -332,6 +351,29 @@ class Store:
             hits,
         )
 
+    # Fleet mode (inside transaction()) --------------------------------------------
+
+    def add_outbox(self, events: Sequence[bytes]) -> None:
+        """Events for the publisher, in the transaction of the changes they describe."""
+        self._db.executemany("INSERT INTO fleet_outbox (event) VALUES (?)", [(e,) for e in events])
+
+    def next_outbox_seq(self) -> int:
+        """The seq the next outbox row gets (AUTOINCREMENT: never one used before)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'fleet_outbox'")
+        found = row.fetchone()
+        return (found[0] if found else 0) + 1
+
+    def set_position(self, stream: str, position: str, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO fleet_positions (stream, position, seq) VALUES (?, ?, ?)"
+            " ON CONFLICT(stream) DO UPDATE SET position = excluded.position, seq = excluded.seq",
+            (stream, position, seq),
+        )
+
+    def positions(self) -> dict[str, tuple[str, int]]:
+        rows = self._db.execute("SELECT stream, position, seq FROM fleet_positions")
+        return {stream: (position, seq) for stream, position, seq in rows}
+
     # Reads --------------------------------------------------------------------
 
     def active_blocks(self) -> list[BlockRecord]:
@@ -340,8 +382,8 @@ class Store:
         # The lifted_* columns are NULL here by the WHERE clause: not read (100,000 rows at
         # start; this loop is ~0.3 s of a restart).
         rows = self._db.execute(
-            "SELECT id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid"
-            " FROM blocks WHERE lifted_at IS NULL ORDER BY id"
+            "SELECT id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid,"
+            " origin FROM blocks WHERE lifted_at IS NULL ORDER BY id"
         )
         # The daemon keeps these for its whole life: reasons, sources and uids repeat, so
         # they share one object each (a uid past 256 is otherwise one int object per row);
@@ -350,9 +392,19 @@ class Store:
         share = shared.setdefault
         return [
             BlockRecord(
-                i, ip, at, expires, rung, n, share(why, why), share(src, src), share(u, u), p
+                i,
+                ip,
+                at,
+                expires,
+                rung,
+                n,
+                share(why, why),
+                share(src, src),
+                share(u, u),
+                p,
+                origin=share(o, o),
             )
-            for i, ip, at, expires, rung, n, why, src, u, p in rows
+            for i, ip, at, expires, rung, n, why, src, u, p, o in rows
         ]
 
     def offences(self, ips: Sequence[str]) -> dict[str, Offences]:

@@ -16,6 +16,8 @@ packages=(
   modsecurity-crs curl
   # systemd-analyze (unit checks), systemd-socket-activate; libseccomp for the sandbox test.
   systemd python3-seccomp
+  # Fleet mode's tests start their own redis-server processes (never the host's service).
+  redis-server
 )
 missing=()
 for p in "${packages[@]}"; do

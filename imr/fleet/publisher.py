@@ -1,0 +1,137 @@
+"""Publishes this member's outbox to its own stream.
+
+The writer puts an event in the outbox table in the transaction of the change it
+describes; this task reads the outbox with its own SQLite connection, appends the events
+to the stream (XADD, signed here, off the request path) and deletes the rows only once
+Redis has answered for them. A crash between XADD and the delete publishes the event
+again with the same seq, which followers skip; so nothing is lost and nothing is applied
+twice. No client request waits on any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from imr.fleet import events
+from imr.fleet.connection import Backoff, connect
+from imr.fleet.settings import FleetSettings
+from imr.fleet.stats import FleetStats
+
+log = logging.getLogger("imr.fleet")
+
+BATCH = 500  # events per pipeline
+IDLE_CHECK = 1.0  # seconds between looks at the outbox when nobody wakes us
+TRIM_EVERY = 60.0
+
+
+class Publisher:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        state_path: Path,
+        signer: Callable[[bytes], bytes],
+        stats: FleetStats,
+    ) -> None:
+        self._settings = settings
+        self._state_path = state_path
+        self._sign = signer
+        self._stats = stats
+        self._stream = settings.stream(settings.name)
+        self._wake = asyncio.Event()
+        self._db: sqlite3.Connection | None = None
+        self._last_trim = 0.0
+
+    def wake(self) -> None:
+        """The writer committed outbox rows: publish them now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        try:
+            while True:
+                client = connect(self._settings)
+                try:
+                    await client.ping()
+                    self._stats.publisher_connected = True
+                    if backoff.succeeded():
+                        log.warning("fleet: publisher reconnected to Redis; draining the outbox")
+                    await self._drain_forever(client)
+                except (RedisError, OSError) as exc:
+                    self._stats.publisher_connected = False
+                    delay = backoff.failed()
+                    log.warning(
+                        "fleet: cannot publish to Redis (%s); %d events wait in the outbox;"
+                        " retrying in %.1f s (local blocking goes on as before)",
+                        exc,
+                        self._stats.outbox_depth,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+        finally:
+            if self._db is not None:
+                self._db.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        """Its own connection to the state file (WAL: reads never wait for the writer)."""
+        if self._db is None:
+            self._db = sqlite3.connect(
+                self._state_path, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA busy_timeout=5000")
+        return self._db
+
+    async def _drain_forever(self, client: Any) -> None:
+        while True:
+            rows = await asyncio.to_thread(self._read)
+            if not rows:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
+                await self._trim(client)
+                continue
+            pipe = client.pipeline(transaction=False)
+            for seq, body in rows:
+                pipe.xadd(self._stream, events.sign(self._event_json(seq, body), self._sign))
+            await pipe.execute()  # raises if any XADD failed: the rows stay
+            await asyncio.to_thread(self._delete, rows[-1][0])
+            self._stats.published(len(rows))
+
+    @staticmethod
+    def _event_json(seq: int, body: bytes) -> bytes:
+        data = json.loads(body)
+        data["seq"] = seq
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    def _read(self) -> list[tuple[int, bytes]]:
+        db = self._conn()
+        rows = db.execute(
+            "SELECT seq, event FROM fleet_outbox ORDER BY seq LIMIT ?", (BATCH,)
+        ).fetchall()
+        depth = db.execute("SELECT count(*) FROM fleet_outbox").fetchone()[0]
+        self._stats.set_outbox(int(depth))
+        return [(int(seq), bytes(body)) for seq, body in rows]
+
+    def _delete(self, through: int) -> None:
+        self._conn().execute("DELETE FROM fleet_outbox WHERE seq <= ?", (through,))
+
+    async def _trim(self, client: Any) -> None:
+        """Bounded retention: events older than fleet.retention leave the stream."""
+        now = time.time()
+        if now - self._last_trim < TRIM_EVERY:
+            return
+        self._last_trim = now
+        oldest = int((now - self._settings.retention) * 1000)
+        await client.xtrim(self._stream, minid=f"{oldest}-0", approximate=False)

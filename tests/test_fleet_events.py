@@ -1,0 +1,90 @@
+"""The fleet's signed events and the pure trust checks (no Redis, no kernel)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from imr.core.fleet import OriginQuota, Protection, may_lift, merged, target_refusal
+from imr.fleet import events
+from imr.fleet.keys import load_public, public_text, verify
+
+KEY_A = Ed25519PrivateKey.generate()
+KEY_B = Ed25519PrivateKey.generate()
+VERIFIERS = {
+    "a": lambda sig, msg: verify(load_public(public_text(KEY_A.public_key())), sig, msg),
+    "b": lambda sig, msg: verify(KEY_B.public_key(), sig, msg),
+}
+
+
+def body(**changes: object) -> bytes:
+    data = json.loads(
+        events.outbox_body("a", "block", "203.0.113.5", 1000.0, 87400.0, 1, 1, "scan", "hook")
+    )
+    data["seq"] = 1
+    data.update(changes)
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def entry(raw: bytes, key: Ed25519PrivateKey = KEY_A) -> dict[bytes, bytes]:
+    fields = events.sign(raw, key.sign)
+    return {b"e": fields["e"], b"s": fields["s"]}
+
+
+def test_a_signed_event_round_trips() -> None:
+    event = events.decode(entry(body()), "a", VERIFIERS)
+    assert isinstance(event, events.Event)
+    assert (event.origin, event.seq, event.ip, event.rung) == ("a", 1, "203.0.113.5", 1)
+    assert events.decode(entry(event.to_json()), "a", VERIFIERS) == event
+
+
+def test_forged_and_hostile_events_are_refused() -> None:
+    refused = events.EventRefusal
+    assert events.decode(entry(body(), KEY_B), "a", VERIFIERS) is refused.SIGNATURE
+    tampered = entry(body())
+    tampered[b"e"] = tampered[b"e"].replace(b"203.0.113.5", b"203.0.113.6")
+    assert events.decode(tampered, "a", VERIFIERS) is refused.SIGNATURE
+    # Signed by a, put in b's stream: the origin inside must be the stream's.
+    assert events.decode(entry(body(), KEY_B), "b", VERIFIERS) is refused.ORIGIN_MISMATCH
+    assert events.decode(entry(b"{not json"), "a", VERIFIERS) is refused.MALFORMED
+    assert events.decode(entry(body(v=2)), "a", VERIFIERS) is refused.VERSION
+    assert events.decode(entry(body(rung="1")), "a", VERIFIERS) is refused.MALFORMED
+    assert events.decode(entry(body(kind="drop")), "a", VERIFIERS) is refused.MALFORMED
+    assert events.decode(entry(body(extra=1)), "a", VERIFIERS) is refused.MALFORMED
+    assert events.decode({b"e": body()}, "a", VERIFIERS) is refused.MALFORMED
+    assert events.decode(entry(body()), "c", VERIFIERS) is refused.UNKNOWN_ORIGIN
+
+
+PROTECTION = Protection(
+    own=frozenset({ipaddress.ip_address("192.0.2.1")}),
+    broadcast=frozenset(),
+    allowlist=(ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("192.0.2.18/32")),
+    min_prefix={4: 24, 6: 48},
+)
+
+
+def test_remote_targets_pass_the_local_checks() -> None:
+    assert target_refusal("203.0.113.5", PROTECTION) is None
+    assert target_refusal("203.0.113.0/24", PROTECTION) is None
+    for ip in ("127.0.0.1", "192.0.2.1", "198.51.100.7", "192.0.2.18", "::ffff:192.0.2.1"):
+        found = target_refusal(ip, PROTECTION)
+        assert found is not None and found[0] in ("protected_target", "malformed"), ip
+    assert target_refusal("203.0.0.0/16", PROTECTION) is not None
+    assert target_refusal("203.0.0.0/16", PROTECTION)[0] == "too_wide"  # type: ignore[index]
+    assert target_refusal("198.51.100.0/24", PROTECTION)[0] == "protected_target"  # type: ignore[index]
+    assert target_refusal("example.org", PROTECTION)[0] == "malformed"  # type: ignore[index]
+
+
+def test_quota_merge_and_lift_rules() -> None:
+    quota = OriginQuota(3)
+    assert [quota.admit("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert quota.admit("b", 0.0)
+    assert quota.admit("a", 60.5)
+    # Two escalations in either order end the same.
+    start = (1, 100.0)
+    assert merged(merged(start, 2, 500.0), 2, 400.0) == merged(merged(start, 2, 400.0), 2, 500.0)
+    assert merged((3, 100.0), 2, 50.0) == (3, 100.0)
+    assert may_lift("a", "a", False) and not may_lift("a", "b", False)
+    assert not may_lift("a", None, False) and may_lift("a", None, True)
