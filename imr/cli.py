@@ -18,7 +18,8 @@ from imr import __version__
 from imr.cli_context import CliContext
 from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
-from imr.core.durations import parse_duration
+from imr.core.durations import format_duration, parse_duration
+from imr.core.policy import describe_severities
 from imr.protocol import MAX_LIST_LIMIT
 from imr.terminal import escape
 
@@ -286,7 +287,7 @@ def server_status(ctx: CliContext, as_json: bool) -> None:
     "--severity",
     type=click.IntRange(1, 10),
     default=None,
-    help="Start at this rung of the ladder (1 = first).",
+    help="How bad, 1-10: noted; starts at this rung only if policy.severity_skips_rungs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
@@ -318,7 +319,8 @@ def block(
             return
         click.echo(
             f"{verb[result['action']]} {result['ip']} until {result['expires_at']}"
-            f" (rung {result['rung']}, offence {result['offence']}: {result['why']})"
+            f" (rung {result['rung']}, offence {result['offence']}, {result['duration']}:"
+            f" {result['why']})"
         )
         return
     results = call_many(ctx, wanted, reason=reason, source=source, severity=severity)
@@ -429,19 +431,21 @@ def show(ctx: CliContext, ip: str, limit: int | None, before: int | None, as_jso
     if active:
         click.echo(
             f"{result['ip']} is blocked until {active['expires_at']}"
-            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']})"
+            f" (rung {active['rung']}, offence {active['offence']}, {active['duration']},"
+            f" {format_duration(active['remaining_seconds'])} left)"
         )
     else:
         click.echo(f"{result['ip']} is not blocked")
     if result["blocks"]:
         click.echo("\nblocks:")
-        rows = [["BLOCKED AT", "EXPIRES AT", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
+        rows = [["BLOCKED AT", "EXPIRES AT", "LENGTH", "RUNG", "LIFTED", "BY", "SOURCE", "REASON"]]
         for b in result["blocks"]:
             lifted = f"{b['lifted_at']} ({b['lift_reason']})" if b["lifted_at"] else "-"
             rows.append(
                 [
                     b["blocked_at"],
                     b["expires_at"],
+                    b["duration"],
                     str(b["rung"]),
                     lifted,
                     _who(b),
@@ -576,7 +580,12 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
         return
     origin = str(ctx.config_path) if exists else f"{ctx.config_path} (absent: defaults)"
     click.echo(f"# effective configuration from {origin}\n")
-    click.echo(ctx.config.to_toml())
+    # What policy.severity_skips_rungs means for this ladder, as a comment below it.
+    mapping = "; ".join(describe_severities(ctx.config.policy.to_ladder()))
+    lines = ctx.config.to_toml().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("severity_skips_rungs ="))
+    lines.insert(at + 1, f"# first offence by reporter severity: {mapping}")
+    click.echo("\n".join(lines))
 
 
 # Log scanning (imr/logscan) ------------------------------------------------------

@@ -167,6 +167,10 @@ class PolicyConfig(_Section):
     ladder: list[Duration] = Field(default_factory=lambda: [86400, 7 * 86400], min_length=1)
     repeat_window: Duration = 30 * 86400
     escalate_after: Duration = 3600
+    # Off: a reporter's severity is only noted; every first offence starts at rung 1, and
+    # reports within escalate_after of a block's start are one incident. On (the old
+    # behaviour): severity N starts a block at rung N at least and escalates it at once.
+    severity_skips_rungs: bool = False
 
     @field_validator("ladder")
     @classmethod
@@ -176,7 +180,9 @@ class PolicyConfig(_Section):
         return steps
 
     def to_ladder(self) -> Ladder:
-        return Ladder(tuple(self.ladder), self.repeat_window, self.escalate_after)
+        return Ladder(
+            tuple(self.ladder), self.repeat_window, self.escalate_after, self.severity_skips_rungs
+        )
 
 
 _PORT_RANGE = re.compile(r"^(\d{1,5})(?::(\d{1,5}))?$")

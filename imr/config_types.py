@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
 
-from imr.core.durations import format_duration, parse_duration
+from imr.core.durations import exact_duration, parse_duration
 
 
 def _duration(value: Any) -> int:
@@ -28,7 +28,7 @@ def _duration(value: Any) -> int:
 
 
 Duration = Annotated[
-    int, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str)
+    int, BeforeValidator(_duration), PlainSerializer(exact_duration, return_type=str)
 ]
 
 

@@ -91,7 +91,8 @@ def test_repeat_offenders_and_pardons_inside_one_batch(tmp_path: Path) -> None:
 def test_updates_in_a_batch_see_its_earlier_new_blocks(tmp_path: Path) -> None:
     """New blocks are inserted together at the end of a batch; an unblock or escalation of
     one of them in the same batch must still find its row."""
-    config = Config.model_validate(UNLIMITED)
+    # Severity escalates at once only with the opt-in (core/policy.py).
+    config = Config.model_validate({**UNLIMITED, "policy": {"severity_skips_rungs": True}})
 
     async def scenario() -> None:
         async with running(tmp_path, config) as (broker, backend, _, store):

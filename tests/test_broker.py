@@ -249,8 +249,13 @@ def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
 def test_reconcile_lifts_expired_and_restores_the_rest(tmp_path: Path) -> None:
     clock = FakeClock()
 
+    # Severity starts a block at a higher rung only with the opt-in (core/policy.py).
+    skips = Config.model_validate(
+        {"protect": {"allowlist": ["198.51.100.0/24"]}, "policy": {"severity_skips_rungs": True}}
+    )
+
     async def first_run() -> None:
-        async with running(tmp_path, clock=clock) as (broker, _, c, _s):
+        async with running(tmp_path, skips, clock=clock) as (broker, _, c, _s):
             await block(broker, ATTACKER)  # 1 day
             c.advance(60)
             await block(broker, "2001:db8::bad", severity=2)  # 7 days
@@ -289,7 +294,7 @@ def test_a_reload_that_allowlists_a_blocked_address_lifts_it(tmp_path: Path) -> 
     lifts it from the kernel and records it as `protected`; other blocks stay."""
 
     async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, store):
+        async with running(tmp_path) as (broker, backend, _clock, store):
             await block(broker, ATTACKER)
             await block(broker, "203.0.113.99")
             reloaded = Config.model_validate(

@@ -8,8 +8,20 @@ Vocabulary:
 - a *repeat* is a new block for an address whose previous block ended within
   the repeat window: it goes one rung up;
 - a *hit* on an address that is already blocked is recorded; if it comes at
-  least `escalate_after` after the block began (the attacker keeps coming) or
-  asks for a higher severity, the block escalates in place.
+  least `escalate_after` after the block began (the attacker keeps coming),
+  the block escalates in place;
+- an *incident* is one block and the hits on it within `escalate_after` of its
+  start: the ModSecurity hook, then the log scanner 30 s later reading the same
+  requests, are one incident and count once (the second report is recorded);
+- a *severity* (1-10) is how bad the reporter thinks the request was. By
+  default it is only noted: the ladder alone sets the rung, so a first offence
+  is rung 1 whoever reports it. With `severity_skips_rungs` (the config's
+  `policy.severity_skips_rungs`, off by default) it is the lowest rung the
+  block starts at, and a higher severity escalates an active block at once.
+
+A block that ended (expired) is never part of a later incident, however soon
+the address comes back: that is the repeat the ladder is for. A block an
+admin lifted is a pardon and is not passed here at all (Store.offences).
 """
 
 from __future__ import annotations
@@ -17,12 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from imr.core.durations import format_duration
+
 
 @dataclass(frozen=True)
 class Ladder:
     steps: tuple[int, ...]  # seconds per rung, ascending
     repeat_window: int  # seconds after a block ended within which a new one is a repeat
     escalate_after: int  # seconds into a block after which a new hit escalates it
+    severity_skips_rungs: bool = False  # severity = the lowest rung to start at (opt-in)
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -39,6 +54,10 @@ class Ladder:
 
     def clamp(self, rung: int) -> int:
         return max(1, min(rung, self.top))
+
+    def starting_rung(self, severity: int) -> int:
+        """The lowest rung a report of this severity starts a block at."""
+        return self.clamp(severity) if self.severity_skips_rungs else 1
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,10 @@ def decide(
 ) -> Decision:
     """Decide what a block request for one address does at time `now`.
 
-    `severity` is the lowest rung the request asks for (1 = the first step).
+    `severity` is the reporter's 1-10; it sets the lowest rung only when the ladder's
+    `severity_skips_rungs` is on (see the module docstring).
     """
-    wanted = ladder.clamp(severity)
+    wanted = ladder.starting_rung(severity)
 
     if previous is not None and previous.active_at(now):
         return _hit_on_active_block(ladder, previous, now, wanted)
@@ -90,6 +110,8 @@ def decide(
     else:
         rung = 1
         why = "first offence"
+    if severity > 1 and not ladder.severity_skips_rungs:
+        why += f"; severity {severity} does not skip rungs"
     if wanted > rung:
         rung = wanted
         why = f"severity {severity} asked for"
@@ -109,4 +131,22 @@ def _hit_on_active_block(
         expires_at = max(previous.expires_at, now + ladder.duration(rung))
         if rung > previous.rung or expires_at > previous.expires_at:
             return Decision(Action.ESCALATE, rung, expires_at, why)
-    return Decision(Action.RECORD, previous.rung, previous.expires_at, "already blocked")
+    within = now - previous.blocked_at < ladder.escalate_after
+    why = "same incident, counted once" if within else "already blocked"
+    return Decision(Action.RECORD, previous.rung, previous.expires_at, why)
+
+
+def describe_severities(ladder: Ladder, severities: range = range(1, 11)) -> list[str]:
+    """What each severity starts a first offence at, grouped: ["1-10: rung 1 (1d)"]."""
+    groups: list[tuple[int, int, int]] = []  # (first severity, last severity, rung)
+    for severity in severities:
+        rung = ladder.starting_rung(severity)
+        if groups and groups[-1][2] == rung:
+            groups[-1] = (groups[-1][0], severity, rung)
+        else:
+            groups.append((severity, severity, rung))
+    return [
+        f"{low if low == high else f'{low}-{high}'}: rung {rung}"
+        f" ({format_duration(ladder.duration(rung))})"
+        for low, high, rung in groups
+    ]

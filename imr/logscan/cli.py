@@ -19,6 +19,9 @@ import click
 
 from imr.cli_context import CliContext
 from imr.client import ClientError, DaemonUnavailable
+from imr.config import PolicyConfig
+from imr.core.durations import format_duration
+from imr.core.policy import Ladder
 from imr.logscan.engine import Scanner, signatures_from_config
 from imr.logscan.fail2ban import FilterError, load_filter
 from imr.logscan.follow import Follower
@@ -362,19 +365,36 @@ def rules() -> None:
 @_filter_option
 @click.pass_context
 def rules_list(ctx: click.Context, as_json: bool, filters: tuple[Path, ...]) -> None:
-    """List the signatures with severity and threshold."""
+    """List the signatures with severity, the block a first offence gets, and threshold."""
     sigs = _signatures(logscan_config(ctx), filters)
+    ladder = _ladder(ctx)
     if as_json:
-        click.echo(json.dumps([_sig_json(s) for s in sigs], indent=2))
+        click.echo(json.dumps([_sig_json(s, ladder) for s in sigs], indent=2))
         return
     for s in sigs:
-        click.echo(f"{s.name:22} sev {s.severity:2}  {s.hits} in {s.window}s  {s.description}")
+        rung = ladder.starting_rung(s.severity)
+        first = f"rung {rung} ({format_duration(ladder.duration(rung))})"
+        click.echo(
+            f"{s.name:22} sev {s.severity:2} -> {first:14} {s.hits} in"
+            f" {format_duration(s.window)}  {s.description}"
+        )
+    if not ladder.severity_skips_rungs:
+        click.echo("(severity does not skip rungs: policy.severity_skips_rungs is off)", err=True)
 
 
-def _sig_json(s: Signature) -> dict[str, Any]:
+def _ladder(ctx: click.Context) -> Ladder:
+    """The daemon's ladder from the same config file, to say what a severity leads to."""
+    obj = ctx.obj
+    policy = getattr(obj.config, "policy", None) if isinstance(obj, CliContext) else None
+    return (policy if isinstance(policy, PolicyConfig) else PolicyConfig()).to_ladder()
+
+
+def _sig_json(s: Signature, ladder: Ladder) -> dict[str, Any]:
+    rung = ladder.starting_rung(s.severity)
     return {
         "name": s.name,
         "severity": s.severity,
+        "first_offence": {"rung": rung, "duration": format_duration(ladder.duration(rung))},
         "hits": s.hits,
         "window": s.window,
         "description": s.description,
@@ -412,6 +432,6 @@ def rules_test(
             s = hit.signature
             click.echo(
                 f"match {s.name} ip={hit.ip} severity={s.severity} "
-                f"threshold={s.hits}/{s.window}s: {hit.evidence}"
+                f"threshold={s.hits}/{format_duration(s.window)}: {hit.evidence}"
             )
     ctx.exit(0 if matched else 1)

@@ -23,7 +23,9 @@ LineTest = Callable[[str], tuple[str, str] | None]
 @dataclass(frozen=True)
 class Signature:
     name: str
-    severity: int  # 1..10, passed to the daemon
+    # 1..10, passed to the daemon: noted in its log; it sets the first rung only with
+    # policy.severity_skips_rungs (then severity N starts at rung N; `imr rules list` says).
+    severity: int
     description: str
     hits: int  # this many hits from one address ...
     window: int  # ... within this many seconds make a block

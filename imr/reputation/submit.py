@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from imr.core.durations import format_duration
 from imr.reputation.exports import Incident, abuseipdb_comment, dshield_logs, iso
 from imr.reputation.outbox import Outbox
 from imr.reputation.settings import AbuseIPDBSettings, DShieldSettings
@@ -97,7 +98,8 @@ def submit_abuseipdb(
             continue
         last = outbox.last_submission("abuseipdb", incident.ip)
         if last is not None and now() - last < settings.per_address:
-            result.skipped.append(f"{incident.ip}: reported less than {settings.per_address}s ago")
+            since = format_duration(settings.per_address)
+            result.skipped.append(f"{incident.ip}: reported less than {since} ago")
             continue
         if outbox.submissions_in_last_day("abuseipdb") >= settings.daily_cap:
             result.stopped = f"daily cap of {settings.daily_cap} reached"

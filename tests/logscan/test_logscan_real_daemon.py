@@ -39,7 +39,9 @@ def test_watch_turns_a_log_line_into_a_kernel_block() -> None:
         log = world.root / "access.log"
         log.write_text("")
         log.chmod(0o644)
-        argv = ["runuser", "-u", BLOCKER, "--", *world.imr_argv("watch", str(log))]
+        # --from-start: the log is empty now, so the line below is read however long the
+        # watcher takes to start on a loaded machine (at the end, it could start after it).
+        argv = ["runuser", "-u", BLOCKER, "--", *world.imr_argv("watch", "--from-start", str(log))]
         watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(1.0)  # let it start and watch the file
