@@ -70,10 +70,11 @@ class _MainGroup(click.Group):
             return
         self._extras_loaded = True
         from imr.doctor import doctor
+        from imr.fleet.cli import fleet
         from imr.logscan.cli import rules, scan, watch
         from imr.reputation.cli import register as register_reputation
 
-        for command in (scan, watch, rules, doctor):
+        for command in (scan, watch, rules, doctor, fleet):
             self.add_command(command)
         register_reputation(self)
 
@@ -369,6 +370,9 @@ def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | 
 @click.option("--reason", metavar="TEXT", default=None, help="Reason contains TEXT (any case).")
 @click.option("--source", metavar="TAG", default=None, help="Source tag is exactly TAG.")
 @click.option(
+    "--origin", metavar="HOST", default=None, help="Made by fleet member HOST ('local': here)."
+)
+@click.option(
     "--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=None, help="At most N rows."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of blocks).")
@@ -378,16 +382,20 @@ def list_blocks(
     since: int | None,
     reason: str | None,
     source: str | None,
+    origin: str | None,
     limit: int | None,
     as_json: bool,
 ) -> None:
     """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
-    result = call(ctx, "list", since=since, reason=reason, source=source, limit=limit)
+    fields: dict[str, Any] = {"since": since, "reason": reason, "source": source, "limit": limit}
+    if origin is not None:  # only then: an older daemon refuses the unknown field
+        fields["origin"] = origin
+    result = call(ctx, "list", **fields)
     blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
         return
-    filtered = any(v is not None for v in (since, reason, source))
+    filtered = any(v is not None for v in (since, reason, source, origin))
     if not blocks:
         click.echo("no matching active blocks" if filtered else "no active blocks")
         return
@@ -595,6 +603,8 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
 
 
 def _who(entry: dict[str, Any]) -> str:
+    if entry.get("origin"):  # a fleet member's block (docs/fleet.md)
+        return f"fleet {escape(entry['origin'])}"
     uid, pid = entry.get("uid"), entry.get("pid")
     if uid is None:
         return "-"

@@ -121,6 +121,8 @@ class ListRequest(_Request):
     since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
     reason: Text | None = Field(None, min_length=1, max_length=MAX_REASON)  # substring, any case
     source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
+    # The fleet member a block came from; "local": made on this host (docs/fleet.md).
+    origin: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class StatusRequest(_Request):

@@ -7,6 +7,7 @@ kernel (listing a set of 100,000 elements takes seconds). The filters combine
 - `since`: blocked within this many seconds before `now`;
 - `reason`: the block's reason contains this text (case-insensitive);
 - `source`: the block's source tag is exactly this (case-sensitive, like the tags);
+- `origin`: the fleet member the block came from ("local": made here; docs/fleet.md);
 - `limit`: at most this many rows, the oldest first (the order of the listing).
 """
 
@@ -43,6 +44,7 @@ class ListQuery:
     reason: str | None = None
     source: str | None = None
     limit: int | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,9 @@ def select_blocks(records: Iterable[R], query: ListQuery, now: float) -> Listing
     if query.source is not None:
         source = query.source
         matching = [r for r in matching if r.source == source]
+    if query.origin is not None:
+        wanted = None if query.origin == "local" else query.origin
+        matching = [r for r in matching if getattr(r, "origin", None) == wanted]
     if query.reason:
         needle = query.reason.casefold()
         matching = [r for r in matching if needle in r.reason.casefold()]

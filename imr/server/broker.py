@@ -54,10 +54,12 @@ from imr.core.addresses import (
 from imr.core.clock import Clock
 from imr.core.clock_steps import StepDetector
 from imr.core.durations import format_duration
+from imr.core.fleet import may_lift, merged
 from imr.core.listing import ListQuery, select_blocks
 from imr.core.log_budget import LineBudget
 from imr.core.policy import Action, Decision, decide
 from imr.core.quota import LogThrottle, QuotaLedger, QuotaRefusal, Reservation
+from imr.fleet.events import Event, outbox_body
 from imr.protocol import (
     BlockManyRequest,
     BlockRequest,
@@ -156,14 +158,30 @@ class _ExpireChange:
 
 
 @dataclass
+class _RemoteChange:
+    """A fleet event that passed the checks on the loop (imr/fleet/member.py), or None for
+    a refused one: either way its stream position is stored with the batch."""
+
+    stream: str
+    position: str
+    seq: int
+    event: Event | None
+    admin: bool  # signed by an admin key: may lift blocks other members made
+
+    @property
+    def ip(self) -> str:
+        return self.event.ip if self.event is not None else ""
+
+
+@dataclass
 class _Queued:
     """One change waiting for the writer, and the client waiting for its outcome."""
 
-    change: _BlockChange | _UnblockChange | _ExpireChange
+    change: _BlockChange | _UnblockChange | _ExpireChange | _RemoteChange
     future: asyncio.Future[dict[str, Any]]
 
 
-_AnyChange = _BlockChange | _UnblockChange | _ExpireChange
+_AnyChange = _BlockChange | _UnblockChange | _ExpireChange | _RemoteChange
 
 
 @dataclass
@@ -231,6 +249,9 @@ class Broker:
         # Re-arm a block's kernel entry on every report of it (see _Work._block); not for
         # iptables, whose rules never time out and whose apply reads the whole chain.
         self._rearm = backend.name not in _NO_REARM
+        # Fleet mode (docs/fleet.md): this member's name, or None (then nothing below runs).
+        self.fleet_name: str | None = config.fleet.name if config.fleet.enabled else None
+        self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
 
     # Life cycle -------------------------------------------------------------------
 
@@ -313,6 +334,23 @@ class Broker:
         ]
         if self._config.firewall.drift_check:
             self._tasks.append(asyncio.create_task(self._drift_loop(), name="imr-drift"))
+        if self.fleet_name is not None:
+            from imr.fleet.member import FleetMember  # redis and cryptography: fleet mode only
+
+            positions = await self._in_writer(self._store.positions)
+            self._fleet = FleetMember(self._config, self, positions, self.metrics.fleet)
+            self._tasks += self._fleet.tasks()
+
+    # Fleet mode: the two entries imr/fleet/member.py uses --------------------------
+
+    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress]]:
+        return self._local.own, self._local.broadcast
+
+    def submit_remote(
+        self, stream: str, position: str, seq: int, event: Event | None, admin: bool
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Queue a remote event for the writer (the same queue as local changes)."""
+        return self._enqueue(_RemoteChange(stream, position, seq, event, admin))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -562,7 +600,9 @@ class Broker:
 
     def _list(self, request: ListRequest) -> dict[str, Any]:
         now = self._clock.now()
-        query = ListQuery(request.since, request.reason, request.source, request.limit)
+        query = ListQuery(
+            request.since, request.reason, request.source, request.limit, request.origin
+        )
         listing = select_blocks(self._active.values(), query, now)
         return {
             "kind": "list",
@@ -606,6 +646,7 @@ class Broker:
             "socket": str(self._config.server.socket),
             "state_file": str(self._config.state.path),
             "active_blocks": len(self._active),
+            **({"fleet": self.metrics.fleet.describe(self.fleet_name)} if self.fleet_name else {}),
         }
 
     async def _export(self, request: ExportRequest) -> dict[str, Any]:
@@ -838,6 +879,8 @@ class Broker:
                 self.metrics.batch(len(batch))
                 self.metrics.expired(result.expired)
                 self._publish(result)
+                if self._fleet is not None:
+                    self._fleet.publisher.wake()
             self._log_changes(result.log_lines)
             # Settle every reservation before any readmission, so none counts twice.
             for queued, outcome in zip(batch, result.outcomes, strict=True):
@@ -1041,12 +1084,14 @@ class _Work:
         # Block history of new addresses, read for the whole batch in one query; an address
         # this batch writes for is dropped from it (then read on its own, fresh).
         self.offences: dict[str, Offences] = {}
+        self.outbox: list[bytes] = []  # fleet events of this batch's local decisions
 
     def prefetch(self, batch: Sequence[_AnyChange]) -> None:
         new = [
             change.ip
             for change in batch
-            if isinstance(change, _BlockChange)
+            if isinstance(change, _BlockChange | _RemoteChange)
+            and change.ip
             and self.broker.current(change.ip, self.changed) is None
         ]
         if new:
@@ -1057,6 +1102,9 @@ class _Work:
         self._insert_pending()
         self.store.record_hits(self.hits)
         self.hits.clear()
+        if self.outbox:  # fleet mode: in the same transaction as the changes
+            self.store.add_outbox(self.outbox)
+            self.outbox.clear()
 
     def _insert_pending(self) -> None:
         if self.new_blocks:
@@ -1106,6 +1154,8 @@ class _Work:
                 return self._unblock(change)
             case _ExpireChange():
                 return self._expire(change)
+            case _RemoteChange():
+                return self._remote(change)
 
     def _block(self, change: _BlockChange) -> _Outcome:
         peer, ip = change.peer, change.ip
@@ -1153,6 +1203,8 @@ class _Work:
         )
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
+            if self.broker.fleet_name is not None:
+                self._announce(decision.action.value, record)
         self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return _Outcome(
@@ -1177,9 +1229,97 @@ class _Work:
         self._lift(current, "unblocked", change.peer.describe())
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
+        if self.broker.fleet_name is not None:
+            self._announce("lift", current)
         by, reason = change.peer.describe(), change.request.reason
         self.log_lines.append(lambda: f"unblocked {ip} by {by} reason={reason!r}")
         return _Outcome({"kind": "unblock", "ip": ip})
+
+    def _announce(self, kind: str, record: BlockRecord) -> None:
+        """An outbox row for a local decision (fleet mode)."""
+        expires_at = 0.0 if kind == "lift" else record.expires_at
+        self.outbox.append(
+            outbox_body(
+                self.broker.fleet_name or "",
+                kind,
+                record.ip,
+                self.now,
+                expires_at,
+                record.rung,
+                record.offence,
+                record.reason,
+                record.source,
+            )
+        )
+
+    def _remote(self, change: _RemoteChange) -> _Outcome:
+        """A fleet event: a block merged into one in force here (the higher rung, the later
+        expiry), a new block with its origin (already over: history only, for the ladder),
+        or a lift its origin may make. Never announced again."""
+        self.store.set_position(change.stream, change.position, change.seq)
+        event = change.event
+        if event is None:
+            return _Outcome({"kind": "position"})
+        ip = event.ip
+        target = stored_address(ip)
+        current = self.broker.current(ip, self.changed)
+        if current is not None and current.expires_at <= self.now:
+            self._lift(current, "expired", "imr")
+            self.changed[ip], current = None, None
+            self.expired += 1
+        if event.kind == "lift":
+            if current is None:
+                return _Outcome({"kind": "lift", "ip": ip, "action": "none"})
+            if not may_lift(event.origin, current.origin, change.admin):
+                maker = current.origin or "this host"
+                why = f"{event.origin} may not lift the block of {ip} made by {maker}"
+                return _Outcome(error=BrokerError("lift_not_allowed", why))
+            self._lift(current, "unblocked", f"fleet:{event.origin}")
+            self.changed[ip] = None
+            self.kernel_remove.append(target)
+            self.log_lines.append(lambda: f"unblocked {ip} by fleet member {event.origin}")
+            return _Outcome({"kind": "lift", "ip": ip, "action": "lift"})
+        if current is not None:
+            rung, expires_at = merged(
+                (current.rung, current.expires_at), event.rung, event.expires_at
+            )
+            if (rung, expires_at) != (current.rung, current.expires_at):
+                self._insert_pending()
+                self.store.escalate(current.id, rung, expires_at)
+                current = replace(current, rung=rung, expires_at=expires_at)
+                self.changed[ip] = current
+                self.kernel_add.append(KernelBlock(target, expires_at, ip))
+            return _Outcome({"kind": "block", "ip": ip, "action": "merge"})
+        if self.next_id is None:
+            self.next_id = self.store.next_block_id()
+        record = BlockRecord(
+            self.next_id,
+            ip,
+            event.at,
+            event.expires_at,
+            event.rung,
+            self._offences(ip).count + 1,
+            event.reason,
+            event.source,
+            None,
+            None,
+            origin=event.origin,
+        )
+        self.next_id += 1
+        if event.expires_at <= self.now:  # over already: only the ladder needs it
+            record = replace(
+                record, lifted_at=event.expires_at, lift_reason="expired", lifted_by="imr"
+            )
+            self.new_blocks.append(record)
+            return _Outcome({"kind": "block", "ip": ip, "action": "history"})
+        self.new_blocks.append(record)
+        self.changed[ip] = record
+        self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
+        origin, until = event.origin, timestamp(record.expires_at)
+        self.log_lines.append(
+            lambda: f"blocked {ip} until {until} rung={record.rung} from fleet member {origin}"
+        )
+        return _Outcome({"kind": "block", "ip": ip, "action": "block"})
 
     def _expire(self, change: _ExpireChange) -> _Outcome:
         lifted = []
@@ -1277,6 +1417,7 @@ def block_info(record: BlockRecord, now: float) -> dict[str, Any]:
         "lifted_at": timestamp(record.lifted_at),
         "lift_reason": record.lift_reason,
         "lifted_by": record.lifted_by,
+        "origin": record.origin,
     }
 
 
