@@ -80,7 +80,9 @@ def start_redis(
                 f"port {port}",
                 "protected-mode no",
                 'save ""',
-                "appendonly no",
+                # Durable like a production Redis: a restart keeps the streams.
+                "appendonly yes",
+                "appendfsync always",
                 f"dir {root}",
                 "daemonize no",
                 f"logfile {root / 'redis.log'}",
