@@ -375,3 +375,24 @@ def test_redis_down_during_a_flood_loses_nothing(fleet: Fleet) -> None:
     assert wait(lambda: set_count(fleet, "c", wanted) == 200, 10)
     assert fleet.status("a")["outbox_depth"] == 0
     assert "cannot publish to Redis" in a.log_file.read_text()
+
+
+def test_sigkill_during_apply_loses_and_duplicates_nothing(fleet: Fleet) -> None:
+    """b is killed (SIGKILL) as soon as it is ready, while it applies 1,000 missed events
+    (somewhere before, during or after that: the outcome must be the same)."""
+    a, c = fleet.daemons["a"], fleet.daemons["c"]
+    assert c.stop().returncode == 0
+    wanted = ips(1000, "2001:db8:8::")
+    assert a.as_root("block", *wanted, "--severity", "2", "--source", "kill").returncode == 0
+    assert wait(lambda: fleet.status("a")["outbox_depth"] == 0)
+    assert c.start().returncode == 0
+    pid = c.pid()
+    assert pid is not None
+    os.kill(pid, 9)
+    assert wait(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    assert c.start().returncode == 0
+    query = "SELECT COUNT(*), COUNT(DISTINCT ip) FROM blocks WHERE source = 'kill'"
+    assert wait(lambda: fleet.rows("c", query) == [(1000, 1000)], 30), fleet.rows("c", query)
+    assert set_count(fleet, "c", wanted) == 1000
+    time.sleep(0.5)  # nothing more arrives later
+    assert fleet.rows("c", query) == [(1000, 1000)]
