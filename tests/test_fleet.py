@@ -396,3 +396,15 @@ def test_sigkill_during_apply_loses_and_duplicates_nothing(fleet: Fleet) -> None
     assert set_count(fleet, "c", wanted) == 1000
     time.sleep(0.5)  # nothing more arrives later
     assert fleet.rows("c", query) == [(1000, 1000)]
+
+
+def test_an_unblock_on_the_origin_lifts_the_block_everywhere(fleet: Fleet) -> None:
+    a = fleet.daemons["a"]
+    assert ATTACKER in fleet.kernel("b")
+    result = a.as_root("unblock", ATTACKER, "--reason", "false positive")
+    assert result.returncode == 0, result.stderr
+    assert wait(lambda: ATTACKER not in fleet.kernel("b") and ATTACKER not in fleet.kernel("c"), 5)
+    rows = fleet.rows(
+        "b", "SELECT lift_reason, lifted_by FROM blocks WHERE origin = 'a' AND ip = '203.0.113.66'"
+    )
+    assert rows == [("unblocked", "fleet:a")]
