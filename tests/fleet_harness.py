@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -46,9 +47,10 @@ class RedisServer:
     host: str
     port: int
     root: Path
+    ca: Path | None = None  # TLS only: the CA that signed the server's certificate
 
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.ca else 'redis'}://{self.host}:{self.port}/0"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -69,15 +71,36 @@ def start_redis(
     port: int | None = None,
     netns: str | None = None,
     root: Path | None = None,
+    tls_names: Sequence[str] = (),
 ) -> RedisServer:
+    """A redis-server; with `tls_names` (the addresses clients use) TLS only, with a
+    certificate for them from a fresh CA (root/ca.pem; reused by a restart)."""
     root = root or Path(tempfile.mkdtemp(prefix="imrtest-redis-", dir="/tmp"))
     port = port or free_port()
     config = root / "redis.conf"
+    ca: Path | None = None
+    listen = [f"port {port}"]
+    if tls_names:
+        ca = root / "ca.pem"
+        if not ca.exists():
+            authority = trustme.CA()
+            authority.cert_pem.write_to_path(str(ca))
+            server_cert = authority.issue_cert(*tls_names)
+            server_cert.cert_chain_pems[0].write_to_path(str(root / "server.pem"))
+            server_cert.private_key_pem.write_to_path(str(root / "server.key"))
+        listen = [
+            "port 0",
+            f"tls-port {port}",
+            f"tls-cert-file {root / 'server.pem'}",
+            f"tls-key-file {root / 'server.key'}",
+            f"tls-ca-cert-file {ca}",
+            "tls-auth-clients no",
+        ]
     config.write_text(
         "\n".join(
             [
                 f"bind {host}",
-                f"port {port}",
+                *listen,
                 "protected-mode no",
                 'save ""',
                 # Durable like a production Redis: a restart keeps the streams.
@@ -95,7 +118,7 @@ def start_redis(
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(process, host, port, root)
+    server = RedisServer(process, host, port, root, ca)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -146,6 +169,7 @@ def fleet_section(
     addresses: dict[str, list[str]],
     admins: Sequence[str] = (),
     extra: str = "",
+    tls_ca: Path | None = None,
 ) -> str:
     """The [fleet] section of member `name`'s config (its key in root/NAME.key)."""
     (root / f"{name}.pw").write_text(f"pw-{name}\n")
@@ -156,6 +180,7 @@ def fleet_section(
         f'redis_url = "{url}"',
         f'password_file = "{root / f"{name}.pw"}"',
         f'private_key = "{root / f"{name}.key"}"',
+        f'tls_ca = "{tls_ca}"' if tls_ca else "",
         extra,
     ]
     for member, public in publics.items():

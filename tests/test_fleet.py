@@ -50,6 +50,9 @@ def member_address(i: int) -> str:
     return f"192.0.2.{16 * i + 2}"
 
 
+HUBS = [hub_address(i) for i in range(len(MEMBERS))]  # the names in Redis's TLS certificate
+
+
 @dataclass
 class Fleet:
     hub: Netns
@@ -62,16 +65,16 @@ class Fleet:
 
     def restart_redis(self) -> None:
         self.redis = start_redis(
-            MEMBERS, host="0.0.0.0", port=self.port, netns=self.hub.name, root=self.redis.root
+            MEMBERS,
+            host="0.0.0.0",
+            port=self.port,
+            netns=self.hub.name,
+            root=self.redis.root,
+            tls_names=HUBS,
         )
 
     def admin(self) -> Redis:
-        return Redis(
-            host=hub_address(0),
-            port=self.port,
-            username="admin",
-            password="adminpw",  # noqa: S106
-        )
+        return redis_client(self, 0, "admin", "adminpw")
 
     def kernel(self, name: str, family: str = "v4") -> set[str]:
         """The addresses in member `name`'s nftables set, read back from its kernel."""
@@ -92,6 +95,19 @@ class Fleet:
 
     def rows(self, name: str, query: str) -> list[tuple[object, ...]]:
         return self.daemons[name].state_rows(query)
+
+
+def redis_client(fleet: Fleet, hub: int, user: str, password: str) -> Redis:
+    """A client of the test's Redis over TLS, as `user` (connect inside a namespace that
+    reaches hub address `hub`)."""
+    return Redis(
+        host=hub_address(hub),
+        port=fleet.port,
+        username=user,
+        password=password,
+        ssl=True,
+        ssl_ca_certs=str(fleet.redis.ca),
+    )
 
 
 def origin_rows(fleet: Fleet, name: str, ip: str) -> list[tuple[object, ...]]:
@@ -160,7 +176,7 @@ def fleet(test_users: None) -> Iterator[Fleet]:
         port = free_port()
         (root / "redis").mkdir()
         server = start_redis(
-            MEMBERS, host="0.0.0.0", port=port, netns=hub.name, root=root / "redis"
+            MEMBERS, host="0.0.0.0", port=port, netns=hub.name, root=root / "redis", tls_names=HUBS
         )
         publics = {name: make_key(root / f"{name}.key") for name in MEMBERS}
         addresses = {name: [member_address(i)] for i, name in enumerate(MEMBERS)}
@@ -172,9 +188,15 @@ def fleet(test_users: None) -> Iterator[Fleet]:
             home = root / name
             home.mkdir(mode=0o755)
             daemons[name] = Daemon(ns, attacker, innocent, home)
-            url = f"redis://{hub_address(i)}:{port}/0"
+            url = f"rediss://{hub_address(i)}:{port}/0"
             text = fleet_section(
-                name, url, root, publics, addresses, extra=f"per_origin_per_minute = {PER_ORIGIN}"
+                name,
+                url,
+                root,
+                publics,
+                addresses,
+                extra=f"per_origin_per_minute = {PER_ORIGIN}",
+                tls_ca=server.ca,
             )
             member_config(daemons[name], name, text)
         b = daemons["b"]
@@ -302,7 +324,7 @@ def test_forged_and_hostile_events_are_refused(fleet: Fleet) -> None:
     before = {name: fleet.kernel(name) for name in ("a", "b")}
     refused_before = dict(fleet.status("b")["refused"])
     # Member b's credentials cannot write a's stream: the Redis ACL says no.
-    as_b = redis.Redis(host=hub_address(1), port=fleet.port, username="b", password="pw-b")  # noqa: S106
+    as_b = redis_client(fleet, 1, "b", "pw-b")
     with fleet.daemons["b"].server.entered(), pytest.raises(redis.exceptions.ResponseError):
         as_b.xadd("imr:fleet:a", {"e": b"{}", "s": b"x"})
     stream = "imr:fleet:c"
