@@ -754,6 +754,10 @@ def diagnose(ctx: CliContext, probe_kernel: bool = True) -> list[Finding]:
         findings += check_socket(config)  # a missing socket is the daemon finding's business
     findings += check_state(config, time.time())
     findings += check_clock()
+    if config.fleet.enabled:
+        from imr.fleet.doctor import check_fleet
+
+        findings += check_fleet(config)
     return findings
 
 

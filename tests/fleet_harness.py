@@ -36,7 +36,7 @@ def acl_lines(members: Sequence[str]) -> list[str]:
     for name in members:
         lines.append(
             f"user {name} on >pw-{name} resetkeys %R~{PREFIX}* %RW~{PREFIX}{name}"
-            " resetchannels -@all +ping +xread +xrange +xadd +xtrim +client|setname"
+            " resetchannels -@all +ping +xread +xrange +xlen +xadd +xtrim +client|setname"
         )
     return lines
 
@@ -173,6 +173,7 @@ def fleet_section(
 ) -> str:
     """The [fleet] section of member `name`'s config (its key in root/NAME.key)."""
     (root / f"{name}.pw").write_text(f"pw-{name}\n")
+    (root / f"{name}.pw").chmod(0o600)
     lines = [
         "[fleet]",
         "enabled = true",

@@ -430,3 +430,15 @@ def test_an_unblock_on_the_origin_lifts_the_block_everywhere(fleet: Fleet) -> No
         "b", "SELECT lift_reason, lifted_by FROM blocks WHERE origin = 'a' AND ip = '203.0.113.66'"
     )
     assert rows == [("unblocked", "fleet:a")]
+
+
+def test_doctor_checks_the_fleet_settings_and_redis(fleet: Fleet) -> None:
+    a = fleet.daemons["a"]
+    result = a.server.run(*a.imr_argv("doctor", "--no-kernel-probe", "--json"), check=False)
+    found = [f for f in json.loads(result.stdout) if f["check"] == "fleet"]
+    assert [f["level"] for f in found] == ["ok", "ok"], found
+    assert "answers a" in found[1]["message"]
+    # Outside the hub's reach (the root namespace), Redis is a problem with a fix.
+    result = a.as_root("doctor", "--no-kernel-probe", "--json")
+    found = [f for f in json.loads(result.stdout) if f["check"] == "fleet"]
+    assert found[-1]["level"] == "problem" and found[-1]["fix"]
