@@ -157,6 +157,7 @@ _BLOCK_COLUMNS = (
     " lifted_at, lift_reason, lifted_by, origin"
 )
 _HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
+_ADDED_LATER = frozenset({"origin"})  # by migrations after the first
 
 
 STATE_FILE_MODE = 0o640  # SQLite gives the -wal and -shm files the state file's mode
@@ -176,6 +177,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] >= 1:
+                # Before any migration touches it: a foreign file is refused unchanged.
+                self._check_schema(skip=_ADDED_LATER)
             self._migrate()
             self._check_schema()
         except sqlite3.DatabaseError as exc:
@@ -211,11 +215,13 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{path}: {exc.strerror}") from None
 
-    def _check_schema(self) -> None:
-        """Every table and column this imr uses is there (a file of another program's is not)."""
+    def _check_schema(self, skip: frozenset[str] = frozenset()) -> None:
+        """Every table and column this imr uses is there (a file of another program's is not);
+        `skip`: columns migrations add (checked before migrating)."""
         for table, columns in (("blocks", _BLOCK_COLUMNS), ("hits", _HIT_COLUMNS)):
             found = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            missing = [c for c in columns.replace(" ", "").split(",") if c not in found]
+            wanted = [c for c in columns.replace(" ", "").split(",") if c not in skip]
+            missing = [c for c in wanted if c not in found]
             if missing:
                 raise StoreError(
                     f"{self.path}: not an imr state file of schema version {SCHEMA_VERSION}"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import sqlite3
+from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imr.core.fleet import OriginQuota, Protection, may_lift, merged, target_refusal
 from imr.fleet import events
 from imr.fleet.keys import load_public, public_text, verify
+from imr.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
 KEY_A = Ed25519PrivateKey.generate()
 KEY_B = Ed25519PrivateKey.generate()
@@ -88,3 +93,41 @@ def test_quota_merge_and_lift_rules() -> None:
     assert merged((3, 100.0), 2, 50.0) == (3, 100.0)
     assert may_lift("a", "a", False) and not may_lift("a", "b", False)
     assert not may_lift("a", None, False) and may_lift("a", None, True)
+
+
+def test_a_version_1_state_file_is_migrated_and_keeps_its_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute(
+            "INSERT INTO blocks (id, ip, blocked_at, expires_at, rung, offence, reason, source)"
+            " VALUES (1, '203.0.113.9', 1.0, 9e9, 1, 1, 'old', 'cli')"
+        )
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+    store = Store(path)
+    try:
+        [record] = store.active_blocks()
+        assert (record.ip, record.origin) == ("203.0.113.9", None)
+        with store.transaction():
+            store.add_outbox([b"{}"])
+            store.set_position("imr:fleet:a", "1-0", 3)
+        assert store.positions() == {"imr:fleet:a": ("1-0", 3)}
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def test_a_foreign_file_is_refused_before_any_migration_touches_it(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE blocks (id INTEGER PRIMARY KEY, address TEXT)")
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+    with pytest.raises(StoreError, match="not an imr state file"):
+        Store(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(blocks)")]
+        assert columns == ["id", "address"]
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
