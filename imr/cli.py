@@ -596,6 +596,24 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@main.command("contrib-path")
+@click.argument("name", required=False, default="")
+def contrib_path(name: str) -> None:
+    """Print where the contrib files are (units, ModSecurity files, the sample config).
+
+    With NAME (e.g. `modsecurity/imr-rules.conf`), print that file's path; exit 1 if absent.
+    """
+    from imr.contrib_files import contrib_dir
+
+    base = contrib_dir()
+    if base is None:
+        fail("the contrib files are not installed with this copy of imr")
+    target = base / name if name else base
+    if ".." in Path(name).parts or not target.exists():
+        fail(f"no contrib file {name!r} in {base}")
+    click.echo(str(target))
+
+
 # Log scanning (imr/logscan) ------------------------------------------------------
 
 

@@ -48,7 +48,12 @@ def _printable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, AfterValidator(_printable)]
+# Length limits inside the annotation, before the check: pydantic then words a violation
+# as "String should have at most 200 characters", not as a count of items.
+Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_printable)]
+ReasonFilter = Annotated[
+    str, Field(min_length=1, max_length=MAX_REASON), AfterValidator(_printable)
+]
 
 
 class ProtocolError(Exception):
@@ -69,7 +74,7 @@ class _Request(BaseModel):
 class BlockRequest(_Request):
     op: Literal["block"]
     ip: str = Field(max_length=64)
-    reason: Text = Field("", max_length=MAX_REASON)
+    reason: Reason = ""
     source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     severity: int = Field(1, ge=1, le=10)
 
@@ -83,7 +88,7 @@ class BlockManyRequest(_Request):
 
     op: Literal["block_many"]
     ips: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=MAX_BLOCK_MANY)
-    reason: Text = Field("", max_length=MAX_REASON)
+    reason: Reason = ""
     source: str = Field("", max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     severity: int = Field(1, ge=1, le=10)
 
@@ -101,7 +106,7 @@ class BlockManyRequest(_Request):
 class UnblockRequest(_Request):
     op: Literal["unblock"]
     ip: str = Field(max_length=64)
-    reason: Text = Field("", max_length=MAX_REASON)
+    reason: Reason = ""
 
 
 class ShowRequest(_Request):
@@ -119,7 +124,7 @@ class ListRequest(_Request):
     op: Literal["list"]
     limit: int | None = Field(None, ge=1, le=MAX_LIST_LIMIT)
     since: Duration | None = None  # blocked within: "1h", "30m", or whole seconds
-    reason: Text | None = Field(None, min_length=1, max_length=MAX_REASON)  # substring, any case
+    reason: ReasonFilter | None = None  # substring, any case
     source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_PATTERN)
     # The fleet member a block came from; "local": made on this host (docs/fleet.md).
     origin: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")

@@ -22,6 +22,7 @@ from typing import Any
 
 from imr.core.policy import PreviousBlock
 from imr.server.files import FileError, check_owned, make_dirs, open_owned
+from imr.store_migrate import backup_before_migration
 
 # Each entry upgrades the schema by one version; never edit a released entry,
 # append a new one (statements are split on ";": keep semicolons out of literals).
@@ -249,6 +250,8 @@ class Store:
                 f"{self.path}: an SQLite file with tables but no imr schema version: not an imr"
                 " state file; give state.path another file, or move this one aside"
             )
+        if version < SCHEMA_VERSION:
+            backup_before_migration(self._db, self.path, version)
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():
                 for statement in MIGRATIONS[number].split(";"):

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install everything imr's demo and tests need on a fresh Debian 12 machine (run as root).
+# The development and test bench: everything imr's demo and tests need on a fresh Debian 12
+# machine (run as root), web servers and fail2ban included. NOT a production install: that is
+# the Debian package (scripts/install.sh, docs/operations.md "Install").
 # Idempotent: a second run only checks. Nothing here touches the host's firewall.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,9 @@ packages=(
   systemd python3-seccomp
   # Fleet mode's tests start their own redis-server processes (never the host's service).
   redis-server
+  # The Debian package: its build (scripts/build-deb.sh), lintian, and the Debian 12
+  # container tests/test_package.py boots it in (debootstrap, systemd-nspawn).
+  debhelper lintian python3.11-venv debootstrap systemd-container
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -36,6 +41,13 @@ if ((${#missing[@]})); then
   apt-get update -q >/dev/null
   apt-get install -y -q "${missing[@]}" >/dev/null
   [ -n "$ours" ] && rm -f "$guard"
+  # Their postinsts enabled the peers for the next boot: a test bench must not start a web
+  # server, or fail2ban (which manages the firewall), at boot. Only what was installed now.
+  for unit in apache2 nginx fail2ban; do
+    case " ${missing[*]} " in
+      *" $unit "*) systemctl disable --quiet "$unit.service" 2>/dev/null || true ;;
+    esac
+  done
 fi
 
 # The kernel modules behind the firewall tools (no-ops where built in).

@@ -21,7 +21,7 @@ from test_broker import block, running
 
 from imr.config import Config
 from imr.protocol import BlockManyRequest, ExportRequest, ShowRequest
-from imr.server import broker as broker_module
+from imr.server import upkeep
 from imr.server.broker import Broker, BrokerError
 from imr.store import Store
 
@@ -128,7 +128,7 @@ async def test_export_comes_in_pages_of_at_most_page_rows(tmp_path: Path) -> Non
 async def test_hits_older_than_the_retention_are_pruned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker_module, "PRUNE_ROWS", 2)  # several steps of the writer
+    monkeypatch.setattr(upkeep, "PRUNE_ROWS", 2)  # several steps of the writer
     async with running(tmp_path, config(hit_retention="30d")) as (broker, _b, clock, store):
         for n in range(5):
             await block(broker, ATTACKER, peer=ROOT, reason=f"old {n}")
@@ -144,7 +144,7 @@ async def test_hits_older_than_the_retention_are_pruned(
 async def test_hits_dated_by_a_clock_that_was_ahead_do_not_hold_up_pruning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker_module, "PRUNE_ROWS", 2)
+    monkeypatch.setattr(upkeep, "PRUNE_ROWS", 2)
     async with running(tmp_path, config(hit_retention="30d")) as (broker, _b, clock, store):
         clock.advance(400 * DAY)  # the clock is a year ahead, then set right
         await block(broker, "203.0.113.9", peer=ROOT, reason="from the future")

@@ -13,7 +13,7 @@ from imr import cli
 from imr.config import Config, load_config
 from imr.core import durations
 from imr.core.durations import format_duration, parse_duration
-from imr.server.broker import block_info
+from imr.server.replies import block_info
 from imr.store import BlockRecord
 
 DAY = 86400

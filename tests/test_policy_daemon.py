@@ -70,8 +70,9 @@ def _assert_one_incident_at_rung_one(world: Daemon, ip: str, sources: list[str])
         active["blocked_at"]
     )
     assert length.total_seconds() == DAY
-    assert [h["source"] for h in reply["hits"]] == sources
-    assert [h["outcome"] for h in reply["hits"]] == ["block", "record"]
+    # show lists hits newest first.
+    assert [h["source"] for h in reply["hits"]] == sources[::-1]
+    assert [h["outcome"] for h in reply["hits"]] == ["record", "block"]
     columns = "rung, offence, expires_at - blocked_at, lifted_at"
     rows = world.state_rows(f"SELECT {columns} FROM blocks WHERE ip = '{ip}'")  # noqa: S608
     assert rows == [(1, 1, DAY, None)]

@@ -17,14 +17,23 @@
 local SOCKET_PATH = "/run/imr/imr.sock"
 local TIMEOUT = 0.3 -- seconds, for connect, send and reply together
 
-local function warn(msg)
+-- ip is nil or a validated address (see main).
+local function warn(msg, ip)
   if _VERSION == "Lua 5.1" then
-    -- ModSecurity v2: level 1 reaches Apache's error log, with the request's context.
+    -- ModSecurity v2: level 1 reaches Apache's error log, with the request's
+    -- context: time, [client ...], hostname, uri and unique_id.
     m.log(1, "imr: not blocked: " .. msg)
   else
     -- libmodsecurity v3 sends m.log() only to its debug log; nginx points a
-    -- worker's stderr at its error_log.
-    io.stderr:write("imr: not blocked: " .. msg .. "\n")
+    -- worker's stderr at its error_log, but writes what comes there as it is:
+    -- add the time and the client in nginx's own format ("client: " without
+    -- ", server: " after it, so imr logscan never takes this line for the
+    -- client's offence).
+    local line = os.date("%Y/%m/%d %H:%M:%S") .. " [warn] imr: not blocked: " .. msg
+    if ip then
+      line = line .. ", client: " .. ip
+    end
+    io.stderr:write(line .. "\n")
     io.stderr:flush()
   end
 end
@@ -92,9 +101,9 @@ function main()
   end
   local ok, res, err = pcall(block, SOCKET_PATH, request_line(ip, rule))
   if not ok then
-    warn(tostring(res))
+    warn(tostring(res), ip)
   elseif not res then
-    warn(err)
+    warn(err, ip)
   end
   return nil
 end

@@ -273,6 +273,13 @@ def web_server(daemon: Daemon, kind: str, hook: str, *, crs: bool = False) -> It
         conf = directory / "nginx.conf"
         conf.write_text(_nginx_conf(directory, rules_file))
         argv = ["nginx", "-c", str(conf), "-p", str(directory)]
+    with running(daemon, kind, directory, argv) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon, kind: str, directory: Path, argv: list[str]) -> Iterator[WebServer]:
+    """Check and start a configured web server in the daemon's namespace; stop it by pid."""
     check = daemon.server.run(*argv[:1], "-t", *argv[1:], check=False, timeout=10)
     if check.returncode != 0:
         raise AssertionError(f"{kind} refuses its configuration:\n{check.stderr}")
@@ -307,12 +314,28 @@ class Response:
     curl_exit: int
 
 
-def get(client: Netns, host: str, path: str, *, timeout: float = 3, agent: str = "") -> Response:
-    """One HTTP request from a client namespace with curl; bounded by `timeout`."""
+def get(
+    client: Netns,
+    host: str,
+    path: str,
+    *,
+    timeout: float = 3,
+    agent: str = "",
+    vhost: str = "",
+    source: str = "",
+) -> Response:
+    """One HTTP request from a client namespace with curl; bounded by `timeout`.
+
+    `vhost` is the Host header (default: `host`), `source` the local address.
+    """
     argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"]
-    argv += ["--max-time", str(timeout), "--noproxy", "*"]
+    argv += ["--max-time", str(timeout), "--noproxy", "*", "--path-as-is"]
     if agent:
         argv += ["-A", agent]
+    if vhost:
+        argv += ["-H", f"Host: {vhost}"]
+    if source:
+        argv += ["--interface", source]
     result = client.run(*argv, f"http://{host}{path}", check=False, timeout=timeout + 5)
     code, _, seconds = result.stdout.partition(" ")
     return Response(int(code or 0), float(seconds or 0), result.returncode)

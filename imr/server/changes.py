@@ -1,0 +1,135 @@
+"""What passes between the broker's stages: changes, their outcomes, and the request error.
+
+A *change* is one request's (or the expiry loop's) wish for the state and the kernel:
+admission (admission.py) builds a BlockChange, the broker queues it, and the writer
+thread applies a batch of them in one BatchTransaction (transaction.py). Each change
+gets an *outcome*: a reply for its client, an error, or "readmit" (a hit that turned
+into a new block must pass the quota first). A *batch result* is the outcomes of one
+batch with the index changes the event loop publishes after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from imr.core.addresses import Refusal, Target, canonical_target, parse_target
+from imr.core.quota import Reservation
+from imr.fleet.events import Event
+from imr.protocol import UnblockRequest
+from imr.server.access import Peer
+from imr.store import BlockRecord
+
+
+class StateUnwritable(Exception):
+    """A batch failed because the state file cannot be written; its kernel change is undone."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class BrokerError(Exception):
+    """A request that fails for a reason the client should hear; `code` goes on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def internal_error(exc: Exception) -> BrokerError:
+    return BrokerError("internal_error", f"the change could not be applied: {exc}")
+
+
+@dataclass
+class BlockChange:
+    address: Target  # a network only from an admin
+    ip: str  # str(address): the index key and the state file's text (formatting is slow)
+    reason: str
+    source: str
+    severity: int
+    peer: Peer
+    compact: bool = False  # answer with block_many's short per-address result
+    # Quotas: may this change make a new block (admitted, or exempt)? The reservation
+    # is given back unless it does. A hit on an active block is admitted without one.
+    may_create: bool = False
+    reservation: Reservation | None = None
+
+
+@dataclass
+class UnblockChange:
+    address: Target
+    request: UnblockRequest
+    peer: Peer
+
+
+@dataclass
+class ExpireChange:
+    due: Sequence[str]
+    # Blocks of addresses that became protected while blocked (a VIP moved to this host),
+    # lifted at once: index key -> why.
+    protected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RemoteChange:
+    """A fleet event that passed the checks on the loop (imr/fleet/member.py), or None for
+    a refused one: either way its stream position is stored with the batch."""
+
+    stream: str
+    position: str
+    seq: int
+    event: Event | None
+    admin: bool  # signed by an admin key: may lift blocks other members made
+
+    @property
+    def ip(self) -> str:
+        return self.event.ip if self.event is not None else ""
+
+
+AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteChange
+
+
+@dataclass
+class Queued:
+    """One change waiting for the writer, and the client waiting for its outcome."""
+
+    change: AnyChange
+    future: asyncio.Future[dict[str, Any]]
+
+
+@dataclass
+class Outcome:
+    result: dict[str, Any] | None = None
+    error: BrokerError | None = None
+    readmit: bool = False  # a hit turned into a new block: pass the quota first, then retry
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[Outcome]
+    changed: dict[str, BlockRecord | None] = field(default_factory=dict)  # None: lifted
+    expired: int = 0  # blocks lifted because their time came (metrics)
+    # One per change, for the operator; formatted only if logged (a flood logs few of them).
+    log_lines: list[Callable[[], str]] = field(default_factory=list)
+
+
+def stored_address(ip: str) -> Target:
+    """An address (or network, in CIDR form) read back from the state file, where only valid
+    ones are written."""
+    parsed = parse_target(ip)
+    if isinstance(parsed, Refusal):
+        raise ValueError(f"state file holds an invalid address {ip!r}")
+    return parsed
+
+
+def stored_target(ip: str) -> tuple[Target, str]:
+    """stored_address(ip) and its canonical text, cheaply for the text the daemon writes
+    (start-up reads 100,000 of these; see canonical_target)."""
+    parsed = canonical_target(ip)
+    if isinstance(parsed, Refusal):
+        raise ValueError(f"state file holds an invalid address {ip!r}")
+    return parsed
