@@ -68,7 +68,9 @@ class Follower:
                 if backoff.succeeded():
                     log.warning("fleet: follower reconnected to Redis; catching up")
                 await self._follow(client)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis, the network, the state file: retry, never die
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("fleet: unexpected error")
                 self._stats.follower_connected = False
                 delay = backoff.failed()
                 log.warning(

@@ -66,7 +66,9 @@ class Publisher:
                     if backoff.succeeded():
                         log.warning("fleet: publisher reconnected to Redis; draining the outbox")
                     await self._drain_forever(client)
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # Redis, the network, the state file: retry, never die
+                    if not isinstance(exc, RedisError | OSError):
+                        log.exception("fleet: unexpected error")
                     self._stats.publisher_connected = False
                     delay = backoff.failed()
                     log.warning(
