@@ -4,6 +4,7 @@ plainly for `imr fleet status` (which asks the daemon's `status`)."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ class FleetStats:
     publisher_connected: bool = False
     follower_connected: bool = False
     replays: int = 0  # catch-ups whose stored position was trimmed away
+    # The last lags (s), for percentiles in `imr fleet status` (and bench/fleet.py).
+    recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -62,6 +65,7 @@ class FleetStats:
         self.applied_total += 1
         self._applied.labels(origin).inc()
         self._lag.observe(seen.lag)
+        self.recent_lags.append(seen.lag)
 
     def refuse(self, reason: str, count: int = 1) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + count
@@ -82,6 +86,7 @@ class FleetStats:
             "refused": dict(sorted(self.refused.items())),
             "outbox_depth": self.outbox_depth,
             "full_replays": self.replays,
+            "lag_ms": _percentiles(self.recent_lags),
             "origins": {
                 origin: {
                     "applied": seen.applied,
@@ -92,3 +97,20 @@ class FleetStats:
                 for origin, seen in sorted(self.origins.items())
             },
         }
+
+
+def _percentiles(lags: deque[float]) -> dict[str, float]:
+    """p50, p99 and max of the last lags, in ms (origin's decision to the commit here)."""
+    if not lags:
+        return {}
+    ordered = sorted(lags)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "count": len(ordered),
+        "p50": round(at(0.50) * 1000, 2),
+        "p99": round(at(0.99) * 1000, 2),
+        "max": round(ordered[-1] * 1000, 2),
+    }
