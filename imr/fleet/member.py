@@ -31,7 +31,7 @@ log = logging.getLogger("imr.fleet")
 
 
 class FleetBroker(Protocol):
-    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress]]: ...
+    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress], Config]: ...
 
     def submit_remote(
         self, stream: str, position: str, seq: int, event: Event | None, admin: bool
@@ -81,9 +81,9 @@ class FleetMember:
         ]
 
     def _protection(self) -> Protection:
-        own, broadcast = self._broker.protection_view()
-        allowlist = (*self._config.protect.allowlist, *self._members)
-        return Protection(own, broadcast, allowlist, self._config.protect.network_min_prefix)
+        own, broadcast, config = self._broker.protection_view()
+        allowlist = (*config.protect.allowlist, *self._members)
+        return Protection(own, broadcast, allowlist, config.protect.network_min_prefix)
 
     async def apply(self, batch: list[Incoming]) -> None:
         """Check each event, queue the good ones (and every position) for the writer, and

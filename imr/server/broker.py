@@ -247,8 +247,9 @@ class Broker:
 
     # Fleet mode: the two entries imr/fleet/member.py uses --------------------------
 
-    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress]]:
-        return self._local.own, self._local.broadcast
+    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress], Config]:
+        """The own and broadcast addresses now, and the configuration (a reload's allowlist)."""
+        return self._local.own, self._local.broadcast, self._config
 
     def submit_remote(
         self, stream: str, position: str, seq: int, event: Event | None, admin: bool
