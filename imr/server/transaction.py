@@ -228,6 +228,7 @@ class _BatchTransaction:
         # this batch writes for is dropped from it (then read on its own, fresh).
         self.offences: dict[str, Offences] = {}
         self.outbox: list[bytes] = []  # fleet events of this batch's local decisions
+        self.positions: dict[str, tuple[str, int]] = {}  # fleet: stream -> (position, seq)
 
     def prefetch(self, batch: Sequence[AnyChange]) -> None:
         new = [
@@ -248,6 +249,9 @@ class _BatchTransaction:
         if self.outbox:  # fleet mode: in the same transaction as the changes
             self.store.add_outbox(self.outbox)
             self.outbox.clear()
+        for stream, (position, seq) in self.positions.items():  # the last of each stream
+            self.store.set_position(stream, position, seq)
+        self.positions.clear()
 
     def _insert_pending(self) -> None:
         if self.new_blocks:
@@ -388,7 +392,7 @@ class _BatchTransaction:
         """A fleet event: a lift its origin may make, a block merged into one in force here
         (imr/core/fleet.py), or a new block with its origin (history only if it is over
         already: it still counts for the ladder). Never announced again."""
-        self.store.set_position(change.stream, change.position, change.seq)
+        self.positions[change.stream] = (change.position, change.seq)  # written by flush()
         event = change.event
         if event is None:
             return Outcome({"kind": "position"})
