@@ -239,15 +239,22 @@ def main() -> None:
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--quick", action="store_true", help="catch-up of 10,000")
     parser.add_argument("--rows", type=Path, default=None)
+    parser.add_argument(
+        "--phases", default="propagation,local,catchup", help="comma-separated, in this order"
+    )
     args = parser.parse_args()
     require_root()
     rows = Rows("fleet")
     catchup = 10_000 if args.quick else args.catchup
     print(f"# fleet: {args.members} members, TLS {'off' if args.no_tls else 'on'}; {load()}")
     with fleet(args.members, not args.no_tls) as (daemons, server, hub):
-        first = propagation(daemons, rows, args.count, 0)
-        first = local_cost(daemons, rows, args.local, first)
-        catch_up(daemons, server, hub, rows, catchup, first)
+        phases, first = args.phases.split(","), 0
+        if "propagation" in phases:
+            first = propagation(daemons, rows, args.count, first)
+        if "local" in phases:
+            first = local_cost(daemons, rows, args.local, first)
+        if "catchup" in phases:
+            catch_up(daemons, server, hub, rows, catchup, first)
     print(f"# {load()}")
     rows.print_table()
     rows.save(args.rows)
