@@ -131,3 +131,14 @@ def test_a_foreign_file_is_refused_before_any_migration_touches_it(tmp_path: Pat
         columns = [row[1] for row in db.execute("PRAGMA table_info(blocks)")]
         assert columns == ["id", "address"]
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+def test_one_signature_covers_an_entry_of_many_events() -> None:
+    many = [json.loads(body(seq=n, ip=f"203.0.113.{n}")) for n in range(1, 4)]
+    many[1]["v"] = 9
+    raw = json.dumps(many).encode()
+    found = events.decode_entry(entry(raw), "a", VERIFIERS)
+    assert [getattr(e, "seq", e) for e in found] == [1, events.EventRefusal.VERSION, 3]
+    too_many = json.dumps([many[0]] * (events.MAX_ENTRY_EVENTS + 1)).encode()
+    assert events.decode_entry(entry(too_many), "a", VERIFIERS) == [events.EventRefusal.MALFORMED]
+    assert events.decode_entry(entry(raw, KEY_B), "a", VERIFIERS) == [events.EventRefusal.SIGNATURE]

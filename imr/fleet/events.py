@@ -20,6 +20,9 @@ from typing import Any
 VERSION = 1
 DOMAIN = b"imr-fleet-event-v1\n"
 MAX_EVENT_BYTES = 2048
+# An entry may carry a JSON array of up to this many events under one signature: a member
+# catching up verifies one signature per entry, not per event (the costly part).
+MAX_ENTRY_EVENTS = 100
 KINDS = ("block", "escalate", "lift")
 
 
@@ -80,23 +83,43 @@ def decode(
     stream_origin: str,
     verifiers: Mapping[str, Callable[[bytes, bytes], bool]],
 ) -> Event | EventRefusal:
-    """The event of one stream entry read from `stream_origin`'s stream, or why it is refused.
+    """The one event of a stream entry (see decode_entry), or why it is refused."""
+    found = decode_entry(fields, stream_origin, verifiers)
+    return found[0] if len(found) == 1 else EventRefusal.MALFORMED
+
+
+def decode_entry(
+    fields: Mapping[bytes, bytes],
+    stream_origin: str,
+    verifiers: Mapping[str, Callable[[bytes, bytes], bool]],
+) -> list[Event | EventRefusal]:
+    """The events of one stream entry read from `stream_origin`'s stream (one JSON object,
+    or an array of up to MAX_ENTRY_EVENTS), each an Event or why it is refused; a refusal of
+    the whole entry (its signature, its size) is one item.
 
     `verifiers` maps a member's name to its check(signature, message). The signature is
     checked before the JSON is trusted beyond its size, so a forger learns nothing more.
     """
     body, signature = fields.get(b"e"), fields.get(b"s")
-    if body is None or signature is None or len(body) > MAX_EVENT_BYTES or len(fields) != 2:
-        return EventRefusal.MALFORMED
+    too_big = body is not None and len(body) > MAX_EVENT_BYTES * MAX_ENTRY_EVENTS
+    if body is None or signature is None or too_big or len(fields) != 2:
+        return [EventRefusal.MALFORMED]
     verifier = verifiers.get(stream_origin)
     if verifier is None:
-        return EventRefusal.UNKNOWN_ORIGIN
+        return [EventRefusal.UNKNOWN_ORIGIN]
     if not verifier(signature, DOMAIN + body):
-        return EventRefusal.SIGNATURE
+        return [EventRefusal.SIGNATURE]
     try:
         data: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return EventRefusal.MALFORMED
+        return [EventRefusal.MALFORMED]
+    items = data if isinstance(data, list) else [data]
+    if not 1 <= len(items) <= MAX_ENTRY_EVENTS:
+        return [EventRefusal.MALFORMED]
+    return [_one(item, stream_origin) for item in items]
+
+
+def _one(data: Any, stream_origin: str) -> Event | EventRefusal:
     if not isinstance(data, dict):
         return EventRefusal.MALFORMED
     if data.get("v") != VERSION:

@@ -95,8 +95,8 @@ class Follower:
                     continue
                 for entry_id, fields in entries:
                     position = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    event = events.decode(fields, origin, self._verifiers)
-                    batch.append(Incoming(stream, position, origin, event))
+                    for event in events.decode_entry(fields, origin, self._verifiers):
+                        batch.append(Incoming(stream, position, origin, event))
             if batch:
                 await self._apply(batch)  # the positions are in the state file now
                 for item in batch:
