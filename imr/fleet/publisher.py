@@ -32,6 +32,10 @@ log = logging.getLogger("imr.fleet")
 BATCH = 500  # events per pipeline
 IDLE_CHECK = 1.0  # seconds between looks at the outbox when nobody wakes us
 TRIM_EVERY = 60.0
+# Published rows are deleted at most this often (seconds), or when idle: each delete is a
+# write transaction that the broker's writer would wait for. A crash before the delete
+# publishes them again with the same seq, which followers skip.
+DELETE_EVERY = 1.0
 
 
 class Publisher:
@@ -50,6 +54,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._db: sqlite3.Connection | None = None
         self._last_trim = 0.0
+        self._through = 0  # the last seq Redis holds (this process's knowledge)
+        self._deleted = 0  # rows up to this seq are deleted
+        self._last_delete = 0.0
 
     def wake(self) -> None:
         """The writer committed outbox rows: publish them now."""
@@ -70,6 +77,8 @@ class Publisher:
                     if not isinstance(exc, RedisError | OSError):
                         log.exception("fleet: unexpected error")
                     self._stats.publisher_connected = False
+                    with contextlib.suppress(sqlite3.Error):  # what waits, for the log line
+                        await asyncio.to_thread(self._count)
                     delay = backoff.failed()
                     log.warning(
                         "fleet: cannot publish to Redis (%s); %d events wait in the outbox;"
@@ -93,12 +102,16 @@ class Publisher:
                 self._state_path, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA busy_timeout=5000")
+            # A lost delete only publishes again (same seq): no fsync of its own.
+            self._db.execute("PRAGMA synchronous=NORMAL")
         return self._db
 
     async def _drain_forever(self, client: Any) -> None:
         while True:
             rows = await asyncio.to_thread(self._read)
             if not rows:
+                if self._deleted < self._through:
+                    await asyncio.to_thread(self._delete)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
@@ -112,8 +125,10 @@ class Publisher:
                 body = b"[" + b",".join(self._event_json(s, b) for s, b in part) + b"]"
                 pipe.xadd(self._stream, events.sign(body, self._sign))
             await pipe.execute()  # raises if any XADD failed: the rows stay
-            await asyncio.to_thread(self._delete, rows[-1][0])
+            self._through = rows[-1][0]
             self._stats.published(len(rows))
+            if time.monotonic() - self._last_delete >= DELETE_EVERY:
+                await asyncio.to_thread(self._delete)
 
     @staticmethod
     def _event_json(seq: int, body: bytes) -> bytes:
@@ -122,16 +137,30 @@ class Publisher:
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def _read(self) -> list[tuple[int, bytes]]:
+        """The next rows Redis does not hold yet; the outbox depth counts those only."""
         db = self._conn()
         rows = db.execute(
-            "SELECT seq, event FROM fleet_outbox ORDER BY seq LIMIT ?", (BATCH,)
+            "SELECT seq, event FROM fleet_outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._through, BATCH),
         ).fetchall()
-        depth = db.execute("SELECT count(*) FROM fleet_outbox").fetchone()[0]
-        self._stats.set_outbox(int(depth))
+        if len(rows) < BATCH:
+            self._stats.set_outbox(len(rows))
+        else:
+            self._count()
         return [(int(seq), bytes(body)) for seq, body in rows]
 
-    def _delete(self, through: int) -> None:
+    def _count(self) -> None:
+        depth = (
+            self._conn()
+            .execute("SELECT count(*) FROM fleet_outbox WHERE seq > ?", (self._through,))
+            .fetchone()[0]
+        )
+        self._stats.set_outbox(int(depth))
+
+    def _delete(self) -> None:
+        through = self._through
         self._conn().execute("DELETE FROM fleet_outbox WHERE seq <= ?", (through,))
+        self._deleted, self._last_delete = through, time.monotonic()
 
     async def _trim(self, client: Any) -> None:
         """Bounded retention: events older than fleet.retention leave the stream."""
