@@ -179,7 +179,9 @@ def local_cost(daemons: list[Member], rows: Rows, count: int, first: int) -> int
         member.stop()
     with bench_daemon("nftables") as plain:
         plain.start()
-        for label, daemon in (("fleet off", plain), ("fleet on", a)):
+        # Interleaved (off, on, on, off): the shared machine's load drifts between runs.
+        order = (("fleet off", plain), ("fleet on", a), ("fleet on", a), ("fleet off", plain))
+        for label, daemon in order:
             ips = [v6_address(first + n) for n in range(count)]
             first += count
             _, latencies = block_load(daemon.socket, ips[: count // 4], 1)
