@@ -17,5 +17,7 @@ setup(
     package_dir={
         name: name.replace("imr.contrib", "contrib", 1).replace(".", "/") for name in contrib
     },
-    package_data={name: ["*"] for name in contrib},
+    # "**/*": folders below the first level (contrib/fail2ban/action.d) are data, not
+    # packages: a dot in "action.d" cannot be part of a package name.
+    package_data={name: ["*", "**/*"] for name in contrib},
 )

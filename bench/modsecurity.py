@@ -8,19 +8,32 @@ allowlist: every hook makes the full round trip, the daemon refuses, and the
 attacker stays able to connect.
 
     .venv/bin/python bench/modsecurity.py [--requests 200]
+    .venv/bin/python bench/modsecurity.py --breakdown [--runs 40]   # no root needed
+
+--breakdown splits the exec hook's cost without a web server: /bin/sh, the
+interpreter's start-up, the hook's imports and the round trip to a fake daemon
+(a Unix socket answering like imr), each run N times; wall and CPU medians.
 
 Setups: plain deny (no hook), imr-hook through exec (Apache; as the console
-script and as `python3 -I -S hook.py`), imr.lua in
+script, as `python3 -I -S hook.py` and as the contrib/modsecurity/imr-hook
+launcher), imr.lua in
 Apache (ModSecurity v2) and in nginx (libmodsecurity v3).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -33,6 +46,7 @@ SETUPS = [
     ("apache", "none"),
     ("apache", "exec"),
     ("apache", "exec-direct"),
+    ("apache", "exec-launcher"),
     ("apache", "lua"),
     ("nginx", "none"),
     ("nginx", "lua"),
@@ -65,10 +79,92 @@ def measure(daemon: Daemon, kind: str, hook: str, requests: int) -> list[float]:
     return [float(seconds) for _, seconds in lines]
 
 
+@contextlib.contextmanager
+def fake_daemon(path: Path) -> Iterator[None]:
+    """Answers every connection like the daemon answers a block (refusals cost the same)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(64)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b'{"v":1,"id":null,"ok":true,"result":{"action":"block"}}\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        server.close()
+
+
+def _run_times(cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, float, str]:
+    """Median wall ms, median CPU ms (user + system of the child) and the last output."""
+    walls, cpus, out = [], [], ""
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, check=False)
+        walls.append((time.perf_counter() - t0) * 1000)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        cpus.append(cpu * 1000)
+        out = done.stdout.strip()
+    return statistics.median(walls), statistics.median(cpus), out
+
+
+def breakdown(runs: int) -> None:
+    repo = TESTS.parent
+    hook = str(repo / "imr" / "hook.py")
+    launcher = str(repo / "contrib" / "modsecurity" / "imr-hook")
+    console = str(Path(sys.executable).parent / "imr-hook")
+    py = "/usr/bin/python3"
+    with tempfile.TemporaryDirectory(prefix="imr-hook-bench-") as tmp:
+        sock = Path(tmp) / "imr.sock"
+        env = {"PATH": "/usr/bin:/bin", "IMR_IP": "192.0.2.7", "IMR_RULE": "99901"}
+        env["IMR_SOCKET"] = str(sock)
+        cases = [
+            ("/bin/true (fork + exec)", ["/bin/true"]),
+            ("sh -c /bin/true", ["/bin/sh", "-c", "/bin/true"]),
+            ("python3 -I -S -c pass", [py, "-I", "-S", "-c", "pass"]),
+            ("python3 -c pass (site)", [py, "-c", "pass"]),
+            ("venv python -c pass", [sys.executable, "-c", "pass"]),
+            ("python3 -I -S hook.py", [py, "-I", "-S", hook]),
+            ("launcher contrib/modsecurity/imr-hook", [launcher]),
+            ("sh -c launcher (what exec runs)", ["/bin/sh", "-c", launcher]),
+            ("console script (venv imr-hook)", [console]),
+            ("sh -c console script", ["/bin/sh", "-c", console]),
+        ]
+        with fake_daemon(sock):
+            from imr.hook import build_request, send
+
+            line = build_request(env)
+            t0 = time.perf_counter()
+            for _ in range(200):
+                send(str(sock), line, 1.0)
+            trip = (time.perf_counter() - t0) / 200 * 1000
+            print(f"{runs} runs each; wall and CPU (child user+sys) medians in ms")
+            print(f"{'round trip in process (send)':<40} {trip:>7.2f}")
+            for name, cmd in cases:
+                wall, cpu, out = _run_times(cmd, env, runs)
+                print(f"{name:<40} {wall:>7.2f} {cpu:>7.2f}  {out[:32]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="per setup (at most 2000)")
+    parser.add_argument("--breakdown", action="store_true", help="the hook's parts, no root")
+    parser.add_argument("--runs", type=int, default=40, help="with --breakdown")
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(max(5, min(args.runs, 500)))
+        return
     requests = max(10, min(args.requests, MAX_REQUESTS))
     if os.geteuid() != 0:
         raise SystemExit("run as root: the bench builds network namespaces")

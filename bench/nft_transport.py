@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import Rows, load, require_root
 
-from imr.backends.nftables import _LibNftables
+from imr.backends.libnftables import LibNftables
 
 # The test helpers' namespaces (tests/ is not a package; mypy checks it on its own).
 from netns import netns  # type: ignore[import-not-found, unused-ignore]
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     require_root()
     count = 30 if args.quick else args.count
-    lib = _LibNftables()._lib  # the same ctypes bindings imr uses
+    lib = LibNftables()._lib  # the same ctypes bindings imr uses
     rows = Rows("nft_transport")
     print(f"nft_transport: {load()}", file=sys.stderr)
 

@@ -6,6 +6,7 @@ Exit status: 0 success, 1 refused or failed, 2 usage or configuration error,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -15,26 +16,29 @@ from typing import Any, NoReturn, TextIO, TypeVar
 import click
 
 from imr import __version__
-from imr.cli_context import CliContext
-from imr.client import Client, ClientError, DaemonUnavailable, RequestFailed, TcpTarget
+from imr.cli_context import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliContext,
+    CliError,
+    NotRunning,
+    client_errors,
+    error_for,
+)
+from imr.client import Client, TcpTarget
 from imr.config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
 from imr.core.durations import format_duration, parse_duration
 from imr.core.policy import describe_severities
 from imr.protocol import MAX_LIST_LIMIT
 from imr.terminal import escape
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-
-
 _FILE = click.Path(path_type=Path, dir_okay=False)
 _T = TypeVar("_T")
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"imr: {message}", err=True)
-    sys.exit(code)
+    """Stop the command with `imr: message` and exit status `code` (see CliError)."""
+    raise error_for(code)(message)
 
 
 def call(ctx: CliContext, op: str, **fields: Any) -> dict[str, Any]:
@@ -48,14 +52,8 @@ def call_many(ctx: CliContext, ips: list[str], **fields: Any) -> list[dict[str, 
 
 
 def _asking(ask: Callable[[Client], _T], ctx: CliContext) -> _T:
-    try:
+    with client_errors():
         return ask(ctx.client())
-    except DaemonUnavailable as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except RequestFailed as exc:
-        fail(f"{exc.message} [{exc.code}]")
-    except ClientError as exc:
-        fail(str(exc))
 
 
 class _MainGroup(click.Group):
@@ -218,16 +216,10 @@ def server_start(ctx: CliContext, foreground: bool, log_json: bool, adopt_kernel
 @click.pass_obj
 def server_stop(ctx: CliContext) -> None:
     """Stop the daemon; blocks stay in the kernel and the state file."""
-    from imr.server.daemon import DaemonError, DaemonNotRunning, stop_daemon
+    from imr.server.daemon import stop_daemon
 
-    try:
+    with _signalling("stop"):
         pid = stop_daemon(ctx.config)
-    except DaemonNotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except DaemonError as exc:
-        fail(str(exc))
-    except PermissionError:
-        fail("only root can stop the daemon")
     click.echo(f"imr stopped (pid {pid}); blocks stay in force")
 
 
@@ -235,19 +227,28 @@ def server_stop(ctx: CliContext) -> None:
 @click.pass_obj
 def server_reload(ctx: CliContext) -> None:
     """Reopen the log and read the configuration again (SIGHUP); a bad one is refused."""
-    from imr.server.daemon import DaemonError, DaemonNotRunning, reload_daemon
+    from imr.server.daemon import reload_daemon
 
     # The configuration was read (and checked) before this runs: a bad one already
     # failed with its message, and the daemon keeps the one in force.
-    try:
+    with _signalling("reload"):
         pid = reload_daemon(ctx.config)
-    except DaemonNotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except DaemonError as exc:
-        fail(str(exc))
-    except PermissionError:
-        fail("only root can reload the daemon")
     click.echo(f"imr (pid {pid}) asked to reload {ctx.config_path}; its log says what changed")
+
+
+@contextlib.contextmanager
+def _signalling(verb: str) -> Iterator[None]:
+    """Errors of signalling the daemon as CliErrors; no daemon exits 3."""
+    from imr.server.daemon import DaemonError, DaemonNotRunning
+
+    try:
+        yield
+    except DaemonNotRunning as exc:
+        raise NotRunning(str(exc)) from None
+    except DaemonError as exc:
+        raise CliError(str(exc)) from None
+    except PermissionError:
+        raise CliError(f"only root can {verb} the daemon") from None
 
 
 @server.command("status")

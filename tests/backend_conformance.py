@@ -1,6 +1,7 @@
 """Behaviour every kernel firewall backend must show, checked through the kernel.
 
-Use it by subclassing `BackendConformance` in a `Test...` class that
+Use it by subclassing `BackendConformance` (or `TimeoutConformance`, for a backend whose
+kernel entries carry their own timeouts) in a `Test...` class that
 
 * provides a pytest fixture `make_backend` returning a factory
   `(FirewallConfig) -> Backend` (called while the test thread is inside the
@@ -20,6 +21,7 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -504,3 +506,49 @@ def _probe(host: str, port: int) -> str:
         except OSError as exc:
             return errno.errorcode.get(exc.errno or 0, str(exc))
         return "connected"
+
+
+class TimeoutConformance(BackendConformance):
+    """The shared checks, and those of a backend whose kernel entries carry each block's
+    remaining time (ipset, nftables sets), so the kernel lifts a block on time even when no
+    daemon runs. A subclass also implements `read_timeouts`."""
+
+    def read_timeouts(self, ns: Netns) -> dict[str, int]:
+        """Seconds each blocked address has left, as the kernel reports it, by its text
+        (0: no timeout)."""
+        raise NotImplementedError
+
+    def test_timeouts_follow_expiry_and_escalation(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        now = time.time()
+        backend.apply([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, now + 600)], [])
+        backend.apply([KernelBlock(V4_A, now + 86400)], [])  # escalated: longer timeout
+        timeouts = self.read_timeouts(server_ns)
+        assert 86390 < timeouts[str(V4_A)] <= 86400 and 590 < timeouts[str(V6_A)] <= 600
+        backend.apply([KernelBlock(V4_A, now + 60)], [])  # and shortened again
+        assert 50 < self.read_timeouts(server_ns)[str(V4_A)] <= 60
+
+    def test_an_expired_block_is_not_added_and_is_taken_out(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        backend.apply(blocks(V4_A), [])
+        past = time.time() - 5
+        backend.apply([KernelBlock(V4_A, past), KernelBlock(V4_B, past)], [])
+        backend.replace_all([KernelBlock(V6_A, past), *blocks(V6_B)])
+        self.expect(server_ns, V6_B)
+
+    def test_kernel_lifts_a_block_with_no_daemon(
+        self, server_ns: Netns, make_backend: MakeBackend
+    ) -> None:
+        backend = make_backend(self.default_config)
+        backend.prepare()
+        backend.apply([KernelBlock(V4_A, time.time() + 2), KernelBlock(V6_A, time.time() + 2)], [])
+        backend.apply(blocks(V4_B), [])
+        backend.close()
+        del backend  # nothing of imr runs any more
+        assert self.blocked(server_ns) == [V4_A, V4_B, V6_A]
+        deadline = time.monotonic() + 6
+        while self.blocked(server_ns) != [V4_B] and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert self.blocked(server_ns) == [V4_B]

@@ -23,6 +23,12 @@ from logscan_helpers import FakeClient, FakeDaemon  # noqa: E402 - needs the pat
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """`pytest.mark.anyio` tests run on asyncio only, as the daemon does (uvicorn's conftest)."""
+    return "asyncio"
+
+
+@pytest.fixture
 def fake_client() -> FakeClient:
     """A stand-in for imr.client.Client that records block requests (log-scanner tests)."""
     return FakeClient()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from backend_conformance import (
     BackendConformance,
     Damage,
     MakeBackend,
+    TimeoutConformance,
     blocks,
     target,
 )
@@ -48,7 +48,7 @@ def members(ns: Netns, name: str) -> dict[str, int] | None:
     return found
 
 
-class IpsetConformance(BackendConformance):
+class IpsetConformance(TimeoutConformance):
     flavour: str
 
     def tool(self, family: int) -> str:
@@ -131,6 +131,9 @@ class IpsetConformance(BackendConformance):
             for name in (*SETS.values(), *NET_SETS.values()):
                 ns.run("ipset", "destroy", name)
 
+    def read_timeouts(self, ns: Netns) -> dict[str, int]:
+        return {**(members(ns, SETS[4]) or {}), **(members(ns, SETS[6]) or {})}
+
     @pytest.fixture
     def make_backend(self) -> MakeBackend:
         def make(config: FirewallConfig) -> Backend:
@@ -158,37 +161,11 @@ class IpsetConformance(BackendConformance):
             assert f"Type: {kind}" in header
             assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
 
-    def test_timeouts_follow_expiry_and_escalation(
+    def test_a_block_beyond_the_kernel_limit_gets_no_timeout(
         self, server_ns: Netns, backend: Backend
     ) -> None:
-        now = time.time()
-        backend.apply([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, FAR_FUTURE)], [])
-        backend.apply([KernelBlock(V4_A, now + 86400)], [])
-        v4, v6 = members(server_ns, "imr4"), members(server_ns, "imr6")
-        assert v4 is not None and 86390 < v4[str(V4_A)] <= 86400
-        assert v6 == {str(V6_A): 0}  # beyond the kernel's limit: no timeout, never early
-
-    def test_an_expired_block_is_not_added_and_is_taken_out(
-        self, server_ns: Netns, backend: Backend
-    ) -> None:
-        backend.apply(blocks(V4_A), [])
-        past = time.time() - 5
-        backend.apply([KernelBlock(V4_A, past), KernelBlock(V4_B, past)], [])
-        backend.replace_all([KernelBlock(V6_A, past), *blocks(V6_B)])
-        self.expect(server_ns, V6_B)
-
-    def test_kernel_lifts_a_block_with_no_daemon(self, server_ns: Netns) -> None:
-        backend = IpsetBackend(BackendConformance.default_config, self.flavour)
-        backend.prepare()
-        backend.apply([KernelBlock(V4_A, time.time() + 2), KernelBlock(V6_A, time.time() + 2)], [])
-        backend.apply(blocks(V4_B), [])
-        backend.close()
-        del backend
-        assert self.blocked(server_ns) == [V4_A, V4_B, V6_A]
-        deadline = time.monotonic() + 6
-        while self.blocked(server_ns) != [V4_B] and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert self.blocked(server_ns) == [V4_B]
+        backend.apply([KernelBlock(V6_A, FAR_FUTURE)], [])
+        assert members(server_ns, "imr6") == {str(V6_A): 0}  # no timeout, never early
 
     def test_apply_recreates_sets_someone_destroyed(
         self, server_ns: Netns, backend: Backend

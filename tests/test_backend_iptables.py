@@ -16,7 +16,8 @@ import pytest
 import imr.backends.iptables as iptables_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock
 from imr.backends.dryrun import DryRunBackend
-from imr.backends.iptables import IptablesBackend, detect_flavour
+from imr.backends.iptables import IptablesBackend
+from imr.backends.xtables import detect_flavour
 from imr.config import FirewallConfig
 from imr.core.addresses import IPAddress, Target
 

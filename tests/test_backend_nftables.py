@@ -28,6 +28,7 @@ from backend_conformance import (
     BackendConformance,
     Damage,
     MakeBackend,
+    TimeoutConformance,
     blocks,
     expected_for,
     target,
@@ -79,7 +80,7 @@ def is_own(item: dict[str, Any]) -> bool:
     return bool(body.get("family") == "inet" and body.get("table", body.get("name")) == "imr")
 
 
-class TestNftables(BackendConformance):
+class TestNftables(TimeoutConformance):
     # -- hooks ------------------------------------------------------------------
 
     def read_blocked(self, ns: Netns, family: int) -> list[Target]:
@@ -162,6 +163,10 @@ class TestNftables(BackendConformance):
             state.append(json.dumps({kind: body}, sort_keys=True))
         return sorted(state)
 
+    def read_timeouts(self, ns: Netns) -> dict[str, int]:
+        # The remaining time ("expires"), as ipset reports it; "timeout" is the one set.
+        return {e["val"]: e.get("expires", 0) for f in (4, 6) for e in elements(ns, f)}
+
     @pytest.fixture
     def make_backend(self) -> MakeBackend:
         def make(config: FirewallConfig) -> Backend:
@@ -237,39 +242,6 @@ class TestNftables(BackendConformance):
             for line in expected
         ]
         assert [line for line in lines if "saddr" in line] == [*expected, *networks]
-
-    def test_timeouts_follow_expiry_and_escalation(
-        self, server_ns: Netns, backend: Backend
-    ) -> None:
-        now = time.time()
-        backend.apply([KernelBlock(V4_A, now + 3600), KernelBlock(V6_A, now + 600)], [])
-        backend.apply([KernelBlock(V4_A, now + 86400)], [])  # escalated: longer timeout
-        timeouts = {e["val"]: e.get("timeout") for f in (4, 6) for e in elements(server_ns, f)}
-        assert timeouts == {str(V4_A): 86400, str(V6_A): 600}
-        backend.apply([KernelBlock(V4_A, now + 60)], [])  # and shortened again
-        assert [e.get("timeout") for e in elements(server_ns, 4)] == [60]
-
-    def test_an_expired_block_is_not_added_and_is_taken_out(
-        self, server_ns: Netns, backend: Backend
-    ) -> None:
-        backend.apply(blocks(V4_A), [])
-        past = time.time() - 5
-        backend.apply([KernelBlock(V4_A, past), KernelBlock(V4_B, past)], [])
-        backend.replace_all([KernelBlock(V6_A, past), *blocks(V6_B)])
-        self.expect(server_ns, V6_B)
-
-    def test_kernel_lifts_a_block_with_no_daemon(self, server_ns: Netns) -> None:
-        backend = NftablesBackend(BackendConformance.default_config)
-        backend.prepare()
-        backend.apply([KernelBlock(V4_A, time.time() + 2), KernelBlock(V6_A, time.time() + 2)], [])
-        backend.apply(blocks(V4_B), [])
-        backend.close()
-        del backend  # nothing of imr runs any more
-        assert self.blocked(server_ns) == [V4_A, V4_B, V6_A]
-        deadline = time.monotonic() + 6
-        while self.blocked(server_ns) != [V4_B] and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert self.blocked(server_ns) == [V4_B]
 
     def test_replace_all_with_100000_addresses(
         self, server_ns: Netns, backend: Backend, caplog: pytest.LogCaptureFixture

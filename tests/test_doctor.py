@@ -20,21 +20,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from imr.backends import make_backend
 from imr.cli_context import CliContext
 from imr.config import Config, load_config
-from imr.doctor import (
-    Finding,
-    Level,
-    Tools,
-    check_clock,
-    check_flavour,
-    check_kernel,
-    check_socket,
-    check_state,
-    doctor,
-    kernel_probes,
-    throwaway_netns,
-)
+from imr.doctor import doctor
+from imr.doctor.clock import check_clock
+from imr.doctor.daemon import check_socket
+from imr.doctor.findings import Finding, Level
+from imr.doctor.kernel import check_kernel, kernel_probes, throwaway_netns
+from imr.doctor.state import check_state
+from imr.doctor.tools import Tools, check_flavour
 from imr.store import SCHEMA_VERSION, Store
 
 from daemon_harness import Daemon, daemon_world, ensure_test_users, remove_test_users
@@ -257,7 +252,7 @@ def test_a_missing_tool_is_named_with_the_package(tmp_path: Path) -> None:
 def test_auto_with_no_firewall_tool_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path, backend="auto")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr("imr.doctor._has_libnftables", lambda: False)
+    monkeypatch.setattr("imr.doctor.tools._has_libnftables", lambda: False)
     result = invoke(config, "--no-kernel-probe")
     assert result.exit_code == 1
     assert "no firewall backend has its tools" in result.output
@@ -314,6 +309,41 @@ def test_kernel_probes_run_in_a_throwaway_namespace_only() -> None:
         assert "imr_doctor" not in ns.run("nft", "list", "tables").stdout
         assert "IMR_DOCTOR" not in ns.run("iptables-nft-save").stdout
         assert "imr-doctor" not in ns.run("ipset", "list", "-n", check=False).stdout
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("missing", "legacy_chain", "expected"),
+    [
+        ((), False, "nftables"),
+        (("nft",), False, "ipset"),
+        (("nft", "ipset"), False, "iptables-nft"),
+        # imr's chain already in the legacy tables: the daemon stays there, and doctor says so.
+        (("nft", "ipset"), True, "iptables-legacy"),
+    ],
+)
+def test_doctor_names_the_backend_the_daemon_chooses(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    missing: tuple[str, ...],
+    legacy_chain: bool,
+    expected: str,
+) -> None:
+    config = make_config(tmp_path, backend="auto")
+    path = path_without(tmp_path, *missing)
+    with netns("imrdoc") as ns, ns.entered(), monkeypatch.context() as patch:
+        if legacy_chain:
+            ns.run("iptables-legacy", "-N", "IMR")
+        patch.setenv("PATH", path)  # only now: `ip` makes and deletes the namespace
+        tools = Tools.find()
+        with throwaway_netns() as inside:
+            results = kernel_probes(tools, inside)
+        said = [f.message for f in check_kernel(config, lambda: results) if f.check == "backend"]
+        chosen = make_backend(config.firewall).backend
+    flavour = getattr(chosen, "flavour", "")
+    name = f"iptables-{flavour}" if chosen.name == "iptables" else chosen.name
+    assert said == [f"auto would choose {name}"]
+    assert name == expected
 
 
 # The clock ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_broker import block, run, running
+from test_broker import block, running
 
 from imr.backends.base import Drift, Expected, expected_counts, slot_of_text
 from imr.config import Config
@@ -31,6 +31,8 @@ from daemon_harness import (
     daemon_world,
 )
 from fakes import ROOT, RecordingBackend
+
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
 
 INTERVAL = 1  # seconds, in the daemon tests' config
 REPAIR_WAIT = 6.0  # seconds: several intervals, so a slow CI machine still makes it
@@ -77,109 +79,87 @@ def repairs(broker: object, kind: str) -> float:
     return registry.get_sample_value("imr_drift_repairs_total", {"kind": kind}) or 0.0
 
 
-def test_lost_entries_are_restored_from_the_index(
+async def test_lost_entries_are_restored_from_the_index(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="imr.broker")
+    async with running(tmp_path) as (broker, backend, _, _s):
+        for address in ("203.0.113.7", "203.0.113.8", "2001:db8:2::7"):
+            await block(broker, address)
+        await block(broker, "203.0.113.128/25", peer=ROOT)
+        before = dict(backend.kernel)
+        prepared = backend.prepared
 
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, _s):
-            for address in ("203.0.113.7", "203.0.113.8", "2001:db8:2::7"):
-                await block(broker, address)
-            await block(broker, "203.0.113.128/25", peer=ROOT)
-            before = dict(backend.kernel)
-            prepared = backend.prepared
+        assert not (await broker.check_drift()).found  # all well: nothing is touched
+        assert backend.prepared == prepared
 
-            assert not (await broker.check_drift()).found  # all well: nothing is touched
-            assert backend.prepared == prepared
-
-            backend.kernel.clear()  # someone flushed imr's objects
-            drift = await broker.check_drift()
-            assert drift.entries and not drift.structure
-            assert backend.kernel == before
-            assert backend.prepared == prepared  # the structure was fine
-            assert repairs(broker, "entries") == 1 and repairs(broker, "structure") == 0
-            assert not (await broker.check_drift()).found
-
-    run(scenario)
+        backend.kernel.clear()  # someone flushed imr's objects
+        drift = await broker.check_drift()
+        assert drift.entries and not drift.structure
+        assert backend.kernel == before
+        assert backend.prepared == prepared  # the structure was fine
+        assert repairs(broker, "entries") == 1 and repairs(broker, "structure") == 0
+        assert not (await broker.check_drift()).found
     messages = [r.getMessage() for r in caplog.records if r.name == "imr.broker"]
     assert any(m.startswith("drift in recording: recording v4 holds 0 entries") for m in messages)
     assert "drift repaired: restored 4 blocks from the state" in messages
 
 
-def test_a_missing_hook_is_put_back_without_touching_entries(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, _s):
-            await block(broker, "203.0.113.7")
-            applies = len(backend.applies)
-            prepared = backend.prepared
-            backend.unhooked = True
-            drift = await broker.check_drift()
-            assert drift.structure and not drift.entries
-            assert backend.prepared == prepared + 1 and not backend.unhooked
-            assert len(backend.applies) == applies
-            assert repairs(broker, "structure") == 1 and repairs(broker, "entries") == 0
-
-    run(scenario)
+async def test_a_missing_hook_is_put_back_without_touching_entries(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, _, _s):
+        await block(broker, "203.0.113.7")
+        applies = len(backend.applies)
+        prepared = backend.prepared
+        backend.unhooked = True
+        drift = await broker.check_drift()
+        assert drift.structure and not drift.entries
+        assert backend.prepared == prepared + 1 and not backend.unhooked
+        assert len(backend.applies) == applies
+        assert repairs(broker, "structure") == 1 and repairs(broker, "entries") == 0
 
 
-def test_a_block_the_kernel_timed_out_a_moment_early_is_no_drift(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, clock, _s):
-            await block(broker, "203.0.113.7")
-            await block(broker, "203.0.113.8")
-            clock.advance(86400 - 2)  # both due in 2 s; a set backend's kernel timeout
-            del backend.kernel[ipaddress.ip_address("203.0.113.7")]  # lifted one already
-            assert not (await broker.check_drift()).found
-
-    run(scenario)
+async def test_a_block_the_kernel_timed_out_a_moment_early_is_no_drift(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, clock, _s):
+        await block(broker, "203.0.113.7")
+        await block(broker, "203.0.113.8")
+        clock.advance(86400 - 2)  # both due in 2 s; a set backend's kernel timeout
+        del backend.kernel[ipaddress.ip_address("203.0.113.7")]  # lifted one already
+        assert not (await broker.check_drift()).found
 
 
-def test_the_drift_loop_runs_on_its_own(tmp_path: Path) -> None:
+async def test_the_drift_loop_runs_on_its_own(tmp_path: Path) -> None:
     config = Config.model_validate({"firewall": {"drift_interval": "1s"}})
-
-    async def scenario() -> None:
-        backend = RecordingBackend()
-        async with running(tmp_path, config, backend) as (broker, _, _c, _s):
-            await block(broker, "203.0.113.7")
-            backend.kernel.clear()
-            for _ in range(40):  # bounded: 4 s
-                if backend.kernel:
-                    break
-                await asyncio.sleep(0.1)
-            assert set(backend.kernel) == {ipaddress.ip_address("203.0.113.7")}
-
-    run(scenario)
+    backend = RecordingBackend()
+    async with running(tmp_path, config, backend) as (broker, _, _c, _s):
+        await block(broker, "203.0.113.7")
+        backend.kernel.clear()
+        for _ in range(40):  # bounded: 4 s
+            if backend.kernel:
+                break
+            await asyncio.sleep(0.1)
+        assert set(backend.kernel) == {ipaddress.ip_address("203.0.113.7")}
 
 
-def test_the_drift_check_can_be_turned_off(tmp_path: Path) -> None:
+async def test_the_drift_check_can_be_turned_off(tmp_path: Path) -> None:
     config = Config.model_validate({"firewall": {"drift_check": False, "drift_interval": "1s"}})
-
-    async def scenario() -> None:
-        backend = RecordingBackend()
-        async with running(tmp_path, config, backend) as (broker, _, _c, _s):
-            await block(broker, "203.0.113.7")
-            backend.kernel.clear()
-            await asyncio.sleep(1.5)
-            assert backend.checks == 0 and backend.kernel == {}
-
-    run(scenario)
+    backend = RecordingBackend()
+    async with running(tmp_path, config, backend) as (broker, _, _c, _s):
+        await block(broker, "203.0.113.7")
+        backend.kernel.clear()
+        await asyncio.sleep(1.5)
+        assert backend.checks == 0 and backend.kernel == {}
 
 
-def test_drift_checks_never_run_beside_a_batch(tmp_path: Path) -> None:
+async def test_drift_checks_never_run_beside_a_batch(tmp_path: Path) -> None:
     """Many blocks arriving while the check runs: it must never see a half-published batch
     (it would "repair" from a stale index and drop fresh blocks)."""
-
-    async def scenario() -> None:
-        async with running(tmp_path) as (broker, backend, _, _s):
-            requests = [block(broker, f"203.0.113.{n}", peer=ROOT) for n in range(2, 120)]
-            checks = [broker.check_drift() for _ in range(30)]
-            results = await asyncio.gather(*requests, *checks)
-            drifts = [r for r in results if isinstance(r, Drift)]
-            assert len(drifts) == 30 and not any(d.found for d in drifts)
-            assert len(backend.kernel) == 118
-
-    run(scenario)
+    async with running(tmp_path) as (broker, backend, _, _s):
+        requests = [block(broker, f"203.0.113.{n}", peer=ROOT) for n in range(2, 120)]
+        checks = [broker.check_drift() for _ in range(30)]
+        results = await asyncio.gather(*requests, *checks)
+        drifts = [r for r in results if isinstance(r, Drift)]
+        assert len(drifts) == 30 and not any(d.found for d in drifts)
+        assert len(backend.kernel) == 118
 
 
 # ---------------------------------------------------------------------------

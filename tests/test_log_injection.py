@@ -32,6 +32,8 @@ from test_tcp_listener import serving
 from daemon_harness import BLOCKER, NOBODY, READER, Daemon, remove_test_users
 from robust_harness import LineConnection, Options, connect_unix_as, ensure_users, running
 
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
+
 HOOK = str(Path(sys.executable).parent / "imr-hook")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and users")
 
@@ -153,7 +155,7 @@ def test_flooding_connections_take_turns_with_the_hook(world: Daemon) -> None:
     ], outcomes
 
 
-def test_a_certificate_subject_cannot_forge_a_log_line(
+async def test_a_certificate_subject_cannot_forge_a_log_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An unmapped subject (signed by the client CA) is named escaped in every log line."""
@@ -166,21 +168,17 @@ def test_a_certificate_subject_cannot_forge_a_log_line(
     leaf = ca.issue_cert("evil.imrtest", common_name=evil)
     leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "evil.pem"))
     caplog.set_level(logging.INFO, "imr")
-
-    async def scenario() -> None:
-        pki = type("Pki", (), {"server": tmp_path / "server.pem", "ca": tmp_path / "ca.pem"})
-        async with serving(tmp_path, pki, tokens={}) as served:  # type: ignore[arg-type]
-            context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-            context.load_cert_chain(str(tmp_path / "evil.pem"))
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", served.port, ssl=context, server_hostname="127.0.0.1"
-            )
-            writer.write(b"ping\n")
-            reply = await asyncio.wait_for(reader.readline(), 5)
-            assert reply.startswith(b"error unauthenticated")
-            writer.close()
-
-    asyncio.run(scenario())
+    pki = type("Pki", (), {"server": tmp_path / "server.pem", "ca": tmp_path / "ca.pem"})
+    async with serving(tmp_path, pki, tokens={}) as served:  # type: ignore[arg-type]
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(str(tmp_path / "evil.pem"))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", served.port, ssl=context, server_hostname="127.0.0.1"
+        )
+        writer.write(b"ping\n")
+        reply = await asyncio.wait_for(reader.readline(), 5)
+        assert reply.startswith(b"error unauthenticated")
+        writer.close()
     messages = [record.getMessage() for record in caplog.records]
     assert any("e\\x0aINFO imr.broker[1]" in message for message in messages), messages
     assert not any("\n" in message for message in messages), messages

@@ -29,6 +29,8 @@ from imr.core.slots import SlotLimits, Slots, StartupLimits, Startups, source_of
 from daemon_harness import BLOCKER, NOBODY, READER, Daemon, daemon_world, remove_test_users
 from robust_harness import LineConnection, Options, connect_unix_as, ensure_users, write_config
 
+pytestmark = pytest.mark.anyio  # async tests without wrappers (uvicorn tests/test_server.py)
+
 HOOK = str(Path(sys.executable).parent / "imr-hook")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and users")
 
@@ -194,41 +196,37 @@ def test_pings_do_not_keep_an_idle_connection_open() -> None:
         assert (worker.request(b"status\n") or b"").startswith(b"ok running")
 
 
-def test_silent_tcp_connections_from_one_source_leave_room_for_others(tmp_path: Path) -> None:
+async def test_silent_tcp_connections_from_one_source_leave_room_for_others(tmp_path: Path) -> None:
     """Before: 20 silent connections took all 8 slots and every token client got `busy`."""
-
-    async def scenario() -> None:
-        startups: dict[str, object] = {
-            "max_startups": 8,
-            "startups_drop_from": 8,
-            "max_connections_per_source": 4,
-        }
-        async with serving(
-            tmp_path,
-            None,
-            certificates={},
-            tokens=TOKENS,
-            tcp_options=startups,
-            max_connections=8,
-        ) as served:
-            silent = []
-            refused = 0
-            for _ in range(20):
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", served.port, local_addr=("127.0.0.2", 0)
-                )
-                silent.append(writer)
-                with contextlib.suppress(TimeoutError):
-                    line = await asyncio.wait_for(reader.readline(), 0.2)
-                    refused += line.startswith(b"error busy: 127.0.0.2 already has 4")
-            assert refused == 16
-            for token in (WEB_TOKEN, READ_TOKEN):
-                reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
-                writer.write(f"auth {token}\nping\n".encode())
-                assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"ok auth")
-                assert await asyncio.wait_for(reader.readline(), 5) == b"ok pong\n"
-                writer.close()
-            for writer in silent:
-                writer.close()
-
-    asyncio.run(scenario())
+    startups: dict[str, object] = {
+        "max_startups": 8,
+        "startups_drop_from": 8,
+        "max_connections_per_source": 4,
+    }
+    async with serving(
+        tmp_path,
+        None,
+        certificates={},
+        tokens=TOKENS,
+        tcp_options=startups,
+        max_connections=8,
+    ) as served:
+        silent = []
+        refused = 0
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", served.port, local_addr=("127.0.0.2", 0)
+            )
+            silent.append(writer)
+            with contextlib.suppress(TimeoutError):
+                line = await asyncio.wait_for(reader.readline(), 0.2)
+                refused += line.startswith(b"error busy: 127.0.0.2 already has 4")
+        assert refused == 16
+        for token in (WEB_TOKEN, READ_TOKEN):
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(f"auth {token}\nping\n".encode())
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"ok auth")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"ok pong\n"
+            writer.close()
+        for writer in silent:
+            writer.close()

@@ -46,6 +46,13 @@ def slot_of(target: Target) -> Slot:
     return "v4" if target.version == 4 else "v6"
 
 
+def port_range(spec: str) -> tuple[int, int]:
+    """A config port spec ("80", "8000:8080") as (low, high), so each backend writes it
+    the way its tool prints it (no leading zeros), which avoids needless rewrites."""
+    low, _, high = spec.partition(":")
+    return int(low), int(high or low)
+
+
 @dataclass(frozen=True)
 class Expected:
     """How many entries of a slot the broker expects in the kernel: at least `low`, at most

@@ -58,13 +58,7 @@ from imr.backends.base import (
     count_problems,
     slot_of,
 )
-from imr.backends.iptables import (
-    CONNTRACK_NEW,
-    FLAVOUR_LABELS,
-    Flavour,
-    detect_flavour,
-    run_tool,
-)
+from imr.backends.xtables import CONNTRACK_NEW, FLAVOUR_LABELS, resolve_flavour, run_tool
 from imr.config import FirewallConfig
 from imr.core.addresses import Target
 
@@ -111,20 +105,8 @@ class IpsetBackend(Backend):
 
     def __init__(self, config: FirewallConfig, flavour: str | None = None) -> None:
         """`flavour` overrides config.iptables_flavour: "auto", "nft" or "legacy"."""
-        requested = flavour if flavour is not None else config.iptables_flavour
-        if requested == "auto":
-            chosen, why = detect_flavour(chain=config.chain)
-            origin = f"auto-detected, {why}"
-        elif requested in ("nft", "legacy"):
-            chosen = "nft" if requested == "nft" else "legacy"
-            origin = "set by the caller" if flavour is not None else "set in the config"
-        else:
-            raise BackendError(
-                f"unknown iptables flavour {requested!r}: expected auto, nft or legacy"
-            )
+        self.flavour, self._origin = resolve_flavour(config, flavour)
         self.config = config
-        self.flavour: Flavour = chosen
-        self._origin = origin
         self.chain = config.chain
         self._lock = threading.Lock()
 

@@ -45,127 +45,27 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from imr.backends import base
 from imr.backends.base import Backend, BackendError, Drift, Expected, KernelBlock, Slot
+from imr.backends.xtables import (
+    FLAVOUR_LABELS,
+    PACKAGE_HINT,
+    TOOL_TIMEOUT,
+    Flavour,
+    resolve_flavour,
+    run_tool,
+    trim,
+)
 from imr.config import FirewallConfig
 from imr.core.addresses import Target
 
 log = logging.getLogger("imr.backend")
 
-Flavour = Literal["nft", "legacy"]
 Family = Literal[4, 6]
 FAMILIES: tuple[Family, ...] = (4, 6)
 
-# Runs one command and returns its result; raises FileNotFoundError for a missing tool.
-Runner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
-
-TOOL_TIMEOUT = 30.0  # seconds; iptables tools normally answer in milliseconds
 XTABLES_LOCK_WAIT = 10.0  # seconds we wait for another iptables command to finish
 DEFAULT_XTABLES_LOCKFILE = "/run/xtables.lock"
-PACKAGE_HINT = "install the Debian package 'iptables' (apt-get install iptables)"
-FLAVOUR_LABELS: dict[Flavour, str] = {"nft": "nf_tables", "legacy": "legacy"}
-_SAVE_TOOLS: dict[Flavour, tuple[str, str]] = {
-    "nft": ("iptables-nft-save", "ip6tables-nft-save"),
-    "legacy": ("iptables-legacy-save", "ip6tables-legacy-save"),
-}
-
-
-def run_tool(
-    argv: Sequence[str], input_text: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a firewall tool with an argument list (never a shell) and capture its output."""
-    return subprocess.run(
-        list(argv),
-        capture_output=True,
-        text=True,
-        input=input_text,
-        timeout=TOOL_TIMEOUT,
-        check=False,
-    )
-
-
-# ---------------------------------------------------------------------------
-# Flavour detection
-
-
-@dataclass(frozen=True)
-class _SaveSummary:
-    rules: int  # "-A" lines over both address families and all tables
-    has_chain: bool  # imr's chain exists in a filter table
-
-
-def detect_flavour(run: Runner = run_tool, chain: str = "IMR") -> tuple[Flavour, str]:
-    """Pick the iptables flavour the host uses; returns (flavour, why) for the status line.
-
-    The order follows Kubernetes' iptables-wrapper: first stay where imr already
-    is, then go where the rules are, and on a tie believe `iptables -V`.
-    """
-    summaries = {
-        flavour: _summarise_saves(run, tools, chain) for flavour, tools in _SAVE_TOOLS.items()
-    }
-    nft, legacy = summaries["nft"], summaries["legacy"]
-    if nft is None and legacy is None:
-        raise BackendError(
-            f"neither iptables-nft-save nor iptables-legacy-save found: {PACKAGE_HINT}"
-        )
-    if nft is None or legacy is None:
-        only: Flavour = "legacy" if nft is None else "nft"
-        return only, f"only the {FLAVOUR_LABELS[only]} tools are installed"
-    if nft.has_chain != legacy.has_chain:
-        where: Flavour = "nft" if nft.has_chain else "legacy"
-        return where, f"chain {chain} already exists in the {FLAVOUR_LABELS[where]} tables"
-    if nft.rules != legacy.rules:
-        more: Flavour = "nft" if nft.rules > legacy.rules else "legacy"
-        return more, f"nf_tables holds {nft.rules} rules, legacy {legacy.rules}"
-    return _flavour_from_version(run)
-
-
-def _summarise_saves(run: Runner, tools: Sequence[str], chain: str) -> _SaveSummary | None:
-    """Rule count and chain presence over the given *-save tools; None if one is missing."""
-    rules, has_chain = 0, False
-    for tool in tools:
-        result = _run_for_detection(run, [tool])
-        if result is None:
-            return None
-        if result.returncode != 0:
-            # e.g. the legacy kernel modules cannot be loaded: that flavour holds nothing.
-            log.debug("%s failed during flavour detection: %s", tool, _trim(result.stderr))
-            continue
-        table = ""
-        for line in result.stdout.splitlines():
-            if line.startswith("*"):
-                table = line[1:].strip()
-            elif line.startswith("-A "):
-                rules += 1
-            elif table == "filter" and line.startswith(f":{chain} "):
-                has_chain = True
-    return _SaveSummary(rules, has_chain)
-
-
-def _flavour_from_version(run: Runner) -> tuple[Flavour, str]:
-    result = _run_for_detection(run, ["iptables", "-V"])
-    if result is None:
-        raise BackendError(
-            f"cannot tell which iptables flavour this host uses: 'iptables' not found; "
-            f"{PACKAGE_HINT}, or set firewall.iptables_flavour to 'nft' or 'legacy'"
-        )
-    version = result.stdout + result.stderr
-    if "(nf_tables)" in version:
-        return "nft", "iptables -V says nf_tables"
-    if "(legacy)" in version:
-        return "legacy", "iptables -V says legacy"
-    raise BackendError(
-        f"cannot tell which iptables flavour this host uses: iptables -V said "
-        f"{_trim(version)!r}; set firewall.iptables_flavour to 'nft' or 'legacy'"
-    )
-
-
-def _run_for_detection(run: Runner, argv: list[str]) -> subprocess.CompletedProcess[str] | None:
-    try:
-        return run(argv)
-    except FileNotFoundError:
-        return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BackendError(f"{argv[0]} could not be run: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -196,19 +96,14 @@ class RuleShape:
         return [*tokens, "-j", "REJECT", "--reject-with", self.reject_with[address.version]]
 
 
-# New connections only: a block never refuses a reply to the host's own outbound connection.
-CONNTRACK_NEW = ("-m", "conntrack", "--ctstate", "NEW")
 # The first rule of imr's chain: whatever is not a new connection leaves it at once.
 GUARD = ["-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN"]
 GUARD_TEXT = " ".join(GUARD)
 
 
 def _canonical_port(spec: str) -> str:
-    # iptables prints ports without leading zeros; matching its form avoids needless rewrites.
-    low, _, high = spec.partition(":")
-    if not high or int(high) == int(low):
-        return str(int(low))
-    return f"{int(low)}:{int(high)}"
+    low, high = base.port_range(spec)
+    return str(low) if low == high else f"{low}:{high}"  # as `iptables -S` prints it
 
 
 def _cidr(target: Target) -> str:
@@ -363,13 +258,13 @@ class _Driver(ABC):
             table = _NftDriver._run([tool, "-w", "10", "-S"])
             if table.returncode == 0 and f"-N {self.chain}" not in table.stdout.splitlines():
                 return _Survey(False, 0, 0)  # (iptables-nft calls a missing chain incompatible)
-            raise BackendError(f"{tool} -S {self.chain} failed: {_trim(chain.stderr)}")
+            raise BackendError(f"{tool} -S {self.chain} failed: {trim(chain.stderr)}")
         prefix = f"-A {self.chain} "
         rules = [line for line in chain.stdout.splitlines() if line.startswith(prefix)]
         guard = bool(rules) and rules[0] == prefix + GUARD_TEXT
         hooks = _NftDriver._run([tool, "-w", "10", "-S", "INPUT"])
         if hooks.returncode != 0:
-            raise BackendError(f"{tool} -S INPUT failed: {_trim(hooks.stderr)}")
+            raise BackendError(f"{tool} -S INPUT failed: {trim(hooks.stderr)}")
         jumps = hooks.stdout.splitlines().count(f"-A INPUT -j {self.chain}")
         return _Survey(True, len(rules) - guard, jumps, guard)
 
@@ -474,7 +369,7 @@ class _NftDriver(_Driver):
             table = self._run([tool, "-S"])
             if table.returncode == 0 and f"-N {self.chain}" not in table.stdout.splitlines():
                 return None
-            raise BackendError(f"{tool} -S {self.chain} failed: {_trim(result.stderr)}")
+            raise BackendError(f"{tool} -S {self.chain} failed: {trim(result.stderr)}")
         prefix = f"-A {self.chain} "
         rules = []
         for line in result.stdout.splitlines():
@@ -491,7 +386,7 @@ class _NftDriver(_Driver):
         tool = self.list_tools[family]
         result = self._run([tool, "-S", "INPUT"])
         if result.returncode != 0:
-            raise BackendError(f"{tool} -S INPUT failed: {_trim(result.stderr)}")
+            raise BackendError(f"{tool} -S INPUT failed: {trim(result.stderr)}")
         return result.stdout.splitlines().count(f"-A INPUT -j {self.chain}")
 
     def _commit(self, family: Family, lines: Sequence[str]) -> None:
@@ -523,7 +418,7 @@ def _sources(rules: Iterable[Sequence[str]]) -> list[Target]:
 
 def _explain_restore_error(stderr: str, lines: Sequence[str]) -> str:
     """The tool's message, plus the batch line it names (line 1 of the batch is "*filter")."""
-    message = _trim(stderr)
+    message = trim(stderr)
     found = re.search(r"line:? (\d+)", stderr)
     if found and 2 <= int(found.group(1)) <= len(lines) + 1:
         message += f" [at: {lines[int(found.group(1)) - 2]}]"
@@ -739,17 +634,7 @@ class IptablesBackend(Backend):
 
     def __init__(self, config: FirewallConfig, flavour: str | None = None) -> None:
         """`flavour` overrides config.iptables_flavour: "auto", "nft" or "legacy"."""
-        requested = flavour if flavour is not None else config.iptables_flavour
-        if requested == "auto":
-            chosen, why = detect_flavour(chain=config.chain)
-            self._origin = f"auto-detected, {why}"
-        elif requested in ("nft", "legacy"):
-            chosen = "nft" if requested == "nft" else "legacy"
-            self._origin = "set by the caller" if flavour is not None else "set in the config"
-        else:
-            raise BackendError(
-                f"unknown iptables flavour {requested!r}: expected auto, nft or legacy"
-            )
+        chosen, self._origin = resolve_flavour(config, flavour)
         self.config = config
         shape = RuleShape.from_config(config)
         self._driver: _Driver = (
@@ -853,11 +738,3 @@ def _by_family(addresses: Iterable[Target]) -> dict[Family, list[Target]]:
     for address in addresses:
         split[4 if address.version == 4 else 6].append(address)
     return split
-
-
-def _trim(text: str, limit: int = 400) -> str:
-    """A tool's complaint without usage hints, short enough for one log line."""
-    lines = [line.strip() for line in text.strip().splitlines()]
-    kept = [line for line in lines if line and not line.startswith("Try `")]
-    message = " / ".join(kept) or "(no message)"
-    return message if len(message) <= limit else message[: limit - 3] + "..."

@@ -9,7 +9,7 @@ import redis
 from redis.exceptions import RedisError
 
 from imr.config import Config
-from imr.doctor import Finding, ok, problem, warning
+from imr.doctor.findings import Finding, ok, problem, warning
 from imr.fleet import keys
 from imr.fleet.settings import FleetSettings
 

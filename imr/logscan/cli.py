@@ -1,7 +1,7 @@
 """`imr scan`, `imr watch`, `imr rules list|test`: the log scanner's commands.
 
 Each takes the CliContext from ctx.obj (the main CLI registers them). User
-errors (unreadable file, bad filter, state directory in use) print one line
+errors (unreadable file, bad filter, state directory in use) print one `imr: ...` line
 and exit 1; an unreachable daemon exits 3, so cron mails say what happened.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from imr.cli_context import CliContext
+from imr.cli_context import EXIT_NOT_RUNNING, CliContext, CliError, NotRunning, UsageFailure
 from imr.client import ClientError, DaemonUnavailable
 from imr.config import PolicyConfig
 from imr.core.durations import format_duration
@@ -33,8 +33,14 @@ from imr.logscan.settings import LogscanConfig
 from imr.logscan.signatures import Signature
 from imr.reputation.settings import ReputationSettings
 
-EXIT_DAEMON = 3
 _PROGRESS_MIN_BYTES = 32 << 20  # smaller logs finish before a bar is worth drawing
+
+
+class _DaemonFailed(CliError):
+    """The daemon answered but the scan's requests failed: exit 3 as well, so a cron
+    job tells a daemon-side failure from a bad log or filter (exit 1)."""
+
+    exit_code = EXIT_NOT_RUNNING
 
 
 def logscan_config(ctx: click.Context) -> LogscanConfig:
@@ -54,7 +60,7 @@ def filter_path(name: Path, directory: Path) -> Path:
     stem = name.name.removesuffix(".conf")
     found = directory / f"{stem}.conf"
     if not found.exists():
-        raise click.ClickException(f"{name}: no such filter file, and no {found}")
+        raise CliError(f"{name}: no such filter file, and no {found}")
     return found
 
 
@@ -70,11 +76,11 @@ def _signatures(config: LogscanConfig, filters: tuple[Path, ...]) -> list[Signat
                 for p in filters
             ]
         except FilterError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise CliError(str(exc)) from None
     try:
         return signatures_from_config(config)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _scanner(config: LogscanConfig, fmt: str | None, filters: tuple[Path, ...]) -> Scanner:
@@ -116,7 +122,7 @@ def _httpbl(
     try:
         return from_settings(settings, addresses, config.httpbl_max_lookups, follow=follow)
     except HttpBLUnavailable as exc:
-        raise click.UsageError(f"--httpbl: {exc}", ctx) from None
+        raise UsageFailure(f"--httpbl: {exc}") from None
 
 
 def _client(ctx: click.Context, dry_run: bool) -> Any:
@@ -124,7 +130,7 @@ def _client(ctx: click.Context, dry_run: bool) -> Any:
         return None
     obj = ctx.obj
     if not isinstance(obj, CliContext):
-        raise click.ClickException("no configuration: run through the imr command")
+        raise CliError("no configuration: run through the imr command")
     return obj.client()
 
 
@@ -208,7 +214,7 @@ def scan(
     httpbl = _httpbl(ctx, config, use_httpbl, fmt, follow=False)
     client = _client(ctx, dry_run)
     if all(not p.exists() and not _has_rotated(p) for p in paths):
-        raise click.ClickException(f"{', '.join(map(str, paths))}: no such file")
+        raise CliError(f"{', '.join(map(str, paths))}: no such file")
     try:
         with StateStore(state_dir or config.state_dir) as store:
             report = Report()
@@ -222,15 +228,13 @@ def scan(
             if not dry_run:
                 store.save()
     except (StateError, ScanError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CliError(str(exc)) from None
     except DaemonUnavailable as exc:
-        click.echo(f"Error: {exc}; nothing was remembered, the next run retries", err=True)
-        ctx.exit(EXIT_DAEMON)
+        raise NotRunning(f"{exc}; nothing was remembered, the next run retries") from None
     except ClientError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        ctx.exit(EXIT_DAEMON)
+        raise _DaemonFailed(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot save state: {exc}") from None
+        raise CliError(f"cannot save state: {exc}") from None
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     elif not quiet:
@@ -333,7 +337,7 @@ def watch(
     client = _client(ctx, dry_run)
     for path in paths:
         if not path.parent.is_dir():
-            raise click.ClickException(f"{path}: directory {path.parent} does not exist")
+            raise CliError(f"{path}: directory {path.parent} does not exist")
 
     def report(outcome: Outcome) -> None:
         line = json.dumps(outcome.as_json()) if as_json else _outcome_line(outcome)

@@ -5,6 +5,11 @@ partial last line for the next block). The prefilter works on the whole block:
 lower-case it once, find each needle with bytes.find (C speed, no per-line
 Python work), then parse only the lines around the needles. Benign lines cost
 one byte copy and a few memchr-like scans.
+
+On hostile logs (needles in referers, user agents, query strings) most
+candidates are still benign. When every signature has an access gate, a
+candidate access-log line is first cut at its quotes and parsed only if some
+gate lets it through (signatures.AccessGate says when the cut is exact).
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from dataclasses import dataclass, field
 from imr.core.addresses import IPAddress, IPNetwork, parse_address
 from imr.logscan.formats import LogFormat, Record, parse_line
 from imr.logscan.settings import LogscanConfig, UserRule
-from imr.logscan.signatures import BUILTIN, Signature, field_test
+from imr.logscan.signatures import (
+    BUILTIN,
+    PLAIN_REQUEST,
+    Signature,
+    field_test,
+    user_agent_of,
+)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Formats whose lines all go to parse_access; AUTO sends the others elsewhere by their start.
+_ACCESS_FORMATS = frozenset(
+    {LogFormat.COMMON, LogFormat.COMBINED, LogFormat.VHOST_COMBINED, LogFormat.NGINX}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +147,33 @@ class Scanner:
     _needles: tuple[bytes, ...] = field(init=False)
     _prefilters: tuple[re.Pattern[bytes], ...] = field(init=False)
     _every_line: bool = field(init=False)
+    _gated: bool = field(init=False)
+    _gate_path: re.Pattern[bytes] | None = field(init=False)
+    _gate_agent: tuple[bytes, ...] = field(init=False)
+    _gate_odd: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self._needles = tuple(sorted({n for s in self.signatures for n in s.needles}))
         self._prefilters = tuple({s.prefilter for s in self.signatures if s.prefilter is not None})
         self._every_line = any(s.every_line for s in self.signatures)
+        gates = [s.access_gate for s in self.signatures if s.line_test is None]
+        access = self.fmt is LogFormat.AUTO or self.fmt in _ACCESS_FORMATS
+        self._gated = access and len(gates) == len(self.signatures) and None not in gates
+        paths = sorted({n for g in gates if g is not None for n in g.path})
+        self._gate_path = re.compile(b"|".join(map(re.escape, paths))) if paths else None
+        self._gate_agent = tuple(sorted({n for g in gates if g is not None for n in g.user_agent}))
+        self._gate_odd = any(g is not None and g.odd_request for g in gates)
 
     def candidate_lines(self, block: bytes) -> list[bytes]:
         """The lines of `block` that may match some signature, in file order."""
         if self._every_line:
             return block.splitlines()
-        starts: set[int] = set()
         lowered = block.lower() if self._needles else b""
+        return [block[start:end] for start, end in self._candidates(block, lowered)]
+
+    def _candidates(self, block: bytes, lowered: bytes) -> list[tuple[int, int]]:
+        """(start, end) of each line with a needle or a prefilter match, in file order."""
+        starts: set[int] = set()
         for needle in self._needles:
             pos = lowered.find(needle)
             while pos != -1:
@@ -156,21 +186,70 @@ class Scanner:
         for prefilter in self._prefilters:
             for m in prefilter.finditer(block):
                 starts.add(block.rfind(b"\n", 0, m.start()) + 1)
-        lines = []
+        spans = []
         for start in sorted(starts):
             end = block.find(b"\n", start)
-            lines.append(block[start : end if end != -1 else len(block)])
-        return lines
+            spans.append((start, end if end != -1 else len(block)))
+        return spans
 
     def scan_block(self, block: bytes) -> tuple[list[Hit], BlockStats]:
         stats = BlockStats(lines=block.count(b"\n") + (0 if block.endswith(b"\n") else 1))
         if not block:
             stats.lines = 0
         hits: list[Hit] = []
-        for raw in self.candidate_lines(block):
+        if self._every_line or not self._gated:
+            for raw in self.candidate_lines(block):
+                stats.candidates += 1
+                self._scan_line(raw, hits, stats)
+            return hits, stats
+        lowered = block.lower()
+        # Checked once for the block, so most lines need no check of their own.
+        clean = block.isascii() and b"\\" not in block and b"\x00" not in block
+        for start, end in self._candidates(block, lowered):
             stats.candidates += 1
-            self._scan_line(raw, hits, stats)
+            if not self._gated_out(block, lowered, start, end, clean):
+                self._scan_line(block[start:end], hits, stats)
         return hits, stats
+
+    def _gated_out(self, block: bytes, lowered: bytes, start: int, end: int, clean: bool) -> bool:
+        """True when no signature can match the line block[start:end], known without
+        the full parse (see signatures.AccessGate). Offsets, not slices: this runs for
+        every candidate of a hostile log.
+
+        Every doubt (not ASCII, a backslash, a NUL, overlong, not an access line, no
+        clear request) answers False, and the full path decides as it always did.
+        Lines skipped here are not counted as bad: none of them could have matched."""
+        while end > start and block[end - 1] == 13:  # the full path strips b"\r" too
+            end -= 1
+        if end - start > self.max_line:
+            return False
+        if not clean:
+            raw = block[start:end]
+            if b"\\" in raw or b"\x00" in raw or not raw.isascii():
+                return False
+        if self.fmt is LogFormat.AUTO and (
+            block[start : start + 1] in (b"{", b"[")
+            or (block[start : start + 4].isdigit() and block[start + 4 : start + 5] == b"/")
+        ):
+            return False  # JSON or error-log line: parse_access never sees it
+        q0 = block.find(b'"', start, end)
+        q1 = block.find(b'"', q0 + 1, end)
+        if q0 < 0 or q1 <= q0 + 1:  # no request, or '""' (an empty user, maybe)
+            return False
+        if self._gate_odd and PLAIN_REQUEST.match(block, q0 + 1, q1) is None:
+            return False
+        space = block.find(b" ", q0 + 1, q1)
+        query = block.find(b"?", space + 1 if space >= 0 else q0 + 1, q1)
+        if self._gate_path is not None and self._gate_path.search(
+            lowered, q0 + 1, query if query >= 0 else q1
+        ):
+            return False
+        for needle in self._gate_agent:
+            if lowered.find(needle, q1 + 1, end) >= 0 and needle in user_agent_of(
+                lowered[q1 + 1 : end]
+            ):
+                return False
+        return True
 
     def scan_line(self, raw: bytes) -> tuple[list[Hit], BlockStats]:
         """One line, every signature, no prefilter (for `rules test`)."""

@@ -5,6 +5,13 @@ A signature has two parts. `needles` (lower-case literals) and `prefilter`
 looking at each line; `test` then decides on the parsed Record and returns the
 evidence. The needles must be a superset: a line the test would accept must
 contain one of them (or match the prefilter), or it is never tested.
+
+On hostile logs most candidates carry a needle in a field that does not count
+(a referer, a user agent, a query string). `access_gate` lets the scanner drop
+those before the full parse: on an access-log line cut at its quotes (see
+AccessGate), it says what the line needs before the test could accept it. It must be
+a necessary condition of the test on that line, never a guess; a signature
+without one makes the scanner parse every candidate, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +25,37 @@ from imr.logscan.formats import Record
 Test = Callable[[Record], str | None]
 # For rules that find the host themselves (fail2ban filters): line -> (host, evidence).
 LineTest = Callable[[str], tuple[str, str] | None]
+
+
+@dataclass(frozen=True)
+class AccessGate:
+    """What an access-log line needs before a test could accept it; any one item will do.
+
+    The scanner checks it only on lines that parse_access would read (not JSON or
+    error-log lines), that are ASCII (bytes.lower() then agrees with re.IGNORECASE)
+    and hold no backslash (no escape can change a field). For such a line, whenever
+    parse_access accepts it, the request is exactly the text between the first two
+    quotes and the user agent the fourth quoted field after it, so the checks below
+    are exact. An empty gate: the test never accepts an access-log line.
+    """
+
+    # Lower-case needles of which the request's path must hold one. The scanner looks
+    # in the request up to the first "?" after its first space, which holds the path.
+    path: tuple[bytes, ...] = ()
+    user_agent: tuple[bytes, ...] = ()  # lower-case needles, one of which the agent holds
+    odd_request: bool = False  # or: the request is not plain (see PLAIN_REQUEST)
+
+
+# Requests on which neither nonsense-path nor proxy-probe can fire: "-"; a method of
+# 2-16 letters (not CONNECT) and a target starting with "/"; "OPTIONS * ". A request
+# that splits otherwise has no method, and then only TLS bytes count (not these).
+PLAIN_REQUEST = re.compile(rb"(?i:(?!connect )[a-z]{2,16} /|options \* )|-\Z")
+
+
+def user_agent_of(tail: bytes) -> bytes:
+    """The user agent in the line after its request: ' 200 1 "referer" "agent"...'."""
+    parts = tail.split(b'"', 4)
+    return parts[3] if len(parts) == 5 else b""
 
 
 @dataclass(frozen=True)
@@ -37,6 +75,7 @@ class Signature:
     benign: tuple[str, ...] = ()
     line_test: LineTest | None = field(default=None, repr=False)
     source_prefix: str = "logscan"
+    access_gate: AccessGate | None = field(default=None, repr=False)
 
     @property
     def every_line(self) -> bool:
@@ -146,11 +185,14 @@ def _modsec(record: Record) -> str | None:
 # caught by the needle b"request" instead (their request field is named so).
 _NON_PATH_REQUEST = re.compile(rb'\] "(?!-")(?![A-Za-z]{1,16} /)(?!OPTIONS \* )')
 _REQUEST_FIELD = (b"request",)
+# Code Red's pattern is anchored at the target's start, before any "?".
+_CODE_RED_GATE = AccessGate(path=(b"default.ida",))
 
 
 BUILTIN: tuple[Signature, ...] = (
     Signature(
         name="code-red",
+        access_gate=_CODE_RED_GATE,
         severity=8,
         description="Code Red worm (IIS .ida buffer overflow)",
         hits=1,
@@ -169,6 +211,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="code-red-ii",
+        access_gate=_CODE_RED_GATE,
         severity=8,
         description="Code Red II worm (IIS .ida buffer overflow, X padding)",
         hits=1,
@@ -185,6 +228,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="nimda",
+        access_gate=AccessGate(path=(b"cmd.exe", b"root.exe")),
         severity=7,
         description="Nimda worm (IIS cmd.exe / root.exe probes)",
         hits=1,
@@ -214,6 +258,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="dfind",
+        access_gate=AccessGate(path=(b"w00tw00t",)),  # anchored at the start, like Code Red
         severity=6,
         description="DFind scanner (w00tw00t.at.ISC.SANS.DFind), often without Host header",
         hits=1,
@@ -236,6 +281,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="roundcube-msgimport",
+        access_gate=AccessGate(path=(b"msgimport",)),
         severity=6,
         description="Roundcube bin/msgimport probe",
         hits=1,
@@ -256,6 +302,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="morfeus",
+        access_gate=AccessGate(path=(b"soapcaller",), user_agent=(b"morfeus",)),
         severity=6,
         description="Morfeus scanner (soapCaller.bs probe or Morfeus user agent)",
         hits=1,
@@ -279,6 +326,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="nonsense-path",
+        access_gate=AccessGate(odd_request=True),
         severity=3,
         description="request target that is not a path, or binary data on the HTTP port",
         hits=3,
@@ -302,6 +350,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="proxy-probe",
+        access_gate=AccessGate(odd_request=True),
         severity=5,
         description="absolute-URI or CONNECT request: testing for an open proxy",
         hits=1,
@@ -323,6 +372,7 @@ BUILTIN: tuple[Signature, ...] = (
     ),
     Signature(
         name="modsecurity",
+        access_gate=AccessGate(),  # parse_access leaves Record.message empty
         severity=5,
         description="ModSecurity denied the request (error log or JSON audit log)",
         hits=3,

@@ -15,16 +15,20 @@ import json
 import os
 import pwd
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from imr.cli_context import CliContext
-from imr.client import ClientError, DaemonUnavailable, RequestFailed
+from imr.cli_context import (
+    EXIT_FAILED,
+    CliContext,
+    CliError,
+    UsageFailure,
+    client_errors,
+)
 from imr.core.durations import format_duration, parse_duration
 from imr.reputation import exports
 from imr.reputation.abuse_mail import not_mailed
@@ -37,10 +41,6 @@ from imr.reputation.outbox import Outbox, OutboxError, Report
 from imr.reputation.settings import ReputationSettings, SecretError
 from imr.reputation.submit import Pacer, SubmitResult, http_client, submit_abuseipdb, submit_dshield
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-
 
 def register(main: click.Group) -> None:
     """Add the reputation commands to the main `imr` group."""
@@ -49,15 +49,10 @@ def register(main: click.Group) -> None:
     main.add_command(report)
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"imr: {message}", err=True)
-    sys.exit(code)
-
-
 def _context(ctx: click.Context) -> CliContext:
     obj = ctx.find_object(CliContext)
     if obj is None:
-        _fail("no configuration: run through the imr command", EXIT_USAGE)
+        raise UsageFailure("no configuration: run through the imr command")
     return obj
 
 
@@ -77,7 +72,7 @@ def _open_outbox(settings: ReputationSettings) -> Outbox:
     try:
         return Outbox(settings.state_dir)
     except OutboxError as exc:
-        _fail(f"{exc} (reputation.state_dir; run as the user that owns it)")
+        raise CliError(f"{exc} (reputation.state_dir; run as the user that owns it)") from None
 
 
 def _incidents(ctx: click.Context, since: float, source: HistorySource) -> list[Incident]:
@@ -89,15 +84,10 @@ def _incidents(ctx: click.Context, since: float, source: HistorySource) -> list[
     try:
         if source == "state":
             return exports.read_state_file(path, since, until)
-        return exports.read_daemon(cli.client(), since, until)
+        with client_errors(refused="the daemon refused the export: "):
+            return exports.read_daemon(cli.client(), since, until)
     except HistoryError as exc:
-        _fail(str(exc))
-    except DaemonUnavailable as exc:
-        _fail(str(exc), EXIT_NOT_RUNNING)
-    except RequestFailed as exc:
-        _fail(f"the daemon refused the export: {exc.message} [{exc.code}]")
-    except ClientError as exc:
-        _fail(str(exc))
+        raise CliError(str(exc)) from None
 
 
 _from_option = click.option(
@@ -126,14 +116,14 @@ def check(ctx: click.Context, ip: str, as_json: bool, do_block: bool) -> None:
     settings = _settings(ctx)
     refusal = local_refusal(ip)
     if do_block and refusal is not None:
-        _fail(f"{refusal}: never blocked")
+        raise CliError(f"{refusal}: never blocked")
     try:
         key = settings.httpbl.access_key()
         resolver = make_resolver(settings.dns)
     except SecretError as exc:
-        _fail(f"{exc}; http:BL needs an access key", EXIT_USAGE)
+        raise UsageFailure(f"{exc}; http:BL needs an access key") from None
     except DnsUnavailable as exc:
-        _fail(str(exc), EXIT_USAGE)
+        raise UsageFailure(str(exc)) from None
     verdict = HttpBL(settings.httpbl, resolver, key).check(ip)
     if as_json:
         click.echo(json.dumps(verdict.as_json(), indent=2))
@@ -148,7 +138,7 @@ def check(ctx: click.Context, ip: str, as_json: bool, do_block: bool) -> None:
     if verdict.status == "error":
         ctx.exit(EXIT_FAILED)
     if do_block and verdict.block:
-        try:
+        with client_errors():
             result = (
                 _context(ctx)
                 .client()
@@ -156,12 +146,6 @@ def check(ctx: click.Context, ip: str, as_json: bool, do_block: bool) -> None:
                     verdict.ip, reason=verdict.reason(), source="httpbl", severity=verdict.severity
                 )
             )
-        except DaemonUnavailable as exc:
-            _fail(str(exc), EXIT_NOT_RUNNING)
-        except RequestFailed as exc:
-            _fail(f"{exc.message} [{exc.code}]")
-        except ClientError as exc:
-            _fail(str(exc))
         if not as_json:
             click.echo(f"  {result.get('action', 'block')}: until {result.get('expires_at')}")
 
@@ -176,10 +160,7 @@ def reports() -> None:
 
 def _notify_enabled(settings: ReputationSettings) -> None:
     if not settings.notify.enabled:
-        _fail(
-            "abuse mail is off: set [reputation.notify] enabled = true and sender",
-            EXIT_USAGE,
-        )
+        raise UsageFailure("abuse mail is off: set [reputation.notify] enabled = true and sender")
 
 
 @reports.command("collect")
@@ -281,7 +262,7 @@ def reports_show(ctx: click.Context, which: str, as_json: bool) -> None:
     with _open_outbox(settings) as outbox:
         found = outbox.get(int(which)) if which.isdigit() else outbox.latest_for(which)
     if found is None:
-        _fail(f"no report for {which}")
+        raise CliError(f"no report for {which}")
     data = _report_json(found, settings)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -319,9 +300,9 @@ def reports_send(
         password = None if dry_run else notify.password()
         resolver = make_resolver(settings.dns)
     except SecretError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        raise UsageFailure(str(exc)) from None
     except DnsUnavailable as exc:
-        _fail(str(exc), EXIT_USAGE)
+        raise UsageFailure(str(exc)) from None
     reporter = notify.reporter or socket.gethostname()
     with _open_outbox(settings) as outbox:
         try:
@@ -339,7 +320,7 @@ def reports_send(
                     limit=limit,
                 )
         except OutboxError as exc:
-            _fail(str(exc))
+            raise CliError(str(exc)) from None
     for message in summary.previews:
         click.echo(message.as_string())
         click.echo("-" * 72)
@@ -364,7 +345,7 @@ def reports_send(
             f"daily cap of {notify.daily_cap} reached: {summary.waiting_for_cap} wait", err=True
         )
     if summary.stopped:
-        _fail(f"stopped: {summary.stopped}; the report waits and is retried")
+        raise CliError(f"stopped: {summary.stopped}; the report waits and is retried")
     if summary.failed:
         ctx.exit(EXIT_FAILED)
 
@@ -383,7 +364,7 @@ def reports_cancel(ctx: click.Context, which: str) -> None:
             chosen = [r for r in outbox.reports(pending_only=True) if r.ip == which]
         done = [r for r in chosen if outbox.cancel(r.id, f"cancelled by {who}")]
     if not done:
-        _fail(f"no waiting report for {which}")
+        raise CliError(f"no waiting report for {which}")
     for r in done:
         click.echo(f"cancelled report {r.id} for {r.ip}")
 
@@ -434,9 +415,9 @@ def report(
     Blocks lifted as false positives are left out unless --include-pardoned."""
     settings = _settings(ctx)
     if submit and fmt not in ("dshield", "abuseipdb"):
-        _fail("--submit works with --format dshield or abuseipdb", EXIT_USAGE)
+        raise UsageFailure("--submit works with --format dshield or abuseipdb")
     if submit and fmt == "dshield" and settings.dshield.userid is None:
-        _fail("DShield needs reputation.dshield.userid", EXIT_USAGE)
+        raise UsageFailure("DShield needs reputation.dshield.userid")
     window = _duration(since)
     incidents = _incidents(ctx, time.time() - window, history)
     if not include_pardoned:
@@ -458,7 +439,7 @@ def report(
 def _write(parts: list[str], output: Path | None) -> None:
     if output is None:
         if len(parts) > 1:
-            _fail(
+            raise CliError(
                 f"the report passes AbuseIPDB's bulk limits ({exports.BULK_MAX_LINES:,} lines or"
                 f" {exports.BULK_MAX_BYTES:,} bytes per file): use --output FILE to write"
                 f" {len(parts)} files (FILE-1, FILE-2, ...), or a shorter --since"
@@ -479,7 +460,7 @@ def _write(parts: list[str], output: Path | None) -> None:
         try:
             path.write_text(text, encoding="utf-8")
         except OSError as exc:
-            _fail(f"{path}: cannot write: {exc.strerror or exc}")
+            raise CliError(f"{path}: cannot write: {exc.strerror or exc}") from None
         if len(parts) > 1:
             click.echo(f"  {path}", err=True)
 
@@ -488,7 +469,7 @@ def _submit(settings: ReputationSettings, fmt: str, incidents: list[Incident]) -
     try:
         key = settings.abuseipdb.api_key() if fmt == "abuseipdb" else settings.dshield.api_key()
     except SecretError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        raise UsageFailure(str(exc)) from None
     pacer = Pacer(settings.http_interval)
     with _open_outbox(settings) as outbox, http_client(settings.http_timeout) as client:
         if fmt == "abuseipdb":

@@ -61,6 +61,8 @@ def test_daemon_down_exits_3_without_traceback(log: Path, tmp_path: Path) -> Non
     )
     assert result.exit_code == 3
     assert "not running" in result.output and "Traceback" not in result.output
+    # Every imr command fails the same way (was "Error: ..." before issue #17).
+    assert result.stderr.startswith("imr: ") and "retries" in result.stderr
 
 
 def test_missing_and_unreadable_files(tmp_path: Path) -> None:
@@ -200,6 +202,7 @@ def test_a_missing_log_among_several_is_a_warning(
     assert still.exit_code == 0 and still.output == ""
     alone = CliRunner().invoke(scan, args[:1] + args[2:], obj=_ctx(fake_daemon.path))
     assert alone.exit_code == 1 and "no such file" in alone.output  # all missing: an error
+    assert alone.stderr == f"imr: {missing}: no such file\n"  # one line, as every imr command
 
 
 def _blocked(daemon: FakeDaemon) -> list[tuple[str, str]]:

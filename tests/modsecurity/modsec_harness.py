@@ -98,10 +98,15 @@ def hook_rules(daemon: Daemon, hook: str, directory: Path) -> str:
     """The shipped phase-5 hook snippet ("exec", "lua" or "none"), with this test's paths."""
     if hook == "none":
         return ""
-    if hook in ("exec", "exec-direct"):
+    if hook in ("exec", "exec-direct", "exec-launcher"):
         # exec-direct: hook.py is standard library only, so it can run as a plain
-        # script without the virtualenv's site start-up.
-        program = IMR_HOOK if hook == "exec" else f"'/usr/bin/python3 -I -S {REPO}/imr/hook.py'"
+        # script without the virtualenv's site start-up. exec-launcher: the shipped
+        # contrib/modsecurity/imr-hook (the same, from cached bytecode).
+        program = {
+            "exec": IMR_HOOK,
+            "exec-direct": f"'/usr/bin/python3 -I -S {REPO}/imr/hook.py'",
+            "exec-launcher": str(CONTRIB / "imr-hook"),
+        }[hook]
         text = (CONTRIB / "imr-hook-exec.conf").read_text()
         text = text.replace("/usr/local/bin/imr-hook", program)
         return text.replace("/run/imr/imr.sock", str(daemon.socket))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imr.hook import HookError, build_request, parse_timeout, run
+from imr.hook import HookError, build_request, decode_reply, parse_timeout, run
 
 HOOK = str(Path(sys.executable).parent / "imr-hook")
 
@@ -161,3 +161,62 @@ def test_console_script_ignores_hostile_request_headers(tmp_path: Path) -> None:
     assert result.stdout == "imr-hook: block 203.0.113.66\n"
     assert result.stderr == ""
     assert json.loads(seen[0])["ip"] == "203.0.113.66"
+
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "contrib" / "modsecurity" / "imr-hook"
+# Modules whose import costs as much as the rest of the hook (they pull in enum,
+# functools and collections); the hook uses their C halves instead.
+HEAVY = {"json", "re", "ipaddress", "socket", "enum", "collections", "functools", "typing"}
+
+
+def test_the_launcher_reports_a_block_without_loading_heavy_modules(tmp_path: Path) -> None:
+    """The shipped exec program, through its #! line, loads only the hook and what
+    Python itself needs (a console script would load the virtualenv's site too)."""
+    path = tmp_path / "imr.sock"
+    reply = b'{"v":1,"id":null,"ok":true,"result":{"kind":"block","action":"block"}}\n'
+    env = {"PATH": "/usr/bin:/bin", "REMOTE_ADDR": "2001:DB8:0::66", "IMR_SOCKET": str(path)}
+    with fake_daemon(path, reply) as seen:
+        result = subprocess.run(
+            [str(LAUNCHER)], env=env, capture_output=True, text=True, timeout=10, check=False
+        )
+        traced = subprocess.run(
+            ["/usr/bin/python3", "-X", "importtime", "-I", "-S", str(LAUNCHER)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    assert result.stdout == traced.stdout == "imr-hook: block 2001:db8::66\n"
+    assert json.loads(seen[0])["ip"] == "2001:db8::66"
+    loaded = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in traced.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "imr.hook" in loaded
+    assert not loaded & HEAVY
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"v":1,"ok":true,"result":{"action":"block","n":[1,2.5,null,false]}}\n',
+        b'  {"a":"\\u00e9\\n"}  \r\n',
+        b'{"x": NaN}',
+        b"[1, 2]",
+        b'"text"',
+    ],
+)
+def test_decode_reply_reads_what_json_reads(data: bytes) -> None:
+    assert repr(decode_reply(data)) == repr(json.loads(data))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\n", b"error busy: x\n", b'{"a":1} x', b'{"a":', b"\xff", b'{"a":1}{}']
+)
+def test_decode_reply_refuses_what_json_refuses(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        json.loads(data)
+    with pytest.raises(ValueError):
+        decode_reply(data)

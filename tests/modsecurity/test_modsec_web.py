@@ -49,6 +49,11 @@ SETUPS = [
     pytest.param(
         "nginx", "lua", marks=pytest.mark.skipif(bool(nginx_missing()), reason=f"{nginx_missing()}")
     ),
+    pytest.param(  # the shipped launcher, contrib/modsecurity/imr-hook
+        "apache",
+        "exec-launcher",
+        marks=pytest.mark.skipif(bool(apache_missing()), reason=f"{apache_missing()}"),
+    ),
 ]
 
 
