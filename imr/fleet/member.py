@@ -91,14 +91,24 @@ class FleetMember:
         protection = self._protection()
         waiting: list[tuple[Incoming, Event | None, asyncio.Future[dict[str, Any]]]] = []
         seq = dict(self._seq)
-        for item in batch:
+        # The position stored with an event is the last entry handed over *whole*: an entry
+        # of many events may be split across the writer's batches, and a crash between them
+        # must read the entry again (its applied events are then skipped by their seq).
+        done = dict(self.follower.positions)
+        for index, item in enumerate(batch):
             event = self._checked(item, protection, seq)
             if event is not None:
                 seq[item.origin] = event.seq
+            following = batch[index + 1] if index + 1 < len(batch) else None
+            if following is None or (following.stream, following.position) != (
+                item.stream,
+                item.position,
+            ):
+                done[item.stream] = item.position
             # Refused events too: their position is stored, so they are not read again.
             future = self._broker.submit_remote(
                 item.stream,
-                item.position,
+                done[item.stream],
                 seq.get(item.origin, 0),
                 event,
                 item.origin in self._admins,
