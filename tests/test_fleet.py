@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -443,3 +444,26 @@ def test_doctor_checks_the_fleet_settings_and_redis(fleet: Fleet) -> None:
     result = a.as_root("doctor", "--no-kernel-probe", "--json")
     found = [f for f in json.loads(result.stdout) if f["check"] == "fleet"]
     assert found[-1]["level"] == "problem" and found[-1]["fix"]
+
+
+def test_two_members_blocking_one_address_at_once_converge(fleet: Fleet) -> None:
+    """a and b block the same address at the same moment (two blocks, or one block and a hit,
+    whichever order requests and events meet in): every member ends with the same rung and
+    the latest expiry (imr/core/fleet.py, merged)."""
+    target = "203.0.113.88"
+    a, b = fleet.daemons["a"], fleet.daemons["b"]
+    argv = ("block", target, "--severity", "2")
+    runs = [
+        subprocess.Popen(d.imr_argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for d in (a, b)
+    ]
+    assert [run.wait(30) for run in runs] == [0, 0]
+    query = f"SELECT rung, expires_at FROM blocks WHERE ip = '{target}' AND lifted_at IS NULL"  # noqa: S608
+
+    def same() -> bool:
+        rows = [fleet.rows(name, query) for name in ("a", "b", "c")]
+        return len(rows[0]) == 1 and rows[0] == rows[1] == rows[2]
+
+    assert wait(same, 10), [fleet.rows(name, query) for name in ("a", "b", "c")]
+    expiries = fleet.rows("a", f"SELECT MAX(expires_at) FROM blocks WHERE ip = '{target}'")  # noqa: S608
+    assert fleet.rows("a", query)[0][1] == expiries[0][0]
