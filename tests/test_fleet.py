@@ -239,6 +239,8 @@ def test_a_block_on_one_member_is_in_every_kernel(fleet: Fleet) -> None:
     assert json.loads(b.as_user(READER, "list", "--origin", "local", "--json").stdout) == []
     shown = b.as_user(READER, "show", ATTACKER)
     assert "fleet a" in shown.stdout
+    text = b.as_root("fleet", "status")
+    assert text.returncode == 0 and "member b" in text.stdout and "from a:" in text.stdout
     status = fleet.status("b")
     assert status["applied"] >= 1 and "a" in status["origins"]
     # The origin's own block is not applied back to it from the others.

@@ -6,6 +6,9 @@ import contextlib
 import ipaddress
 import json
 import sqlite3
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imr.core.fleet import OriginQuota, Protection, may_lift, merged, target_refusal
 from imr.fleet import events
-from imr.fleet.keys import load_public, public_text, verify
+from imr.fleet.keys import load_private, load_public, public_text, verify
 from imr.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
 KEY_A = Ed25519PrivateKey.generate()
@@ -142,3 +145,15 @@ def test_one_signature_covers_an_entry_of_many_events() -> None:
     too_many = json.dumps([many[0]] * (events.MAX_ENTRY_EVENTS + 1)).encode()
     assert events.decode_entry(entry(too_many), "a", VERIFIERS) == [events.EventRefusal.MALFORMED]
     assert events.decode_entry(entry(raw, KEY_B), "a", VERIFIERS) == [events.EventRefusal.SIGNATURE]
+
+
+def test_keygen_writes_a_private_key_and_prints_its_public_key(tmp_path: Path) -> None:
+    imr = str(Path(sys.executable).parent / "imr")
+    path = tmp_path / "fleet.key"
+    made = subprocess.run([imr, "fleet", "keygen", str(path)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert public_text(load_private(path).public_key()) == made.stdout.strip()
+    again = subprocess.run([imr, "fleet", "keygen", str(path)], capture_output=True, text=True)
+    assert again.returncode != 0 and "exists already" in again.stderr
+    assert "Traceback" not in again.stderr
