@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from imr.core.fleet import OriginQuota, Protection, may_lift, merged, target_refusal
+from imr.core.fleet import (
+    OriginQuota,
+    Protection,
+    entry_time,
+    may_lift,
+    merged,
+    target_refusal,
+)
 from imr.fleet import events
 from imr.fleet.keys import load_private, load_public, public_text, verify
 from imr.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
@@ -157,3 +164,15 @@ def test_keygen_writes_a_private_key_and_prints_its_public_key(tmp_path: Path) -
     again = subprocess.run([imr, "fleet", "keygen", str(path)], capture_output=True, text=True)
     assert again.returncode != 0 and "exists already" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_the_quota_runs_on_the_entries_own_time() -> None:
+    assert entry_time("1796619254231-7") == 1796619254.231
+    assert entry_time("bogus") is None
+    quota = OriginQuota(150)
+    # A catch-up: ten minutes of 100 events a minute, read in one go: all admitted.
+    spread = [1000.0 + minute * 60 + n * 0.5 for minute in range(10) for n in range(100)]
+    assert all(quota.admit("a", at) for at in spread)
+    # A flood: 200 events stamped within one second: the excess is refused.
+    flood = [5000.0 + n / 1000 for n in range(200)]
+    assert sum(quota.admit("b", at) for at in flood) == 150

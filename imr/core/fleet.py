@@ -69,9 +69,22 @@ def member_networks(addresses: Iterable[Iterable[IPNetwork]]) -> tuple[IPNetwork
     return tuple(network for member in addresses for network in member)
 
 
+# An entry stamped further ahead of this host's clock is refused (EventRefusal.FUTURE): its
+# stamp is the quota's clock, which an origin must not be able to run ahead.
+FUTURE_SLACK = 60.0
+
+
+def entry_time(position: str) -> float | None:
+    """The time Redis stamped a stream entry with (its id is milliseconds-sequence)."""
+    milliseconds, _, _ = position.partition("-")
+    return int(milliseconds) / 1000 if milliseconds.isdigit() else None
+
+
 class OriginQuota:
     """At most `per_minute` events from one origin in any 60 s window (exact sliding
-    window on a monotonic clock the caller passes in); refused events do not count."""
+    window); refused events do not count. The clock is the stream entries' own time (when
+    Redis appended them), so a member catching up on hours of events is not refused for
+    reading them fast, while a flood is refused wherever it is read."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute

@@ -37,6 +37,7 @@ class EventRefusal(StrEnum):
     PROTECTED = "protected_target"
     TOO_WIDE = "too_wide"
     QUOTA = "origin_quota"
+    FUTURE = "future_entry"  # stamped ahead of this host's clock (core/fleet.FUTURE_SLACK)
     LIFT_NOT_ALLOWED = "lift_not_allowed"
 
 

@@ -17,7 +17,14 @@ from typing import Any, Protocol
 
 from imr.config import Config
 from imr.core.addresses import IPAddress
-from imr.core.fleet import OriginQuota, Protection, member_networks, target_refusal
+from imr.core.fleet import (
+    FUTURE_SLACK,
+    OriginQuota,
+    Protection,
+    entry_time,
+    member_networks,
+    target_refusal,
+)
 from imr.core.quota import LogThrottle
 from imr.fleet import keys
 from imr.fleet.connection import FleetConfigError, connect
@@ -132,7 +139,11 @@ class FleetMember:
             return None
         if event.seq <= seq.get(item.origin, 0):
             return None  # published twice (a crash between XADD and the outbox delete)
-        if not self._quota.admit(item.origin, self._monotonic()):
+        stamped = entry_time(item.position)
+        if stamped is None or stamped > time.time() + FUTURE_SLACK:
+            self._refused(item, EventRefusal.FUTURE.value, item.position)
+            return None
+        if not self._quota.admit(item.origin, stamped):
             self._refused(item, EventRefusal.QUOTA.value, "")
             return None
         found = target_refusal(event.ip, protection)
