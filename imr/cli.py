@@ -87,10 +87,11 @@ class _MainGroup(click.Group):
             return
         self._extras_loaded = True
         from imr.doctor import doctor
+        from imr.fleet.cli import fleet
         from imr.logscan.cli import rules, scan, watch
         from imr.reputation.cli import register as register_reputation
 
-        for command in (scan, watch, rules, doctor):
+        for command in (scan, watch, rules, doctor, fleet):
             self.add_command(command)
         register_reputation(self)
 
@@ -429,6 +430,9 @@ def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str | 
     help="Source tag is PATTERN or PATTERN:..., or matches the glob PATTERN ('logscan*').",
 )
 @click.option(
+    "--origin", metavar="HOST", default=None, help="Made by fleet member HOST ('local': here)."
+)
+@click.option(
     "--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=None, help="At most N rows."
 )
 @click.option(
@@ -441,19 +445,23 @@ def list_blocks(
     since: int | None,
     reason: str | None,
     source: str | None,
+    origin: str | None,
     limit: int | None,
     networks: bool,
     as_json: bool,
 ) -> None:
     """Active blocks, oldest first, from the daemon's memory (roles: read, admin)."""
-    only = {"networks": True} if networks else {}  # not sent unless asked: older daemons
-    asked = call(ctx, "list", since=since, reason=reason, source=source, limit=limit, **only)
-    result = cast(ListResult, asked)
+    fields: dict[str, Any] = {"since": since, "reason": reason, "source": source, "limit": limit}
+    if networks:  # only when asked: an older daemon refuses the unknown field
+        fields["networks"] = True
+    if origin is not None:  # likewise
+        fields["origin"] = origin
+    result = cast(ListResult, call(ctx, "list", **fields))
     blocks = result["blocks"]
     if as_json:
         click.echo(json.dumps(blocks, indent=2))
         return
-    filtered = networks or any(v is not None for v in (since, reason, source))
+    filtered = networks or any(v is not None for v in (since, reason, source, origin))
     if not blocks:
         click.echo("no matching active blocks" if filtered else "no active blocks")
         return
@@ -699,6 +707,9 @@ for _command in (cli_admin.unblock, cli_admin.stats, cli_admin.completion, cli_a
 
 
 def _who(entry: BlockInfo | HitInfo) -> str:
+    origin = entry.get("origin")
+    if origin:  # a fleet member's block (docs/fleet.md)
+        return f"fleet {escape(str(origin))}"
     uid, pid = entry.get("uid"), entry.get("pid")
     if uid is None:
         return "-"

@@ -30,6 +30,7 @@ from imr.core.policy import Ladder
 from imr.core.prefixes import Level
 from imr.core.quota import QuotaLimits
 from imr.core.slots import SlotLimits, StartupLimits
+from imr.fleet.settings import FleetSettings
 from imr.logscan.settings import LogscanConfig
 from imr.reputation.settings import ReputationSettings
 
@@ -465,6 +466,17 @@ class Config(_Section):
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     reputation: ReputationSettings = Field(default_factory=ReputationSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+
+    @model_validator(mode="after")
+    def _fleet_retention(self) -> Config:
+        needed = max(self.policy.ladder) + self.policy.repeat_window
+        if self.fleet.enabled and self.fleet.retention < needed:
+            raise ValueError(
+                f"fleet.retention must be at least the longest rung plus policy.repeat_window"
+                f" ({needed} s): a member catching up must see every offence that still counts"
+            )
+        return self
 
     def to_toml(self) -> str:
         return _to_toml(self.model_dump(mode="json"))

@@ -138,6 +138,8 @@ class ListRequest(_Request):
         None, min_length=1, max_length=MAX_SOURCE, pattern=_SOURCE_FILTER_PATTERN
     )
     networks: bool = False  # only network blocks (an admin's, and the escalated ones)
+    # The fleet member a block came from; "local": made on this host (docs/fleet.md).
+    origin: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class StatusRequest(_Request):
@@ -382,6 +384,7 @@ class BlockInfo(TypedDict):
     lifted_at: str | None
     lift_reason: str | None
     lifted_by: str | None
+    origin: str | None  # the fleet member it came from; None: made here (docs/fleet.md)
 
 
 class BlockResult(BlockInfo):
@@ -473,6 +476,7 @@ class StatusResult(TypedDict):
     socket: str
     state_file: str
     active_blocks: int
+    fleet: NotRequired[dict[str, Any]]  # fleet mode only (docs/fleet.md)
 
 
 class PongResult(TypedDict):

@@ -59,6 +59,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX hits_by_ip ON hits(ip, at);
     """,
+    # Fleet mode (docs/fleet.md): the member a block came from (NULL: this host), the
+    # events waiting to be published, and how far each other member's stream is applied.
+    """
+    ALTER TABLE blocks ADD COLUMN origin TEXT;
+    CREATE TABLE fleet_outbox (
+        seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+        event BLOB NOT NULL
+    );
+    CREATE TABLE fleet_positions (
+        stream   TEXT PRIMARY KEY,
+        position TEXT NOT NULL,
+        seq      INTEGER NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +126,7 @@ class BlockRecord:
     lifted_at: float | None = None
     lift_reason: str | None = None
     lifted_by: str | None = None
+    origin: str | None = None  # the fleet member it came from; None: decided here
 
     def as_previous(self) -> PreviousBlock:
         return PreviousBlock(self.blocked_at, self.rung, self.expires_at, self.lifted_at)
@@ -140,9 +155,10 @@ class HitRecord:
 
 _BLOCK_COLUMNS = (
     "id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid,"
-    " lifted_at, lift_reason, lifted_by"
+    " lifted_at, lift_reason, lifted_by, origin"
 )
 _HIT_COLUMNS = "id, ip, at, outcome, reason, source, uid, pid, block_id"
+_ADDED_LATER = frozenset({"origin"})  # by migrations after the first
 
 
 STATE_FILE_MODE = 0o640  # SQLite gives the -wal and -shm files the state file's mode
@@ -162,6 +178,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] >= 1:
+                # Before any migration touches it: a foreign file is refused unchanged.
+                self._check_schema(skip=_ADDED_LATER)
             self._migrate()
             self._check_schema()
         except sqlite3.DatabaseError as exc:
@@ -197,11 +216,13 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{path}: {exc.strerror}") from None
 
-    def _check_schema(self) -> None:
-        """Every table and column this imr uses is there (a file of another program's is not)."""
+    def _check_schema(self, skip: frozenset[str] = frozenset()) -> None:
+        """Every table and column this imr uses is there (a file of another program's is not);
+        `skip`: columns migrations add (checked before migrating)."""
         for table, columns in (("blocks", _BLOCK_COLUMNS), ("hits", _HIT_COLUMNS)):
             found = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            missing = [c for c in columns.replace(" ", "").split(",") if c not in found]
+            wanted = [c for c in columns.replace(" ", "").split(",") if c not in skip]
+            missing = [c for c in wanted if c not in found]
             if missing:
                 raise StoreError(
                     f"{self.path}: not an imr state file of schema version {SCHEMA_VERSION}"
@@ -281,9 +302,9 @@ class Store:
         """Many new blocks in one statement, with the ids their records carry (from
         next_block_id(), inside the same transaction: the only writer holds it)."""
         self._db.executemany(
-            "INSERT INTO blocks"
-            " (id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO blocks (id, ip, blocked_at, expires_at, rung, offence, reason, source,"
+            " uid, pid, lifted_at, lift_reason, lifted_by, origin)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.id,
@@ -296,6 +317,10 @@ class Store:
                     r.source,
                     r.uid,
                     r.pid,
+                    r.lifted_at,
+                    r.lift_reason,
+                    r.lifted_by,
+                    r.origin,
                 )
                 for r in records
             ],
@@ -335,6 +360,29 @@ class Store:
             hits,
         )
 
+    # Fleet mode (inside transaction()) --------------------------------------------
+
+    def add_outbox(self, events: Sequence[bytes]) -> None:
+        """Events for the publisher, in the transaction of the changes they describe."""
+        self._db.executemany("INSERT INTO fleet_outbox (event) VALUES (?)", [(e,) for e in events])
+
+    def next_outbox_seq(self) -> int:
+        """The seq the next outbox row gets (AUTOINCREMENT: never one used before)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'fleet_outbox'")
+        found = row.fetchone()
+        return (found[0] if found else 0) + 1
+
+    def set_position(self, stream: str, position: str, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO fleet_positions (stream, position, seq) VALUES (?, ?, ?)"
+            " ON CONFLICT(stream) DO UPDATE SET position = excluded.position, seq = excluded.seq",
+            (stream, position, seq),
+        )
+
+    def positions(self) -> dict[str, tuple[str, int]]:
+        rows = self._db.execute("SELECT stream, position, seq FROM fleet_positions")
+        return {stream: (position, seq) for stream, position, seq in rows}
+
     # Reads --------------------------------------------------------------------
 
     def active_blocks(self) -> list[BlockRecord]:
@@ -343,8 +391,8 @@ class Store:
         # The lifted_* columns are NULL here by the WHERE clause: not read (100,000 rows at
         # start; this loop is ~0.3 s of a restart).
         rows = self._db.execute(
-            "SELECT id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid"
-            " FROM blocks WHERE lifted_at IS NULL ORDER BY id"
+            "SELECT id, ip, blocked_at, expires_at, rung, offence, reason, source, uid, pid,"
+            " origin FROM blocks WHERE lifted_at IS NULL ORDER BY id"
         )
         # The daemon keeps these for its whole life: reasons, sources and uids repeat, so
         # they share one object each (a uid past 256 is otherwise one int object per row);
@@ -353,9 +401,19 @@ class Store:
         share = shared.setdefault
         return [
             BlockRecord(
-                i, ip, at, expires, rung, n, share(why, why), share(src, src), share(u, u), p
+                i,
+                ip,
+                at,
+                expires,
+                rung,
+                n,
+                share(why, why),
+                share(src, src),
+                share(u, u),
+                p,
+                origin=share(o, o),
             )
-            for i, ip, at, expires, rung, n, why, src, u, p in rows
+            for i, ip, at, expires, rung, n, why, src, u, p, o in rows
         ]
 
     def offences(self, ips: Sequence[str]) -> dict[str, Offences]:

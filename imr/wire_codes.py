@@ -45,4 +45,5 @@ class WireCode(StrEnum):
     RATE_LIMITED = quota.RATE_LIMITED
     QUOTA_EXCEEDED = quota.QUOTA_EXCEEDED
     STATE_UNWRITABLE = "state_unwritable"
+    LIFT_NOT_ALLOWED = "lift_not_allowed"  # fleet events only: never sent to a client
     INTERNAL_ERROR = "internal_error"

@@ -18,6 +18,8 @@ packages=(
   modsecurity-crs curl
   # systemd-analyze (unit checks), systemd-socket-activate; libseccomp for the sandbox test.
   systemd python3-seccomp
+  # Fleet mode's tests start their own redis-server processes (never the host's service).
+  redis-server
   # The Debian package: its build (scripts/build-deb.sh), lintian, and the Debian 12
   # container tests/test_package.py boots it in (debootstrap, systemd-nspawn).
   debhelper lintian python3.11-venv debootstrap systemd-container

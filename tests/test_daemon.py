@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from imr.store import SCHEMA_VERSION
+
 from daemon_harness import (
     ATTACKER_V4,
     ATTACKER_V6,
@@ -280,6 +282,6 @@ def test_export_dumps_blocks_and_reports(world: Daemon) -> None:
     exported = world.as_user(READER, "export")
     assert exported.returncode == 0, exported.stderr
     data = json.loads(exported.stdout)
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == SCHEMA_VERSION
     assert [(b["ip"], b["lift_reason"]) for b in data["blocks"]] == [(ATTACKER_V4, "unblocked")]
     assert [(h["ip"], h["reason"]) for h in data["hits"]] == [(ATTACKER_V4, "scan")]

@@ -9,6 +9,7 @@ kernel (listing a set of 100,000 elements takes seconds). The filters combine
 - `source`: the block's source tag is this tag or starts with it and a colon (`logscan`
   matches `logscan` and `logscan:nginx-404`, not `logscanner`), case-sensitive like the
   tags; with a `*`, `?` or `[` in it, the tag matches it as a glob (`logscan*`, `modsec*:9*`);
+- `origin`: the fleet member the block came from ("local": made here; docs/fleet.md);
 - `limit`: at most this many rows, the oldest first (the order of the listing).
 """
 
@@ -47,6 +48,7 @@ class ListQuery:
     reason: str | None = None
     source: str | None = None
     limit: int | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,9 @@ def select_blocks(records: Iterable[R], query: ListQuery, now: float) -> Listing
     if query.source is not None:
         matches = source_matcher(query.source)
         matching = [r for r in matching if matches(r.source)]
+    if query.origin is not None:
+        wanted = None if query.origin == "local" else query.origin
+        matching = [r for r in matching if getattr(r, "origin", None) == wanted]
     if query.reason:
         needle = query.reason.casefold()
         matching = [r for r in matching if needle in r.reason.casefold()]

@@ -49,6 +49,10 @@ def diagnose(ctx: CliContext, probe_kernel: bool = True) -> list[Finding]:
     findings += check_state(config, time.time())
     findings += check_clock()
     findings += check_access(config)
+    if config.fleet.enabled:
+        from imr.fleet.doctor import check_fleet
+
+        findings += check_fleet(config)
     return findings
 
 

@@ -31,6 +31,7 @@ from imr.backends.base import (
 )
 from imr.config import Config
 from imr.core.addresses import (
+    IPAddress,
     ProtectionIndex,
     Refusal,
     address_of_packed,
@@ -44,6 +45,7 @@ from imr.core.log_budget import LineBudget
 from imr.core.policy import Ladder
 from imr.core.prefixes import Level
 from imr.core.quota import QuotaLedger
+from imr.fleet.events import Event
 from imr.protocol import (
     BlockedItem,
     BlockInfo,
@@ -81,6 +83,7 @@ from imr.server.changes import (
     ExpireChange,
     Outcome,
     Queued,
+    RemoteChange,
     UnblockChange,
     internal_error,
     stored_address,
@@ -173,6 +176,10 @@ class Broker:
             store, backend, clock, health, self._active, config.policy.to_ladder(), rearm
         )
         self._committer.prefix = self._prefix = prefix
+        # Fleet mode (docs/fleet.md): this member's name, or None (then nothing below runs).
+        self.fleet_name: str | None = config.fleet.name if config.fleet.enabled else None
+        self._committer.fleet_name = self.fleet_name
+        self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
         self._upkeep = Upkeep(
             (config.state, config.firewall),
             (clock, monotonic),
@@ -267,6 +274,24 @@ class Broker:
         ]
         if self._config.firewall.drift_check:
             self._tasks.append(asyncio.create_task(self._upkeep.drift_loop(), name="imr-drift"))
+        if self.fleet_name is not None:
+            from imr.fleet.member import FleetMember  # redis and cryptography: fleet mode only
+
+            positions = await self._in_writer(self._store.positions)
+            self._fleet = FleetMember(self._config, self, positions, self.metrics.fleet)
+            self._tasks += self._fleet.tasks()
+
+    # Fleet mode: the two entries imr/fleet/member.py uses --------------------------
+
+    def protection_view(self) -> tuple[frozenset[IPAddress], frozenset[IPAddress], Config]:
+        """The own and broadcast addresses now, and the configuration (a reload's allowlist)."""
+        return self._local.own, self._local.broadcast, self._config
+
+    def submit_remote(
+        self, stream: str, position: str, seq: int, event: Event | None, admin: bool
+    ) -> asyncio.Future[Answer]:
+        """Queue a remote event for the writer (the same queue as local changes)."""
+        return self._enqueue(RemoteChange(stream, position, seq, event, admin))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -384,7 +409,9 @@ class Broker:
 
     def _list(self, request: ListRequest) -> ListResult:
         now = self._clock.now()
-        query = ListQuery(request.since, request.reason, request.source, request.limit)
+        query = ListQuery(
+            request.since, request.reason, request.source, request.limit, request.origin
+        )
         records: Iterable[BlockRecord] = self._active.values()
         if request.networks:  # a few among 100,000: the text says which (issue #16)
             records = [r for r in records if "/" in r.ip]
@@ -415,6 +442,7 @@ class Broker:
             str(self._config.server.socket),
             str(self._config.state.path),
             len(self._active),
+            self.metrics.fleet.describe(self.fleet_name) if self.fleet_name else None,
         )
 
     async def _export(self, request: ExportRequest) -> ExportPage:
@@ -514,6 +542,8 @@ class Broker:
                 self.metrics.batch(len(batch))
                 self.metrics.expired(result.expired)
                 self._publish(result)
+                if self._fleet is not None:
+                    self._fleet.publisher.wake()
             self._log_changes(result.log_lines)
             # Settle every reservation before any readmission, so none counts twice.
             for queued, outcome in zip(batch, result.outcomes, strict=True):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from imr.core.addresses import Refusal, Target, canonical_target, parse_target
 from imr.core.quota import Reservation
+from imr.fleet.events import Event
 from imr.protocol import BlockedItem, BlockResult, ProtocolError, UnblockRequest, UnblockResult
 from imr.server.access import Peer
 from imr.store import BlockRecord
@@ -71,7 +72,23 @@ class ExpireChange:
     protected: dict[str, str] = field(default_factory=dict)
 
 
-AnyChange = BlockChange | UnblockChange | ExpireChange
+@dataclass
+class RemoteChange:
+    """A fleet event that passed the checks on the loop (imr/fleet/member.py), or None for
+    a refused one: either way its stream position is stored with the batch."""
+
+    stream: str
+    position: str
+    seq: int
+    event: Event | None
+    admin: bool  # signed by an admin key: may lift blocks other members made
+
+    @property
+    def ip(self) -> str:
+        return self.event.ip if self.event is not None else ""
+
+
+AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteChange
 
 
 class ExpireResult(TypedDict):
@@ -81,8 +98,16 @@ class ExpireResult(TypedDict):
     lifted: list[str]
 
 
+class RemoteResult(TypedDict):
+    """A fleet event's outcome (not a reply: the follower counts and logs it)."""
+
+    kind: Literal["block", "lift", "position"]
+    ip: NotRequired[str]
+    action: NotRequired[str]  # block, merge, history, lift, none
+
+
 # A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
-Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult
+Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteResult
 
 
 @dataclass

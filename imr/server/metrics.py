@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_wsgi_server
 
 from imr.config import MetricsConfig, Role
+from imr.fleet.stats import FleetStats
 from imr.server.access import Peer
 from imr.wire_codes import WireCode
 
@@ -84,6 +85,7 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.fleet = FleetStats(r)  # registered always, counted only in fleet mode
 
     def request_done(self, op: str, peer: Peer, result: str, seconds: float) -> None:
         key = (op, peer.roles, result)

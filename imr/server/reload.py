@@ -22,7 +22,7 @@ from imr.config import Config, ConfigError
 log = logging.getLogger("imr.daemon")
 
 LIVE_SERVER_KEYS = ("log_file", "log_changes_per_second")
-FIXED_SECTIONS = ("state", "firewall", "metrics")
+FIXED_SECTIONS = ("state", "firewall", "metrics", "fleet")
 
 
 class TakesConfig(Protocol):

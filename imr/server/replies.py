@@ -54,6 +54,7 @@ def block_info(record: BlockRecord, now: float) -> BlockInfo:
         "lifted_at": timestamp(record.lifted_at),
         "lift_reason": record.lift_reason,
         "lifted_by": record.lifted_by,
+        "origin": record.origin,  # the fleet member it came from; None: made here
     }
 
 
@@ -142,11 +143,16 @@ def export_reply(blocks: list[BlockInfo], hits: list[HitInfo], following: str | 
 
 
 def status_reply(
-    started_at: float, backend: tuple[str, str, str], socket: str, state_file: str, active: int
+    started_at: float,
+    backend: tuple[str, str, str],
+    socket: str,
+    state_file: str,
+    active: int,
+    fleet: dict[str, Any] | None = None,
 ) -> StatusResult:
     """`backend` is the backend's name, its description, and why it was chosen."""
     name, detail, choice = backend
-    return {
+    reply: StatusResult = {
         "kind": "status",
         "version": __version__,
         "pid": os.getpid(),
@@ -159,6 +165,9 @@ def status_reply(
         "state_file": state_file,
         "active_blocks": active,
     }
+    if fleet is not None:
+        reply["fleet"] = fleet
+    return reply
 
 
 def pong() -> PongResult:

@@ -23,7 +23,9 @@ from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot
 from imr.core.addresses import Target
 from imr.core.clock import Clock
 from imr.core.durations import format_duration
+from imr.core.fleet import may_lift, merged
 from imr.core.policy import Action, Decision, Ladder, decide
+from imr.fleet.events import Event, outbox_body
 from imr.protocol import timestamp
 from imr.server.changes import (
     AnyChange,
@@ -32,6 +34,7 @@ from imr.server.changes import (
     BrokerError,
     ExpireChange,
     Outcome,
+    RemoteChange,
     StateUnwritable,
     UnblockChange,
     internal_error,
@@ -73,6 +76,7 @@ class BatchCommitter:
         # Per-prefix offences and escalation (issue #16); the broker sets its own. This one,
         # without levels, only holds addresses under an admin's network out of the kernel.
         self.prefix = PrefixBlocks(ladder, [], 128, lambda: lambda network: None)
+        self.fleet_name: str | None = None  # fleet mode: local decisions get outbox rows
 
     def commit_isolated(
         self, batch: list[AnyChange], earlier: dict[str, BlockRecord | None] | None = None
@@ -238,12 +242,15 @@ class _BatchTransaction:
         # Block history of new addresses, read for the whole batch in one query; an address
         # this batch writes for is dropped from it (then read on its own, fresh).
         self.offences: dict[str, Offences] = {}
+        self.outbox: list[bytes] = []  # fleet events of this batch's local decisions
+        self.positions: dict[str, tuple[str, int]] = {}  # fleet: stream -> (position, seq)
 
     def prefetch(self, batch: Sequence[AnyChange]) -> None:
         new = [
             change.ip
             for change in batch
-            if isinstance(change, BlockChange)
+            if isinstance(change, BlockChange | RemoteChange)
+            and change.ip
             and self.committer.current(change.ip, self.changed) is None
         ]
         if new:
@@ -254,6 +261,12 @@ class _BatchTransaction:
         self._insert_pending()
         self.store.record_hits(self.hits)
         self.hits.clear()
+        if self.outbox:  # fleet mode: in the same transaction as the changes
+            self.store.add_outbox(self.outbox)
+            self.outbox.clear()
+        for stream, (position, seq) in self.positions.items():  # the last of each stream
+            self.store.set_position(stream, position, seq)
+        self.positions.clear()
 
     def _insert_pending(self) -> None:
         if self.new_blocks:
@@ -334,6 +347,8 @@ class _BatchTransaction:
                 return self._apply_unblock(change)
             case ExpireChange():
                 return self._apply_expiry(change)
+            case RemoteChange():
+                return self._apply_remote(change)
 
     def _apply_block(self, change: BlockChange) -> Outcome:
         peer, ip = change.peer, change.ip
@@ -387,6 +402,8 @@ class _BatchTransaction:
         )
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
+            if self.committer.fleet_name is not None:
+                self._announce(decision.action.value, record)
         self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return Outcome(compact_block_item(ip, record, decision))
@@ -401,9 +418,96 @@ class _BatchTransaction:
         self.changed[ip] = None
         self.kernel_remove.append(change.address)
         self.committer.prefix.lifted(self, ip, change.address, by_admin=True)
+        if self.committer.fleet_name is not None:
+            self._announce("lift", current)
         by, reason = change.peer.describe(), change.request.reason
         self.log_lines.append(lambda: f"unblocked {ip} by {by} reason={reason!r}")
         return Outcome({"kind": "unblock", "ip": ip})
+
+    def _announce(self, kind: str, record: BlockRecord) -> None:
+        """An outbox row for a local decision (fleet mode; docs/fleet.md)."""
+        expires_at = 0.0 if kind == "lift" else record.expires_at
+        self.outbox.append(
+            outbox_body(
+                self.committer.fleet_name or "",
+                kind,
+                record.ip,
+                self.now,
+                expires_at,
+                record.rung,
+                record.offence,
+                record.reason,
+                record.source,
+            )
+        )
+
+    def _apply_remote(self, change: RemoteChange) -> Outcome:
+        """A fleet event: a lift its origin may make, a block merged into one in force here
+        (imr/core/fleet.py), or a new block with its origin (history only if it is over
+        already: it still counts for the ladder). Never announced again."""
+        self.positions[change.stream] = (change.position, change.seq)  # written by flush()
+        event = change.event
+        if event is None:
+            return Outcome({"kind": "position"})
+        ip, target = event.ip, stored_address(event.ip)
+        current = self.committer.current(ip, self.changed)
+        if current is not None and current.expires_at <= self.now:
+            self._lift(current, "expired", "imr")
+            self.changed[ip], current = None, None
+            self.expired += 1
+        if event.kind == "lift":
+            if current is None:
+                return Outcome({"kind": "lift", "ip": ip, "action": "none"})
+            if not may_lift(event.origin, current.origin, change.admin):
+                maker = current.origin or "this host"
+                why = f"{event.origin} may not lift the block of {ip} made by {maker}"
+                return Outcome(error=BrokerError(WireCode.LIFT_NOT_ALLOWED, why))
+            self._lift(current, "unblocked", f"fleet:{event.origin}")
+            self.changed[ip] = None
+            self.kernel_remove.append(target)
+            self.log_lines.append(lambda: f"unblocked {ip} by fleet member {event.origin}")
+            return Outcome({"kind": "lift", "ip": ip, "action": "lift"})
+        if current is not None:
+            now = current.rung, current.expires_at
+            rung, expires_at = merged(now, event.rung, event.expires_at)
+            if (rung, expires_at) != now:
+                self._insert_pending()
+                self.store.escalate(current.id, rung, expires_at)
+                self.changed[ip] = replace(current, rung=rung, expires_at=expires_at)
+                self.kernel_add.append(KernelBlock(target, expires_at, ip))
+            return Outcome({"kind": "block", "ip": ip, "action": "merge"})
+        return self._remote_block(event, target)
+
+    def _remote_block(self, event: Event, target: Target) -> Outcome:
+        if self.next_id is None:
+            self.next_id = self.store.next_block_id()
+        ip, offence = event.ip, self._offences(event.ip).count + 1
+        record = BlockRecord(
+            self.next_id,
+            ip,
+            event.at,
+            event.expires_at,
+            event.rung,
+            offence,
+            event.reason,
+            event.source,
+            None,
+            None,
+            origin=event.origin,
+        )
+        self.next_id += 1
+        if event.expires_at <= self.now:  # over already: only the ladder needs it
+            over = replace(record, lifted_at=event.expires_at, lift_reason="expired")
+            self.new_blocks.append(replace(over, lifted_by="imr"))
+            return Outcome({"kind": "block", "ip": ip, "action": "history"})
+        self.new_blocks.append(record)
+        self.changed[ip] = record
+        self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
+        until = timestamp(record.expires_at)
+        self.log_lines.append(
+            lambda: f"blocked {ip} until {until} rung={record.rung} by fleet member {event.origin}"
+        )
+        return Outcome({"kind": "block", "ip": ip, "action": "block"})
 
     def _apply_expiry(self, change: ExpireChange) -> Outcome:
         lifted = []

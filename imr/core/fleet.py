@@ -1,0 +1,112 @@
+"""The pure part of fleet mode: what a remote event may do here, and how it merges.
+
+A remote event passes the checks a local request passes (the target is parsed and
+refused if it is loopback, an own address, allowlisted, or a too-wide network; see
+addresses.py), and more: the other members' addresses are protected too, an origin
+has a quota of events a minute, and only an admin key lifts blocks another member made.
+
+Merging: a remote block for an address that is blocked here already keeps the higher
+rung and the later expiry. Both are maxima, so members that see two escalations of one
+address in either order end with the same block (docs/fleet.md, "One ladder").
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from imr.core.addresses import (
+    IPAddress,
+    IPNetwork,
+    Refusal,
+    RefusalCode,
+    canonical_target,
+    intrinsic_refusal,
+    network_refusal,
+    protection_refusal,
+)
+
+WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What no fleet event may block here."""
+
+    own: frozenset[IPAddress]
+    broadcast: frozenset[IPAddress]
+    allowlist: tuple[IPNetwork, ...]  # the local allowlist plus every member's addresses
+    min_prefix: Mapping[int, int]
+
+
+def target_refusal(ip: str, protection: Protection) -> tuple[str, Refusal] | None:
+    """('protected_target' | 'too_wide' | 'malformed', why) if a remote event may not block `ip`."""
+    parsed = canonical_target(ip)
+    if isinstance(parsed, Refusal):
+        return "malformed", parsed
+    target, text = parsed
+    if text != ip:
+        return "malformed", Refusal(RefusalCode.INVALID, f"{ip!r} is not in canonical form")
+    if isinstance(target, IPNetwork):
+        refusal = network_refusal(
+            target,
+            protection.min_prefix,
+            protection.own,
+            protection.broadcast,
+            protection.allowlist,
+        )
+        if refusal is None:
+            return None
+        return ("too_wide" if refusal.code is RefusalCode.TOO_WIDE else "protected_target"), refusal
+    refusal = intrinsic_refusal(target) or protection_refusal(
+        target, protection.own, protection.broadcast, protection.allowlist
+    )
+    return None if refusal is None else ("protected_target", refusal)
+
+
+def member_networks(addresses: Iterable[Iterable[IPNetwork]]) -> tuple[IPNetwork, ...]:
+    return tuple(network for member in addresses for network in member)
+
+
+# An entry stamped further ahead of this host's clock is refused (EventRefusal.FUTURE): its
+# stamp is the quota's clock, which an origin must not be able to run ahead.
+FUTURE_SLACK = 60.0
+
+
+def entry_time(position: str) -> float | None:
+    """The time Redis stamped a stream entry with (its id is milliseconds-sequence)."""
+    milliseconds, _, _ = position.partition("-")
+    return int(milliseconds) / 1000 if milliseconds.isdigit() else None
+
+
+class OriginQuota:
+    """At most `per_minute` events from one origin in any 60 s window (exact sliding
+    window); refused events do not count. The clock is the stream entries' own time (when
+    Redis appended them), so a member catching up on hours of events is not refused for
+    reading them fast, while a flood is refused wherever it is read."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[str, deque[float]] = {}
+
+    def admit(self, origin: str, now: float) -> bool:
+        times = self._seen.setdefault(origin, deque())
+        while times and times[0] <= now - WINDOW:
+            times.popleft()
+        if len(times) >= self.per_minute:
+            return False
+        times.append(now)
+        return True
+
+
+def merged(current: tuple[int, float], rung: int, expires_at: float) -> tuple[int, float]:
+    """The block after a remote block or escalation met a block in force here: the higher
+    rung, the later expiry (commutative and idempotent: the order of events does not matter)."""
+    return max(current[0], rung), max(current[1], expires_at)
+
+
+def may_lift(event_origin: str, block_origin: str | None, origin_is_admin: bool) -> bool:
+    """A member lifts only the blocks it made itself (as they were applied here); an admin
+    key lifts any. A block this host made (origin None) is lifted only by an admin key."""
+    return origin_is_admin or block_origin == event_origin

@@ -1,0 +1,176 @@
+"""The fleet's signed event: what a member publishes to its stream and others apply.
+
+A stream entry has two fields: `e`, the event as compact JSON (sorted keys), and `s`, the
+Ed25519 signature of DOMAIN + `e` by the origin's key. The JSON carries the origin's name,
+which must match the stream it was read from, so an event signed by one member cannot be
+passed off as another's even by someone who can write to every stream.
+
+Pure: encode() and decode() do no I/O; the keys are handed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+VERSION = 1
+DOMAIN = b"imr-fleet-event-v1\n"
+MAX_EVENT_BYTES = 2048
+# An entry may carry a JSON array of up to this many events under one signature: a member
+# catching up verifies one signature per entry, not per event (the costly part).
+MAX_ENTRY_EVENTS = 100
+KINDS = ("block", "escalate", "lift")
+
+
+class EventRefusal(StrEnum):
+    """Why an event was refused (a metric label and a log word each)."""
+
+    MALFORMED = "malformed"
+    VERSION = "unknown_version"
+    UNKNOWN_ORIGIN = "unknown_origin"
+    ORIGIN_MISMATCH = "origin_mismatch"
+    SIGNATURE = "bad_signature"
+    PROTECTED = "protected_target"
+    TOO_WIDE = "too_wide"
+    QUOTA = "origin_quota"
+    FUTURE = "future_entry"  # stamped ahead of this host's clock (core/fleet.FUTURE_SLACK)
+    LIFT_NOT_ALLOWED = "lift_not_allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    origin: str  # the member that decided it
+    seq: int  # the origin's outbox number: increasing, so a replayed event is seen as one
+    kind: str  # block | escalate | lift
+    ip: str  # canonical text of an address or CIDR network
+    at: float  # when the origin decided it (its wall clock)
+    expires_at: float  # block / escalate: the end of the block; lift: 0
+    rung: int
+    offence: int
+    reason: str
+    source: str
+    v: int = VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "origin": str,
+    "seq": int,
+    "kind": str,
+    "ip": str,
+    "at": (int, float),
+    "expires_at": (int, float),
+    "rung": int,
+    "offence": int,
+    "reason": str,
+    "source": str,
+    "v": int,
+}
+
+
+def sign(event_json: bytes, signer: Callable[[bytes], bytes]) -> dict[str, bytes]:
+    """The stream entry's fields for an event (signer: the private key's sign)."""
+    return {"e": event_json, "s": signer(DOMAIN + event_json)}
+
+
+def decode(
+    fields: Mapping[bytes, bytes],
+    stream_origin: str,
+    verifiers: Mapping[str, Callable[[bytes, bytes], bool]],
+) -> Event | EventRefusal:
+    """The one event of a stream entry (see decode_entry), or why it is refused."""
+    found = decode_entry(fields, stream_origin, verifiers)
+    return found[0] if len(found) == 1 else EventRefusal.MALFORMED
+
+
+def decode_entry(
+    fields: Mapping[bytes, bytes],
+    stream_origin: str,
+    verifiers: Mapping[str, Callable[[bytes, bytes], bool]],
+) -> list[Event | EventRefusal]:
+    """The events of one stream entry read from `stream_origin`'s stream (one JSON object,
+    or an array of up to MAX_ENTRY_EVENTS), each an Event or why it is refused; a refusal of
+    the whole entry (its signature, its size) is one item.
+
+    `verifiers` maps a member's name to its check(signature, message). The signature is
+    checked before the JSON is trusted beyond its size, so a forger learns nothing more.
+    """
+    body, signature = fields.get(b"e"), fields.get(b"s")
+    too_big = body is not None and len(body) > MAX_EVENT_BYTES * MAX_ENTRY_EVENTS
+    if body is None or signature is None or too_big or len(fields) != 2:
+        return [EventRefusal.MALFORMED]
+    verifier = verifiers.get(stream_origin)
+    if verifier is None:
+        return [EventRefusal.UNKNOWN_ORIGIN]
+    if not verifier(signature, DOMAIN + body):
+        return [EventRefusal.SIGNATURE]
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return [EventRefusal.MALFORMED]
+    items = data if isinstance(data, list) else [data]
+    if not 1 <= len(items) <= MAX_ENTRY_EVENTS:
+        return [EventRefusal.MALFORMED]
+    return [_one(item, stream_origin) for item in items]
+
+
+def _one(data: Any, stream_origin: str) -> Event | EventRefusal:
+    if not isinstance(data, dict):
+        return EventRefusal.MALFORMED
+    if data.get("v") != VERSION:
+        return EventRefusal.VERSION
+    return _checked(data, stream_origin)
+
+
+def _checked(data: dict[str, Any], stream_origin: str) -> Event | EventRefusal:
+    if set(data) != set(_FIELDS):
+        return EventRefusal.MALFORMED
+    for name, kind in _FIELDS.items():
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return EventRefusal.MALFORMED
+    if data["kind"] not in KINDS or not all(math.isfinite(data[n]) for n in ("at", "expires_at")):
+        return EventRefusal.MALFORMED
+    if not 1 <= data["rung"] <= 64 or data["seq"] < 1 or data["offence"] < 0:
+        return EventRefusal.MALFORMED
+    if len(data["reason"]) > 512 or len(data["source"]) > 128 or len(data["ip"]) > 64:
+        return EventRefusal.MALFORMED
+    if data["origin"] != stream_origin:
+        return EventRefusal.ORIGIN_MISMATCH
+    return Event(**data)
+
+
+def outbox_body(
+    origin: str,
+    kind: str,
+    ip: str,
+    at: float,
+    expires_at: float,
+    rung: int,
+    offence: int,
+    reason: str,
+    source: str,
+) -> bytes:
+    """An event as the writer stores it in the outbox: everything but its seq, which the
+    outbox row's number becomes when the publisher signs it."""
+    return json.dumps(
+        {
+            "origin": origin,
+            "kind": kind,
+            "ip": ip,
+            "at": at,
+            "expires_at": expires_at,
+            "rung": rung,
+            "offence": offence,
+            "reason": reason[:512],
+            "source": source[:128],
+            "v": VERSION,
+        },
+        separators=(",", ":"),
+    ).encode()

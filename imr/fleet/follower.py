@@ -1,0 +1,134 @@
+"""Follows every other member's stream and hands their events to the broker.
+
+One connection, one blocking XREAD over all the other members' streams (push: Redis
+answers as soon as an event is appended). Each reply is decoded and verified here, then
+applied by the broker through its writer, which stores the stream positions in the same
+transaction as the applied changes; the positions kept here move on only after that.
+So a SIGKILL during apply loses nothing (the events are read again) and applies nothing
+twice (each origin's seq is remembered with its position).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from imr.fleet import events
+from imr.fleet.connection import BLOCK_MS, Backoff, connect
+from imr.fleet.settings import FleetSettings
+from imr.fleet.stats import FleetStats
+
+log = logging.getLogger("imr.fleet")
+
+COUNT = 1000  # entries per stream per read
+
+
+@dataclass(frozen=True)
+class Incoming:
+    stream: str
+    position: str  # the entry's id
+    origin: str  # the member whose stream it is
+    event: events.Event | events.EventRefusal
+
+
+Apply = Callable[[list[Incoming]], Awaitable[None]]
+
+
+class Follower:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        verifiers: Mapping[str, Callable[[bytes, bytes], bool]],
+        positions: Mapping[str, tuple[str, int]],
+        apply: Apply,
+        stats: FleetStats,
+    ) -> None:
+        self._settings = settings
+        self._verifiers = verifiers
+        self._apply = apply
+        self._stats = stats
+        self._origin_of = {settings.stream(m): m for m in settings.members if m != settings.name}
+        self.positions = {s: positions.get(s, ("0-0", 0))[0] for s in self._origin_of}
+
+    async def run(self) -> None:
+        if not self.positions:
+            return  # a fleet of one: nothing to follow
+        backoff = Backoff()
+        while True:
+            client = connect(self._settings)
+            try:
+                await self._check_trimmed(client)
+                self._stats.follower_connected = True
+                if backoff.succeeded():
+                    log.warning("fleet: follower reconnected to Redis; catching up")
+                await self._follow(client)
+            except Exception as exc:  # Redis, the network, the state file: retry, never die
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("fleet: unexpected error")
+                self._stats.follower_connected = False
+                delay = backoff.failed()
+                log.warning(
+                    "fleet: cannot read the fleet's streams (%s); retrying in %.1f s"
+                    " (blocks in force stay in force)",
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def _follow(self, client: Any) -> None:
+        while True:
+            reply = await client.xread(self.positions, count=COUNT, block=BLOCK_MS)
+            batch: list[Incoming] = []
+            for stream_raw, entries in reply or []:
+                stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
+                origin = self._origin_of.get(stream)
+                if origin is None:
+                    continue
+                for entry_id, fields in entries:
+                    position = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    for event in events.decode_entry(fields, origin, self._verifiers):
+                        batch.append(Incoming(stream, position, origin, event))
+            if batch:
+                await self._apply(batch)  # the positions are in the state file now
+                for item in batch:
+                    self.positions[item.stream] = item.position
+
+    async def _check_trimmed(self, client: Any) -> None:
+        """A position older than a stream's first entry was trimmed away: what is retained
+        is replayed in full (retention covers every block in force and every offence that
+        still counts), and the log says so."""
+        for stream, position in self.positions.items():
+            if position == "0-0":
+                continue
+            try:
+                first = await client.xrange(stream, count=1)
+            except ResponseError:
+                continue
+            if first and _older(position, _text(first[0][0])):
+                self._stats.replays += 1
+                log.warning(
+                    "fleet: position %s in %s was trimmed away (stream starts at %s):"
+                    " replaying everything retained",
+                    position,
+                    stream,
+                    _text(first[0][0]),
+                )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _older(position: str, first: str) -> bool:
+    a, _, b = position.partition("-")
+    c, _, d = first.partition("-")
+    return (int(a), int(b or 0)) < (int(c), int(d or 0))
