@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-import imr.backends.iptables as iptables_module
+import imr.backends.iptables_drivers as drivers_module
+import imr.backends.iptables_rules as rules_module
 from imr.backends.base import Backend, BackendError, Drift, KernelBlock
 from imr.backends.dryrun import DryRunBackend
 from imr.backends.iptables import IptablesBackend
@@ -187,14 +188,14 @@ class IptablesConformance(BackendConformance):
                 f"{rule} --reject-with {reject}",
             ]
         # The kernel's form equals the backend's, so a second apply plans no rewrite.
-        plans: list[iptables_module._Plan[object]] = []
+        plans: list[rules_module._Plan[object]] = []
 
-        def recording_plan(*args: Any) -> iptables_module._Plan[object]:
+        def recording_plan(*args: Any) -> rules_module._Plan[object]:
             plans.append(real_plan(*args))
             return plans[-1]
 
-        real_plan = iptables_module._plan
-        monkeypatch.setattr(iptables_module, "_plan", recording_plan)
+        real_plan = rules_module._plan
+        monkeypatch.setattr(drivers_module, "_plan", recording_plan)
         backend.apply(blocks(V4_A, V6_A), [])
         assert len(plans) == 2
         assert all(not plan.delete and not plan.append for plan in plans)
@@ -228,7 +229,7 @@ class IptablesConformance(BackendConformance):
             calls.append(" ".join(argv))
             return real_run(argv, *args)
 
-        monkeypatch.setattr(iptables_module, "run_tool", counting_run)
+        monkeypatch.setattr(drivers_module, "run_tool", counting_run)
         backend.apply(blocks(V4_C), [V4_A])
         assert len(calls) == 1 and "-restore" in calls[0], calls
         self.expect(server_ns, V4_B, V4_C)
@@ -271,7 +272,7 @@ class IptablesConformance(BackendConformance):
 
         def ipv6_fails(
             family: int, add: Sequence[IPAddress], remove: Sequence[IPAddress]
-        ) -> iptables_module._Change:
+        ) -> rules_module._Change:
             if family == 6:
                 raise BackendError("injected IPv6 failure")
             return real_apply(4, add, remove)
@@ -330,7 +331,7 @@ class TestLegacyFlavour(IptablesConformance):
     ) -> None:
         lock_file = tmp_path / "xtables.lock"
         monkeypatch.setenv("XTABLES_LOCKFILE", str(lock_file))
-        monkeypatch.setattr(iptables_module, "XTABLES_LOCK_WAIT", 0.3)
+        monkeypatch.setattr(drivers_module, "XTABLES_LOCK_WAIT", 0.3)
         backend = make_backend(self.default_config)
         with open(lock_file, "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)  # another iptables command is running

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import grp
+import os
 import stat
 from pathlib import Path
 
 from imr.cli_context import CliContext
-from imr.config import Config
+from imr.config import Config, ServerConfig
 from imr.doctor.findings import (
     Finding,
     group_name,
@@ -41,8 +42,20 @@ def check_socket(config: Config) -> list[Finding]:
                 f"find out what made it, then remove it: rm {path}",
             )
         ]
-    findings = []
     mode = stat.S_IMODE(info.st_mode)
+    findings = _socket_mode_findings(server, path, mode)
+    findings += _socket_owner_findings(server, path, info)
+    findings += _unreachable_parents(path, mode)
+    if not findings:
+        findings.append(
+            ok("socket", f"{path}: mode {mode:04o}, owner root, group {group_name(info.st_gid)}")
+        )
+    return findings
+
+
+def _socket_mode_findings(server: ServerConfig, path: Path, mode: int) -> list[Finding]:
+    """The socket's mode against server.socket_mode, and whether every user may connect."""
+    findings = []
     if mode != server.socket_mode_bits:
         findings.append(
             problem(
@@ -63,6 +76,12 @@ def check_socket(config: Config) -> list[Finding]:
                 "use mode 0660 and server.socket_group for the clients",
             )
         )
+    return findings
+
+
+def _socket_owner_findings(server: ServerConfig, path: Path, info: os.stat_result) -> list[Finding]:
+    """The socket's owner (root) and group (server.socket_group, else root)."""
+    findings = []
     if info.st_uid != 0:
         findings.append(
             problem(
@@ -93,11 +112,6 @@ def check_socket(config: Config) -> list[Finding]:
                     " in imr.socket",
                 )
             )
-    findings += _unreachable_parents(path, mode)
-    if not findings:
-        findings.append(
-            ok("socket", f"{path}: mode {mode:04o}, owner root, group {group_name(info.st_gid)}")
-        )
     return findings
 
 

@@ -91,13 +91,14 @@ def _iptables_probe(family: int) -> str:
     )
 
 
+_Steps = Sequence[tuple[list[str], str | None]]
+
+
 def kernel_probes(tools: Tools, inside: Runner) -> dict[str, str | None]:
     """mechanism -> None if the kernel accepted imr's kind of objects, else why not."""
     results: dict[str, str | None] = {}
 
-    Steps = Sequence[tuple[list[str], str | None]]
-
-    def attempt(name: str, steps: Steps) -> None:
+    def attempt(name: str, steps: _Steps) -> None:
         for argv, stdin in steps:
             result = inside(argv, stdin)
             if result.returncode != 0:
@@ -124,34 +125,39 @@ def kernel_probes(tools: Tools, inside: Runner) -> dict[str, str | None]:
             ],
         )
     if tools.ipset:
-        steps: list[tuple[list[str], str | None]] = [
-            (["ipset", "create", "imr-doctor4", "hash:ip", "family", "inet", "timeout", "0"], None),
-            (
-                ["ipset", "create", "imr-doctor6", "hash:ip", "family", "inet6", "timeout", "0"],
-                None,
-            ),
-            (["ipset", "add", "imr-doctor4", TEST_ADDRESS_V4, "timeout", "60"], None),
-        ]
-        if not tools.iptables_nft:
-            steps.append(
-                (
-                    [
-                        "iptables-nft",
-                        "-A",
-                        "INPUT",
-                        "-m",
-                        "set",
-                        "--match-set",
-                        "imr-doctor4",
-                        "src",
-                        "-j",
-                        "REJECT",
-                    ],
-                    None,
-                )
-            )
-        attempt("ipset", steps)
+        attempt("ipset", _ipset_probe_steps(tools))
     return results
+
+
+def _ipset_probe_steps(tools: Tools) -> _Steps:
+    """Two sets and an entry; and a rule matching the set when iptables-nft is there."""
+    steps: list[tuple[list[str], str | None]] = [
+        (["ipset", "create", "imr-doctor4", "hash:ip", "family", "inet", "timeout", "0"], None),
+        (
+            ["ipset", "create", "imr-doctor6", "hash:ip", "family", "inet6", "timeout", "0"],
+            None,
+        ),
+        (["ipset", "add", "imr-doctor4", TEST_ADDRESS_V4, "timeout", "60"], None),
+    ]
+    if not tools.iptables_nft:
+        steps.append(
+            (
+                [
+                    "iptables-nft",
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "set",
+                    "--match-set",
+                    "imr-doctor4",
+                    "src",
+                    "-j",
+                    "REJECT",
+                ],
+                None,
+            )
+        )
+    return steps
 
 
 BACKEND_MECHANISMS = {

@@ -18,7 +18,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imr.logscan.f2b_config import FilterError, interpolate, read_filter, substitute_tags
+from imr.logscan.f2b_config import (
+    FilterError,
+    Sections,
+    interpolate,
+    read_filter,
+    substitute_tags,
+)
 from imr.logscan.f2b_dates import DateCutter
 from imr.logscan.f2b_lines import SKIPLINES, Line, joined, split_matched
 from imr.logscan.f2b_sessions import Groups, Sessions
@@ -192,22 +198,7 @@ def _parse_filter(path: Path) -> Fail2banFilter:
             return None
         return interpolate(raw, "Definition", sections, known)
 
-    tags: dict[str, str] = {}
-    for section in ("DEFAULT", "Definition", "Init"):
-        for key in sections.get(section, {}):
-            try:
-                tags[key] = interpolate(sections[section][key], section, sections, known)
-            except FilterError:
-                continue  # an unused option may refer to something undefined
-    for section, values in sections.items():
-        if section in ("DEFAULT", "Definition", "Init"):
-            continue
-        for key, raw in values.items():  # <lt_file/__prefix_line>: qualified tags
-            try:
-                tags[f"{section}/{key}"] = interpolate(raw, section, sections, known)
-            except FilterError:
-                continue
-    tags = {k: substitute_tags(v, tags) for k, v in tags.items()}
+    tags = _filter_tags(sections, known)
 
     maxlines = _maxlines(substitute_tags(option("maxlines") or "1", tags), path)
 
@@ -242,6 +233,26 @@ def _parse_filter(path: Path) -> Fail2banFilter:
             substitute_tags(datepattern, tags) if datepattern else None
         ),
     )
+
+
+def _filter_tags(sections: Sections, known: Sections) -> dict[str, str]:
+    """Every option that interpolates, by name; other sections' as qualified tags."""
+    tags: dict[str, str] = {}
+    for section in ("DEFAULT", "Definition", "Init"):
+        for key in sections.get(section, {}):
+            try:
+                tags[key] = interpolate(sections[section][key], section, sections, known)
+            except FilterError:
+                continue  # an unused option may refer to something undefined
+    for section, values in sections.items():
+        if section in ("DEFAULT", "Definition", "Init"):
+            continue
+        for key, raw in values.items():  # <lt_file/__prefix_line>: qualified tags
+            try:
+                tags[f"{section}/{key}"] = interpolate(raw, section, sections, known)
+            except FilterError:
+                continue
+    return {k: substitute_tags(v, tags) for k, v in tags.items()}
 
 
 def _maxlines(value: str, path: Path) -> int:
