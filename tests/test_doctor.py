@@ -224,6 +224,7 @@ def path_without(tmp_path: Path, *missing: str) -> str:
         "iptables-nft-save",
         "ip6tables-nft-save",
         "iptables-legacy",
+        "ip6tables-legacy",
         "iptables-legacy-save",
         "ip6tables-legacy-save",
         "iptables-legacy-restore",
