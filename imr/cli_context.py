@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -53,6 +53,11 @@ class NotRunning(CliError):
 def error_for(code: int) -> type[CliError]:
     """The CliError class that exits with `code` (1, 2 or 3)."""
     return {EXIT_USAGE: UsageFailure, EXIT_NOT_RUNNING: NotRunning}.get(code, CliError)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Stop the command with `imr: message` and exit status `code` (see CliError)."""
+    raise error_for(code)(message)
 
 
 @dataclass(frozen=True)

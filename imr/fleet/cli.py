@@ -23,7 +23,7 @@ def fleet() -> None:
 def keygen(path: Path) -> None:
     """Write a new Ed25519 private key to PATH (mode 0600) and print its public key for
     every member's [fleet.members.NAME] public_key."""
-    from imr.cli import fail
+    from imr.cli_context import fail
 
     try:
         public = keys.generate(path)
@@ -37,7 +37,8 @@ def keygen(path: Path) -> None:
 @click.pass_obj
 def status(ctx: CliContext, as_json: bool) -> None:
     """Members seen, last event per origin, lag, outbox depth, refused events (roles: any)."""
-    from imr.cli import call, fail
+    from imr.cli import call
+    from imr.cli_context import fail
 
     result = call(ctx, "status")
     found = result.get("fleet")
