@@ -23,7 +23,7 @@ from imr.config import Config
 from imr.protocol import BlockManyRequest, ExportPage, ExportRequest, ShowRequest, ShowResult
 from imr.server import upkeep
 from imr.server.broker import Broker, BrokerError
-from imr.store import Store
+from imr.store import SCHEMA_VERSION, Store
 
 from daemon_harness import READER, Daemon, daemon_world
 from fakes import READER as READER_PEER
@@ -118,7 +118,7 @@ async def test_export_comes_in_pages_of_at_most_page_rows(tmp_path: Path) -> Non
         hits = [h["reason"] for p in pages for h in p["hits"]]
         assert blocks == [f"203.0.113.{n + 1}" for n in range(13)]
         assert len(hits) == 25 and hits[-12:] == [f"again {n}" for n in range(12)]
-        assert {p["schema_version"] for p in pages} == {1}
+        assert {p["schema_version"] for p in pages} == {SCHEMA_VERSION}
         limited = await export_page(broker, limit=3)
         assert len(limited["blocks"]) == 3 and limited["next"] is not None
     del store

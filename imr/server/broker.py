@@ -157,8 +157,32 @@ class Broker:
         # rules never time out and whose apply reads the whole chain.
         rearm = backend.name not in _NO_REARM
         health = StateHealth(store.path, monotonic)  # the writer thread's
-        # Per-prefix offences and network escalation (issue #16); the writer thread's.
-        prefix = PrefixBlocks(
+        self._committer = BatchCommitter(
+            store, backend, clock, health, self._active, config.policy.to_ladder(), rearm
+        )
+        self._committer.prefix = self._prefix = self._prefix_blocks(config)
+        # Fleet mode (docs/fleet.md): this member's name, or None (then nothing below runs).
+        self.fleet_name: str | None = config.fleet.name if config.fleet.enabled else None
+        self._committer.fleet_name = self.fleet_name
+        self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
+        self._upkeep = self._make_upkeep(config, store)
+
+    def _make_upkeep(self, config: Config, store: Store) -> Upkeep:
+        """Clock steps, hit retention and the drift check, between the writer's batches."""
+        return Upkeep(
+            (config.state, config.firewall),
+            (self._clock, self._monotonic),
+            store,
+            self._committer,
+            self.metrics,
+            self._turn,
+            self._in_writer,
+        )
+
+    def _prefix_blocks(self, config: Config) -> PrefixBlocks:
+        """Per-prefix offences and network escalation (issue #16), the writer thread's. Its
+        guard reads the configuration in force, so a reload's allowlist applies."""
+        return PrefixBlocks(
             *_prefix_settings(config),
             guard_of(
                 lambda: self._config.protect.network_min_prefix,
@@ -171,23 +195,6 @@ class Broker:
                     *self._config.logscan.trusted_proxies,
                 ],
             ),
-        )
-        self._committer = BatchCommitter(
-            store, backend, clock, health, self._active, config.policy.to_ladder(), rearm
-        )
-        self._committer.prefix = self._prefix = prefix
-        # Fleet mode (docs/fleet.md): this member's name, or None (then nothing below runs).
-        self.fleet_name: str | None = config.fleet.name if config.fleet.enabled else None
-        self._committer.fleet_name = self.fleet_name
-        self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
-        self._upkeep = Upkeep(
-            (config.state, config.firewall),
-            (clock, monotonic),
-            store,
-            self._committer,
-            self.metrics,
-            self._turn,
-            self._in_writer,
         )
 
     # Life cycle -------------------------------------------------------------------
