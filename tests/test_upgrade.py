@@ -23,14 +23,25 @@ _NEXT = "CREATE INDEX hits_by_block ON hits(block_id)"
 
 
 def _previous_release_file(path: Path) -> None:
-    """A state file at schema 1 (imr 0.1.0) holding one active and one lifted block."""
-    db = Store(path)
+    """A state file at schema 1 (imr 0.1.0: its one migration, as it wrote them) holding one
+    active and one lifted block."""
+    db = sqlite3.connect(path)
+    for statement in store.MIGRATIONS[0].split(";"):
+        if statement.strip():
+            db.execute(statement)
     now = time.time()
-    with db.transaction():
-        db.insert_block("203.0.113.7", now, now + 86400, 1, "scanner", "test", 33, 100)
-        old = db.insert_block("198.51.100.9", now - 500, now - 100, 1, "old", "test", 33, 101)
-    with db.transaction():
-        db._db.execute("UPDATE blocks SET lifted_at = ? WHERE id = ?", (now - 100, old.id))
+    row = (
+        "INSERT INTO blocks (ip, blocked_at, expires_at, rung, offence, reason, source, lifted_at)"
+    )
+    db.execute(
+        row + " VALUES ('203.0.113.7', ?, ?, 1, 1, 'scanner', 'test', NULL)", (now, now + 86400)
+    )
+    db.execute(
+        row + " VALUES ('198.51.100.9', ?, ?, 1, 1, 'old', 'test', ?)",
+        (now - 500, now - 100, now - 100),
+    )
+    db.execute("PRAGMA user_version=1")
+    db.commit()
     db.close()
     assert _version(path) == 1
 
@@ -55,14 +66,15 @@ def test_previous_release_file_opens_with_its_blocks(tmp_path: Path) -> None:
     db = Store(path)
     assert [b.ip for b in db.active_blocks()] == ["203.0.113.7"]
     db.close()
-    # Same schema: nothing to migrate, so no backup.
-    assert not list(tmp_path.glob("*.bak"))
+    # Migrated to this release's schema, with a copy of the file as it was.
+    assert _version(path) == store.SCHEMA_VERSION
+    assert [p.name for p in tmp_path.glob("*.bak")] == [backup_path(path, 1).name]
 
 
 @pytest.mark.usefixtures("next_schema")
 def test_migration_backs_up_the_file_first(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    # Made at schema 1 with the real first migration only (Store would now make schema 2).
+    # Made at schema 1 with the real first migration only (Store would make the newest).
     db = sqlite3.connect(path)
     for statement in store.MIGRATIONS[0].split(";"):
         if statement.strip():
@@ -79,7 +91,7 @@ def test_migration_backs_up_the_file_first(tmp_path: Path) -> None:
     upgraded = Store(path)
     assert [b.ip for b in upgraded.active_blocks()] == ["203.0.113.7"]
     upgraded.close()
-    assert _version(path) == 2
+    assert _version(path) == store.SCHEMA_VERSION
 
     backup = backup_path(path, 1)
     assert backup.exists(), list(tmp_path.iterdir())
@@ -102,7 +114,7 @@ def test_migration_backs_up_the_file_first(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("next_schema")
 def test_new_file_needs_no_backup(tmp_path: Path) -> None:
     Store(tmp_path / "state.db").close()
-    assert _version(tmp_path / "state.db") == 2
+    assert _version(tmp_path / "state.db") == store.SCHEMA_VERSION
     assert not list(tmp_path.glob("*.bak"))
 
 
