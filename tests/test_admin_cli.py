@@ -151,6 +151,7 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.usefixtures("test_users")  # runs as imrtest-reader; imrtest-web is named
 def test_doctor_warns_about_unknown_and_unreachable_roles_and_the_logscan_dir(
     open_dir: Path,
 ) -> None:
