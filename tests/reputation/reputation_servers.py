@@ -20,11 +20,18 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import click
 from aiosmtpd.controller import Controller
+from click.testing import CliRunner, Result
 from dnslib import QTYPE, RCODE, RR
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from imr.cli_context import CliContext
+from imr.config import load_config
+from imr.reputation.cli import register
 
 SOA_TEXT = "{zone} 60 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 {minimum}"
 
@@ -217,3 +224,16 @@ def running(server: Any) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+def run_reputation_cli(config_path: Path, *args: str) -> Result:
+    """The reputation commands (imr report, check, reports) under CliRunner, with the
+    configuration at config_path, as `imr --config config_path ARGS` would run them."""
+
+    @click.group()
+    def main() -> None:
+        pass
+
+    register(main)
+    obj = CliContext(load_config(config_path, missing_ok=False), config_path)
+    return CliRunner().invoke(main, list(args), obj=obj)

@@ -13,28 +13,13 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import click
-from click.testing import CliRunner, Result
-
-from imr.cli_context import CliContext
-from imr.config import load_config
 from imr.reputation import exports
-from imr.reputation.cli import register
 from imr.reputation.exports import read_state_file
 from imr.reputation.settings import AbuseIPDBSettings
 from imr.store import Store
 
 from reputation_servers import HttpRecorder
-
-
-def run(config_path: Path, *args: str) -> Result:
-    @click.group()
-    def main() -> None:
-        pass
-
-    register(main)
-    obj = CliContext(load_config(config_path, missing_ok=False), config_path)
-    return CliRunner().invoke(main, list(args), obj=obj)
+from reputation_servers import run_reputation_cli as run
 
 
 def write_config(tmp_path: Path, text: str = "") -> Path:

@@ -11,17 +11,13 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
-import click
 import dns.reversename
 import pytest
-from click.testing import CliRunner, Result
 
-from imr.cli_context import CliContext
-from imr.config import load_config
-from imr.reputation.cli import register
 from imr.store import Store
 
 from reputation_servers import BlackHole, SmtpSink, ZoneServer
+from reputation_servers import run_reputation_cli as run
 
 LOG_LINE = '192.0.2.7 - - [01/May/2024:12:00:03 +0200] "POST /wp-login.php HTTP/1.1" 200 512'
 
@@ -66,16 +62,6 @@ def sink() -> Iterator[SmtpSink]:
         yield server
     finally:
         server.stop()
-
-
-def run(config_path: Path, *args: str) -> Result:
-    @click.group()
-    def main() -> None:
-        pass
-
-    register(main)
-    obj = CliContext(load_config(config_path, missing_ok=False), config_path)
-    return CliRunner().invoke(main, list(args), obj=obj)
 
 
 def config(tmp_path: Path, nameservers: list[str], smtp_port: int, extra: str = "") -> Path:

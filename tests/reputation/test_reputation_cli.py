@@ -7,17 +7,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
 import dns.reversename
 import pytest
-from click.testing import CliRunner, Result
 
-from imr.cli_context import CliContext
 from imr.config import ConfigError, load_config
-from imr.reputation.cli import register
 from imr.store import Store
 
 from reputation_servers import BlackHole, HttpRecorder, SmtpSink, ZoneServer
+from reputation_servers import run_reputation_cli as run
 
 KEY = "abcdefghijkl"
 
@@ -36,16 +33,6 @@ def dns_server() -> Iterator[ZoneServer]:
         yield server
     finally:
         server.stop()
-
-
-def run(config_path: Path, *args: str) -> Result:
-    @click.group()
-    def main() -> None:
-        pass
-
-    register(main)
-    obj = CliContext(load_config(config_path, missing_ok=False), config_path)
-    return CliRunner().invoke(main, list(args), obj=obj)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
