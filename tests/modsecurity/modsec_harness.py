@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,8 +283,16 @@ def web_server(daemon: Daemon, kind: str, hook: str, *, crs: bool = False) -> It
 
 
 @contextlib.contextmanager
-def running(daemon: Daemon, kind: str, directory: Path, argv: list[str]) -> Iterator[WebServer]:
-    """Check and start a configured web server in the daemon's namespace; stop it by pid."""
+def running(
+    daemon: Daemon,
+    kind: str,
+    directory: Path,
+    argv: list[str],
+    ready: Callable[[], bool] | None = None,
+) -> Iterator[WebServer]:
+    """Check and start a configured web server in the daemon's namespace; stop it by pid.
+
+    It is up once `ready()` (default: the innocent client gets a 200 from it)."""
     check = daemon.server.run(*argv[:1], "-t", *argv[1:], check=False, timeout=10)
     if check.returncode != 0:
         raise AssertionError(f"{kind} refuses its configuration:\n{check.stderr}")
@@ -295,7 +303,8 @@ def running(daemon: Daemon, kind: str, directory: Path, argv: list[str]) -> Iter
     server = WebServer(kind, daemon.server, directory, process)
     try:
         deadline = time.monotonic() + 10
-        while get(daemon.innocent, SERVER_SIDE_V4, "/", timeout=1).status != 200:
+        up = ready or (lambda: get(daemon.innocent, SERVER_SIDE_V4, "/", timeout=1).status == 200)
+        while not up():
             if not server.alive() or time.monotonic() > deadline:
                 raise AssertionError(
                     f"{kind} did not start:\n"
@@ -328,10 +337,12 @@ def get(
     agent: str = "",
     vhost: str = "",
     source: str = "",
+    headers: Sequence[str] = (),
 ) -> Response:
     """One HTTP request from a client namespace with curl; bounded by `timeout`.
 
-    `vhost` is the Host header (default: `host`), `source` the local address.
+    `vhost` is the Host header (default: `host`), `source` the local address, `headers`
+    more header lines ("X-Forwarded-For: 198.51.100.77").
     """
     argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"]
     argv += ["--max-time", str(timeout), "--noproxy", "*", "--path-as-is"]
@@ -341,6 +352,8 @@ def get(
         argv += ["-H", f"Host: {vhost}"]
     if source:
         argv += ["--interface", source]
+    for header in headers:
+        argv += ["-H", header]
     result = client.run(*argv, f"http://{host}{path}", check=False, timeout=timeout + 5)
     code, _, seconds = result.stdout.partition(" ")
     return Response(int(code or 0), float(seconds or 0), result.returncode)

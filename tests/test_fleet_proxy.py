@@ -1,0 +1,131 @@
+"""The reverse-proxy case end to end (issue #14, docs/fleet.md "Enforce-only members behind
+a reverse proxy"): attacker → a real nginx reverse proxy whose host runs an enforce-only
+member → a web host whose ModSecurity hook reports the client named by X-Forwarded-For →
+the fleet → the proxy host's kernel rejects the attacker's next connection.
+
+The topology is tests/proxy_harness.py's, built once per web server kind (Apache with
+mod_remoteip, nginx with realip); each test uses its own attacker address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from daemon_harness import BLOCKER
+from modsec_harness import apache_missing, get, nginx_missing
+from proxy_harness import (
+    ATTACKERS,
+    INNOCENT,
+    PROXY_ADDRESSES,
+    PROXY_ATTACKER_SIDE,
+    PROXY_INNOCENT_SIDE,
+    ProxyWorld,
+    proxy_world,
+    wait,
+)
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    pytest.mark.usefixtures("test_users"),
+]
+
+SCANNER = "/roundcube/bin/msgimport"  # imr-rules.conf, rule 99901
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(
+            "apache", marks=pytest.mark.skipif(bool(apache_missing()), reason=f"{apache_missing()}")
+        ),
+        pytest.param(
+            "nginx", marks=pytest.mark.skipif(bool(nginx_missing()), reason=f"{nginx_missing()}")
+        ),
+    ],
+)
+def world(request: pytest.FixtureRequest, test_users: None) -> Iterator[ProxyWorld]:
+    # The proxy itself is plain nginx, whichever server the web host runs.
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (the reverse proxy)")
+    with proxy_world(request.param) as built:
+        yield built
+
+
+def reported(world: ProxyWorld, attacker: str, sent: list[str]) -> None:
+    """The web host's member blocked `attacker` (the hook's report), and the fleet put it
+    in the proxy host's kernel."""
+
+    def on_web() -> bool:
+        return world.show(world.web, attacker)["active"] is not None
+
+    access = (world.site.directory / "access.log").read_text(errors="replace")
+    assert wait(on_web, 5), f"sent {sent}; web1 saw:\n{access}\n" + world.site.error_log.read_text(
+        errors="replace"
+    )[-2000:]
+    block = world.show(world.web, attacker)["active"]
+    assert block["source"] == "modsecurity:99901"
+    assert wait(lambda: attacker in world.kernel(world.lb), 10), world.fleet_status(world.lb)
+    rows = world.lb.state_rows(f"SELECT origin FROM blocks WHERE ip = '{attacker}'")  # noqa: S608
+    assert rows == [("web1",)]
+
+
+def nobody_else_blocked(world: ProxyWorld) -> None:
+    """Neither the proxy nor the innocent client is blocked anywhere, and the innocent
+    client still gets pages through the proxy."""
+    for daemon in (world.web, world.lb):
+        held = world.blocked_ips(daemon) | world.kernel(daemon)
+        assert not held & {*PROXY_ADDRESSES, INNOCENT}, (daemon.root.name, held)
+    assert get(world.innocent, PROXY_INNOCENT_SIDE, "/").status == 200
+    assert world.proxy.alive() and world.site.alive()
+
+
+def test_the_attacker_behind_the_proxy_is_rejected_by_the_proxy_hosts_kernel(
+    world: ProxyWorld,
+) -> None:
+    attacker = ATTACKERS[0]
+    assert get(world.attacker, PROXY_ATTACKER_SIDE, "/", source=attacker).status == 200
+    assert world.lb.probe(world.attacker, PROXY_ATTACKER_SIDE, 80) == "connected"
+
+    answer = get(world.attacker, PROXY_ATTACKER_SIDE, SCANNER, source=attacker)
+    assert answer.status == 403  # ModSecurity on web1, through the proxy
+    reported(world, attacker, [SCANNER])
+
+    # The next connection ends at the proxy host's kernel (tcp_probe uses .66, the first).
+    assert world.lb.probe(world.attacker, PROXY_ATTACKER_SIDE, 80) in (
+        "EHOSTUNREACH",
+        "ECONNREFUSED",
+    )
+    again = get(world.attacker, PROXY_ATTACKER_SIDE, "/", source=attacker)
+    assert (again.status, again.curl_exit) == (0, 7)
+    nobody_else_blocked(world)
+
+
+def test_a_forged_x_forwarded_for_still_blames_the_attacker(world: ProxyWorld) -> None:
+    attacker = ATTACKERS[1]
+    forged = f"X-Forwarded-For: {INNOCENT}"
+    answer = get(world.attacker, PROXY_ATTACKER_SIDE, SCANNER, source=attacker, headers=[forged])
+    assert answer.status == 403
+    reported(world, attacker, [forged])
+    # The proxy passed the forged address on, first in the header: web1 believed only the
+    # part its one trusted proxy added.
+    access = (world.proxy.directory / "access.log").read_text(errors="replace")
+    assert f'xff="{INNOCENT}, {attacker}"' in access, access
+    again = get(world.attacker, PROXY_ATTACKER_SIDE, "/", source=attacker)
+    assert (again.status, again.curl_exit) == (0, 7)
+    nobody_else_blocked(world)
+
+
+def test_the_enforce_only_member_has_no_local_clients(world: ProxyWorld) -> None:
+    # A user who can reach its socket (socket_group) has no role there.
+    refused = world.lb.as_user(BLOCKER, "block", "203.0.113.99")
+    assert refused.returncode != 0
+    assert "203.0.113.99" not in world.kernel(world.lb)
+    assert world.lb.state_rows("SELECT count(*) FROM blocks WHERE origin IS NULL") == [(0,)]
+    # ... yet it applies the fleet's blocks (the tests above) and reports on them to root.
+    status = world.fleet_status(world.lb)
+    assert status["follower_connected"] and status["refused"] == {}
