@@ -64,9 +64,10 @@ def reported(world: ProxyWorld, attacker: str, sent: list[str]) -> None:
         return world.show(world.web, attacker)["active"] is not None
 
     access = (world.site.directory / "access.log").read_text(errors="replace")
-    assert wait(on_web, 5), f"sent {sent}; web1 saw:\n{access}\n" + world.site.error_log.read_text(
-        errors="replace"
-    )[-2000:]
+    assert wait(on_web, 5), (
+        f"sent {sent}; web1 saw:\n{access}\n"
+        + world.site.error_log.read_text(errors="replace")[-2000:]
+    )
     block = world.show(world.web, attacker)["active"]
     assert block["source"] == "modsecurity:99901"
     assert wait(lambda: attacker in world.kernel(world.lb), 10), world.fleet_status(world.lb)
@@ -124,6 +125,7 @@ def test_the_enforce_only_member_has_no_local_clients(world: ProxyWorld) -> None
     # A user who can reach its socket (socket_group) has no role there.
     refused = world.lb.as_user(BLOCKER, "block", "203.0.113.99")
     assert refused.returncode != 0
+    assert "not allowed to block [forbidden]" in refused.stderr, refused.stderr
     assert "203.0.113.99" not in world.kernel(world.lb)
     assert world.lb.state_rows("SELECT count(*) FROM blocks WHERE origin IS NULL") == [(0,)]
     # ... yet it applies the fleet's blocks (the tests above) and reports on them to root.
