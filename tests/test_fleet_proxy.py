@@ -122,6 +122,7 @@ def test_a_forged_x_forwarded_for_still_blames_the_attacker(world: ProxyWorld) -
 
 
 def test_the_enforce_only_member_has_no_local_clients(world: ProxyWorld) -> None:
+    assert "[access" not in world.lb.config_file.read_text()  # the premise: no roles at all
     # A user who can reach its socket (socket_group) has no role there.
     refused = world.lb.as_user(BLOCKER, "block", "203.0.113.99")
     assert refused.returncode != 0
@@ -131,3 +132,4 @@ def test_the_enforce_only_member_has_no_local_clients(world: ProxyWorld) -> None
     # ... yet it applies the fleet's blocks (the tests above) and reports on them to root.
     status = world.fleet_status(world.lb)
     assert status["follower_connected"] and status["refused"] == {}
+    assert status["published"] == 0  # it decides nothing itself
