@@ -11,6 +11,7 @@ import os
 import re
 import tomllib
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -477,6 +478,18 @@ class Config(_Section):
                 f" ({needed} s): a member catching up must see every offence that still counts"
             )
         return self
+
+    @cached_property
+    def guarded(self) -> ProtectConfig:
+        """The protect section in force: in fleet mode, every member's addresses join the
+        allowlist. A local client (a hook whose realip settings are wrong reports the proxy)
+        must not block the load balancer or another member any more than a remote event may."""
+        if not self.fleet.enabled:
+            return self.protect
+        allowlist = list(self.protect.allowlist)
+        for member in self.fleet.members.values():
+            allowlist += [net for net in member.addresses if net not in allowlist]
+        return self.protect.model_copy(update={"allowlist": allowlist})
 
     def to_toml(self) -> str:
         return _to_toml(self.model_dump(mode="json"))

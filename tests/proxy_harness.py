@@ -294,8 +294,8 @@ def _members(
         text = fleet_section(name, url, root, publics, addresses, tls_ca=server.ca)
         if name == "lb":  # enforce-only: no [access] at all
             _daemon_config(daemon, text, "", [])
-        else:  # the docs: the proxy in the web host's allowlist too
-            _daemon_config(daemon, text, f'[access.users]\n"{WEB_USER}" = "block"', [PROXY])
+        else:  # no allowlist: in fleet mode the members' addresses are protected locally too
+            _daemon_config(daemon, text, f'[access.users]\n"{WEB_USER}" = "block"', [])
         stack.callback(daemon.kill_everything)
         stack.callback(daemon.stop)
         result = daemon.start()

@@ -17,6 +17,7 @@ import pytest
 
 from imr.backends.base import KernelBlock
 from imr.config import Config
+from imr.fleet.keys import generate, load_private, public_text
 from imr.protocol import BlockRequest, BlockResult, ListRequest, ShowRequest, UnblockRequest
 from imr.server.access import Peer
 from imr.server.broker import Broker, BrokerError
@@ -275,4 +276,44 @@ async def test_a_reload_that_allowlists_a_blocked_address_lifts_it(tmp_path: Pat
         assert addr("203.0.113.99") in backend.kernel
         assert [row.ip for row in store.active_blocks()] == ["203.0.113.99"]
         blocks, _ = store.history(ATTACKER)
+        assert [b.lift_reason for b in blocks] == ["protected"]
+
+
+def _fleet_config(tmp_path: Path) -> Config:
+    """Fleet mode with a load balancer member at 192.0.2.2; Redis is unreachable (port 1),
+    which fleet mode treats as "Redis down": local blocking goes on."""
+    key = tmp_path / "fleet.key"
+    public = (key.exists() and public_text(load_private(key).public_key())) or generate(key)
+    members = {
+        "web1": {"public_key": public, "addresses": ["192.0.2.1"]},
+        "lb": {"public_key": public, "addresses": ["192.0.2.2", "2001:db8::2"]},
+    }
+    fleet = {"enabled": True, "name": "web1", "members": members}
+    fleet |= {"private_key": str(key), "redis_url": "redis://127.0.0.1:1/0"}
+    return Config.model_validate({"escalation": {"enabled": False}, "fleet": fleet})
+
+
+async def test_in_fleet_mode_a_local_client_cannot_block_a_member(tmp_path: Path) -> None:
+    """A hook whose realip settings are wrong reports the proxy: the members' addresses are
+    protected for local requests too (docs/fleet.md), not only against remote events."""
+    async with running(tmp_path, _fleet_config(tmp_path)) as (broker, backend, _, store):
+        for ip in ("192.0.2.2", "::ffff:192.0.2.2", "2001:db8::2"):
+            with pytest.raises(BrokerError) as refused:
+                await block(broker, ip)
+            assert refused.value.code == "allowlisted"
+        assert backend.kernel == {} and store.active_blocks() == []
+        await block(broker, ATTACKER)  # anyone else still can be blocked
+        assert addr(ATTACKER) in backend.kernel
+
+
+async def test_a_member_blocked_before_fleet_mode_is_lifted_at_start(tmp_path: Path) -> None:
+    async with running(tmp_path) as (broker, backend, _, store):
+        await block(broker, "192.0.2.2")
+        assert addr("192.0.2.2") in backend.kernel
+    kernel = RecordingBackend()
+    kernel.kernel = dict(backend.kernel)
+    async with running(tmp_path, _fleet_config(tmp_path), kernel) as (_, backend, _, store):
+        assert addr("192.0.2.2") not in backend.kernel
+        assert store.active_blocks() == []
+        blocks, _ = store.history("192.0.2.2")
         assert [b.lift_reason for b in blocks] == ["protected"]

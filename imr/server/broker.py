@@ -144,7 +144,7 @@ class Broker:
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
         self._gate = Gatekeeper(
-            (config.protect, config.quota),
+            (config.guarded, config.quota),
             local,
             self._active,
             self._quota,
@@ -188,7 +188,7 @@ class Broker:
                 lambda: self._config.protect.network_min_prefix,
                 lambda: self._local.own,
                 lambda: self._local.broadcast,
-                lambda: self._config.protect.allowlist,
+                lambda: self._config.guarded.allowlist,
                 # A trusted proxy inside a prefix speaks for everyone behind it.
                 lambda: [
                     *self._config.escalation.never_aggregate,
@@ -202,11 +202,11 @@ class Broker:
     def apply_config(self, config: Config) -> None:
         """A reloaded configuration (reload.py keeps the fixed sections as they were):
         the allowlist, ladder, quotas and log budget apply to the next requests."""
-        if config.protect.allowlist != self._config.protect.allowlist:
+        if config.guarded.allowlist != self._config.guarded.allowlist:
             self._gate.recheck_all = True
         self._config = config
         self._committer.ladder = config.policy.to_ladder()
-        self._gate.protect, self._gate.quota_config = config.protect, config.quota
+        self._gate.protect, self._gate.quota_config = config.guarded, config.quota
         self._quota.limits = config.quota.to_limits()
         self._change_log = LineBudget(config.server.log_changes_per_second)
         self._prefix.configure(*_prefix_settings(config))
@@ -219,7 +219,7 @@ class Broker:
         """
         now = self._clock.now()
         protection = ProtectionIndex.build(
-            self._local.own, self._local.broadcast, self._config.protect.allowlist
+            self._local.own, self._local.broadcast, self._config.guarded.allowlist
         )
         plain = protection.plain
         keep: list[BlockRecord] = []
