@@ -31,6 +31,8 @@ import trustme
 from pydantic import ValidationError
 from redis import Redis
 
+from imr.config import Config
+from imr.fleet.doctor import check_fleet
 from imr.fleet.settings import FleetSettings, sentinel_address
 
 from daemon_harness import Daemon, require_unprivileged_access
@@ -102,6 +104,24 @@ def test_the_config_names_one_server_or_the_sentinels_never_both() -> None:
             settings(**fields)
     assert settings(redis_url="redis://h:1/0").redis_url
     assert not FleetSettings().enabled  # a disabled section needs neither
+
+
+def test_doctor_says_which_sentinel_does_not_answer(tmp_path: Path) -> None:
+    public = make_key(tmp_path / "a.key")
+    ports = [free_port() for _ in range(3)]  # loopback, nothing listens: refused at once
+    fleet = {
+        "enabled": True,
+        "name": "a",
+        "sentinels": [f"127.0.0.1:{port}" for port in ports],
+        "sentinel_service": "imr",
+        "tls": True,
+        "private_key": str(tmp_path / "a.key"),
+        "members": {"a": {"public_key": public}},
+    }
+    found = check_fleet(Config.model_validate({"fleet": fleet}))
+    assert [f.level for f in found] == ["ok", "warning", "warning", "warning", "problem"]
+    assert f"sentinel 127.0.0.1:{ports[1]}" in found[2].message
+    assert found[-1].message == "no sentinel answers" and found[-1].fix
 
 
 # --- The real thing ---

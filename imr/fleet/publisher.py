@@ -80,6 +80,8 @@ class Publisher:
                 try:
                     async with connected(self._settings) as client:
                         await client.ping()
+                        if self._settings.wait_replicas:  # NOPERM here, not after XADDs
+                            await client.wait(0, 0)
                         self._connected(client, backoff.succeeded())
                         await self._drain_forever(client)
                 except Exception as exc:  # Redis, the network, the state file: retry, never die
