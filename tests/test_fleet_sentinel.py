@@ -45,13 +45,15 @@ SERVICE = "imr"
 PRIMARY, REPLICA = "192.0.2.200", "192.0.2.210"
 HUB_TO_REPLICA = "192.0.2.209"
 SENTINEL_PASSWORD = "sentinel-secret"  # noqa: S105 (a test server's)
-# The users Sentinel and the replica use on the data servers (Redis's documented minimum).
-SERVER_USERS = [
+# Both data servers: the users Sentinel and the replica use (Redis's documented minimum).
+SERVER_CONFIG = [
     "user sentinel on >sentinel-pw allchannels +multi +slaveof +ping +exec +subscribe"
     " +config|rewrite +role +publish +info +client|setname +client|kill +script|kill",
     "user replica on >replica-pw +psync +replconf +ping",
     "masteruser replica",
     "masterauth replica-pw",
+    "tls-replication yes",
+    "repl-diskless-sync-delay 0",  # a replica syncs at once (Redis 7.0's default waits 5 s)
 ]
 
 
@@ -272,7 +274,7 @@ def start_primary(root: Path, hub: Netns, port: int | None = None) -> RedisServe
         netns=hub.name,
         root=root / "primary",
         tls_names=[PRIMARY],
-        extra=[*SERVER_USERS, "tls-replication yes"],
+        extra=SERVER_CONFIG,
     )
 
 
@@ -284,8 +286,7 @@ def start_replica(root: Path, replica_ns: Netns, primary: RedisServer) -> RedisS
         root=root / "replica",
         tls_names=[REPLICA],
         extra=[
-            *SERVER_USERS,
-            "tls-replication yes",
+            *SERVER_CONFIG,
             f"replicaof {PRIMARY} {primary.port}",
             f"replica-announce-ip {REPLICA}",
         ],
