@@ -111,18 +111,23 @@ def test_the_config_names_one_server_or_the_sentinels_never_both() -> None:
 def test_doctor_says_which_sentinel_does_not_answer(tmp_path: Path) -> None:
     public = make_key(tmp_path / "a.key")
     ports = [free_port() for _ in range(3)]  # loopback, nothing listens: refused at once
+    (tmp_path / "sentinel.pw").write_text("secret\n")
     fleet = {
         "enabled": True,
         "name": "a",
         "sentinels": [f"127.0.0.1:{port}" for port in ports],
         "sentinel_service": "imr",
+        "sentinel_password_file": str(tmp_path / "sentinel.pw"),
         "tls": True,
         "private_key": str(tmp_path / "a.key"),
         "members": {"a": {"public_key": public}},
     }
+    (tmp_path / "sentinel.pw").chmod(0o644)
     found = check_fleet(Config.model_validate({"fleet": fleet}))
-    assert [f.level for f in found] == ["ok", "warning", "warning", "warning", "problem"]
-    assert f"sentinel 127.0.0.1:{ports[1]}" in found[2].message
+    levels = ["ok", "problem", "warning", "warning", "warning", "problem"]
+    assert [f.level for f in found] == levels, found
+    assert found[1].fix == f"chmod 600 {tmp_path / 'sentinel.pw'}"
+    assert f"sentinel 127.0.0.1:{ports[1]}" in found[3].message
     assert found[-1].message == "no sentinel answers" and found[-1].fix
 
 

@@ -80,16 +80,19 @@ def _keys(settings: FleetSettings) -> list[Finding]:
 
 
 def _password(settings: FleetSettings) -> list[Finding]:
-    path = settings.password_file
-    if path is None:
-        return []
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        return [problem(CHECK, f"fleet.password_file {path}: {exc.strerror}", "create it (0600)")]
-    if mode & stat.S_IRWXO:
-        return [problem(CHECK, f"{path} is readable by everyone", f"chmod 600 {path}")]
-    return []
+    found: list[Finding] = []
+    for key in ("password_file", "sentinel_password_file"):
+        path = getattr(settings, key)
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            found.append(problem(CHECK, f"fleet.{key} {path}: {exc.strerror}", "create it (0600)"))
+            continue
+        if mode & stat.S_IRWXO:
+            found.append(problem(CHECK, f"{path} is readable by everyone", f"chmod 600 {path}"))
+    return found
 
 
 def _redis(settings: FleetSettings) -> list[Finding]:
@@ -141,7 +144,8 @@ def _sentinels(
                     )
                 )
         if len(found) == len(settings.sentinels):
-            return [*found, problem(CHECK, "no sentinel answers", "start redis-sentinel")]
+            fix = "check that the sentinels run and that this host reaches them"
+            return [*found, problem(CHECK, "no sentinel answers", fix)]
         service = settings.sentinel_service
         try:
             primary = host_port(*sentinel.discover_master(service))
