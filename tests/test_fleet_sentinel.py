@@ -437,6 +437,7 @@ def test_a_failover_loses_no_acknowledged_block(wait_replicas: int) -> None:
         time.sleep(1.5)  # ... and a's publisher would have deleted them by now
         with world.admin(world.replica, world.replica_ns) as client:
             assert int(client.xlen(stream)) == replicated  # ... and no replica has them
+        assert world.status("a")["outbox_depth"] == len(two)  # so a keeps them
 
         # The primary dies; a block made during the failover, and one after it.
         world.primary.stop()
