@@ -458,6 +458,9 @@ def test_a_failover_loses_no_acknowledged_block(wait_replicas: int) -> None:
         # Nothing applied twice (two was published twice: to each primary).
         counted = b.state_rows("SELECT COUNT(*), COUNT(DISTINCT ip) FROM blocks WHERE origin='a'")
         assert counted == [(20, 20)]
+        # a's follower, connected all along, found the new primary too.
+        assert b.as_root("block", "203.0.113.99").returncode == 0
+        assert wait(lambda: "-s 203.0.113.99/32 " in a.rules(4), 10)
         # With no replica, a keeps the rows the new primary holds alone ...
         assert world.status("a")["outbox_depth"] >= len(two + three + four)
         assert "replica(s) confirmed" in a.log_file.read_text()
