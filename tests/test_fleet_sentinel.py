@@ -158,13 +158,16 @@ class World:
     sentinels: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def sentinel(self) -> Iterator[Redis]:
-        """The first sentinel, over TLS with Sentinel's password."""
-        with self.hub.entered():
+    def client(
+        self, ns: Netns, host: str, port: int, password: str, username: str | None = None
+    ) -> Iterator[Redis]:
+        """A TLS client of a server that listens in namespace `ns`."""
+        with ns.entered():
             client = Redis(
-                host=PRIMARY,
-                port=self.sentinel_ports[0],
-                password=SENTINEL_PASSWORD,
+                host,
+                port,
+                username=username,
+                password=password,
                 ssl=True,
                 ssl_ca_certs=str(self.ca),
                 socket_timeout=3,
@@ -173,28 +176,19 @@ class World:
                 yield client
             finally:
                 client.close()
+
+    def sentinel(self) -> contextlib.AbstractContextManager[Redis]:
+        """The first sentinel, with Sentinel's password."""
+        return self.client(self.hub, PRIMARY, self.sentinel_ports[0], SENTINEL_PASSWORD)
+
+    def admin(self, server: RedisServer, ns: Netns) -> contextlib.AbstractContextManager[Redis]:
+        """A data server, as fleet_harness.acl_lines's admin user."""
+        return self.client(ns, server.host, server.port, "adminpw", "admin")
 
     def primary_named(self) -> str:
         with self.sentinel() as client:
             reply: Any = client.sentinel_get_master_addr_by_name(SERVICE)
         return f"{reply[0].decode()}:{reply[1]}"
-
-    @contextlib.contextmanager
-    def admin(self, server: RedisServer, ns: Netns) -> Iterator[Redis]:
-        with ns.entered():
-            client = Redis(
-                host=server.host,
-                port=server.port,
-                username="admin",
-                password="adminpw",  # noqa: S106 (fleet_harness.acl_lines)
-                ssl=True,
-                ssl_ca_certs=str(self.ca),
-                socket_timeout=3,
-            )
-            try:
-                yield client
-            finally:
-                client.close()
 
     def blocked(self, name: str, ips: list[str]) -> set[str]:
         """Which of `ips` member `name` blocks in its kernel and holds in its state file."""
