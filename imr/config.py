@@ -533,6 +533,8 @@ def describe_errors(exc: ValidationError) -> str:
             lines.append(f"  {key}: unknown key")
         elif error["type"] == "missing":
             lines.append(f"  {key}: required")
+        elif isinstance(error.get("input"), dict):  # a whole section: the message names the key
+            lines.append(f"  {key}: {message}")
         else:
             lines.append(f"  {key} = {error.get('input')!r}: {message}")
     return "\n".join(lines)

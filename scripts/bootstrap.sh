@@ -20,6 +20,8 @@ packages=(
   systemd python3-seccomp
   # Fleet mode's tests start their own redis-server processes (never the host's service).
   redis-server
+  # ... and their own redis-sentinel processes (tests/test_fleet_sentinel.py).
+  redis-sentinel
   # The Debian package: its build (scripts/build-deb.sh), lintian, and the Debian 12
   # container tests/test_package.py boots it in (debootstrap, systemd-nspawn).
   debhelper lintian python3.11-venv debootstrap systemd-container
@@ -43,7 +45,7 @@ if ((${#missing[@]})); then
   [ -n "$ours" ] && rm -f "$guard"
   # Their postinsts enabled the peers for the next boot: a test bench must not start a web
   # server, or fail2ban (which manages the firewall), at boot. Only what was installed now.
-  for unit in apache2 nginx fail2ban; do
+  for unit in apache2 nginx fail2ban redis-sentinel; do
     case " ${missing[*]} " in
       *" $unit "*) systemctl disable --quiet "$unit.service" 2>/dev/null || true ;;
     esac

@@ -36,7 +36,7 @@ def acl_lines(members: Sequence[str]) -> list[str]:
     for name in members:
         lines.append(
             f"user {name} on >pw-{name} resetkeys %R~{PREFIX}* %RW~{PREFIX}{name}"
-            " resetchannels -@all +ping +xread +xrange +xlen +xadd +xtrim +client|setname"
+            " resetchannels -@all +ping +xread +xrange +xlen +xadd +xtrim +wait +client|setname"
         )
     return lines
 
@@ -72,9 +72,11 @@ def start_redis(
     netns: str | None = None,
     root: Path | None = None,
     tls_names: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> RedisServer:
     """A redis-server; with `tls_names` (the addresses clients use) TLS only, with a
-    certificate for them from a fresh CA (root/ca.pem; reused by a restart)."""
+    certificate for them from a fresh CA (root/ca.pem; reused by a restart). `extra`:
+    more lines for its config (replication, more ACL users)."""
     root = root or Path(tempfile.mkdtemp(prefix="imrtest-redis-", dir="/tmp"))
     port = port or free_port()
     config = root / "redis.conf"
@@ -110,6 +112,7 @@ def start_redis(
                 "daemonize no",
                 f"logfile {root / 'redis.log'}",
                 *acl_lines(members),
+                *extra,
                 "",
             ]
         )
@@ -178,7 +181,7 @@ def fleet_section(
         "[fleet]",
         "enabled = true",
         f'name = "{name}"',
-        f'redis_url = "{url}"',
+        f'redis_url = "{url}"' if url else "",  # no URL: `extra` names the sentinels
         f'password_file = "{root / f"{name}.pw"}"',
         f'private_key = "{root / f"{name}.key"}"',
         f'tls_ca = "{tls_ca}"' if tls_ca else "",

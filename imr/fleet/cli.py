@@ -55,6 +55,11 @@ def _text(found: dict[str, Any]) -> str:
         f"member {escape(found['member'])}:"
         f" publisher {'connected' if found['publisher_connected'] else 'DISCONNECTED'},"
         f" follower {'connected' if found['follower_connected'] else 'DISCONNECTED'}",
+        *(
+            [f"redis primary {escape(found['redis_primary'])} (named by Sentinel)"]
+            if found.get("redis_primary")
+            else []
+        ),
         f"published {found['published']}, outbox {found['outbox_depth']},"
         f" applied {found['applied']}, full replays {found['full_replays']}",
     ]

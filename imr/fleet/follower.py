@@ -11,7 +11,6 @@ twice (each origin's seq is remembered with its position).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from imr.fleet import events
-from imr.fleet.connection import BLOCK_MS, Backoff, connect
+from imr.fleet.connection import BLOCK_MS, Backoff, connected
 from imr.fleet.settings import FleetSettings
 from imr.fleet.stats import FleetStats
 
@@ -61,13 +60,13 @@ class Follower:
             return  # a fleet of one: nothing to follow
         backoff = Backoff()
         while True:
-            client = connect(self._settings)
             try:
-                await self._check_trimmed(client)
-                self._stats.follower_connected = True
-                if backoff.succeeded():
-                    log.warning("fleet: follower reconnected to Redis; catching up")
-                await self._follow(client)
+                async with connected(self._settings) as client:
+                    await self._check_trimmed(client)
+                    self._stats.follower_connected = True
+                    if backoff.succeeded():
+                        log.warning("fleet: follower reconnected to Redis; catching up")
+                    await self._follow(client)
             except Exception as exc:  # Redis, the network, the state file: retry, never die
                 if not isinstance(exc, RedisError | OSError):
                     log.exception("fleet: unexpected error")
@@ -80,9 +79,6 @@ class Follower:
                     delay,
                 )
                 await asyncio.sleep(delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
 
     async def _follow(self, client: Any) -> None:
         while True:

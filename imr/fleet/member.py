@@ -27,7 +27,7 @@ from imr.core.fleet import (
 )
 from imr.core.quota import LogThrottle
 from imr.fleet import keys
-from imr.fleet.connection import FleetConfigError, connect
+from imr.fleet.connection import FleetConfigError, check_files
 from imr.fleet.events import Event, EventRefusal
 from imr.fleet.follower import Follower, Incoming
 from imr.fleet.publisher import Publisher
@@ -62,7 +62,7 @@ class FleetMember:
         try:
             private = keys.load_private(settings.private_key)
             public = {name: keys.load_public(m.public_key) for name, m in settings.members.items()}
-            connect(settings)  # reads the password file: a start-up error, not a dead task
+            check_files(settings)  # the password files: a start-up error, not a dead task
         except (keys.FleetKeyError, FleetConfigError) as exc:
             raise RuntimeError(f"fleet: {exc}") from None
         if keys.public_text(private.public_key()) != settings.members[settings.name].public_key:

@@ -6,6 +6,12 @@ to the stream (XADD, signed here, off the request path) and deletes the rows onl
 Redis has answered for them. A crash between XADD and the delete publishes the event
 again with the same seq, which followers skip; so nothing is lost and nothing is applied
 twice. No client request waits on any of this.
+
+With `fleet.wait_replicas = N`, "Redis has answered" means more: the XADDs are followed by
+`WAIT N`, and a row is *sent* once the primary holds its event but *safe* (deletable) only
+once N replicas hold it too. After any reconnect (a failover: Sentinel names a new
+primary) everything sent but not safe is sent again, so an event the old primary took but
+never replicated is not lost.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from imr.fleet import events
-from imr.fleet.connection import Backoff, connect
+from imr.fleet.connection import Backoff, connected, primary_address
 from imr.fleet.settings import FleetSettings
 from imr.fleet.stats import FleetStats
 
@@ -36,6 +42,9 @@ TRIM_EVERY = 60.0
 # write transaction that the broker's writer would wait for. A crash before the delete
 # publishes them again with the same seq, which followers skip.
 DELETE_EVERY = 1.0
+# How long (ms) one WAIT waits for fleet.wait_replicas replicas; an event not confirmed by
+# then stays in the outbox (and is sent again after a reconnect).
+WAIT_MS = 1000
 
 
 class Publisher:
@@ -54,7 +63,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._db: sqlite3.Connection | None = None
         self._last_trim = 0.0
-        self._through = 0  # the last seq Redis holds (this process's knowledge)
+        self._through = 0  # the last seq Redis holds safely (this process's knowledge)
+        self._sent = 0  # the last seq sent on this connection (>= _through)
+        self._short = False  # the last WAIT found too few replicas (for the log)
         self._deleted = 0  # rows up to this seq are deleted
         self._last_delete = 0.0
 
@@ -66,17 +77,18 @@ class Publisher:
         backoff = Backoff()
         try:
             while True:
-                client = connect(self._settings)
                 try:
-                    await client.ping()
-                    self._stats.publisher_connected = True
-                    if backoff.succeeded():
-                        log.warning("fleet: publisher reconnected to Redis; draining the outbox")
-                    await self._drain_forever(client)
+                    async with connected(self._settings) as client:
+                        await client.ping()
+                        if self._settings.wait_replicas:  # NOPERM here, not after XADDs
+                            await client.wait(0, 0)
+                        self._connected(client, backoff.succeeded())
+                        await self._drain_forever(client)
                 except Exception as exc:  # Redis, the network, the state file: retry, never die
                     if not isinstance(exc, RedisError | OSError):
                         log.exception("fleet: unexpected error")
                     self._stats.publisher_connected = False
+                    self._stats.redis_primary = None
                     with contextlib.suppress(sqlite3.Error):  # what waits, for the log line
                         await asyncio.to_thread(self._count)
                     delay = backoff.failed()
@@ -88,12 +100,18 @@ class Publisher:
                         delay,
                     )
                     await asyncio.sleep(delay)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
         finally:
             if self._db is not None:
                 self._db.close()
+
+    def _connected(self, client: Any, after_outage: bool) -> None:
+        # What the last primary took but no replica confirmed may be gone with it.
+        self._sent = self._through
+        self._stats.publisher_connected = True
+        self._stats.redis_primary = primary_address(client)
+        if after_outage:
+            where = f" (primary {self._stats.redis_primary})" if self._stats.redis_primary else ""
+            log.warning("fleet: publisher reconnected to Redis%s; draining the outbox", where)
 
     def _conn(self) -> sqlite3.Connection:
         """Its own connection to the state file (WAL: reads never wait for the writer)."""
@@ -110,6 +128,8 @@ class Publisher:
         while True:
             rows = await asyncio.to_thread(self._read)
             if not rows:
+                if self._sent > self._through:
+                    await self._confirm(client.pipeline(transaction=False), self._sent)
                 if self._deleted < self._through:
                     await asyncio.to_thread(self._delete)
                 self._wake.clear()
@@ -124,11 +144,34 @@ class Publisher:
                 part = rows[start : start + events.MAX_ENTRY_EVENTS]
                 body = b"[" + b",".join(self._event_json(s, b) for s, b in part) + b"]"
                 pipe.xadd(self._stream, events.sign(body, self._sign))
-            await pipe.execute()  # raises if any XADD failed: the rows stay
-            self._through = rows[-1][0]
+            await self._confirm(pipe, rows[-1][0])  # raises if any XADD failed: the rows stay
             self._stats.published(len(rows))
             if time.monotonic() - self._last_delete >= DELETE_EVERY:
                 await asyncio.to_thread(self._delete)
+
+    async def _confirm(self, pipe: Any, last: int) -> None:
+        """Send the pipeline (XADDs, or nothing); with fleet.wait_replicas, WAIT for that
+        many replicas. Rows up to `last` are then sent, and safe if enough replicas hold
+        them."""
+        wanted = self._settings.wait_replicas
+        if wanted:
+            pipe.wait(wanted, WAIT_MS)
+        replies = await pipe.execute()
+        self._sent = last
+        if not wanted or replies[-1] >= wanted:
+            self._through = last
+            if self._short:
+                self._short = False
+                log.warning("fleet: %d replica(s) confirm the published events again", wanted)
+        elif not self._short:
+            self._short = True
+            log.warning(
+                "fleet: only %d of fleet.wait_replicas = %d replica(s) confirmed the published"
+                " events in %d ms; they stay in the outbox until enough replicas hold them",
+                replies[-1],
+                wanted,
+                WAIT_MS,
+            )
 
     @staticmethod
     def _event_json(seq: int, body: bytes) -> bytes:
@@ -137,13 +180,13 @@ class Publisher:
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def _read(self) -> list[tuple[int, bytes]]:
-        """The next rows Redis does not hold yet; the outbox depth counts those only."""
+        """The next rows not sent yet; the outbox depth counts the rows not safe yet."""
         db = self._conn()
         rows = db.execute(
             "SELECT seq, event FROM fleet_outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-            (self._through, BATCH),
+            (self._sent, BATCH),
         ).fetchall()
-        if len(rows) < BATCH:
+        if len(rows) < BATCH and self._sent == self._through:
             self._stats.set_outbox(len(rows))
         else:
             self._count()

@@ -32,6 +32,7 @@ class FleetStats:
     publisher_connected: bool = False
     follower_connected: bool = False
     replays: int = 0  # catch-ups whose stored position was trimmed away
+    redis_primary: str | None = None  # HOST:PORT Sentinel named last (None: no Sentinel)
     # The last lags (s), for percentiles in `imr fleet status` (and bench/fleet.py).
     recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -86,6 +87,7 @@ class FleetStats:
             "refused": dict(sorted(self.refused.items())),
             "outbox_depth": self.outbox_depth,
             "full_replays": self.replays,
+            "redis_primary": self.redis_primary,
             "lag_ms": _percentiles(self.recent_lags),
             "origins": {
                 origin: {
