@@ -32,6 +32,7 @@ from imr.backends.base import (
 from imr.config import Config
 from imr.core.addresses import (
     IPAddress,
+    IPNetwork,
     ProtectionIndex,
     Refusal,
     address_of_packed,
@@ -188,7 +189,9 @@ class Broker:
                 lambda: self._config.protect.network_min_prefix,
                 lambda: self._local.own,
                 lambda: self._local.broadcast,
-                lambda: self._config.protect.allowlist,
+                # Fleet mode: no member's address either (a network holding one is refused
+                # by every other member as protected_target; docs/fleet.md).
+                lambda: [*self._config.protect.allowlist, *_member_addresses(self._config)],
                 # A trusted proxy inside a prefix speaks for everyone behind it.
                 lambda: [
                     *self._config.escalation.never_aggregate,
@@ -629,6 +632,12 @@ def _release_free_heap() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def _member_addresses(config: Config) -> list[IPNetwork]:
+    if not config.fleet.enabled:
+        return []
+    return [network for m in config.fleet.members.values() for network in m.addresses]
 
 
 def _prefix_settings(config: Config) -> tuple[Ladder, list[Level], int]:
