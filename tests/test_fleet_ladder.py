@@ -359,3 +359,46 @@ def test_only_an_admin_member_lifts_another_members_block(fleet: Fleet) -> None:
     assert refused("a") == 1 and refused("b") == 1
     listed = json.loads(b.as_user(READER, "list", "--json").stdout)
     assert all(x["ip"] != target for x in listed)
+
+
+def test_a_wider_network_from_a_member_replaces_the_narrower_one_in_the_kernel(
+    fleet: Fleet,
+) -> None:
+    """x (a member without a daemon) publishes a /64, then a /48 around it, then another /64
+    inside: b's interval set (which refuses overlapping elements) ends with the /48 alone,
+    the first /64 superseded, the second kept as history; x's lift of the /48 empties it."""
+    narrow, wide, inner = "2001:db8:78::/64", "2001:db8:78::/48", "2001:db8:78:5::/64"
+    key = fleet.root / "x.key"
+    with fleet.hub.entered():
+        admin = Redis(
+            host=hub_address(0),
+            port=fleet.port,
+            username="admin",
+            password="adminpw",  # noqa: S106 - the test Redis's admin (fleet_harness)
+            ssl=True,
+            ssl_ca_certs=str(fleet.redis.ca),
+        )
+        admin.xadd("imr:fleet:x", _signed(key, 100, narrow))  # type: ignore[arg-type]
+    assert wait(lambda: narrow in fleet.networks("b", 6), 10)
+    with fleet.hub.entered():
+        admin.xadd("imr:fleet:x", _signed(key, 101, wide))  # type: ignore[arg-type]
+        admin.xadd("imr:fleet:x", _signed(key, 102, inner))  # type: ignore[arg-type]
+    assert wait(lambda: fleet.active("b", inner) == [] and fleet.rows("b", _ended(inner)), 10)
+
+    def settled(name: str) -> bool:
+        return (
+            {n for n in fleet.networks(name, 6) if "78" in n} == {wide}
+            and fleet.rows(name, _ended(narrow)) == [("superseded",)]
+            and fleet.rows(name, _ended(inner)) == [("covered",)]
+        )
+
+    for name in ("a", "b", "c", "ops"):
+        assert wait(lambda n=name: settled(n), 10), name  # type: ignore[misc]
+    with fleet.hub.entered():
+        admin.xadd("imr:fleet:x", _signed(key, 103, wide, kind="lift", expires_at=0.0))  # type: ignore[arg-type]
+        admin.close()
+    assert wait(lambda: all(wide not in fleet.networks(n, 6) for n in ("a", "b")), 10)
+
+
+def _ended(ip: str) -> str:
+    return f"SELECT lift_reason FROM blocks WHERE ip = '{ip}' AND lifted_at IS NOT NULL"  # noqa: S608
