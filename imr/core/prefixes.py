@@ -210,20 +210,22 @@ class PrefixIndex:
 
     def taken_over(self, network: IPNetwork) -> list[IPAddress]:
         """A network block from elsewhere (a fleet member's escalation) covers `network`:
-        the addresses counted for it, which need no kernel entry any more; the counts of
-        it and of the prefixes inside start again, as after a local escalation."""
+        the addresses counted for it (by a level of its length), which need no kernel
+        entry any more; its count starts again, as after a local escalation. O(levels):
+        counts of narrower prefixes inside are left alone (a scan; they escalate nothing
+        while the network covers them, and leave the window)."""
         found: list[IPAddress] = []
         bits = 32 if network.version == 4 else 128
         for index, level in enumerate(self.levels):
             if level.version != network.version or level.prefix != network.prefixlen:
                 continue
-            members = self._prefixes.get((index, level.key(int(network.network_address))[0]))
+            key = (index, level.key(int(network.network_address))[0])
+            members = self._prefixes.pop(key, None)
             if members is None:
                 continue
-            for key in members.seen:
-                value = members.address.get(key, key << (bits - level.member_prefix))
+            for member in members.seen:
+                value = members.address.get(member, member << (bits - level.member_prefix))
                 found.append(_address(level.version, value))
-        self.pardon(network)
         return found
 
     def sweep(self, now: float) -> None:
