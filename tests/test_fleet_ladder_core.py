@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from imr.server.prefix_blocks import SOURCE
 from imr.store import Store
 
 from fakes import ROOT, FakeClock, RecordingBackend
+from fleet_harness import free_port, make_key
 
 pytestmark = pytest.mark.anyio
 
@@ -201,3 +204,44 @@ async def test_overlapping_networks_from_members_leave_one_in_the_kernel(
         merge = event(clock, wide, origin="c", rung=2, expires_at=later)
         assert (await remote(broker, merge))["action"] == "merge"
         assert backend.kernel[ipaddress.ip_network(wide)] == later
+
+
+async def test_an_escalation_is_published_and_never_covers_a_member(tmp_path: Path) -> None:
+    """Fleet mode (no Redis reachable: the outbox keeps what would be published): the
+    escalation gets an outbox row before the address that completed it, and a prefix
+    holding another member's address is never escalated here."""
+    (tmp_path / "pw").write_text("pw\n")
+    (tmp_path / "pw").chmod(0o600)
+    publics = {name: make_key(tmp_path / f"{name}.key") for name in ("b", "a")}
+    fleet = {
+        "enabled": True,
+        "name": "b",
+        "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nobody listens
+        "password_file": str(tmp_path / "pw"),
+        "private_key": str(tmp_path / "b.key"),
+        "members": {
+            "b": {"public_key": publics["b"]},
+            "a": {"public_key": publics["a"], "addresses": ["2001:db8:78::2"]},
+        },
+    }
+    settings = Config.model_validate({"protect": {"allowlist": []}, "fleet": fleet})
+    async with running(tmp_path, settings) as (broker, backend, _clock, store):
+        for n in (1, 2, 3):
+            await block(broker, v6(n))
+            await block(broker, f"2001:db8:78::{n + 10:x}")
+        assert texts(backend) - {v6(n) for n in (1, 2, 3)} == {
+            NET6,
+            "2001:db8:78::b",
+            "2001:db8:78::c",
+            "2001:db8:78::d",
+        }
+        with sqlite3.connect(store.path) as db:
+            published = [
+                json.loads(row[0])
+                for row in db.execute("SELECT event FROM fleet_outbox ORDER BY seq")
+            ]
+        ips = [e["ip"] for e in published]
+        assert ips.index(NET6) == ips.index(v6(3)) - 1  # before the address that completed it
+        (network,) = [e for e in published if e["ip"] == NET6]
+        assert (network["kind"], network["source"], network["rung"]) == ("block", SOURCE, 1)
+        assert "2001:db8:78::/64" not in ips
