@@ -383,7 +383,7 @@ def test_a_wider_network_from_a_member_replaces_the_narrower_one_in_the_kernel(
     with fleet.hub.entered():
         admin.xadd("imr:fleet:x", _signed(key, 101, wide))  # type: ignore[arg-type]
         admin.xadd("imr:fleet:x", _signed(key, 102, inner))  # type: ignore[arg-type]
-    assert wait(lambda: fleet.active("b", inner) == [] and fleet.rows("b", _ended(inner)), 10)
+    assert wait(lambda: fleet.active("b", inner) == [] and fleet.rows("b", _ended(inner)) != [], 10)
 
     def settled(name: str) -> bool:
         return (

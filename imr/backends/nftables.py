@@ -222,7 +222,7 @@ def _replaced_networks(
     if not gone:
         return []
     new = [t for t in adding if isinstance(t, IPNetwork)]
-    return [t for t in gone if any(n.version == t.version and n.overlaps(t) for n in new)]  # type: ignore[arg-type]
+    return [t for t in gone if any(n.version == t.version and n.overlaps(t) for n in new)]
 
 
 def _timeout_ms(expires_at: float, now: float) -> int | None:
