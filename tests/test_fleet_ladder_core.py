@@ -245,3 +245,11 @@ async def test_an_escalation_is_published_and_never_covers_a_member(tmp_path: Pa
         (network,) = [e for e in published if e["ip"] == NET6]
         assert (network["kind"], network["source"], network["rung"]) == ("block", SOURCE, 1)
         assert "2001:db8:78::/64" not in ips
+
+
+async def test_an_ipv6_64_that_offended_on_a_member_makes_a_repeat_here(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as (broker, _backend, clock, _store):
+        await remote(broker, event(clock, v6(1)))
+        clock.advance(60)
+        result = await block(broker, v6(2))  # another address of the same /64
+        assert (result["rung"], result["duration"]) == (2, "7d")
