@@ -120,6 +120,8 @@ repeat_window = "1d"
 backend = "nftables"
 protocol = "tcp"
 ports = [80]
+# The drift check every second: kernel and state must agree throughout (no_drift).
+drift_interval = 1
 
 [quota]
 blocks_per_minute = 0
@@ -225,6 +227,11 @@ def test_an_escalation_is_one_network_block_in_every_kernel(fleet: Fleet) -> Non
         assert len(fleet.rows(name, f"SELECT 1 FROM blocks WHERE ip = '{wanted[0]}'")) == 1  # noqa: S608
     # Nobody escalated it twice (b and c counted a's addresses, and saw the network first).
     assert fleet.rows("b", f"SELECT COUNT(*) FROM blocks WHERE ip = '{NET}'") == [(1,)]  # noqa: S608
+    # b restarts: the network in its kernel, the addresses still held out.
+    assert b.stop().returncode == 0
+    assert b.start().returncode == 0
+    assert NET in fleet.networks("b") and fleet.kernel("b") & {*wanted, later} == set()
+    assert wait(lambda: fleet.status("b")["follower_connected"], 10)
     # The admin member lifts the network: gone from every kernel, the addresses back in.
     result = ops.as_root("unblock", NET, "--reason", "shared hosting")
     assert result.returncode == 0, result.stderr
@@ -235,6 +242,14 @@ def test_an_escalation_is_one_network_block_in_every_kernel(fleet: Fleet) -> Non
     assert fleet.rows("b", lifted) == [("fleet:ops",)]
     assert fleet.rows("a", lifted) == [("fleet:ops",)]
     assert b.probe(fleet.attacker, B_ATTACKER_SIDE, 80) == "connected"
+    no_drift(fleet)
+
+
+def no_drift(fleet: Fleet) -> None:
+    """Every member's drift check (every second) found its kernel as its state says."""
+    time.sleep(1.5)
+    for name, daemon in fleet.daemons.items():
+        assert "drift in" not in daemon.log_file.read_text(), name
 
 
 def test_two_members_escalating_one_network_at_once_converge(fleet: Fleet) -> None:
@@ -260,6 +275,7 @@ def test_two_members_escalating_one_network_at_once_converge(fleet: Fleet) -> No
     assert all(net in fleet.networks(n, 6) for n in everywhere)
     for name in everywhere:  # the addresses are held out: one kernel element, the network
         assert {e for e in fleet.kernel(name, 6) if e.startswith("2001:db8:77:")} == set(), name
+    no_drift(fleet)
 
 
 def _signed(key_path: Path, seq: int, ip: str, **fields: object) -> dict[str, bytes]:
@@ -398,6 +414,7 @@ def test_a_wider_network_from_a_member_replaces_the_narrower_one_in_the_kernel(
         admin.xadd("imr:fleet:x", _signed(key, 103, wide, kind="lift", expires_at=0.0))  # type: ignore[arg-type]
         admin.close()
     assert wait(lambda: all(wide not in fleet.networks(n, 6) for n in ("a", "b")), 10)
+    no_drift(fleet)
 
 
 def _ended(ip: str) -> str:
