@@ -381,7 +381,8 @@ class NftablesBackend(Backend):
             # nft refuses an interval overlapping one the set holds, even one deleted
             # earlier in the same transaction ("interval overlaps with an existing one",
             # nft 1.0.6): the networks a wider one replaces (a superseded escalation,
-            # docs/policy.md) leave first, in a transaction of their own.
+            # docs/policy.md) leave first, in a transaction of their own. Should the second
+            # fail, the batch fails and the drift check puts them back from the state.
             self.apply([], replaced)
             removing = [t for t in removing if t not in replaced]
         addresses = [t for t in removing if not isinstance(t, IPNetwork)]
