@@ -253,3 +253,23 @@ async def test_an_ipv6_64_that_offended_on_a_member_makes_a_repeat_here(tmp_path
         clock.advance(60)
         result = await block(broker, v6(2))  # another address of the same /64
         assert (result["rung"], result["duration"]) == (2, "7d")
+
+
+async def test_a_48_escalates_over_an_escalated_64_at_its_base(tmp_path: Path) -> None:
+    """The /64 escalated first lies at the /48's first address: the /48 still escalates and
+    supersedes it (a narrower network at the base once counted as covering the /48)."""
+    levels = [
+        {"family": 6, "prefix": 64, "count": 3, "window": "1h"},
+        {"family": 6, "prefix": 48, "member_prefix": 64, "count": 4, "window": "1h"},
+    ]
+    settings = Config.model_validate(
+        {"protect": {"allowlist": []}, "escalation": {"levels": levels}}
+    )
+    async with running(tmp_path, settings) as (broker, backend, _clock, store):
+        for n in (1, 2, 3):
+            await block(broker, v6(n))  # 2001:db8:77::/64, the /48's first /64
+        assert texts(backend) == {NET6}
+        for subnet in (1, 2, 3):
+            await block(broker, f"2001:db8:77:{subnet}::1")
+        assert texts(backend) == {"2001:db8:77::/48"}
+        assert NET6 not in active(store)
