@@ -213,6 +213,18 @@ def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
     return latest
 
 
+def _replaced_networks(
+    adding: Mapping[Target, KernelBlock], removing: Sequence[Target]
+) -> list[Target]:
+    """The networks removed that overlap a network added (rare: checked only when both
+    lists hold a network)."""
+    gone = [t for t in removing if isinstance(t, IPNetwork)]
+    if not gone:
+        return []
+    new = [t for t in adding if isinstance(t, IPNetwork)]
+    return [t for t in gone if any(n.version == t.version and n.overlaps(t) for n in new)]
+
+
 def _timeout_ms(expires_at: float, now: float) -> int | None:
     """A netlink element's timeout: the remaining time in whole seconds rounded up, as
     `_element` writes it; None (no timeout) beyond what the kernel can hold."""
@@ -364,6 +376,15 @@ class NftablesBackend(Backend):
         removing = [a for a in dict.fromkeys([*remove, *expired]) if a not in adding]
         if not adding and not removing:
             return
+        replaced = _replaced_networks(adding, removing)
+        if replaced:
+            # nft refuses an interval overlapping one the set holds, even one deleted
+            # earlier in the same transaction ("interval overlaps with an existing one",
+            # nft 1.0.6): the networks a wider one replaces (a superseded escalation,
+            # docs/policy.md) leave first, in a transaction of their own. Should the second
+            # fail, the batch fails and the drift check puts them back from the state.
+            self.apply([], replaced)
+            removing = [t for t in removing if t not in replaced]
         addresses = [t for t in removing if not isinstance(t, IPNetwork)]
         if (
             self._writer is not None

@@ -8,6 +8,13 @@ has a quota of events a minute, and only an admin key lifts blocks another membe
 Merging: a remote block for an address that is blocked here already keeps the higher
 rung and the later expiry. Both are maxima, so members that see two escalations of one
 address in either order end with the same block (docs/fleet.md, "One ladder").
+
+Networks (an escalation, source `imr:escalation`, or an admin's network block): a remote
+network passes this host's own network rules (the cap, its protected addresses and every
+member's), and, unless its origin holds an admin key, the guard of an escalation here too
+(`escalation.never_aggregate`, `logscan.trusted_proxies`). A network in force here that
+meets another one ends up the same whatever the order (`network_plan`): the widest wins,
+the narrower ones end (`superseded`) or are kept as history only (`covered`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from imr.core.addresses import (
     network_refusal,
     protection_refusal,
 )
+from imr.core.prefixes import Coverage
 
 WINDOW = 60.0
 
@@ -38,10 +46,16 @@ class Protection:
     broadcast: frozenset[IPAddress]
     allowlist: tuple[IPNetwork, ...]  # the local allowlist plus every member's addresses
     min_prefix: Mapping[int, int]
+    # Never blocked as a whole by a non-admin origin: escalation.never_aggregate and the
+    # trusted proxies, the guard of this host's own escalations.
+    never_aggregate: tuple[IPNetwork, ...] = ()
 
 
-def target_refusal(ip: str, protection: Protection) -> tuple[str, Refusal] | None:
-    """('protected_target' | 'too_wide' | 'malformed', why) if a remote event may not block `ip`."""
+def target_refusal(
+    ip: str, protection: Protection, admin: bool = False
+) -> tuple[str, Refusal] | None:
+    """('protected_target' | 'too_wide' | 'never_aggregate' | 'malformed', why) if a remote
+    event may not block `ip` (`admin`: its origin holds an admin key)."""
     parsed = canonical_target(ip)
     if isinstance(parsed, Refusal):
         return "malformed", parsed
@@ -56,9 +70,14 @@ def target_refusal(ip: str, protection: Protection) -> tuple[str, Refusal] | Non
             protection.broadcast,
             protection.allowlist,
         )
-        if refusal is None:
-            return None
-        return ("too_wide" if refusal.code is RefusalCode.TOO_WIDE else "protected_target"), refusal
+        if refusal is not None:
+            code = "too_wide" if refusal.code is RefusalCode.TOO_WIDE else "protected_target"
+            return code, refusal
+        for listed in () if admin else protection.never_aggregate:
+            if listed.version == target.version and target.overlaps(listed):
+                why = f"{target} overlaps {listed}, never aggregated here"
+                return "never_aggregate", Refusal(RefusalCode.ALLOWLISTED, why)
+        return None
     refusal = intrinsic_refusal(target) or protection_refusal(
         target, protection.own, protection.broadcast, protection.allowlist
     )
@@ -110,3 +129,24 @@ def may_lift(event_origin: str, block_origin: str | None, origin_is_admin: bool)
     """A member lifts only the blocks it made itself (as they were applied here); an admin
     key lifts any. A block this host made (origin None) is lifted only by an admin key."""
     return origin_is_admin or block_origin == event_origin
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """What a remote network block does to the networks in force here."""
+
+    covered_by: IPNetwork | None  # a wider network here covers it: history only
+    supersedes: tuple[IPNetwork, ...]  # narrower networks here that it ends
+
+
+def network_plan(network: IPNetwork, coverage: Coverage) -> NetworkPlan:
+    """A remote network meets the networks in force here (the same network is `merged`).
+
+    The widest wins whatever the order: a network under a wider one adds nothing (it is
+    kept as history for the ladder), and a wider one ends the narrower ones inside it
+    (nftables interval sets refuse overlapping elements). So members that see two
+    overlapping networks in either order end with the same kernel and active rows."""
+    wider = coverage.wider(network)
+    if wider is not None:
+        return NetworkPlan(wider, ())
+    return NetworkPlan(None, tuple(coverage.inside(network)))

@@ -79,6 +79,10 @@ class Level:
         return ipaddress.IPv4Address(value) if self.version == 4 else ipaddress.IPv6Address(value)
 
 
+def _address(version: int, value: int) -> IPAddress:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
 def network_of(version: int, value: int, length: int) -> IPNetwork:
     """The network from its integer base, of the family named (ip_network() would take a
     small IPv6 value for IPv4)."""
@@ -203,6 +207,26 @@ class PrefixIndex:
             for key in [k for k in self._prefixes if k[0] == index]:  # rare: admins only
                 if level.network(key[1]).subnet_of(network):  # type: ignore[arg-type]
                     del self._prefixes[key]
+
+    def taken_over(self, network: IPNetwork) -> list[IPAddress]:
+        """A network block from elsewhere (a fleet member's escalation) covers `network`:
+        the addresses counted for it (by a level of its length), which need no kernel
+        entry any more; its count starts again, as after a local escalation. O(levels):
+        counts of narrower prefixes inside are left alone (a scan; they escalate nothing
+        while the network covers them, and leave the window)."""
+        found: list[IPAddress] = []
+        bits = 32 if network.version == 4 else 128
+        for index, level in enumerate(self.levels):
+            if level.version != network.version or level.prefix != network.prefixlen:
+                continue
+            key = (index, level.key(int(network.network_address))[0])
+            members = self._prefixes.pop(key, None)
+            if members is None:
+                continue
+            for member in members.seen:
+                value = members.address.get(member, member << (bits - level.member_prefix))
+                found.append(_address(level.version, value))
+        return found
 
     def sweep(self, now: float) -> None:
         """Drop the prefixes whose members have all left their level's window."""
@@ -351,6 +375,18 @@ class Coverage:
     def covering(self, address: IPAddress) -> IPNetwork | None:
         text = self.covering_text(address)
         return None if text is None else ipaddress.ip_network(text)
+
+    def wider(self, network: IPNetwork, or_same: bool = False) -> IPNetwork | None:
+        """A network here wider than `network` (or the same one) that covers it."""
+        value, version = int(network.network_address), network.version
+        bits = 32 if version == 4 else 128
+        for (family, length), keys in self._by_length.items():
+            shorter = length <= network.prefixlen if or_same else length < network.prefixlen
+            if family == version and shorter:
+                found = keys.get((value >> (bits - length)) << (bits - length))
+                if found is not None:
+                    return ipaddress.ip_network(found)
+        return None
 
     def inside(self, network: IPNetwork) -> list[IPNetwork]:
         """The networks here narrower than `network` and inside it (rare: a scan)."""

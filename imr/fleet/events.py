@@ -36,6 +36,7 @@ class EventRefusal(StrEnum):
     SIGNATURE = "bad_signature"
     PROTECTED = "protected_target"
     TOO_WIDE = "too_wide"
+    NEVER_AGGREGATE = "never_aggregate"  # a non-admin origin's network this host never blocks
     QUOTA = "origin_quota"
     FUTURE = "future_entry"  # stamped ahead of this host's clock (core/fleet.FUTURE_SLACK)
     LIFT_NOT_ALLOWED = "lift_not_allowed"

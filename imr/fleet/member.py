@@ -90,7 +90,9 @@ class FleetMember:
     def _protection(self) -> Protection:
         own, broadcast, config = self._broker.protection_view()
         allowlist = (*config.protect.allowlist, *self._members)
-        return Protection(own, broadcast, allowlist, config.protect.network_min_prefix)
+        # What this host never escalates, a non-admin origin may not block here either.
+        never = (*config.escalation.never_aggregate, *config.logscan.trusted_proxies)
+        return Protection(own, broadcast, allowlist, config.protect.network_min_prefix, never)
 
     async def apply(self, batch: list[Incoming]) -> None:
         """Check each event, queue the good ones (and every position) for the writer, and
@@ -146,7 +148,7 @@ class FleetMember:
         if not self._quota.admit(item.origin, stamped):
             self._refused(item, EventRefusal.QUOTA.value, "")
             return None
-        found = target_refusal(event.ip, protection)
+        found = target_refusal(event.ip, protection, item.origin in self._admins)
         if found is not None:
             self._refused(item, found[0], f"{event.ip}: {found[1].message}")
             return None

@@ -188,6 +188,8 @@ class Broker:
                 lambda: self._config.protect.network_min_prefix,
                 lambda: self._local.own,
                 lambda: self._local.broadcast,
+                # Fleet mode: members' addresses too (Config.guarded); a network holding one
+                # is refused by every other member as protected_target (docs/fleet.md).
                 lambda: self._config.guarded.allowlist,
                 # A trusted proxy inside a prefix speaks for everyone behind it.
                 lambda: [

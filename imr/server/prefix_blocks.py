@@ -23,6 +23,7 @@ from typing import Protocol
 
 from imr.backends.base import KernelBlock
 from imr.core.addresses import IPAddress, IPNetwork, Target
+from imr.core.fleet import network_plan
 from imr.core.policy import Action, Decision, Ladder, PreviousBlock, decide
 from imr.core.prefixes import (
     Coverage,
@@ -63,6 +64,8 @@ class BatchWork(Protocol):
 
     def lift_record(self, record: BlockRecord, reason: str, by: str) -> None: ...
 
+    def announce(self, kind: str, record: BlockRecord) -> None: ...
+
 
 class PrefixBlocks:
     def __init__(
@@ -83,6 +86,10 @@ class PrefixBlocks:
         self.changes = 0  # counts changes of the above: a failed batch rebuilds them if any
         self._made: list[Escalation] = []  # this batch's escalations, forgotten once committed
 
+    @property
+    def _window(self) -> float:
+        return max((level.window for level in self.index.levels), default=0.0)
+
     def configure(self, ladder: Ladder, levels: Sequence[Level], ipv6_offence_prefix: int) -> None:
         """A reloaded configuration; the counts start again only if the levels changed."""
         self.ladder, self.unit_prefix = ladder, ipv6_offence_prefix
@@ -95,7 +102,7 @@ class PrefixBlocks:
         """At start, from the active blocks (`records` in the order of `blocks`): the held-out
         addresses, the offence units, and the counts of blocks still inside a level's window."""
         self.rebuild(blocks)
-        window = max((level.window for level in self.index.levels), default=0.0)
+        window = self._window
         for block, record in zip(blocks, records, strict=True):
             address = block.address
             if "/" in block.text:
@@ -160,9 +167,12 @@ class PrefixBlocks:
 
     # --- Hooks of the batch ---
 
-    def blocked(self, work: BatchWork, address: Target, record: BlockRecord) -> None:
+    def blocked(
+        self, work: BatchWork, address: Target, record: BlockRecord, at: float | None = None
+    ) -> None:
         """A new or escalated block of `address` was written: remember it, hold it out of the
-        kernel if a network covers it, and escalate the prefixes it completes."""
+        kernel if a network covers it, and escalate the prefixes it completes. `at`: when
+        it was decided (a fleet member's block counts at its own time, not when it came)."""
         if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
             self.coverage.add(address)  # an admin's network: later blocks under it stay out
             self.changes += 1
@@ -171,17 +181,18 @@ class PrefixBlocks:
         if unit is not None:
             self.units.remember(unit, record.as_previous(), work.now, self.ladder.repeat_window)
         self._hold_if_covered(address, record.ip)
-        if not self.index.levels:
-            return
+        when = work.now if at is None else min(at, work.now)
+        if not self.index.levels or work.now - when >= self._window:
+            return  # a member catching up: its old blocks escalate nothing now (cf. restore)
         covered = functools.partial(self._covered, work)
-        for escalation in self.index.observe(address, work.now, self._guard(), covered):
+        for escalation in self.index.observe(address, when, self._guard(), covered):
             self._escalate(work, escalation)
 
     def _covered(self, work: BatchWork, network: IPNetwork) -> bool:
         """A network block covers the whole prefix already, or an admin's narrower one inside
         it would overlap (nftables interval sets refuse overlaps). Escalated ones inside are
         taken into the wider block instead (_escalate)."""
-        if self.coverage.covering(network.network_address) is not None:
+        if self.coverage.wider(network, or_same=True) is not None:
             return True
         return any(not self._escalated(work, inner) for inner in self.coverage.inside(network))
 
@@ -212,6 +223,7 @@ class PrefixBlocks:
         if held:  # an add wins over a remove in one apply: drop this batch's adds of them
             work.kernel_add[:] = [b for b in work.kernel_add if b.text not in held]
         self._made.append(escalation)
+        work.announce("block", record)  # fleet mode: every member gets the network block
         log.warning(
             "escalated %s to a network block until %s (rung %d, %s): %s",
             key,
@@ -221,6 +233,29 @@ class PrefixBlocks:
             escalation.describe(),
             extra={"event": "prefix_escalated", "ip": key, "members": list(escalation.members)},
         )
+
+    def remote_network(self, work: BatchWork, network: IPNetwork, ip: str) -> bool:
+        """A fleet member's network block is about to be written here (docs/fleet.md, "One
+        ladder"): False if a wider network here covers it already (then it is history
+        only); else the narrower networks inside it end (`superseded`), and the addresses
+        counted here for it leave the kernel while it covers them, as after a local
+        escalation. Later blocks under it never go in (`blocked`)."""
+        plan = network_plan(network, self.coverage)
+        if plan.covered_by is not None:
+            return False
+        for inner in plan.supersedes:
+            self._supersede(work, inner, network)
+        held = self.under.setdefault(ip, set())
+        for address in self.index.taken_over(network):
+            member = str(address)
+            if work.current(member) is not None and member not in self.held_out:
+                held.add(member)
+                self.held_out[member] = ip
+                work.kernel_remove.append(address)
+        if held:  # an add wins over a remove in one apply: drop this batch's adds of them
+            work.kernel_add[:] = [b for b in work.kernel_add if b.text not in held]
+        self.changes += 1
+        return True
 
     def committed(self, done: bool) -> None:
         """The batch committed (`done`) or failed: its escalations start new counts, or

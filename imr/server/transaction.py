@@ -17,6 +17,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot_of_text
@@ -280,6 +281,11 @@ class _BatchTransaction:
 
     lift_record = _lift  # for PrefixBlocks (a superseded network block)
 
+    def announce(self, kind: str, record: BlockRecord) -> None:
+        """For PrefixBlocks: an escalation is published like a local block (fleet mode)."""
+        if self.committer.fleet_name is not None:
+            self._announce(kind, record)
+
     def _new_block(
         self, ip: str, decision: Decision, change: BlockChange, offence: int
     ) -> BlockRecord:
@@ -454,6 +460,7 @@ class _BatchTransaction:
         if current is not None and current.expires_at <= self.now:
             self._lift(current, "expired", "imr")
             self.changed[ip], current = None, None
+            self.committer.prefix.lifted(self, ip, target, by_admin=False)
             self.expired += 1
         if event.kind == "lift":
             if current is None:
@@ -465,6 +472,8 @@ class _BatchTransaction:
             self._lift(current, "unblocked", f"fleet:{event.origin}")
             self.changed[ip] = None
             self.kernel_remove.append(target)
+            # A network's held-out addresses go back in; an unblock is a pardon everywhere.
+            self.committer.prefix.lifted(self, ip, target, by_admin=True)
             self.log_lines.append(lambda: f"unblocked {ip} by fleet member {event.origin}")
             return Outcome({"kind": "lift", "ip": ip, "action": "lift"})
         if current is not None:
@@ -474,7 +483,7 @@ class _BatchTransaction:
                 self._insert_pending()
                 self.store.escalate(current.id, rung, expires_at)
                 self.changed[ip] = replace(current, rung=rung, expires_at=expires_at)
-                self.kernel_add.append(KernelBlock(target, expires_at, ip))
+                self._kernel_entry(target, expires_at, ip)  # not if a network holds it out
             return Outcome({"kind": "block", "ip": ip, "action": "merge"})
         return self._remote_block(event, target)
 
@@ -500,9 +509,18 @@ class _BatchTransaction:
             over = replace(record, lifted_at=event.expires_at, lift_reason="expired")
             self.new_blocks.append(replace(over, lifted_by="imr"))
             return Outcome({"kind": "block", "ip": ip, "action": "history"})
+        prefix = self.committer.prefix
+        if isinstance(target, IPv4Network | IPv6Network) and not prefix.remote_network(
+            self, target, ip
+        ):  # a wider network here covers it: it counts for the ladder, nothing more
+            over = replace(record, lifted_at=self.now, lift_reason="covered", lifted_by="imr")
+            self.new_blocks.append(over)
+            return Outcome({"kind": "block", "ip": ip, "action": "covered"})
         self.new_blocks.append(record)
         self.changed[ip] = record
-        self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
+        # Counted fleet-wide for escalation (at the origin's time), held out under a network.
+        prefix.blocked(self, target, record, at=event.at)
+        self._kernel_entry(target, record.expires_at, ip)
         until = timestamp(record.expires_at)
         self.log_lines.append(
             lambda: f"blocked {ip} until {until} rung={record.rung} by fleet member {event.origin}"
