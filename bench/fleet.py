@@ -46,6 +46,7 @@ from _common import (
     require_root,
     v6_address,
 )
+from _propagation import Watcher, paced_blocks, spread
 from redis import Redis
 
 from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
@@ -152,22 +153,31 @@ def lag(member: Member) -> dict[str, float]:
     return found
 
 
-def propagation(daemons: list[Member], rows: Rows, count: int, first: int) -> int:
-    a, others = daemons[0], daemons[1:]
+def propagation(daemons: list[Member], rows: Rows, count: int, first: int, rate: float) -> int:
+    """`count` single blocks paced at `rate` per second in aggregate, the origins taking
+    turns over every member; from the origin's acknowledgement to the element in each
+    other member's kernel (bench/_propagation.py: nft monitor in every namespace)."""
     ips = [v6_address(first + n) for n in range(count)]
-    # Paced single blocks, ~100/s: one client, 10 ms apart.
-    for ip in ips:
-        block_load(a.socket, [ip], 1)
-        time.sleep(0.01)
-    for member in others:
-        assert wait(lambda m=member: lag(m).get("count", 0) >= count, 60)
-    for member in others:
-        figures = lag(member)
-        rows.add(
-            f"propagation a → {Path(member.work).name}, {count} single blocks at ~100/s"
-            " (p50 / p99 / max ms)",
-            f"{figures['p50']} / {figures['p99']} / {figures['max']}",
-        )
+    remote = "origin IS NOT NULL"
+    before = [state_count(m, remote) for m in daemons]
+    watchers = [Watcher(m.ns) for m in daemons]
+    try:
+        sent = paced_blocks([m.socket for m in daemons], ips, [n / rate for n in range(count)])
+        for i, member in enumerate(daemons):
+            expected = before[i] + sum(1 for origin, _ in sent.acks.values() if origin != i)
+            wait(lambda m=member, e=expected: state_count(m, remote) >= e, 120)
+        seen = [w.stop() for w in watchers]
+    finally:
+        for w in watchers:
+            w.kill()
+    found = spread(sent.acks, seen)
+    rows.add(
+        f"propagation, {len(daemons)} members, {count} blocks at {rate:g}/s aggregate"
+        f" (acknowledged at {sent.rate():.0f}/s), origins in turn: acknowledgement on the"
+        f" origin to kernel entry on every other member, p50 / p99 / max ms"
+        f" ({len(found.latencies)} pairs; {load()})",
+        found.text(),
+    )
     return first + count
 
 
@@ -236,7 +246,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--catchup", type=int, default=100_000)
-    parser.add_argument("--count", type=int, default=300, help="paced single blocks")
+    parser.add_argument("--count", type=int, default=300, help="paced single blocks per rate")
+    parser.add_argument(
+        "--rates", default="100", help="aggregate blocks/s of the propagation runs, comma-separated"
+    )
+    parser.add_argument("--seconds", type=float, default=0, help="per rate (overrides --count)")
     parser.add_argument("--local", type=int, default=2000, help="blocks per local-path run")
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--quick", action="store_true", help="catch-up of 10,000")
@@ -252,7 +266,9 @@ def main() -> None:
     with fleet(args.members, not args.no_tls) as (daemons, server, hub):
         phases, first = args.phases.split(","), 0
         if "propagation" in phases:
-            first = propagation(daemons, rows, args.count, first)
+            for rate in (float(r) for r in args.rates.split(",")):
+                count = round(rate * args.seconds) if args.seconds else args.count
+                first = propagation(daemons, rows, count, first, rate)
         if "local" in phases:
             first = local_cost(daemons, rows, args.local, first)
         if "catchup" in phases:
