@@ -72,14 +72,16 @@ class Member(BenchDaemon):
 
 
 @contextlib.contextmanager
-def fleet(members: int, tls: bool) -> Iterator[tuple[list[Member], RedisServer, Netns]]:
+def fleet(
+    members: int, tls: bool, prefix: str = "imrb"
+) -> Iterator[tuple[list[Member], RedisServer, Netns]]:
     root = Path(tempfile.mkdtemp(prefix="imrbench-fleet-"))
     names = [chr(ord("a") + i) for i in range(members)]
     namespaces: list[Netns] = []
     daemons: list[Member] = []
     server: RedisServer | None = None
     try:
-        hub = create_netns("imrbhub")
+        hub = create_netns(f"{prefix}hub")
         namespaces.append(hub)
         port = free_port()
         hubs = [hub_address(i) for i in range(members)]
@@ -95,7 +97,7 @@ def fleet(members: int, tls: bool) -> Iterator[tuple[list[Member], RedisServer, 
         publics = {n: make_key(root / f"{n}.key") for n in names}
         addresses = {n: [member_address(i)] for i, n in enumerate(names)}
         for i, name in enumerate(names):
-            ns = create_netns(f"imrb{name}")
+            ns = create_netns(f"{prefix}{name}")
             namespaces.append(ns)
             connect(hub, ns, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
             work = root / name
