@@ -64,6 +64,7 @@ class Sent:
     """What the client did: per address, its origin (an index) and acknowledgement time."""
 
     acks: dict[str, tuple[int, float]] = field(default_factory=dict)
+    starts: dict[str, tuple[int, float]] = field(default_factory=dict)  # request sent
     seconds: float = 0.0  # first request sent to last acknowledgement
 
     def rate(self) -> float:
@@ -82,6 +83,7 @@ def paced_blocks(
         reader, writer = await asyncio.open_unix_connection(str(sockets[member]))
         try:
             while (ip := await queue.get()) is not None:
+                sent.starts[ip] = (member, time.monotonic())
                 writer.write(b'{"v":1,"op":"block","ip":"' + ip.encode() + b'"}\n')
                 reply = await reader.readline()
                 sent.acks[ip] = (member, time.monotonic())

@@ -12,13 +12,16 @@ with its own config and SQLite file in a temporary directory; N bouncers
 connected to the API's over a veth pair, so each programs its own namespace's nftables.
 `cscli decisions add --ip 203.0.113.x` is run D times at random gaps of 0.2-0.6 s (so the
 decisions fall at every phase of the bouncers' polling), and `nft monitor` in every bouncer
-namespace stamps when the element arrived (bench/_propagation.py). Measured at each
+namespace stamps when the element arrived (bench/_propagation.py): measured from the moment
+cscli was started and from the moment it returned (its acknowledgement; under load the
+element can be in a bouncer's set before cscli has exited, hence negative times). Measured at each
 `update_frequency` given: the default 10 s, and 1ns, the smallest the bouncer accepts (any
 Go duration above zero: 0s panics in time.NewTicker; 1ns means polling back to back).
 
 imr, in the same run: N + 1 fleet members (bench/fleet.py's namespaces, Redis with TLS and
 ACLs), the same D addresses at the same gaps blocked on member a, measured the same way on
-the N others: from a's acknowledgement to the element in each other member's kernel.
+the N others: from the request (and from a's acknowledgement) to the element in each other
+member's kernel. Printed: CrowdSec's p50 and p99 over imr's, for both references.
 """
 
 from __future__ import annotations
@@ -216,23 +219,30 @@ def gaps(count: int, seed: int) -> list[float]:
     return offsets
 
 
+@dataclass
+class Result:
+    """Kernel entry on the receiving hosts, from the command and from its acknowledgement."""
+
+    from_command: Spread
+    from_ack: Spread
+
+
 def measure_crowdsec(
     bouncers: int, frequency: str, seconds: float, offsets: list[float], rows: Rows
-) -> Spread:
+) -> Result:
     with crowdsec(bouncers, frequency) as peer:
         watchers = [Watcher(ns.name) for ns in peer.bouncers]
         try:
             cpu0 = sum(cpu_seconds(p.pid) for p in peer.processes)
+            starts: dict[str, tuple[int, float]] = {}
             acks: dict[str, tuple[int, float]] = {}
-            took: list[float] = []
             t0 = time.monotonic()
             for n, offset in enumerate(offsets):
                 time.sleep(max(0.0, t0 + offset - time.monotonic()))
                 ip = f"203.0.113.{n + 1}"
-                before = time.monotonic()
+                starts[ip] = (-1, time.monotonic())
                 peer.cscli("decisions", "add", "--ip", ip, "--duration", "1h")
                 acks[ip] = (-1, time.monotonic())
-                took.append(time.monotonic() - before)
             time.sleep(seconds + 2)  # one more poll, and its nftables change
             cpu = sum(cpu_seconds(p.pid) for p in peer.processes) - cpu0
             wall = time.monotonic() - t0
@@ -240,23 +250,27 @@ def measure_crowdsec(
         finally:
             for w in watchers:
                 w.kill()
-    found = spread(acks, seen)
-    took.sort()
+    result = Result(spread(starts, seen), spread(acks, seen))
+    took = sorted(acks[ip][1] - starts[ip][1] for ip in acks)
+    head = f"CrowdSec, {bouncers} bouncers, update_frequency {frequency}"
     rows.add(
-        f"CrowdSec, {bouncers} bouncers, update_frequency {frequency}: `cscli decisions add`"
-        " returned to the element in each bouncer's set, p50 / p99 / max ms"
-        f" ({len(found.latencies)} pairs; {load()})",
-        found.text(),
+        f"{head}: `cscli decisions add` started to the element in each bouncer's set,"
+        f" p50 / p99 / max ms ({len(result.from_command.latencies)} pairs; {load()})",
+        result.from_command.text(),
     )
     rows.add(
-        f"CrowdSec, update_frequency {frequency}: CPU of the API and bouncers"
-        " (% of one CPU over the run); `cscli decisions add` itself p50 (ms)",
-        f"{cpu / wall * 100:.0f} %; {took[len(took) // 2] * 1000:.0f}",
+        f"{head}: `cscli decisions add` returned to the element, p50 / p99 / max ms",
+        result.from_ack.text(),
     )
-    return found
+    rows.add(
+        f"{head}: CPU of the API and the bouncers (% of one CPU over the run);"
+        " `cscli decisions add` itself p50 / max (ms)",
+        f"{cpu / wall * 100:.0f} %; {took[len(took) // 2] * 1000:.0f} / {took[-1] * 1000:.0f}",
+    )
+    return result
 
 
-def measure_imr(members: int, tls: bool, offsets: list[float], rows: Rows) -> Spread:
+def measure_imr(members: int, tls: bool, offsets: list[float], rows: Rows) -> Result:
     ips = [f"203.0.113.{n + 1}" for n in range(len(offsets))]
     with fleet(members, tls, prefix="fpeimr") as (daemons, _server, _hub):
         watchers = [Watcher(m.ns) for m in daemons]
@@ -271,18 +285,32 @@ def measure_imr(members: int, tls: bool, offsets: list[float], rows: Rows) -> Sp
         finally:
             for w in watchers:
                 w.kill()
-    found = spread(sent.acks, seen)
+    result = Result(spread(sent.starts, seen), spread(sent.acks, seen))
+    head = f"imr fleet, {members} members (TLS {'on' if tls else 'off'}), same addresses and gaps"
     rows.add(
-        f"imr fleet, {members} members (TLS {'on' if tls else 'off'}): acknowledgement on a"
-        " to the element in each other member's set, same addresses and gaps, p50 / p99 /"
-        f" max ms ({len(found.latencies)} pairs; {load()})",
-        found.text(),
+        f"{head}: block request sent on a to the element in each other member's set,"
+        f" p50 / p99 / max ms ({len(result.from_command.latencies)} pairs; {load()})",
+        result.from_command.text(),
     )
+    rows.add(f"{head}: acknowledgement on a to the element", result.from_ack.text())
     rows.add(
-        "imr fleet: CPU of the member daemons (% of one CPU over the run; Redis not counted)",
+        f"{head}: CPU of the member daemons (% of one CPU over the run; Redis not counted)",
         f"{cpu / wall * 100:.0f} %",
     )
-    return found
+    return result
+
+
+def ratio(peer: Spread, imr: Spread) -> str:
+    """CrowdSec's p50 and p99 over imr's."""
+    if not peer.latencies or not imr.latencies:
+        return "n/a (nothing arrived)"
+    cells = []
+    for q in (0.5, 0.99):
+        mine, theirs = imr.p(q), peer.p(q)
+        cells.append(
+            f"{theirs / mine:.0f}x" if theirs > 0 and mine > 0 else f"n/a ({theirs:.1f} ms)"
+        )
+    return ", ".join(cells)
 
 
 def main() -> None:
@@ -297,6 +325,8 @@ def main() -> None:
     require_root()
     if not shutil.which("crowdsec-firewall-bouncer") or not shutil.which("cscli"):
         sys.exit("crowdsec and crowdsec-firewall-bouncer are not installed: scripts/bootstrap.sh")
+    if not 0 < args.bouncers <= 14:
+        sys.exit("--bouncers: 1 to 14 (imr's fleet has one 192.0.2.0/28 per member)")
     if not 0 < args.decisions <= 250:
         sys.exit("--decisions: 1 to 250 (one 203.0.113.0/24 address each)")
     rows = Rows("crowdsec_peer")
@@ -306,11 +336,15 @@ def main() -> None:
     for frequency in args.frequencies.split(","):
         seconds = parse_seconds(frequency)
         peer = measure_crowdsec(args.bouncers, frequency, seconds, offsets, rows)
-        if peer.latencies and imr.latencies:
-            rows.add(
-                f"CrowdSec at update_frequency {frequency} / imr: p50, p99",
-                f"{peer.p(0.5) / imr.p(0.5):.0f}x, {peer.p(0.99) / imr.p(0.99):.0f}x",
-            )
+        rows.add(
+            f"CrowdSec at update_frequency {frequency} / imr, p50 and p99: from the command",
+            ratio(peer.from_command, imr.from_command),
+        )
+        rows.add(
+            f"CrowdSec at update_frequency {frequency} / imr, p50 and p99: from the"
+            " acknowledgement (cscli returned / imr's reply)",
+            ratio(peer.from_ack, imr.from_ack),
+        )
     print(f"# {load()}")
     rows.print_table()
     rows.save(args.rows)
