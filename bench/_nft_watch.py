@@ -4,14 +4,16 @@ Not a benchmark itself: bench/_propagation.py starts one per namespace (`ip netn
 python _nft_watch.py`). It prints `ready` once `nft monitor elements` runs, stamps every
 added element with CLOCK_MONOTONIC (one clock for every process on the machine, so the
 bench compares it with the moment a client heard its acknowledgement), and on SIGTERM
-prints one JSON object {address: seconds} (the first time each address was seen) and,
-if nft stopped on its own (a netlink overrun), `error` with its last words.
+prints one JSON object: `seen` {address: seconds} (the first time each address was seen),
+`cpu` (seconds this watcher and its nft used) and, if nft stopped on its own (a netlink
+overrun), `error` with its last words.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import subprocess
 import threading
@@ -64,7 +66,10 @@ def main() -> None:
     error = "" if told.is_set() or monitor.stderr is None else monitor.stderr.read()
     monitor.wait()
     reader.join(5)
-    print(json.dumps({"seen": seen, "error": error[-300:]}), flush=True)
+    # What watching cost (this process and nft): the bench shares its CPUs with what it measures.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    print(json.dumps({"seen": seen, "error": error[-300:], "cpu": cpu}), flush=True)
 
 
 if __name__ == "__main__":

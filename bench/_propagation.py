@@ -32,6 +32,7 @@ class Watcher:
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
+        self.cpu = 0.0  # seconds of CPU it used, known after stop()
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, WATCH],
             stdout=subprocess.PIPE,
@@ -50,6 +51,7 @@ class Watcher:
         found = json.loads(out.strip().splitlines()[-1])
         if found["error"]:
             raise RuntimeError(f"nft monitor in {self.ns} stopped: {found['error']}")
+        self.cpu = float(found["cpu"])
         seen: dict[str, float] = found["seen"]
         return seen
 

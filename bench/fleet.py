@@ -46,7 +46,7 @@ from _common import (
     require_root,
     v6_address,
 )
-from _propagation import Watcher, paced_blocks, spread
+from _propagation import Watcher, cpu_seconds, paced_blocks, spread
 from redis import Redis
 
 from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
@@ -155,13 +155,18 @@ def lag(member: Member) -> dict[str, float]:
     return found
 
 
-def propagation(daemons: list[Member], rows: Rows, count: int, first: int, rate: float) -> int:
+def propagation(
+    daemons: list[Member], server: RedisServer, rows: Rows, count: int, first: int, rate: float
+) -> int:
     """`count` single blocks paced at `rate` per second in aggregate, the origins taking
     turns over every member; from the origin's acknowledgement to the element in each
     other member's kernel (bench/_propagation.py: nft monitor in every namespace)."""
     ips = [v6_address(first + n) for n in range(count)]
     remote = "origin IS NOT NULL"
     before = [state_count(m, remote) for m in daemons]
+    pids = [m.pid() for m in daemons]
+    cpu0 = [cpu_seconds(pid) for pid in pids], cpu_seconds(server.process.pid)
+    t0 = time.monotonic()
     watchers = [Watcher(m.ns) for m in daemons]
     try:
         sent = paced_blocks([m.socket for m in daemons], ips, [n / rate for n in range(count)])
@@ -172,13 +177,21 @@ def propagation(daemons: list[Member], rows: Rows, count: int, first: int, rate:
     finally:
         for w in watchers:
             w.kill()
+    wall = time.monotonic() - t0
+    daemons_cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu0[0])
     found = spread(sent.acks, seen)
+    head = f"propagation, {len(daemons)} members, {count} blocks at {rate:g}/s aggregate"
     rows.add(
-        f"propagation, {len(daemons)} members, {count} blocks at {rate:g}/s aggregate"
-        f" (acknowledged at {sent.rate():.0f}/s), origins in turn: acknowledgement on the"
-        f" origin to kernel entry on every other member, p50 / p99 / max ms"
+        f"{head} (acknowledged at {sent.rate():.0f}/s), origins in turn: acknowledgement on"
+        " the origin to kernel entry on every other member, p50 / p99 / max ms"
         f" ({len(found.latencies)} pairs; {load()})",
         found.text(),
+    )
+    rows.add(
+        f"{head}: CPU over the {wall:.1f} s (s): member daemons / redis-server / the bench's"
+        " nft watchers",
+        f"{daemons_cpu:.1f} / {cpu_seconds(server.process.pid) - cpu0[1]:.1f} /"
+        f" {sum(w.cpu for w in watchers):.1f}",
     )
     return first + count
 
@@ -270,7 +283,7 @@ def main() -> None:
         if "propagation" in phases:
             for rate in (float(r) for r in args.rates.split(",")):
                 count = round(rate * args.seconds) if args.seconds else args.count
-                first = propagation(daemons, rows, count, first, rate)
+                first = propagation(daemons, server, rows, count, first, rate)
         if "local" in phases:
             first = local_cost(daemons, rows, args.local, first)
         if "catchup" in phases:
