@@ -323,6 +323,8 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=None)
     args = parser.parse_args()
     require_root()
+    # SIGTERM (from timeout, say) unwinds: processes stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     if not shutil.which("crowdsec-firewall-bouncer") or not shutil.which("cscli"):
         sys.exit("crowdsec and crowdsec-firewall-bouncer are not installed: scripts/bootstrap.sh")
     if not 0 < args.bouncers <= 14:

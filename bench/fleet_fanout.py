@@ -25,6 +25,7 @@ import asyncio
 import json
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=None)
     args = parser.parse_args()
     require_root()
+    # SIGTERM (from timeout, say) unwinds: processes stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     rows = Rows("fleet_fanout")
     print(f"# fleet_fanout; {load()}")
     ns = create_netns("fpefan")
