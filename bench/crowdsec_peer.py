@@ -210,6 +210,12 @@ def crowdsec(bouncers: int, frequency: str) -> Iterator[CrowdSec]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def in_set(ns: Netns) -> int:
+    """How many of the bench's addresses the bouncer's IPv4 set holds."""
+    listing = ns.run("nft", "list", "set", "ip", "crowdsec", "crowdsec-blacklists").stdout
+    return listing.count("203.0.113.")
+
+
 def gaps(count: int, seed: int) -> list[float]:
     """Offsets from the start: random gaps of 0.2-0.6 s, the same for both systems."""
     rng, at, offsets = random.Random(seed), 0.0, []
@@ -243,7 +249,13 @@ def measure_crowdsec(
                 starts[ip] = (-1, time.monotonic())
                 peer.cscli("decisions", "add", "--ip", ip, "--duration", "1h")
                 acks[ip] = (-1, time.monotonic())
-            time.sleep(seconds + 2)  # one more poll, and its nftables change
+            # One more poll and its nftables change; a late bouncer gets up to 30 s more.
+            time.sleep(seconds + 0.5)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(
+                in_set(ns) >= len(offsets) for ns in peer.bouncers
+            ):
+                time.sleep(0.2)
             cpu = sum(cpu_seconds(p.pid) for p in peer.processes) - cpu0
             wall = time.monotonic() - t0
             seen = [w.stop() for w in watchers]
