@@ -242,18 +242,25 @@ def measure_crowdsec(
             cpu0 = sum(cpu_seconds(p.pid) for p in peer.processes)
             starts: dict[str, tuple[int, float]] = {}
             acks: dict[str, tuple[int, float]] = {}
+            failures: list[str] = []
             t0 = time.monotonic()
             for n, offset in enumerate(offsets):
                 time.sleep(max(0.0, t0 + offset - time.monotonic()))
                 ip = f"203.0.113.{n + 1}"
-                starts[ip] = (-1, time.monotonic())
-                peer.cscli("decisions", "add", "--ip", ip, "--duration", "1h")
-                acks[ip] = (-1, time.monotonic())
+                started = time.monotonic()
+                try:
+                    peer.cscli("decisions", "add", "--ip", ip, "--duration", "1h")
+                except subprocess.CalledProcessError as failed:
+                    # Counted and shown, not measured: the decision was not made.
+                    words = failed.stderr.strip().splitlines() or ["(no message)"]
+                    failures.append(words[-1][:200])
+                    continue
+                starts[ip], acks[ip] = (-1, started), (-1, time.monotonic())
             # One more poll and its nftables change; a late bouncer gets up to 30 s more.
             time.sleep(seconds + 0.5)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not all(
-                in_set(ns) >= len(offsets) for ns in peer.bouncers
+                in_set(ns) >= len(acks) for ns in peer.bouncers
             ):
                 time.sleep(0.2)
             cpu = sum(cpu_seconds(p.pid) for p in peer.processes) - cpu0
@@ -263,7 +270,7 @@ def measure_crowdsec(
             for w in watchers:
                 w.kill()
     result = Result(spread(starts, seen), spread(acks, seen))
-    took = sorted(acks[ip][1] - starts[ip][1] for ip in acks)
+    took = sorted(acks[ip][1] - starts[ip][1] for ip in acks) or [0.0]
     head = f"CrowdSec, {bouncers} bouncers, update_frequency {frequency}"
     rows.add(
         f"{head}: `cscli decisions add` started to the element in each bouncer's set,"
@@ -279,6 +286,8 @@ def measure_crowdsec(
         " `cscli decisions add` itself p50 / max (ms)",
         f"{cpu / wall * 100:.0f} %; {took[len(took) // 2] * 1000:.0f} / {took[-1] * 1000:.0f}",
     )
+    if failures:
+        rows.add(f"{head}: `cscli decisions add` failed", f"{len(failures)} times: {failures[-1]}")
     return result
 
 
