@@ -342,9 +342,8 @@ def ratio(peer: Spread, imr: Spread) -> str:
     cells = []
     for q in (0.5, 0.99):
         mine, theirs = imr.p(q), peer.p(q)
-        cells.append(
-            f"{theirs / mine:.0f}x" if theirs > 0 and mine > 0 else f"n/a ({theirs:.1f} ms)"
-        )
+        share = theirs / mine if theirs > 0 and mine > 0 else 0.0
+        cells.append(f"{share:.{0 if share >= 10 else 1}f}x" if share else f"n/a ({theirs:.1f} ms)")
     return ", ".join(cells)
 
 
