@@ -5,13 +5,16 @@ Run as root:
     .venv/bin/python bench/fleet.py                      # 3 members, catch-up of 100,000
     .venv/bin/python bench/fleet.py --members 5 --catchup 100000
     .venv/bin/python bench/fleet.py --quick              # 3 members, catch-up of 10,000
+    .venv/bin/python bench/fleet.py --members 10 --phases propagation --rates 100,1000 --seconds 5
 
 One redis-server of its own (a hub namespace, ACLs on, TLS unless --no-tls) and one
 daemon per member, each in its own namespace with its own state file and nftables table
 (tests/fleet_harness.py builds them, as the tests do). It measures:
-  - propagation: single blocks on member a (paced, ~100/s; then 50 clients at full speed),
-    from a's decision to the commit on each other member, whose kernel change precedes its
-    commit (the members' own `lag_ms` in `imr fleet status`: one clock, one machine);
+  - propagation: single blocks paced at each of --rates blocks/s in aggregate, the members
+    taking turns as origin (open loop, --count, or rate times --seconds, of them), from the
+    origin's acknowledgement to the element in every other member's kernel (`nft monitor`
+    in each namespace, bench/_propagation.py: one clock, one machine), and the CPU the
+    daemons, Redis and the watchers used;
   - catch-up: member b stopped, N blocks made on a, b started: seconds from `imr server
     start` to b's state holding all N (its kernel then holds them too);
   - the local path: single-block latency and 50-client throughput on a fleet member versus
