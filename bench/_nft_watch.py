@@ -11,6 +11,7 @@ overrun), `error` with its last words.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import resource
@@ -18,6 +19,8 @@ import signal
 import subprocess
 import threading
 import time
+
+PR_SET_PDEATHSIG = 1
 
 # "add element inet imr blocked_v6 { 2001:db8::1 timeout 1h expires 59m59s, ... }"
 ELEMENTS = re.compile(r"^add element \S+ \S+ \S+ \{ (.*) \}")
@@ -30,6 +33,11 @@ def addresses(line: str) -> list[str]:
     return [part.split(" ", 1)[0] for part in found.group(1).split(", ")]
 
 
+def _die_with_parent() -> None:
+    """nft gets SIGKILL when this watcher dies, even by SIGKILL: no orphaned monitors."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main() -> None:
     monitor = subprocess.Popen(
         ["nft", "monitor", "elements"],
@@ -37,6 +45,7 @@ def main() -> None:
         stderr=subprocess.PIPE,
         text=True,
         bufsize=1,
+        preexec_fn=_die_with_parent,  # a prctl before exec; no other thread exists yet
     )
     seen: dict[str, float] = {}
     stop = threading.Event()

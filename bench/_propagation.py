@@ -56,9 +56,14 @@ class Watcher:
         return seen
 
     def kill(self) -> None:
+        """Stop it whatever happened (SIGTERM first: it then stops its nft itself)."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
 
 
 @dataclass
