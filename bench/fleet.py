@@ -5,13 +5,16 @@ Run as root:
     .venv/bin/python bench/fleet.py                      # 3 members, catch-up of 100,000
     .venv/bin/python bench/fleet.py --members 5 --catchup 100000
     .venv/bin/python bench/fleet.py --quick              # 3 members, catch-up of 10,000
+    .venv/bin/python bench/fleet.py --members 10 --phases propagation --rates 100,1000 --seconds 5
 
 One redis-server of its own (a hub namespace, ACLs on, TLS unless --no-tls) and one
 daemon per member, each in its own namespace with its own state file and nftables table
 (tests/fleet_harness.py builds them, as the tests do). It measures:
-  - propagation: single blocks on member a (paced, ~100/s; then 50 clients at full speed),
-    from a's decision to the commit on each other member, whose kernel change precedes its
-    commit (the members' own `lag_ms` in `imr fleet status`: one clock, one machine);
+  - propagation: single blocks paced at each of --rates blocks/s in aggregate, the members
+    taking turns as origin (open loop, --count, or rate times --seconds, of them), from the
+    origin's acknowledgement to the element in every other member's kernel (`nft monitor`
+    in each namespace, bench/_propagation.py: one clock, one machine), and the CPU the
+    daemons, Redis and the watchers used;
   - catch-up: member b stopped, N blocks made on a, b started: seconds from `imr server
     start` to b's state holding all N (its kernel then holds them too);
   - the local path: single-block latency and 50-client throughput on a fleet member versus
@@ -46,6 +49,7 @@ from _common import (
     require_root,
     v6_address,
 )
+from _propagation import Watcher, cpu_seconds, paced_blocks, spread
 from redis import Redis
 
 from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
@@ -71,14 +75,16 @@ class Member(BenchDaemon):
 
 
 @contextlib.contextmanager
-def fleet(members: int, tls: bool) -> Iterator[tuple[list[Member], RedisServer, Netns]]:
+def fleet(
+    members: int, tls: bool, prefix: str = "imrb"
+) -> Iterator[tuple[list[Member], RedisServer, Netns]]:
     root = Path(tempfile.mkdtemp(prefix="imrbench-fleet-"))
     names = [chr(ord("a") + i) for i in range(members)]
     namespaces: list[Netns] = []
     daemons: list[Member] = []
     server: RedisServer | None = None
     try:
-        hub = create_netns("imrbhub")
+        hub = create_netns(f"{prefix}hub")
         namespaces.append(hub)
         port = free_port()
         hubs = [hub_address(i) for i in range(members)]
@@ -94,7 +100,7 @@ def fleet(members: int, tls: bool) -> Iterator[tuple[list[Member], RedisServer, 
         publics = {n: make_key(root / f"{n}.key") for n in names}
         addresses = {n: [member_address(i)] for i, n in enumerate(names)}
         for i, name in enumerate(names):
-            ns = create_netns(f"imrb{name}")
+            ns = create_netns(f"{prefix}{name}")
             namespaces.append(ns)
             connect(hub, ns, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
             work = root / name
@@ -152,22 +158,44 @@ def lag(member: Member) -> dict[str, float]:
     return found
 
 
-def propagation(daemons: list[Member], rows: Rows, count: int, first: int) -> int:
-    a, others = daemons[0], daemons[1:]
+def propagation(
+    daemons: list[Member], server: RedisServer, rows: Rows, count: int, first: int, rate: float
+) -> int:
+    """`count` single blocks paced at `rate` per second in aggregate, the origins taking
+    turns over every member; from the origin's acknowledgement to the element in each
+    other member's kernel (bench/_propagation.py: nft monitor in every namespace)."""
     ips = [v6_address(first + n) for n in range(count)]
-    # Paced single blocks, ~100/s: one client, 10 ms apart.
-    for ip in ips:
-        block_load(a.socket, [ip], 1)
-        time.sleep(0.01)
-    for member in others:
-        assert wait(lambda m=member: lag(m).get("count", 0) >= count, 60)
-    for member in others:
-        figures = lag(member)
-        rows.add(
-            f"propagation a → {Path(member.work).name}, {count} single blocks at ~100/s"
-            " (p50 / p99 / max ms)",
-            f"{figures['p50']} / {figures['p99']} / {figures['max']}",
-        )
+    remote = "origin IS NOT NULL"
+    before = [state_count(m, remote) for m in daemons]
+    pids = [m.pid() for m in daemons]
+    cpu0 = [cpu_seconds(pid) for pid in pids], cpu_seconds(server.process.pid)
+    t0 = time.monotonic()
+    watchers = [Watcher(m.ns) for m in daemons]
+    try:
+        sent = paced_blocks([m.socket for m in daemons], ips, [n / rate for n in range(count)])
+        for i, member in enumerate(daemons):
+            expected = before[i] + sum(1 for origin, _ in sent.acks.values() if origin != i)
+            wait(lambda m=member, e=expected: state_count(m, remote) >= e, 120)
+        seen = [w.stop() for w in watchers]
+    finally:
+        for w in watchers:
+            w.kill()
+    wall = time.monotonic() - t0
+    daemons_cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu0[0])
+    found = spread(sent.acks, seen)
+    head = f"propagation, {len(daemons)} members, {count} blocks at {rate:g}/s aggregate"
+    rows.add(
+        f"{head} (acknowledged at {sent.rate():.0f}/s), origins in turn: acknowledgement on"
+        " the origin to kernel entry on every other member, p50 / p99 / max ms"
+        f" ({len(found.latencies)} pairs; {load()})",
+        found.text(),
+    )
+    rows.add(
+        f"{head}: CPU over the {wall:.1f} s (s): member daemons / redis-server / the bench's"
+        " nft watchers",
+        f"{daemons_cpu:.1f} / {cpu_seconds(server.process.pid) - cpu0[1]:.1f} /"
+        f" {sum(w.cpu for w in watchers):.1f}",
+    )
     return first + count
 
 
@@ -236,7 +264,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--catchup", type=int, default=100_000)
-    parser.add_argument("--count", type=int, default=300, help="paced single blocks")
+    parser.add_argument("--count", type=int, default=300, help="paced single blocks per rate")
+    parser.add_argument(
+        "--rates", default="100", help="aggregate blocks/s of the propagation runs, comma-separated"
+    )
+    parser.add_argument("--seconds", type=float, default=0, help="per rate (overrides --count)")
     parser.add_argument("--local", type=int, default=2000, help="blocks per local-path run")
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--quick", action="store_true", help="catch-up of 10,000")
@@ -252,7 +284,9 @@ def main() -> None:
     with fleet(args.members, not args.no_tls) as (daemons, server, hub):
         phases, first = args.phases.split(","), 0
         if "propagation" in phases:
-            first = propagation(daemons, rows, args.count, first)
+            for rate in (float(r) for r in args.rates.split(",")):
+                count = round(rate * args.seconds) if args.seconds else args.count
+                first = propagation(daemons, server, rows, count, first, rate)
         if "local" in phases:
             first = local_cost(daemons, rows, args.local, first)
         if "catchup" in phases:

@@ -22,6 +22,9 @@ packages=(
   redis-server
   # ... and their own redis-sentinel processes (tests/test_fleet_sentinel.py).
   redis-sentinel
+  # bench/crowdsec_peer.py runs CrowdSec's local API and nftables bouncers side by side
+  # with fleet mode, each its own process with its own config in a namespace.
+  crowdsec crowdsec-firewall-bouncer
   # The Debian package: its build (scripts/build-deb.sh), lintian, and the Debian 12
   # container tests/test_package.py boots it in (debootstrap, systemd-nspawn).
   debhelper lintian python3.11-venv debootstrap systemd-container
@@ -40,12 +43,21 @@ if ((${#missing[@]})); then
   if [ ! -e "$guard" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod 755 "$guard" && ours=1
   fi
+  # crowdsec's postinst registers with CrowdSec's central API unless this file holds
+  # something (README.Debian): the bench never uses the host's CrowdSec, and offline the
+  # registration fails the install.
+  case " ${missing[*]} " in
+    *" crowdsec "*)
+      mkdir -p /etc/crowdsec
+      [ -s /etc/crowdsec/online_api_credentials.yaml ] ||
+        echo "# no thanks: imr's bench, no central API" > /etc/crowdsec/online_api_credentials.yaml ;;
+  esac
   apt-get update -q >/dev/null
   apt-get install -y -q "${missing[@]}" >/dev/null
   [ -n "$ours" ] && rm -f "$guard"
   # Their postinsts enabled the peers for the next boot: a test bench must not start a web
   # server, or fail2ban (which manages the firewall), at boot. Only what was installed now.
-  for unit in apache2 nginx fail2ban redis-sentinel; do
+  for unit in apache2 nginx fail2ban redis-sentinel crowdsec crowdsec-firewall-bouncer; do
     case " ${missing[*]} " in
       *" $unit "*) systemctl disable --quiet "$unit.service" 2>/dev/null || true ;;
     esac
