@@ -342,10 +342,15 @@ class Broker:
         finally:
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
 
-    def submit_block(self, request: BlockRequest, peer: Peer) -> asyncio.Future[Answer]:
+    def submit_block(
+        self,
+        request: BlockRequest,
+        peer: Peer,
+        answered: Callable[[asyncio.Future[Answer]], object],
+    ) -> None:
         """handle() of a `block` without a coroutine, for the Unix socket's fast lane
-        (fast_lane.py): the checks now (BrokerError for a refusal), the outcome in the
-        future; the request is counted in the metrics as handle() counts it."""
+        (fast_lane.py): the checks now (BrokerError for a refusal), then `answered` with
+        the outcome; the request is counted in the metrics as handle() counts it."""
         started = time.monotonic()
         try:
             self._gate.check_role(request, peer)
@@ -354,17 +359,26 @@ class Broker:
             result = exc.code if isinstance(exc, BrokerError) else WireCode.INTERNAL_ERROR
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
             raise
-        future.add_done_callback(lambda done: self._count(done, peer, started))
-        return future
+        future.add_done_callback(lambda done: self._count(done, peer, started, answered))
 
-    def _count(self, future: asyncio.Future[Answer], peer: Peer, started: float) -> None:
-        result: str = "cancelled"
-        if not future.cancelled():
-            exc = future.exception()
-            result = "ok" if exc is None else WireCode.INTERNAL_ERROR
-            if isinstance(exc, BrokerError):
-                result = exc.code
-        self.metrics.request_done("block", peer, result, time.monotonic() - started)
+    def _count(
+        self,
+        future: asyncio.Future[Answer],
+        peer: Peer,
+        started: float,
+        answered: Callable[[asyncio.Future[Answer]], object],
+    ) -> None:
+        """One callback a request, not two: the client's answer, then the metrics."""
+        try:
+            answered(future)
+        finally:
+            result: str = "cancelled"
+            if not future.cancelled():
+                exc = future.exception()
+                result = "ok" if exc is None else WireCode.INTERNAL_ERROR
+                if isinstance(exc, BrokerError):
+                    result = exc.code
+            self.metrics.request_done("block", peer, result, time.monotonic() - started)
 
     async def _dispatch(self, request: Request, peer: Peer) -> Result:
         self._gate.check_role(request, peer)

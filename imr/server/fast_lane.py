@@ -44,8 +44,9 @@ from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.listener")
 
-# Broker.submit_block: checks and queues a `block` (raises the error type for a refusal).
-Submit = Callable[[BlockRequest, Peer], "asyncio.Future[Any]"]
+# Broker.submit_block: checks and queues a `block` (raises the error type for a refusal),
+# and calls the callback with the future of its outcome.
+Submit = Callable[[BlockRequest, Peer, Callable[["asyncio.Future[Any]"], object]], None]
 
 
 class FastConnection(asyncio.StreamReaderProtocol):
@@ -222,17 +223,17 @@ class FastConnection(asyncio.StreamReaderProtocol):
     def _answer(self, line: bytes, request: BlockRequest, peer: Peer) -> None:
         """Conversations._answer for a `block`: the same replies, from a callback."""
         encode = encode_json_reply if line.lstrip().startswith(b"{") else encode_text_reply
+        self._in_flight = True
         try:
-            future = self._submit(request, peer)
+            self._submit(request, peer, lambda done: self._answered(done, request.id, encode, peer))
         except self._error_type as exc:
+            self._in_flight = False
             self._send(encode(error_reply(request.id, exc.code, exc.message)), False)
             return
         except Exception:
+            self._in_flight = False
             log.exception("request from %s failed", peer.describe())
             self._send(encode(_internal_error(request.id)), False)
-            return
-        self._in_flight = True
-        future.add_done_callback(lambda done: self._answered(done, request.id, encode, peer))
 
     def _answered(
         self,
