@@ -89,6 +89,7 @@ from imr.server.changes import (
     stored_address,
     stored_target,
 )
+from imr.server.commit_place import CommitPlace
 from imr.server.metrics import Metrics
 from imr.server.prefix_blocks import PrefixBlocks, guard_of
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
@@ -134,6 +135,10 @@ class Broker:
         self._expiry: list[tuple[float, str]] = []  # heap; stale entries are skipped
         self._queue: asyncio.Queue[Queued] | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
+        # Small batches commit on the loop while the thread is idle (commit_place.py); not in
+        # fleet mode, whose publisher writes the state file from a connection of its own.
+        on_loop = backend.name == "nftables" and not config.fleet.enabled
+        self._place = CommitPlace(self._writer, on_loop)
         # Held by the writer loop from a batch's start until it is published, and by the drift
         # check: so the check compares the kernel with an index that matches it.
         self._turn = asyncio.Lock()
@@ -514,7 +519,7 @@ class Broker:
         return replies.export_reply(blocks, hits, following)
 
     async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        return await self._place.in_thread(function, *args)
 
     # Expiry -----------------------------------------------------------------------
 
@@ -580,7 +585,7 @@ class Broker:
             changes = [queued.change for queued in batch]
             async with self._turn:  # the drift check waits until this batch is published
                 try:
-                    result = await self._in_writer(self._committer.commit_isolated, changes)
+                    result = await self._place.commit(self._committer.commit_isolated, changes)
                 except Exception as exc:  # never lose the waiting clients: tell them
                     log.exception("writer failed")
                     result = BatchResult([Outcome(error=internal_error(exc)) for _ in batch])
