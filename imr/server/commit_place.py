@@ -14,9 +14,10 @@ on the loop itself when that is safe and short:
 - the backend is nftables (one kernel transaction, ~0.1 ms); ipset and per-address
   iptables changes can take milliseconds; and not in fleet mode, where the publisher's
   own connection also writes the state file (the loop must never wait for its lock);
-- the last commit on the loop was quick: one that took SLOW seconds or more (a slow disk's
-  fsync) sends the batches to the thread for HOLD seconds, so the loop, which also answers
-  `status`, `list` and `ping` and reads every client, does not wait for the disk.
+- the last commits on the loop were quick: SLOW_IN_A_ROW of them that took SLOW seconds or
+  more each (a slow disk's fsync) send the batches to the thread for HOLD seconds, so the
+  loop, which also answers `status`, `list` and `ping` and reads every client, does not
+  wait for the disk. (In a row: on a busy machine any one commit may be preempted.)
 
 Otherwise the batch goes to the thread as before. Either way the outcome is the same:
 the reply waits for the commit (fsync) and the kernel change.
@@ -31,8 +32,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 SMALL_BATCH = 64
-SLOW = 0.005  # seconds; a batch of 50 new blocks takes ~1-2 ms here, fsync included
-HOLD = 10.0  # seconds in the thread after a slow commit on the loop
+SLOW = 0.01  # seconds; a batch of 50 new blocks takes ~1-2 ms here, fsync included
+SLOW_IN_A_ROW = 3
+HOLD = 10.0  # seconds in the thread after slow commits on the loop
 
 T = TypeVar("T")
 
@@ -43,6 +45,7 @@ class CommitPlace:
         self.on_loop = on_loop  # the backend allows it (nftables)
         self._jobs: set[concurrent.futures.Future[Any]] = set()  # queued or running there
         self._thread_until = 0.0
+        self._slow = 0  # slow commits on the loop in a row
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
         """Run `function` in the writer thread (every use of it goes through here)."""
@@ -60,8 +63,10 @@ class CommitPlace:
             and time.monotonic() >= self._thread_until
         ):
             started = time.monotonic()
-            result = function(batch)
-            if time.monotonic() - started >= SLOW:
-                self._thread_until = time.monotonic() + HOLD
-            return result
+            try:
+                return function(batch)
+            finally:
+                self._slow = self._slow + 1 if time.monotonic() - started >= SLOW else 0
+                if self._slow >= SLOW_IN_A_ROW:
+                    self._slow, self._thread_until = 0, time.monotonic() + HOLD
         return await self.in_thread(function, batch)
