@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 SMALL_BATCH = 64
-SLOW = 0.01  # seconds; a batch of 50 new blocks takes ~1-2 ms here, fsync included
+SLOW = 0.02  # seconds; a batch of 50 new blocks takes ~1-2 ms here, fsync included
 SLOW_IN_A_ROW = 3
 HOLD = 10.0  # seconds in the thread after slow commits on the loop
 
