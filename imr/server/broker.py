@@ -6,8 +6,9 @@ Flow of a block request (see docs/architecture.md):
      apply -> commit (fsync) (transaction.py) -> every request in the batch hears
      its outcome (replies.py builds what it hears).
 
-Only the writer thread touches the Store and the Backend, and only the event
-loop changes the in-memory index of active blocks, after a batch committed;
+Only the writer thread touches the Store and the Backend (or the event loop, for a
+small batch while that thread is idle: commit_place.py; never both at once), and only
+the event loop changes the in-memory index of active blocks, after a batch committed;
 so list/show/status answer from memory without locks. The Broker itself owns the
 life cycle (start-up reconcile, the loops, stop) and routes each request.
 """
