@@ -9,6 +9,7 @@ rounded, in a form `parse_duration` reads again.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -32,7 +33,11 @@ def parse_duration(text: str) -> int:
 
 def format_duration(seconds: float) -> str:
     """For people: "7d", "1d 2h", "45s": the largest unit and the next, rounded to the latter."""
-    whole = max(0, round(seconds))
+    return _format_whole(max(0, round(seconds)))
+
+
+@functools.lru_cache(maxsize=1024)  # every block reply has one; the ladder's few repeat
+def _format_whole(whole: int) -> str:
     for index, (size, _) in enumerate(_PRINTED[:-1]):
         if whole >= size:
             step = _PRINTED[index + 1][0]

@@ -23,9 +23,12 @@ from imr.config import ProtectConfig, QuotaConfig
 from imr.core.addresses import (
     IPAddress,
     IPNetwork,
+    ProtectionIndex,
     Refusal,
     RefusalCode,
     Target,
+    address_of_packed,
+    canonical_packed,
     canonical_target,
     intrinsic_refusal,
     network_refusal,
@@ -89,6 +92,8 @@ class Gatekeeper:
         self._seen_local: LocalView = (frozenset(), frozenset())
         # Set by a reload that changed the allowlist: every active block is looked at once.
         self.recheck_all = False
+        # The protection checks on packed bytes, for what they were built from (by identity).
+        self._index: tuple[object, object, object, ProtectionIndex] | None = None
 
     def check_role(self, request: Request, peer: Peer) -> None:
         """Refuse an op the peer's roles do not allow."""
@@ -176,6 +181,12 @@ class Gatekeeper:
 
     def target(self, text: str, op: str, peer: Peer) -> tuple[Target, str]:
         """The target to block and its canonical text; BrokerError if it may not be."""
+        packed = canonical_packed(text)
+        if packed is not None and self._protection().plain(packed):
+            # Nearly every request: a canonical address that nothing protects, checked on its
+            # bytes as the start-up checks the state's rows (~4 µs less than the ipaddress
+            # checks of `protected`; bench/one_address.py). Anything else: the full checks.
+            return address_of_packed(packed), text
         parsed = canonical_target(text)
         target = parsed if isinstance(parsed, Refusal) else parsed[0]
         if isinstance(target, IPNetwork):
@@ -226,6 +237,21 @@ class Gatekeeper:
                     WireCode.NETWORK_OVERLAPS,
                     f"{network} overlaps the blocked network {ip}; unblock that first",
                 )
+
+    def _protection(self) -> ProtectionIndex:
+        """The ProtectionIndex of the own and broadcast addresses and the allowlist now
+        (the local-address watcher and a reload replace them; rebuilt when they change)."""
+        own, broadcast, allowlist = self._local.own, self._local.broadcast, self.protect.allowlist
+        index = self._index
+        if (
+            index is None
+            or index[0] is not own
+            or index[1] is not broadcast
+            or (index[2] is not allowlist)
+        ):
+            index = own, broadcast, allowlist, ProtectionIndex.build(own, broadcast, allowlist)
+            self._index = index
+        return index[3]
 
     def protected(self, parsed: Target | Refusal) -> Refusal | None:
         """Why the target may not be blocked (or stay blocked), or None if it may."""

@@ -6,8 +6,9 @@ Flow of a block request (see docs/architecture.md):
      apply -> commit (fsync) (transaction.py) -> every request in the batch hears
      its outcome (replies.py builds what it hears).
 
-Only the writer thread touches the Store and the Backend, and only the event
-loop changes the in-memory index of active blocks, after a batch committed;
+Only the writer thread touches the Store and the Backend (or the event loop, for a
+small batch while that thread is idle: commit_place.py; never both at once), and only
+the event loop changes the in-memory index of active blocks, after a batch committed;
 so list/show/status answer from memory without locks. The Broker itself owns the
 life cycle (start-up reconcile, the loops, stop) and routes each request.
 """
@@ -89,6 +90,7 @@ from imr.server.changes import (
     stored_address,
     stored_target,
 )
+from imr.server.commit_place import CommitPlace
 from imr.server.metrics import Metrics
 from imr.server.prefix_blocks import PrefixBlocks, guard_of
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
@@ -134,6 +136,10 @@ class Broker:
         self._expiry: list[tuple[float, str]] = []  # heap; stale entries are skipped
         self._queue: asyncio.Queue[Queued] | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
+        # Small batches commit on the loop while the thread is idle (commit_place.py); not in
+        # fleet mode, whose publisher writes the state file from a connection of its own.
+        on_loop = backend.name == "nftables" and not config.fleet.enabled
+        self._place = CommitPlace(self._writer, on_loop)
         # Held by the writer loop from a batch's start until it is published, and by the drift
         # check: so the check compares the kernel with an index that matches it.
         self._turn = asyncio.Lock()
@@ -344,6 +350,44 @@ class Broker:
         finally:
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
 
+    def submit_block(
+        self,
+        request: BlockRequest,
+        peer: Peer,
+        answered: Callable[[asyncio.Future[Answer]], object],
+    ) -> None:
+        """handle() of a `block` without a coroutine, for the Unix socket's fast lane
+        (fast_lane.py): the checks now (BrokerError for a refusal), then `answered` with
+        the outcome; the request is counted in the metrics as handle() counts it."""
+        started = time.monotonic()
+        try:
+            self._gate.check_role(request, peer)
+            future = self._enqueue(self._gate.block_change(request.ip, request, peer))
+        except Exception as exc:
+            result = exc.code if isinstance(exc, BrokerError) else WireCode.INTERNAL_ERROR
+            self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
+            raise
+        future.add_done_callback(lambda done: self._count(done, peer, started, answered))
+
+    def _count(
+        self,
+        future: asyncio.Future[Answer],
+        peer: Peer,
+        started: float,
+        answered: Callable[[asyncio.Future[Answer]], object],
+    ) -> None:
+        """One callback a request, not two: the client's answer, then the metrics."""
+        try:
+            answered(future)
+        finally:
+            result: str = "cancelled"
+            if not future.cancelled():
+                exc = future.exception()
+                result = "ok" if exc is None else WireCode.INTERNAL_ERROR
+                if isinstance(exc, BrokerError):
+                    result = exc.code
+            self.metrics.request_done("block", peer, result, time.monotonic() - started)
+
     async def _dispatch(self, request: Request, peer: Peer) -> Result:
         self._gate.check_role(request, peer)
         match request:
@@ -478,7 +522,7 @@ class Broker:
         return replies.export_reply(blocks, hits, following)
 
     async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        return await self._place.in_thread(function, *args)
 
     # Expiry -----------------------------------------------------------------------
 
@@ -544,7 +588,7 @@ class Broker:
             changes = [queued.change for queued in batch]
             async with self._turn:  # the drift check waits until this batch is published
                 try:
-                    result = await self._in_writer(self._committer.commit_isolated, changes)
+                    result = await self._place.commit(self._committer.commit_isolated, changes)
                 except Exception as exc:  # never lose the waiting clients: tell them
                     log.exception("writer failed")
                     result = BatchResult([Outcome(error=internal_error(exc)) for _ in batch])

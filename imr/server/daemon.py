@@ -167,7 +167,9 @@ async def _serve(
         loop.add_signal_handler(signum, stop.set)
     await broker.start()
     listeners: list[Listener] = [
-        UnixListener(config.server, config.access, broker.handle, BrokerError, inherited)
+        UnixListener(
+            config.server, config.access, broker.handle, BrokerError, inherited, broker.submit_block
+        )
     ]
     if config.server.tcp.enabled:  # off by default: clients on other hosts (tcp_listener.py)
         listeners.append(TcpListener(config.server, config.access, broker.handle, BrokerError))

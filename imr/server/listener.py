@@ -43,6 +43,7 @@ from imr.protocol import (
     parse_message,
 )
 from imr.server.access import Identities, Peer, peer_credentials
+from imr.server.fast_lane import FastConnection, Submit
 from imr.server.files import FileError, bind_unix_socket, make_dirs
 from imr.terminal import escape
 from imr.wire_codes import WireCode
@@ -110,9 +111,16 @@ class Conversations:
         log.log(level, message, *args)
 
     async def serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admission: Admission,
+        lane: FastConnection | None = None,
     ) -> None:
-        """Converse until the client leaves, idles out or breaks a rule; then close."""
+        """Converse until the client leaves, idles out or breaks a rule; then close.
+
+        With a `lane` (the Unix socket's, fast_lane.py) the conversation starts there and
+        comes back here for good at the first line the lane does not take."""
         try:
             peer = admission.peer
             if peer is None:
@@ -122,7 +130,14 @@ class Conversations:
                 peer = None
             if peer is not None:
                 try:
-                    await self._conversation(reader, writer, peer)
+                    idle_until: float | None = None
+                    if lane is not None:
+                        start = asyncio.get_running_loop().time() + self._config.idle_timeout
+                        idle_until = await lane.run(peer, start)
+                        if idle_until is None:
+                            return  # over in the lane: closed or idled out
+                        await self.send(writer, b"")  # the lane's last reply may wait unread
+                    await self._conversation(reader, writer, peer, idle_until)
                 finally:
                     self.slots.release(peer.principal)
         except (ConnectionError, TimeoutError):
@@ -188,12 +203,17 @@ class Conversations:
         return peer
 
     async def _conversation(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        idle_until: float | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         # A ping does not renew the idle time, or pinging every few seconds would keep
         # a slot forever; only a request that did something does.
-        idle_until = loop.time() + self._config.idle_timeout
+        if idle_until is None:
+            idle_until = loop.time() + self._config.idle_timeout
         while True:
             line = await self._read_line(reader, writer, peer.principal, idle_until - loop.time())
             if line is None:
@@ -202,8 +222,10 @@ class Conversations:
             await self.send(writer, reply)
             if renews:
                 idle_until = loop.time() + self._config.idle_timeout
-            # Fair turns: a client with many lines buffered yields to the others after each.
-            await asyncio.sleep(0)
+            # Fair turns: a client with more lines buffered yields to the others after each.
+            # (Without one, the next read waits anyway: no extra turn of the loop for it.)
+            if b"\n" in _buffered(reader):
+                await asyncio.sleep(0)
 
     async def _read_line(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str, timeout: float
@@ -330,6 +352,12 @@ class Conversations:
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
 
 
+def _buffered(reader: asyncio.StreamReader) -> bytes | bytearray:
+    """What the reader holds unread (StreamReader has no public way to ask)."""
+    buffer: bytes | bytearray = getattr(reader, "_buffer", b"\n")  # unknown: assume a line
+    return buffer
+
+
 def _busy_reply(line: bytes, why: str) -> bytes:
     """`busy` in the form of the client's first line (empty: the text form), echoing its id."""
     return _encoder(line)(error_reply(_request_id(line), WireCode.BUSY, f"{why}; try again later"))
@@ -369,8 +397,12 @@ class UnixListener:
         handler: Handler,
         error_type: type[ProtocolError],
         inherited: socket.socket | None = None,
+        submit_block: Submit | None = None,
     ) -> None:
         self._config = config
+        self._error_type = error_type
+        # Broker.submit_block: `block` requests go through the fast lane (fast_lane.py).
+        self._submit_block = submit_block
         # A listening socket made by someone else (systemd's imr.socket): used
         # as it is (its mode and group are the socket unit's), never unlinked.
         self._inherited = inherited
@@ -400,15 +432,27 @@ class UnixListener:
                 f"cannot listen on {path} with its group and mode: {exc.strerror}"
                 " (under systemd, start imr.socket: it makes the socket)"
             ) from None
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self._config.max_line_bytes
-        )
+        self._server = await self._listen(sock)
         log.info(
             "listening on %s (mode %s, group %s)",
             path,
             self._config.socket_mode,
             self._config.socket_group or "root",
         )
+
+    async def _listen(self, sock: socket.socket, **extra: Any) -> asyncio.AbstractServer:
+        limit = self._config.max_line_bytes
+        submit = self._submit_block
+        if submit is None:
+            return await asyncio.start_unix_server(self._serve, sock=sock, limit=limit, **extra)
+        loop = asyncio.get_running_loop()
+        settings = (limit, self._config.idle_timeout, submit, self._error_type)
+
+        def connection() -> FastConnection:
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            return FastConnection(reader, self._serve, settings, loop)
+
+        return await loop.create_unix_server(connection, sock=sock, **extra)
 
     def apply_config(self, config: Config) -> None:
         """A reloaded configuration: new roles for the next clients (reload.py)."""
@@ -428,9 +472,7 @@ class UnixListener:
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
             extra["cleanup_socket"] = False  # 3.13+ would unlink the socket unit's file
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self._config.max_line_bytes, **extra
-        )
+        self._server = await self._listen(sock, **extra)
         with contextlib.suppress(OSError):
             info = path.stat()
             group_id = self._group_id()
@@ -483,7 +525,9 @@ class UnixListener:
             log.exception("cannot identify a client of the Unix socket")
             await close_quietly(writer)
             return
-        await self._conversations.serve(reader, writer, Admission(peer.describe(), peer))
+        protocol = writer.transport.get_protocol()
+        lane = protocol if isinstance(protocol, FastConnection) else None
+        await self._conversations.serve(reader, writer, Admission(peer.describe(), peer), lane)
 
 
 async def _discard_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
