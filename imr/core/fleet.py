@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imr.core.addresses import (
     IPAddress,
     IPNetwork,
+    ProtectionIndex,
     Refusal,
     RefusalCode,
+    canonical_packed,
     canonical_target,
     intrinsic_refusal,
     network_refusal,
@@ -38,10 +40,21 @@ class Protection:
     broadcast: frozenset[IPAddress]
     allowlist: tuple[IPNetwork, ...]  # the local allowlist plus every member's addresses
     min_prefix: Mapping[int, int]
+    # The same checks on packed bytes, for the common case: a catch-up checks 100,000 events.
+    index: ProtectionIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = ProtectionIndex.build(self.own, self.broadcast, self.allowlist)
+        object.__setattr__(self, "index", index)
 
 
 def target_refusal(ip: str, protection: Protection) -> tuple[str, Refusal] | None:
     """('protected_target' | 'too_wide' | 'malformed', why) if a remote event may not block `ip`."""
+    # A single address in canonical text that no check can refuse (ProtectionIndex.plain):
+    # ~0.5 µs against ~2 µs through ipaddress objects (bench/fleet.py's catch-up profile).
+    packed = canonical_packed(ip)
+    if packed is not None and protection.index.plain(packed):
+        return None
     parsed = canonical_target(ip)
     if isinstance(parsed, Refusal):
         return "malformed", parsed

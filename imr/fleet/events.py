@@ -59,19 +59,22 @@ class Event:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
 
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "origin": str,
-    "seq": int,
-    "kind": str,
-    "ip": str,
-    "at": (int, float),
-    "expires_at": (int, float),
-    "rung": int,
-    "offence": int,
-    "reason": str,
-    "source": str,
-    "v": int,
+# Exact types: json.loads makes no subclasses, and `type(x) is int` leaves out bool.
+_FIELDS: dict[str, frozenset[type]] = {
+    "origin": frozenset({str}),
+    "seq": frozenset({int}),
+    "kind": frozenset({str}),
+    "ip": frozenset({str}),
+    "at": frozenset({int, float}),
+    "expires_at": frozenset({int, float}),
+    "rung": frozenset({int}),
+    "offence": frozenset({int}),
+    "reason": frozenset({str}),
+    "source": frozenset({str}),
+    "v": frozenset({int}),
 }
+_FIELD_ITEMS = tuple(_FIELDS.items())
+_NAMES = frozenset(_FIELDS)
 
 
 def sign(event_json: bytes, signer: Callable[[bytes], bytes]) -> dict[str, bytes]:
@@ -129,13 +132,16 @@ def _one(data: Any, stream_origin: str) -> Event | EventRefusal:
 
 
 def _checked(data: dict[str, Any], stream_origin: str) -> Event | EventRefusal:
-    if set(data) != set(_FIELDS):
+    # Spelled for speed: a catch-up checks 100,000 of these (~2.8 µs each before, ~1 µs now;
+    # bench/fleet.py's catch-up profile).
+    if data.keys() != _NAMES:
         return EventRefusal.MALFORMED
-    for name, kind in _FIELDS.items():
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
+    for name, kinds in _FIELD_ITEMS:
+        if type(data[name]) not in kinds:
             return EventRefusal.MALFORMED
-    if data["kind"] not in KINDS or not all(math.isfinite(data[n]) for n in ("at", "expires_at")):
+    if data["kind"] not in KINDS or not (
+        math.isfinite(data["at"]) and math.isfinite(data["expires_at"])
+    ):
         return EventRefusal.MALFORMED
     if not 1 <= data["rung"] <= 64 or data["seq"] < 1 or data["offence"] < 0:
         return EventRefusal.MALFORMED

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from imr.fleet import events
 from imr.fleet.connection import BLOCK_MS, Backoff, connect
+from imr.fleet.events import Event, EventRefusal
 from imr.fleet.settings import FleetSettings
 from imr.fleet.stats import FleetStats
 
@@ -29,12 +30,15 @@ log = logging.getLogger("imr.fleet")
 COUNT = 1000  # entries per stream per read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Incoming:
+    """One stream entry: its events (up to events.MAX_ENTRY_EVENTS under one signature), each
+    decoded and verified, or why it is refused (a refusal of the whole entry is one item)."""
+
     stream: str
     position: str  # the entry's id
     origin: str  # the member whose stream it is
-    event: events.Event | events.EventRefusal
+    events: list[Event | EventRefusal]
 
 
 Apply = Callable[[list[Incoming]], Awaitable[None]]
@@ -95,12 +99,12 @@ class Follower:
                     continue
                 for entry_id, fields in entries:
                     position = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    for event in events.decode_entry(fields, origin, self._verifiers):
-                        batch.append(Incoming(stream, position, origin, event))
+                    found = events.decode_entry(fields, origin, self._verifiers)
+                    batch.append(Incoming(stream, position, origin, found))
             if batch:
                 await self._apply(batch)  # the positions are in the state file now
-                for item in batch:
-                    self.positions[item.stream] = item.position
+                for entry in batch:
+                    self.positions[entry.stream] = entry.position
 
     async def _check_trimmed(self, client: Any) -> None:
         """A position older than a stream's first entry was trimmed away: what is retained

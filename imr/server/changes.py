@@ -88,7 +88,17 @@ class RemoteChange:
         return self.event.ip if self.event is not None else ""
 
 
-AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteChange
+@dataclass
+class RemoteBatch:
+    """Many fleet events as one change (imr/fleet/member.py hands over whole stream entries,
+    thousands at a time in a catch-up): one queue item, one outcome, and the writer's batch
+    holds them all. Each keeps its own position, so the parts of a failed one can be applied
+    one by one."""
+
+    items: list[RemoteChange]
+
+
+AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteChange | RemoteBatch
 
 
 class ExpireResult(TypedDict):
@@ -106,8 +116,15 @@ class RemoteResult(TypedDict):
     action: NotRequired[str]  # block, merge, history, lift, none
 
 
+class RemoteBatchResult(TypedDict):
+    """A RemoteBatch's outcome: the events the writer refused, as (index, code, message)."""
+
+    kind: Literal["remote"]
+    refused: list[tuple[int, str, str]]
+
+
 # A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
-Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteResult
+Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteResult | RemoteBatchResult
 
 
 @dataclass

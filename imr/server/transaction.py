@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from imr.server.changes import (
     BrokerError,
     ExpireChange,
     Outcome,
+    RemoteBatch,
     RemoteChange,
     StateUnwritable,
     UnblockChange,
@@ -248,7 +249,7 @@ class _BatchTransaction:
     def prefetch(self, batch: Sequence[AnyChange]) -> None:
         new = [
             change.ip
-            for change in batch
+            for change in _flat(batch)
             if isinstance(change, BlockChange | RemoteChange)
             and change.ip
             and self.committer.current(change.ip, self.changed) is None
@@ -349,6 +350,8 @@ class _BatchTransaction:
                 return self._apply_expiry(change)
             case RemoteChange():
                 return self._apply_remote(change)
+            case RemoteBatch():
+                return self._apply_remote_batch(change)
 
     def _apply_block(self, change: BlockChange) -> Outcome:
         peer, ip = change.peer, change.ip
@@ -441,6 +444,16 @@ class _BatchTransaction:
             )
         )
 
+    def _apply_remote_batch(self, change: RemoteBatch) -> Outcome:
+        """Many fleet events in this batch (a catch-up's whole entries): one outcome that
+        names the ones refused here. If the batch fails, the member applies them one by one."""
+        refused: list[tuple[int, str, str]] = []
+        for index, item in enumerate(change.items):
+            error = self._apply_remote(item).error
+            if error is not None:
+                refused.append((index, error.code, error.message))
+        return Outcome({"kind": "remote", "refused": refused})
+
     def _apply_remote(self, change: RemoteChange) -> Outcome:
         """A fleet event: a lift its origin may make, a block merged into one in force here
         (imr/core/fleet.py), or a new block with its origin (history only if it is over
@@ -449,7 +462,8 @@ class _BatchTransaction:
         event = change.event
         if event is None:
             return Outcome({"kind": "position"})
-        ip, target = event.ip, stored_address(event.ip)
+        # The text passed the checks on the loop; stored_target parses it cheaply.
+        ip, target = event.ip, stored_target(event.ip)[0]
         current = self.committer.current(ip, self.changed)
         if current is not None and current.expires_at <= self.now:
             self._lift(current, "expired", "imr")
@@ -503,10 +517,7 @@ class _BatchTransaction:
         self.new_blocks.append(record)
         self.changed[ip] = record
         self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
-        until = timestamp(record.expires_at)
-        self.log_lines.append(
-            lambda: f"blocked {ip} until {until} rung={record.rung} by fleet member {event.origin}"
-        )
+        self.log_lines.append(functools.partial(_remote_line, record))
         return Outcome({"kind": "block", "ip": ip, "action": "block"})
 
     def _apply_expiry(self, change: ExpireChange) -> Outcome:
@@ -537,10 +548,25 @@ class _BatchTransaction:
         return Outcome({"kind": "expire", "lifted": lifted})
 
 
+def _flat(batch: Sequence[AnyChange]) -> Iterator[AnyChange]:
+    """The batch's changes, with a RemoteBatch's events in its place."""
+    for change in batch:
+        if isinstance(change, RemoteBatch):
+            yield from change.items
+        else:
+            yield change
+
+
 def kernel_block(record: BlockRecord) -> KernelBlock:
     """The kernel entry of an active block, from its state row."""
     address, text = stored_target(record.ip)
     return KernelBlock(address, record.expires_at, text)
+
+
+def _remote_line(record: BlockRecord) -> str:
+    """Formatted only if logged: a catch-up of 100,000 events logs few of them."""
+    until = timestamp(record.expires_at)
+    return f"blocked {record.ip} until {until} rung={record.rung} by fleet member {record.origin}"
 
 
 def _expiry_line(record: BlockRecord) -> str:
