@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 VERSION = 1
 DOMAIN = b"imr-fleet-event-v1\n"
@@ -41,8 +40,10 @@ class EventRefusal(StrEnum):
     LIFT_NOT_ALLOWED = "lift_not_allowed"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """Immutable; a named tuple, not a frozen dataclass: made twice as fast (~1 µs less an
+    event, 100,000 of them in a catch-up; bench/fleet.py)."""
+
     origin: str  # the member that decided it
     seq: int  # the origin's outbox number: increasing, so a replayed event is seen as one
     kind: str  # block | escalate | lift
@@ -56,7 +57,7 @@ class Event:
     v: int = VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self._asdict(), sort_keys=True, separators=(",", ":")).encode()
 
 
 # Exact types: json.loads makes no subclasses, and `type(x) is int` leaves out bool.

@@ -108,19 +108,21 @@ class FleetMember:
         # chunk is applied event by event (see _settle), a crash between two of an entry's
         # events must read the entry again (its applied events are then skipped by seq).
         done = dict(self.follower.positions)
-        waiting: list[tuple[list[RemoteChange], asyncio.Future[Any]]] = []
+        # Each chunk with the origins' last seq after it: kept once the chunk is settled, so
+        # an apply that stops half-way still skips what it handed over when read again.
+        waiting: list[tuple[list[RemoteChange], asyncio.Future[Any], dict[str, int]]] = []
         chunk: list[RemoteChange] = []
         for entry in batch:
             self._check_entry(entry, protection, seq, done, chunk)
             if len(chunk) >= CHUNK:
-                waiting.append((chunk, self._broker.submit_remote(chunk)))
+                waiting.append((chunk, self._broker.submit_remote(chunk), dict(seq)))
                 chunk = []
                 await asyncio.sleep(0)  # the writer starts on it while the next is checked
         if chunk:
-            waiting.append((chunk, self._broker.submit_remote(chunk)))
-        for items, future in waiting:
+            waiting.append((chunk, self._broker.submit_remote(chunk), dict(seq)))
+        for items, future, after in waiting:
             await self._settle(items, future)
-        self._seq = seq
+            self._seq = after
 
     def _check_entry(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -247,13 +247,18 @@ class _BatchTransaction:
         self.positions: dict[str, tuple[str, int]] = {}  # fleet: stream -> (position, seq)
 
     def prefetch(self, batch: Sequence[AnyChange]) -> None:
+        current = self.committer.current
         new = [
             change.ip
-            for change in _flat(batch)
-            if isinstance(change, BlockChange | RemoteChange)
-            and change.ip
-            and self.committer.current(change.ip, self.changed) is None
+            for change in batch
+            if isinstance(change, BlockChange) and current(change.ip, self.changed) is None
         ]
+        for change in batch:
+            if isinstance(change, RemoteBatch):  # thousands: spelled out
+                events = [item.event for item in change.items]
+                new += [
+                    e.ip for e in events if e is not None and current(e.ip, self.changed) is None
+                ]
         if new:
             self.offences = self.store.offences(new)
 
@@ -348,8 +353,6 @@ class _BatchTransaction:
                 return self._apply_unblock(change)
             case ExpireChange():
                 return self._apply_expiry(change)
-            case RemoteChange():
-                return self._apply_remote(change)
             case RemoteBatch():
                 return self._apply_remote_batch(change)
 
@@ -445,23 +448,23 @@ class _BatchTransaction:
         )
 
     def _apply_remote_batch(self, change: RemoteBatch) -> Outcome:
-        """Many fleet events in this batch (a catch-up's whole entries): one outcome that
+        """Fleet events (whole stream entries, thousands in a catch-up): one outcome that
         names the ones refused here. If the batch fails, the member applies them one by one."""
         refused: list[tuple[int, str, str]] = []
         for index, item in enumerate(change.items):
-            error = self._apply_remote(item).error
+            error = self._apply_remote(item)
             if error is not None:
                 refused.append((index, error.code, error.message))
         return Outcome({"kind": "remote", "refused": refused})
 
-    def _apply_remote(self, change: RemoteChange) -> Outcome:
+    def _apply_remote(self, change: RemoteChange) -> BrokerError | None:
         """A fleet event: a lift its origin may make, a block merged into one in force here
         (imr/core/fleet.py), or a new block with its origin (history only if it is over
         already: it still counts for the ladder). Never announced again."""
         self.positions[change.stream] = (change.position, change.seq)  # written by flush()
         event = change.event
         if event is None:
-            return Outcome({"kind": "position"})
+            return None  # refused on the loop: only its position
         # The text passed the checks on the loop; stored_target parses it cheaply.
         ip, target = event.ip, stored_target(event.ip)[0]
         current = self.committer.current(ip, self.changed)
@@ -471,16 +474,16 @@ class _BatchTransaction:
             self.expired += 1
         if event.kind == "lift":
             if current is None:
-                return Outcome({"kind": "lift", "ip": ip, "action": "none"})
+                return None
             if not may_lift(event.origin, current.origin, change.admin):
                 maker = current.origin or "this host"
                 why = f"{event.origin} may not lift the block of {ip} made by {maker}"
-                return Outcome(error=BrokerError(WireCode.LIFT_NOT_ALLOWED, why))
+                return BrokerError(WireCode.LIFT_NOT_ALLOWED, why)
             self._lift(current, "unblocked", f"fleet:{event.origin}")
             self.changed[ip] = None
             self.kernel_remove.append(target)
             self.log_lines.append(lambda: f"unblocked {ip} by fleet member {event.origin}")
-            return Outcome({"kind": "lift", "ip": ip, "action": "lift"})
+            return None
         if current is not None:
             now = current.rung, current.expires_at
             rung, expires_at = merged(now, event.rung, event.expires_at)
@@ -489,13 +492,15 @@ class _BatchTransaction:
                 self.store.escalate(current.id, rung, expires_at)
                 self.changed[ip] = replace(current, rung=rung, expires_at=expires_at)
                 self.kernel_add.append(KernelBlock(target, expires_at, ip))
-            return Outcome({"kind": "block", "ip": ip, "action": "merge"})
-        return self._remote_block(event, target)
+            return None
+        self._remote_block(event, target)
+        return None
 
-    def _remote_block(self, event: Event, target: Target) -> Outcome:
+    def _remote_block(self, event: Event, target: Target) -> None:
         if self.next_id is None:
             self.next_id = self.store.next_block_id()
         ip, offence = event.ip, self._offences(event.ip).count + 1
+        over = event.expires_at <= self.now  # over already: only the ladder needs it
         record = BlockRecord(
             self.next_id,
             ip,
@@ -507,18 +512,18 @@ class _BatchTransaction:
             event.source,
             None,
             None,
-            origin=event.origin,
+            event.expires_at if over else None,
+            "expired" if over else None,
+            "imr" if over else None,
+            event.origin,
         )
         self.next_id += 1
-        if event.expires_at <= self.now:  # over already: only the ladder needs it
-            over = replace(record, lifted_at=event.expires_at, lift_reason="expired")
-            self.new_blocks.append(replace(over, lifted_by="imr"))
-            return Outcome({"kind": "block", "ip": ip, "action": "history"})
         self.new_blocks.append(record)
+        if over:
+            return
         self.changed[ip] = record
         self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
         self.log_lines.append(functools.partial(_remote_line, record))
-        return Outcome({"kind": "block", "ip": ip, "action": "block"})
 
     def _apply_expiry(self, change: ExpireChange) -> Outcome:
         lifted = []
@@ -546,15 +551,6 @@ class _BatchTransaction:
             lifted.append(ip)
             log.warning("lifted %s: %s", ip, why)  # rare and important: outside the budget
         return Outcome({"kind": "expire", "lifted": lifted})
-
-
-def _flat(batch: Sequence[AnyChange]) -> Iterator[AnyChange]:
-    """The batch's changes, with a RemoteBatch's events in its place."""
-    for change in batch:
-        if isinstance(change, RemoteBatch):
-            yield from change.items
-        else:
-            yield change
 
 
 def kernel_block(record: BlockRecord) -> KernelBlock:
