@@ -67,7 +67,7 @@ class FleetStats:
         seen.applied += len(event_times)
         seen.last_event_at = max(seen.last_event_at, max(event_times))
         seen.last_seen = now
-        lags = [max(0.0, now - at) for at in event_times]
+        lags = [now - at if at < now else 0.0 for at in event_times]
         seen.lag = lags[-1]
         self.applied_total += len(lags)
         self._applied.labels(origin).inc(len(lags))
