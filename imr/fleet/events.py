@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -74,8 +75,10 @@ _FIELDS: dict[str, frozenset[type]] = {
     "source": frozenset({str}),
     "v": frozenset({int}),
 }
-_FIELD_ITEMS = tuple(_FIELDS.items())
 _NAMES = frozenset(_FIELDS)
+# An event's values and their types, in Event's field order.
+_values = operator.itemgetter(*Event._fields)
+_KINDS = tuple(_FIELDS[name] for name in Event._fields)
 
 
 def sign(event_json: bytes, signer: Callable[[bytes], bytes]) -> dict[str, bytes]:
@@ -133,24 +136,24 @@ def _one(data: Any, stream_origin: str) -> Event | EventRefusal:
 
 
 def _checked(data: dict[str, Any], stream_origin: str) -> Event | EventRefusal:
-    # Spelled for speed: a catch-up checks 100,000 of these (~2.8 µs each before, ~1 µs now;
-    # bench/fleet.py's catch-up profile).
+    # Spelled for speed: a catch-up checks 100,000 of these (~4.8 µs each before, ~1.3 µs
+    # now; bench/fleet.py's catch-up profile).
     if data.keys() != _NAMES:
         return EventRefusal.MALFORMED
-    for name, kinds in _FIELD_ITEMS:
-        if type(data[name]) not in kinds:
+    values = _values(data)
+    for value, kinds in zip(values, _KINDS, strict=True):
+        if type(value) not in kinds:
             return EventRefusal.MALFORMED
-    if data["kind"] not in KINDS or not (
-        math.isfinite(data["at"]) and math.isfinite(data["expires_at"])
-    ):
+    origin, seq, kind, ip, at, expires_at, rung, offence, reason, source, _ = values
+    if kind not in KINDS or not (math.isfinite(at) and math.isfinite(expires_at)):
         return EventRefusal.MALFORMED
-    if not 1 <= data["rung"] <= 64 or data["seq"] < 1 or data["offence"] < 0:
+    if not 1 <= rung <= 64 or seq < 1 or offence < 0:
         return EventRefusal.MALFORMED
-    if len(data["reason"]) > 512 or len(data["source"]) > 128 or len(data["ip"]) > 64:
+    if len(reason) > 512 or len(source) > 128 or len(ip) > 64:
         return EventRefusal.MALFORMED
-    if data["origin"] != stream_origin:
+    if origin != stream_origin:
         return EventRefusal.ORIGIN_MISMATCH
-    return Event(**data)
+    return tuple.__new__(Event, values)  # Event(**data) without its keyword binding
 
 
 def outbox_body(
