@@ -73,7 +73,7 @@ class Pair:
 
     def published(self) -> bool:
         status = self.status(self.a)
-        return status["outbox_depth"] == 0 and status["published"] > 0
+        return bool(status["outbox_depth"] == 0 and status["published"] > 0)
 
     def admin(self) -> Redis:
         password = "adminpw"  # noqa: S105 - the test server's own user (fleet_harness)
