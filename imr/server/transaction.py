@@ -522,7 +522,8 @@ class _BatchTransaction:
         if over:
             return
         self.changed[ip] = record
-        self.kernel_add.append(KernelBlock(target, record.expires_at, ip))
+        # Offence 1: no row of it before, so no kernel entry either (a catch-up's usual case).
+        self.kernel_add.append(KernelBlock(target, record.expires_at, ip, offence == 1))
         self.log_lines.append(functools.partial(_remote_line, record))
 
     def _apply_expiry(self, change: ExpireChange) -> Outcome:
