@@ -104,9 +104,9 @@ class FleetMember:
         ones too: their positions are stored), then wait until the writer committed all."""
         protection = self._protection()
         seq = dict(self._seq)
-        # The position stored with an event is the last entry handed over *whole*: if a
-        # chunk is applied event by event (see _settle), a crash between two of an entry's
-        # events must read the entry again (its applied events are then skipped by seq).
+        # The position stored with an event is the last entry handed over *whole*: if the
+        # writer splits a chunk that failed, a crash between two of an entry's events must
+        # read the entry again (its applied events are then skipped by seq).
         done = dict(self.follower.positions)
         # Each chunk with the origins' last seq after it: kept once the chunk is settled, so
         # an apply that stops half-way still skips what it handed over when read again.
@@ -176,19 +176,14 @@ class FleetMember:
         return found
 
     async def _settle(self, items: list[RemoteChange], future: asyncio.Future[Any]) -> None:
-        """Count what the writer applied and log what it refused. A chunk that failed as a
-        whole (one event the kernel refused, say; nothing of it was committed) is handed
-        over again event by event, so the failure stays with its own event."""
+        """Count what the writer applied and log what it refused (it splits a chunk that
+        fails, so a failure stays with its own event; the state file refusing writes fails
+        them all)."""
         try:
             result = await future
-        except Exception as exc:  # the writer's BrokerError: refused or failed there
-            if len(items) > 1:
-                again = [(item, self._broker.submit_remote([item])) for item in items]
-                for item, one in again:
-                    await self._settle([item], one)
-                return
-            code = getattr(exc, "code", "apply_failed")
-            result = {"refused": [(0, code, getattr(exc, "message", str(exc)))]}
+        except Exception as exc:  # the writer's BrokerError
+            why = (getattr(exc, "code", "apply_failed"), getattr(exc, "message", str(exc)))
+            result = {"refused": [(index, *why) for index in range(len(items))]}
         skip = set()
         for index, code, message in result["refused"]:
             skip.add(index)

@@ -17,7 +17,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot_of_text
 from imr.core.addresses import Target
@@ -35,6 +35,7 @@ from imr.server.changes import (
     ExpireChange,
     Outcome,
     RemoteBatch,
+    RemoteBatchResult,
     RemoteChange,
     StateUnwritable,
     UnblockChange,
@@ -97,6 +98,8 @@ class BatchCommitter:
         except StateUnwritable as exc:
             return self._state_unwritable(len(batch), exc)
         except Exception as exc:
+            if len(batch) == 1 and isinstance(batch[0], RemoteBatch) and len(batch[0].items) > 1:
+                return self._split_remote(batch[0], earlier or {}, exc)
             if len(batch) == 1:
                 log.error("change failed: %s", exc)
                 return BatchResult([Outcome(error=internal_error(exc))])
@@ -109,6 +112,31 @@ class BatchCommitter:
             merged.changed.update(result.changed)
             merged.expired += result.expired
             merged.log_lines += result.log_lines
+        return merged
+
+    def _split_remote(
+        self, change: RemoteBatch, earlier: dict[str, BlockRecord | None], exc: Exception
+    ) -> BatchResult:
+        """A batch of fleet events that failed: its halves, each committed on its own, so one
+        bad event fails alone. Here, not by the member: the parts commit in order, before
+        anything queued after them, so the stored positions never move back."""
+        log.warning("%d fleet events failed (%s); splitting them", len(change.items), exc)
+        merged = BatchResult([], dict(earlier))
+        refused: list[tuple[int, str, str]] = []
+        middle = len(change.items) // 2
+        for offset, part in ((0, change.items[:middle]), (middle, change.items[middle:])):
+            result = self.commit_isolated([RemoteBatch(part)], merged.changed)
+            outcome = result.outcomes[0]
+            if outcome.error is not None:  # one event, or the state file (then every one)
+                error = outcome.error
+                refused += [(offset + i, error.code, error.message) for i in range(len(part))]
+            else:  # a RemoteBatch's outcome
+                found = cast(RemoteBatchResult, outcome.result)["refused"]
+                refused += [(offset + i, code, why) for i, code, why in found]
+            merged.changed.update(result.changed)
+            merged.expired += result.expired
+            merged.log_lines += result.log_lines
+        merged.outcomes.append(Outcome({"kind": "remote", "refused": refused}))
         return merged
 
     def _commit(
@@ -449,7 +477,7 @@ class _BatchTransaction:
 
     def _apply_remote_batch(self, change: RemoteBatch) -> Outcome:
         """Fleet events (whole stream entries, thousands in a catch-up): one outcome that
-        names the ones refused here. If the batch fails, the member applies them one by one."""
+        names the ones refused here. If the batch fails, see _split_remote."""
         refused: list[tuple[int, str, str]] = []
         for index, item in enumerate(change.items):
             error = self._apply_remote(item)
