@@ -253,6 +253,9 @@ def catch_up(
     rows.add(
         f"catch-up of {count:,} missed events: start to all in b's state (s)", f"{seconds:.1f}"
     )
+    # Less sensitive to the machine's load than the wall time (the daemon, all its threads,
+    # from its fork to the last commit; the imports before the fork are not counted).
+    rows.add(f"catch-up of {count:,}: b's daemon CPU (s)", f"{cpu_seconds(b.pid()):.2f}")
     rows.add(
         "Redis memory per 100,000 retained events (MB)",
         f"{(after - before) / count * 100_000 / 2**20:.0f}",

@@ -423,7 +423,8 @@ class Store:
         lifted by hand is taken as a pardon (a false positive, usually) and does not make
         the next block a repeat. Every address asked for gets an entry.
         """
-        found = {ip: Offences(0, None) for ip in ips}
+        # One shared (frozen) "no history" for all: a catch-up asks for 5,000 new addresses.
+        found = dict.fromkeys(ips, Offences(0, None))
         unique = list(found)
         for start in range(0, len(unique), 500):  # well inside SQLite's variable limit
             part = unique[start : start + 500]

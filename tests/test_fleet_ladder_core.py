@@ -24,6 +24,7 @@ from imr.core.prefixes import Coverage
 from imr.fleet.events import Event
 from imr.protocol import ShowRequest
 from imr.server.broker import Broker
+from imr.server.changes import RemoteChange
 from imr.server.prefix_blocks import SOURCE
 from imr.store import Store
 
@@ -122,11 +123,12 @@ def event(clock: FakeClock, ip: str, kind: str = "block", **fields: Any) -> Even
     return Event(**values)
 
 
-async def remote(broker: Broker, found: Event, admin: bool = False) -> dict[str, Any]:
-    result = await broker.submit_remote(
-        f"imr:fleet:{found.origin}", f"{found.seq}-0", found.seq, found, admin
-    )
-    return dict(result)
+async def remote(broker: Broker, found: Event, admin: bool = False) -> None:
+    """One fleet event through the writer, as the member hands it over; none is refused."""
+    stream = f"imr:fleet:{found.origin}"
+    change = RemoteChange(stream, f"{found.seq}-0", found.seq, found, admin)
+    result = dict(await broker.submit_remote([change]))
+    assert result["refused"] == []
 
 
 def config() -> Config:
@@ -146,10 +148,10 @@ async def test_a_members_addresses_count_here_and_its_network_holds_them_out(
 ) -> None:
     async with running(tmp_path, config()) as (broker, backend, clock, store):
         for n in (1, 2):
-            assert (await remote(broker, event(clock, v6(n))))["action"] == "block"
+            await remote(broker, event(clock, v6(n)))
         assert texts(backend) == {v6(1), v6(2)}
         # The member's escalation: the addresses it counted leave the kernel here too.
-        assert (await remote(broker, event(clock, NET6)))["action"] == "block"
+        await remote(broker, event(clock, NET6))
         assert texts(backend) == {NET6}
         # A later block under it (here, or from the member) gets no kernel entry.
         await remote(broker, event(clock, v6(3)))
@@ -159,7 +161,7 @@ async def test_a_members_addresses_count_here_and_its_network_holds_them_out(
         shown = await broker.handle(ShowRequest(op="show", ip=v6(3)), ROOT)
         assert shown["covered_by"] == NET6
         # Its lift (the origin's, or an admin key's): the addresses are back in.
-        assert (await remote(broker, event(clock, NET6, "lift")))["action"] == "lift"
+        await remote(broker, event(clock, NET6, "lift"))
         assert texts(backend) == {v6(n) for n in range(1, 5)}
 
 
@@ -191,18 +193,18 @@ async def test_overlapping_networks_from_members_leave_one_in_the_kernel(
             await block(broker, v6(n))
         assert texts(backend) == {NET6}
         # A member's /48 around it: the /64 ends (superseded), its addresses stay out.
-        assert (await remote(broker, event(clock, wide)))["action"] == "block"
+        await remote(broker, event(clock, wide))
         assert texts(backend) == {wide}
         assert NET6 not in active(store)
         # The /64 again from another member: history only, the kernel unchanged.
-        assert (await remote(broker, event(clock, NET6, origin="c")))["action"] == "covered"
+        await remote(broker, event(clock, NET6, origin="c"))
         assert texts(backend) == {wide} and NET6 not in active(store)
         rows = store.offences([NET6])[NET6]
         assert rows.count == 2
         # The same /48 from a third member: merged (the later expiry wins).
         later = clock.now() + 5 * HOUR
         merge = event(clock, wide, origin="c", rung=2, expires_at=later)
-        assert (await remote(broker, merge))["action"] == "merge"
+        await remote(broker, merge)
         assert backend.kernel[ipaddress.ip_network(wide)] == later
 
 

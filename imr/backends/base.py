@@ -28,6 +28,9 @@ class KernelBlock:
     # str(address), canonical. A caller that holds it already (the state file's text, checked
     # to be canonical) passes it: formatting 100,000 IPv6 addresses costs ~0.7 s at start.
     text: str = ""
+    # Never blocked here before (no state row of it): imr's objects cannot hold it, so a
+    # backend may add it without first taking it out (a fleet catch-up's new addresses).
+    fresh: bool = False
 
     def __post_init__(self) -> None:
         if not self.text:

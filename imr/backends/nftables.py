@@ -238,22 +238,23 @@ def _address_steps(
     """apply()'s change to the address sets as netlink batch steps, the same as its script:
     per set, every touched address added (a no-op if present) and deleted (so the delete
     is always valid: deleting an absent element aborts the whole transaction), then each
-    new one added with its remaining time as the timeout (an escalation's new timeout)."""
+    new one added with its remaining time as the timeout (an escalation's new timeout).
+    A fresh block (never blocked here) is only added: a third of the kernel's work."""
     steps: list[nfnetlink.Step] = []
     slots: tuple[tuple[Slot, int], ...] = (("v4", socket.AF_INET), ("v6", socket.AF_INET6))
     for slot, family in slots:
         gone = [t.packed for t in removing if slot_of(t) == slot]
         new = [b for b in adding if slot_of_text(b.text) == slot]
         keys = [socket.inet_pton(family, b.text) for b in new]
-        touched = [nfnetlink.address_element(key, None) for key in gone + keys]
-        if not touched:
-            continue
+        present = [key for block, key in zip(new, keys, strict=True) if not block.fresh]
+        touched = [nfnetlink.address_element(key, None) for key in gone + present]
         timed = [
             nfnetlink.address_element(key, _timeout_ms(block.expires_at, now))
             for block, key in zip(new, keys, strict=True)
         ]
         set_name = SETS[slot]
-        steps += [(nfnetlink.ADD, set_name, touched), (nfnetlink.DELETE, set_name, touched)]
+        if touched:
+            steps += [(nfnetlink.ADD, set_name, touched), (nfnetlink.DELETE, set_name, touched)]
         if timed:
             steps.append((nfnetlink.ADD, set_name, timed))
     return steps

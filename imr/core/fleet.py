@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imr.core.addresses import (
     IPAddress,
     IPNetwork,
+    ProtectionIndex,
     Refusal,
     RefusalCode,
+    canonical_packed,
     canonical_target,
     intrinsic_refusal,
     network_refusal,
@@ -49,6 +51,12 @@ class Protection:
     # Never blocked as a whole by a non-admin origin: escalation.never_aggregate and the
     # trusted proxies, the guard of this host's own escalations.
     never_aggregate: tuple[IPNetwork, ...] = ()
+    # The same checks on packed bytes, for the common case: a catch-up checks 100,000 events.
+    index: ProtectionIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = ProtectionIndex.build(self.own, self.broadcast, self.allowlist)
+        object.__setattr__(self, "index", index)
 
 
 def target_refusal(
@@ -56,6 +64,11 @@ def target_refusal(
 ) -> tuple[str, Refusal] | None:
     """('protected_target' | 'too_wide' | 'never_aggregate' | 'malformed', why) if a remote
     event may not block `ip` (`admin`: its origin holds an admin key)."""
+    # A single address in canonical text that no check can refuse (ProtectionIndex.plain):
+    # ~0.5 µs against ~2 µs through ipaddress objects (bench/fleet.py's catch-up profile).
+    packed = canonical_packed(ip)
+    if packed is not None and protection.index.plain(packed):
+        return None
     parsed = canonical_target(ip)
     if isinstance(parsed, Refusal):
         return "malformed", parsed
@@ -110,7 +123,9 @@ class OriginQuota:
         self._seen: dict[str, deque[float]] = {}
 
     def admit(self, origin: str, now: float) -> bool:
-        times = self._seen.setdefault(origin, deque())
+        times = self._seen.get(origin)
+        if times is None:  # not setdefault: a catch-up calls this 100,000 times
+            times = self._seen[origin] = deque()
         while times and times[0] <= now - WINDOW:
             times.popleft()
         if len(times) >= self.per_minute:

@@ -58,15 +58,24 @@ class FleetStats:
         self._published.inc(count)
 
     def applied(self, origin: str, event_at: float, now: float) -> None:
+        self.applied_many(origin, [event_at], now)
+
+    def applied_many(self, origin: str, event_times: list[float], now: float) -> None:
+        """applied() for many events of one origin, committed at `now` (a catch-up's chunk)."""
+        if not event_times:
+            return
         seen = self.origins.setdefault(origin, OriginSeen())
-        seen.applied += 1
-        seen.last_event_at = max(seen.last_event_at, event_at)
+        seen.applied += len(event_times)
+        seen.last_event_at = max(seen.last_event_at, max(event_times))
         seen.last_seen = now
-        seen.lag = max(0.0, now - event_at)
-        self.applied_total += 1
-        self._applied.labels(origin).inc()
-        self._lag.observe(seen.lag)
-        self.recent_lags.append(seen.lag)
+        lags = [now - at if at < now else 0.0 for at in event_times]
+        seen.lag = lags[-1]
+        self.applied_total += len(lags)
+        self._applied.labels(origin).inc(len(lags))
+        observe = self._lag.observe
+        for lag in lags:
+            observe(lag)
+        self.recent_lags.extend(lags)
 
     def refuse(self, reason: str, count: int = 1) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + count

@@ -46,7 +46,6 @@ from imr.core.log_budget import LineBudget
 from imr.core.policy import Ladder
 from imr.core.prefixes import Level
 from imr.core.quota import QuotaLedger
-from imr.fleet.events import Event
 from imr.protocol import (
     BlockedItem,
     BlockInfo,
@@ -84,6 +83,7 @@ from imr.server.changes import (
     ExpireChange,
     Outcome,
     Queued,
+    RemoteBatch,
     RemoteChange,
     UnblockChange,
     internal_error,
@@ -302,11 +302,10 @@ class Broker:
         """The own and broadcast addresses now, and the configuration (a reload's allowlist)."""
         return self._local.own, self._local.broadcast, self._config
 
-    def submit_remote(
-        self, stream: str, position: str, seq: int, event: Event | None, admin: bool
-    ) -> asyncio.Future[Answer]:
-        """Queue a remote event for the writer (the same queue as local changes)."""
-        return self._enqueue(RemoteChange(stream, position, seq, event, admin))
+    def submit_remote(self, events: list[RemoteChange]) -> asyncio.Future[Answer]:
+        """Queue remote events for the writer as one change (the same queue as local changes):
+        a catch-up hands over thousands at a time (imr/fleet/member.py)."""
+        return self._enqueue(RemoteBatch(events))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -13,9 +13,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, TypedDict
 
-from imr.core.addresses import Refusal, Target, canonical_target, parse_target
+from imr.core.addresses import (
+    Refusal,
+    Target,
+    address_of_packed,
+    canonical_packed,
+    canonical_target,
+    parse_target,
+)
 from imr.core.quota import Reservation
 from imr.fleet.events import Event
 from imr.protocol import BlockedItem, BlockResult, ProtocolError, UnblockRequest, UnblockResult
@@ -75,7 +82,8 @@ class ExpireChange:
 @dataclass
 class RemoteChange:
     """A fleet event that passed the checks on the loop (imr/fleet/member.py), or None for
-    a refused one: either way its stream position is stored with the batch."""
+    a refused one: either way its stream position is stored with the batch. Queued in a
+    RemoteBatch."""
 
     stream: str
     position: str
@@ -88,7 +96,17 @@ class RemoteChange:
         return self.event.ip if self.event is not None else ""
 
 
-AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteChange
+@dataclass
+class RemoteBatch:
+    """Many fleet events as one change (imr/fleet/member.py hands over whole stream entries,
+    thousands at a time in a catch-up): one queue item, one outcome, and the writer's batch
+    holds them all. Each keeps its own position, so the parts of a failed one can be applied
+    one by one."""
+
+    items: list[RemoteChange]
+
+
+AnyChange = BlockChange | UnblockChange | ExpireChange | RemoteBatch
 
 
 class ExpireResult(TypedDict):
@@ -98,16 +116,15 @@ class ExpireResult(TypedDict):
     lifted: list[str]
 
 
-class RemoteResult(TypedDict):
-    """A fleet event's outcome (not a reply: the follower counts and logs it)."""
+class RemoteBatchResult(TypedDict):
+    """A RemoteBatch's outcome: the events the writer refused, as (index, code, message)."""
 
-    kind: Literal["block", "lift", "position"]
-    ip: NotRequired[str]
-    action: NotRequired[str]  # block, merge, history, lift, none
+    kind: Literal["remote"]
+    refused: list[tuple[int, str, str]]
 
 
 # A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
-Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteResult
+Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteBatchResult
 
 
 @dataclass
@@ -146,6 +163,9 @@ def stored_address(ip: str) -> Target:
 def stored_target(ip: str) -> tuple[Target, str]:
     """stored_address(ip) and its canonical text, cheaply for the text the daemon writes
     (start-up reads 100,000 of these; see canonical_target)."""
+    packed = canonical_packed(ip)  # canonical_target's fast path, without its layers (~1 µs)
+    if packed is not None:
+        return address_of_packed(packed), ip
     parsed = canonical_target(ip)
     if isinstance(parsed, Refusal):
         raise ValueError(f"state file holds an invalid address {ip!r}")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any
+from typing import Any, cast
 
 from imr.backends.base import Backend, Drift, KernelBlock, expected_counts, slot_of_text
 from imr.core.addresses import Target
@@ -35,6 +35,8 @@ from imr.server.changes import (
     BrokerError,
     ExpireChange,
     Outcome,
+    RemoteBatch,
+    RemoteBatchResult,
     RemoteChange,
     StateUnwritable,
     UnblockChange,
@@ -97,6 +99,8 @@ class BatchCommitter:
         except StateUnwritable as exc:
             return self._state_unwritable(len(batch), exc)
         except Exception as exc:
+            if len(batch) == 1 and isinstance(batch[0], RemoteBatch) and len(batch[0].items) > 1:
+                return self._split_remote(batch[0], earlier or {}, exc)
             if len(batch) == 1:
                 log.error("change failed: %s", exc)
                 return BatchResult([Outcome(error=internal_error(exc))])
@@ -109,6 +113,31 @@ class BatchCommitter:
             merged.changed.update(result.changed)
             merged.expired += result.expired
             merged.log_lines += result.log_lines
+        return merged
+
+    def _split_remote(
+        self, change: RemoteBatch, earlier: dict[str, BlockRecord | None], exc: Exception
+    ) -> BatchResult:
+        """A batch of fleet events that failed: its halves, each committed on its own, so one
+        bad event fails alone. Here, not by the member: the parts commit in order, before
+        anything queued after them, so the stored positions never move back."""
+        log.warning("%d fleet events failed (%s); splitting them", len(change.items), exc)
+        merged = BatchResult([], dict(earlier))
+        refused: list[tuple[int, str, str]] = []
+        middle = len(change.items) // 2
+        for offset, part in ((0, change.items[:middle]), (middle, change.items[middle:])):
+            result = self.commit_isolated([RemoteBatch(part)], merged.changed)
+            outcome = result.outcomes[0]
+            if outcome.error is not None:  # one event, or the state file (then every one)
+                error = outcome.error
+                refused += [(offset + i, error.code, error.message) for i in range(len(part))]
+            else:  # a RemoteBatch's outcome
+                found = cast(RemoteBatchResult, outcome.result)["refused"]
+                refused += [(offset + i, code, why) for i, code, why in found]
+            merged.changed.update(result.changed)
+            merged.expired += result.expired
+            merged.log_lines += result.log_lines
+        merged.outcomes.append(Outcome({"kind": "remote", "refused": refused}))
         return merged
 
     def _commit(
@@ -247,13 +276,18 @@ class _BatchTransaction:
         self.positions: dict[str, tuple[str, int]] = {}  # fleet: stream -> (position, seq)
 
     def prefetch(self, batch: Sequence[AnyChange]) -> None:
+        current = self.committer.current
         new = [
             change.ip
             for change in batch
-            if isinstance(change, BlockChange | RemoteChange)
-            and change.ip
-            and self.committer.current(change.ip, self.changed) is None
+            if isinstance(change, BlockChange) and current(change.ip, self.changed) is None
         ]
+        for change in batch:
+            if isinstance(change, RemoteBatch):  # thousands: spelled out
+                events = [item.event for item in change.items]
+                new += [
+                    e.ip for e in events if e is not None and current(e.ip, self.changed) is None
+                ]
         if new:
             self.offences = self.store.offences(new)
 
@@ -353,8 +387,8 @@ class _BatchTransaction:
                 return self._apply_unblock(change)
             case ExpireChange():
                 return self._apply_expiry(change)
-            case RemoteChange():
-                return self._apply_remote(change)
+            case RemoteBatch():
+                return self._apply_remote_batch(change)
 
     def _apply_block(self, change: BlockChange) -> Outcome:
         peer, ip = change.peer, change.ip
@@ -447,15 +481,26 @@ class _BatchTransaction:
             )
         )
 
-    def _apply_remote(self, change: RemoteChange) -> Outcome:
+    def _apply_remote_batch(self, change: RemoteBatch) -> Outcome:
+        """Fleet events (whole stream entries, thousands in a catch-up): one outcome that
+        names the ones refused here. If the batch fails, see _split_remote."""
+        refused: list[tuple[int, str, str]] = []
+        for index, item in enumerate(change.items):
+            error = self._apply_remote(item)
+            if error is not None:
+                refused.append((index, error.code, error.message))
+        return Outcome({"kind": "remote", "refused": refused})
+
+    def _apply_remote(self, change: RemoteChange) -> BrokerError | None:
         """A fleet event: a lift its origin may make, a block merged into one in force here
         (imr/core/fleet.py), or a new block with its origin (history only if it is over
         already: it still counts for the ladder). Never announced again."""
         self.positions[change.stream] = (change.position, change.seq)  # written by flush()
         event = change.event
         if event is None:
-            return Outcome({"kind": "position"})
-        ip, target = event.ip, stored_address(event.ip)
+            return None  # refused on the loop: only its position
+        # The text passed the checks on the loop; stored_target parses it cheaply.
+        ip, target = event.ip, stored_target(event.ip)[0]
         current = self.committer.current(ip, self.changed)
         if current is not None and current.expires_at <= self.now:
             self._lift(current, "expired", "imr")
@@ -464,18 +509,18 @@ class _BatchTransaction:
             self.expired += 1
         if event.kind == "lift":
             if current is None:
-                return Outcome({"kind": "lift", "ip": ip, "action": "none"})
+                return None
             if not may_lift(event.origin, current.origin, change.admin):
                 maker = current.origin or "this host"
                 why = f"{event.origin} may not lift the block of {ip} made by {maker}"
-                return Outcome(error=BrokerError(WireCode.LIFT_NOT_ALLOWED, why))
+                return BrokerError(WireCode.LIFT_NOT_ALLOWED, why)
             self._lift(current, "unblocked", f"fleet:{event.origin}")
             self.changed[ip] = None
             self.kernel_remove.append(target)
             # A network's held-out addresses go back in; an unblock is a pardon everywhere.
             self.committer.prefix.lifted(self, ip, target, by_admin=True)
             self.log_lines.append(lambda: f"unblocked {ip} by fleet member {event.origin}")
-            return Outcome({"kind": "lift", "ip": ip, "action": "lift"})
+            return None
         if current is not None:
             now = current.rung, current.expires_at
             rung, expires_at = merged(now, event.rung, event.expires_at)
@@ -484,13 +529,15 @@ class _BatchTransaction:
                 self.store.escalate(current.id, rung, expires_at)
                 self.changed[ip] = replace(current, rung=rung, expires_at=expires_at)
                 self._kernel_entry(target, expires_at, ip)  # not if a network holds it out
-            return Outcome({"kind": "block", "ip": ip, "action": "merge"})
-        return self._remote_block(event, target)
+            return None
+        self._remote_block(event, target)
+        return None
 
-    def _remote_block(self, event: Event, target: Target) -> Outcome:
+    def _remote_block(self, event: Event, target: Target) -> None:
         if self.next_id is None:
             self.next_id = self.store.next_block_id()
         ip, offence = event.ip, self._offences(event.ip).count + 1
+        over = event.expires_at <= self.now  # over already: only the ladder needs it
         record = BlockRecord(
             self.next_id,
             ip,
@@ -502,30 +549,33 @@ class _BatchTransaction:
             event.source,
             None,
             None,
-            origin=event.origin,
+            event.expires_at if over else None,
+            "expired" if over else None,
+            "imr" if over else None,
+            event.origin,
         )
         self.next_id += 1
-        if event.expires_at <= self.now:  # over already: only the ladder needs it
-            over = replace(record, lifted_at=event.expires_at, lift_reason="expired")
-            self.new_blocks.append(replace(over, lifted_by="imr"))
-            return Outcome({"kind": "block", "ip": ip, "action": "history"})
         prefix = self.committer.prefix
-        if isinstance(target, IPv4Network | IPv6Network) and not prefix.remote_network(
-            self, target, ip
+        if (
+            not over
+            and isinstance(target, IPv4Network | IPv6Network)
+            and not prefix.remote_network(self, target, ip)
         ):  # a wider network here covers it: it counts for the ladder, nothing more
-            over = replace(record, lifted_at=self.now, lift_reason="covered", lifted_by="imr")
-            self.new_blocks.append(over)
-            return Outcome({"kind": "block", "ip": ip, "action": "covered"})
+            self.new_blocks.append(
+                replace(record, lifted_at=self.now, lift_reason="covered", lifted_by="imr")
+            )
+            return
         self.new_blocks.append(record)
+        if over:
+            return
         self.changed[ip] = record
         # Counted fleet-wide for escalation (at the origin's time), held out under a network.
         prefix.blocked(self, target, record, at=event.at)
-        self._kernel_entry(target, record.expires_at, ip)
-        until = timestamp(record.expires_at)
-        self.log_lines.append(
-            lambda: f"blocked {ip} until {until} rung={record.rung} by fleet member {event.origin}"
-        )
-        return Outcome({"kind": "block", "ip": ip, "action": "block"})
+        if prefix.needs_entry(ip):
+            # Offence 1: no row of it before, so no kernel entry either (a catch-up's usual
+            # case): the kernel change is a plain add.
+            self.kernel_add.append(KernelBlock(target, record.expires_at, ip, offence == 1))
+        self.log_lines.append(functools.partial(_remote_line, record))
 
     def _apply_expiry(self, change: ExpireChange) -> Outcome:
         lifted = []
@@ -559,6 +609,12 @@ def kernel_block(record: BlockRecord) -> KernelBlock:
     """The kernel entry of an active block, from its state row."""
     address, text = stored_target(record.ip)
     return KernelBlock(address, record.expires_at, text)
+
+
+def _remote_line(record: BlockRecord) -> str:
+    """Formatted only if logged: a catch-up of 100,000 events logs few of them."""
+    until = timestamp(record.expires_at)
+    return f"blocked {record.ip} until {until} rung={record.rung} by fleet member {record.origin}"
 
 
 def _expiry_line(record: BlockRecord) -> str:
