@@ -254,9 +254,9 @@ http {{
     return ["nginx", "-c", str(conf), "-p", str(directory)]
 
 
-def _haproxy_files(directory: Path) -> list[str]:
-    """The proxy's HAProxy: the same, with the docs' `option forwardfor` line. One process
-    in the foreground (-db), one thread; it logs (httplog, the client's own X-Forwarded-For
+def _haproxy_files(directory: Path, forwardfor: str) -> list[str]:
+    """The proxy's HAProxy: the same, with the `forwardfor` line. One process in the
+    foreground (-db), one thread; it logs (httplog, the client's own X-Forwarded-For
     captured) to its stderr."""
     directory.mkdir(parents=True)
     conf = directory / "haproxy.cfg"
@@ -284,7 +284,7 @@ frontend fhp
     default_backend web1
 
 backend web1
-    {documented()["haproxy"]}
+    {forwardfor}
     server web1 {WEB}:80
 """)
     return ["haproxy", "-f", str(conf), "-db"]
@@ -302,10 +302,12 @@ class HAProxy(WebServer):
 
 
 @contextlib.contextmanager
-def haproxy_running(ns: Netns, directory: Path, ready: Callable[[], bool]) -> Iterator[WebServer]:
+def haproxy_running(
+    ns: Netns, directory: Path, ready: Callable[[], bool], forwardfor: str
+) -> Iterator[WebServer]:
     """Check and start HAProxy in `ns` (modsec_harness.running's `-t` is nginx's and
     Apache's, HAProxy's is `-c`); stop it by pid whatever happens."""
-    argv = _haproxy_files(directory)
+    argv = _haproxy_files(directory, forwardfor)
     check = ns.run("haproxy", "-c", *argv[1:], check=False, timeout=10)
     assert check.returncode == 0, f"haproxy refuses its config:\n{check.stdout}{check.stderr}"
     with open(directory / "stderr.log", "wb") as stderr:
@@ -385,10 +387,11 @@ def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def proxy_world(kind: str, proxy: str = "nginx") -> Iterator[ProxyWorld]:
+def proxy_world(kind: str, proxy: str = "nginx", forwardfor: str = "") -> Iterator[ProxyWorld]:
     """The whole topology with `kind` ("apache" or "nginx") on the web host and `proxy`
     ("nginx" or "haproxy") in front; torn down whatever happens (web servers, daemons,
-    Redis by pid, then namespaces, then files)."""
+    Redis by pid, then namespaces, then files). HAProxy's X-Forwarded-For line is the
+    docs' unless `forwardfor` is given."""
     require_unprivileged_access()
     prefix = "fpx" if proxy == "nginx" else "fhp"
     root = Path(tempfile.mkdtemp(prefix=f"imrtest-{prefix}-", dir="/tmp"))
@@ -409,7 +412,8 @@ def proxy_world(kind: str, proxy: str = "nginx") -> Iterator[ProxyWorld]:
             return get(inn, PROXY_INNOCENT_SIDE, "/fpx-alive", timeout=1).status == 200
 
         if proxy == "haproxy":
-            front = stack.enter_context(haproxy_running(lb.server, root / "proxy", alive))
+            line = forwardfor or documented()["haproxy"]
+            front = stack.enter_context(haproxy_running(lb.server, root / "proxy", alive, line))
         else:
             argv = _proxy_files(root / "proxy")
             front = stack.enter_context(running(lb, "nginx", root / "proxy", argv, alive))

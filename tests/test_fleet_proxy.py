@@ -29,6 +29,7 @@ from proxy_harness import (
     PROXY_ATTACKER_SIDE,
     PROXY_INNOCENT_SIDE,
     ProxyWorld,
+    documented,
     proxy_world,
     wait,
 )
@@ -152,3 +153,26 @@ def test_the_enforce_only_member_has_no_local_clients(world: ProxyWorld) -> None
     status = world.fleet_status(world.lb)
     assert status["follower_connected"] and status["refused"] == {}
     assert status["published"] == 0  # it decides nothing itself
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.skipif(bool(nginx_missing()), reason=f"{nginx_missing()}")
+def test_haproxy_forwardfor_if_none_lets_a_forged_header_blame_the_innocent(
+    test_users: None,
+) -> None:
+    """Why docs/fleet.md warns against `option forwardfor if-none`: HAProxy then adds
+    nothing when the client sent the header, and web1 believes the forged address."""
+    if_none = f"{documented()['haproxy']} if-none"
+    with proxy_world("nginx", "haproxy", forwardfor=if_none) as world:
+        attacker = ATTACKERS[1]
+        forged = f"X-Forwarded-For: {INNOCENT}"
+        answer = get(
+            world.attacker, PROXY_ATTACKER_SIDE, SCANNER, source=attacker, headers=[forged]
+        )
+        assert answer.status == 403
+        assert wait(lambda: INNOCENT in world.kernel(world.lb), 10), world.fleet_status(world.lb)
+        assert world.show(world.web, INNOCENT)["active"]["source"] == "modsecurity:99901"
+        assert world.show(world.web, attacker)["active"] is None
+        # The innocent client is cut off at the proxy; the attacker still gets pages.
+        assert get(world.innocent, PROXY_INNOCENT_SIDE, "/").curl_exit == 7
+        assert get(world.attacker, PROXY_ATTACKER_SIDE, "/", source=attacker).status == 200
