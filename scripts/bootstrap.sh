@@ -22,6 +22,8 @@ packages=(
   redis-server
   # ... and their own redis-sentinel processes (tests/test_fleet_sentinel.py).
   redis-sentinel
+  # tests/test_fleet_proxy.py's HAProxy reverse proxy (its own process in a namespace).
+  haproxy
   # bench/crowdsec_peer.py runs CrowdSec's local API and nftables bouncers side by side
   # with fleet mode, each its own process with its own config in a namespace.
   crowdsec crowdsec-firewall-bouncer
@@ -57,7 +59,7 @@ if ((${#missing[@]})); then
   [ -n "$ours" ] && rm -f "$guard"
   # Their postinsts enabled the peers for the next boot: a test bench must not start a web
   # server, or fail2ban (which manages the firewall), at boot. Only what was installed now.
-  for unit in apache2 nginx fail2ban redis-sentinel crowdsec crowdsec-firewall-bouncer; do
+  for unit in apache2 nginx haproxy fail2ban redis-sentinel crowdsec crowdsec-firewall-bouncer; do
     case " ${missing[*]} " in
       *" $unit "*) systemctl disable --quiet "$unit.service" 2>/dev/null || true ;;
     esac

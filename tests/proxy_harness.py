@@ -6,7 +6,7 @@ Namespaces (documentation addresses; lb and web1 as in the docs' example config)
     attacker 203.0.113.66/.67 ─┐                     ┌─ hub 192.0.2.33/.49: redis-server
     innocent 198.51.100.77  ───┴─ proxy ──────────── web1            (TLS, ACLs)
                 203.0.113.1, 198.51.100.1  192.0.2.2 ── 192.0.2.10
-                nginx reverse proxy                     Apache or nginx + ModSecurity
+                nginx or HAProxy proxy                  Apache or nginx + ModSecurity
                 imr: enforce-only member "lb"           imr: member "web1" (hook's daemon)
                 (192.0.2.34 to the hub)                 (192.0.2.50 to the hub)
 
@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -59,7 +60,7 @@ class ProxyWorld:
     innocent: Netns
     redis: RedisServer
     site: WebServer  # the web host's Apache or nginx
-    proxy: WebServer  # the proxy's nginx
+    proxy: WebServer  # the proxy: nginx or HAProxy
 
     def kernel(self, daemon: Daemon) -> set[str]:
         """The IPv4 addresses in `daemon`'s nftables set, read back from its kernel."""
@@ -88,15 +89,18 @@ class ProxyWorld:
 
 
 def documented() -> dict[str, str]:
-    """The docs' settings: the `apache` and `nginx` blocks of the section, and the proxy's
-    nginx line (`proxy_set_header X-Forwarded-For ...;`, quoted in the text)."""
+    """The docs' settings: the `apache` and `nginx` blocks of the section, and the proxies'
+    lines quoted in the text: nginx's (`proxy_set_header X-Forwarded-For ...;`) as "proxy",
+    HAProxy's (`option forwardfor ...`) as "haproxy"."""
     text = (REPO / "docs" / "fleet.md").read_text()
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     found = dict(re.findall(r"```(apache|nginx)\n(.*?)```", section, re.S))
     proxy = re.search(r"nginx `(proxy_set_header X-Forwarded-For[^`]*)`", section)
-    assert proxy is not None and set(found) == {"apache", "nginx"}, "docs section changed"
+    haproxy = re.search(r"HAProxy `(option forwardfor[^`]*)`", section)
+    assert proxy and haproxy and set(found) == {"apache", "nginx"}, "docs section changed"
     found["apache"] = found["apache"].replace(" modules/", f" {APACHE_MODULES}/")
     found["proxy"] = " ".join(proxy.group(1).split())
+    found["haproxy"] = " ".join(haproxy.group(1).split())
     return found
 
 
@@ -250,10 +254,80 @@ http {{
     return ["nginx", "-c", str(conf), "-p", str(directory)]
 
 
-def _network(stack: contextlib.ExitStack, root: Path) -> dict[str, Netns]:
+def _haproxy_files(directory: Path, forwardfor: str) -> list[str]:
+    """The proxy's HAProxy: the same, with the `forwardfor` line. One process in the
+    foreground (-db), one thread; it logs (httplog, the client's own X-Forwarded-For
+    captured) to its stderr."""
+    directory.mkdir(parents=True)
+    conf = directory / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    user {WEB_USER}
+    group {WEB_USER}
+    nbthread 1
+    maxconn 64
+    log stderr format raw local0 info
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+
+frontend fhp
+    bind {PROXY_ATTACKER_SIDE}:80
+    bind {PROXY_INNOCENT_SIDE}:80
+    capture request header X-Forwarded-For len 64
+    http-request return status 200 content-type text/plain string "proxy" if {{ path /fpx-alive }}
+    default_backend web1
+
+backend web1
+    {forwardfor}
+    server web1 {WEB}:80
+""")
+    return ["haproxy", "-f", str(conf), "-db"]
+
+
+class HAProxy(WebServer):
+    """A WebServer whose pid is its own process's (-db: no pid file, no workers)."""
+
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def error_log(self) -> Path:
+        return self.directory / "stderr.log"
+
+
+@contextlib.contextmanager
+def haproxy_running(
+    ns: Netns, directory: Path, ready: Callable[[], bool], forwardfor: str
+) -> Iterator[WebServer]:
+    """Check and start HAProxy in `ns` (modsec_harness.running's `-t` is nginx's and
+    Apache's, HAProxy's is `-c`); stop it by pid whatever happens."""
+    argv = _haproxy_files(directory, forwardfor)
+    check = ns.run("haproxy", "-c", *argv[1:], check=False, timeout=10)
+    assert check.returncode == 0, f"haproxy refuses its config:\n{check.stdout}{check.stderr}"
+    with open(directory / "stderr.log", "wb") as stderr:
+        process = subprocess.Popen(ns.argv(*argv), stdout=subprocess.DEVNULL, stderr=stderr)
+    server = HAProxy("haproxy", ns, directory, process)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready():
+            log = server.error_log.read_text(errors="replace")
+            assert server.alive() and time.monotonic() < deadline, f"haproxy: {log}"
+            time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
+
+
+def _network(stack: contextlib.ExitStack, root: Path, prefix: str) -> dict[str, Netns]:
     spaces: dict[str, Netns] = {}
     for name in ("hub", "lb", "web", "atk", "inn"):
-        spaces[name] = create_netns(f"fpx{name}")
+        spaces[name] = create_netns(f"{prefix}{name}")
         stack.callback(spaces[name].delete)
     hub, lb, web = spaces["hub"], spaces["lb"], spaces["web"]
     for member, ns in (("lb", lb), ("web1", web)):
@@ -313,15 +387,18 @@ def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def proxy_world(kind: str) -> Iterator[ProxyWorld]:
-    """The whole topology with `kind` ("apache" or "nginx") on the web host; torn down
-    whatever happens (web servers, daemons, Redis by pid, then namespaces, then files)."""
+def proxy_world(kind: str, proxy: str = "nginx", forwardfor: str = "") -> Iterator[ProxyWorld]:
+    """The whole topology with `kind` ("apache" or "nginx") on the web host and `proxy`
+    ("nginx" or "haproxy") in front; torn down whatever happens (web servers, daemons,
+    Redis by pid, then namespaces, then files). HAProxy's X-Forwarded-For line is the
+    docs' unless `forwardfor` is given."""
     require_unprivileged_access()
-    root = Path(tempfile.mkdtemp(prefix="imrtest-fpx-", dir="/tmp"))
+    prefix = "fpx" if proxy == "nginx" else "fhp"
+    root = Path(tempfile.mkdtemp(prefix=f"imrtest-{prefix}-", dir="/tmp"))
     root.chmod(0o755)
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
-        spaces = _network(stack, root)
+        spaces = _network(stack, root, prefix)
         server, lb, web = _members(stack, root, spaces)
         site_argv = _site_files(web, kind, root / "site")
         site = stack.enter_context(
@@ -330,16 +407,17 @@ def proxy_world(kind: str) -> Iterator[ProxyWorld]:
             )
         )
         inn = spaces["inn"]
-        proxy = stack.enter_context(
-            running(
-                lb,
-                "nginx",
-                root / "proxy",
-                _proxy_files(root / "proxy"),
-                lambda: get(inn, PROXY_INNOCENT_SIDE, "/fpx-alive", timeout=1).status == 200,
-            )
-        )
-        world = ProxyWorld(lb, web, spaces["atk"], inn, server, site, proxy)
+
+        def alive() -> bool:
+            return get(inn, PROXY_INNOCENT_SIDE, "/fpx-alive", timeout=1).status == 200
+
+        if proxy == "haproxy":
+            line = forwardfor or documented()["haproxy"]
+            front = stack.enter_context(haproxy_running(lb.server, root / "proxy", alive, line))
+        else:
+            argv = _proxy_files(root / "proxy")
+            front = stack.enter_context(running(lb, "nginx", root / "proxy", argv, alive))
+        world = ProxyWorld(lb, web, spaces["atk"], inn, server, site, front)
 
         def connected() -> bool:
             return all(world.fleet_status(d)["follower_connected"] for d in (lb, web))
