@@ -425,16 +425,16 @@ class IpsetBackend(Backend):
 def _steps(
     adding: Mapping[Target, float], removing: Sequence[Target], now: float
 ) -> list[ipset_netlink.Step]:
-    """One step per set: every set's additions, then every set's removals."""
+    """One step per set: every set's additions, then every set's removals (one pass over
+    each list: a one-entry apply is ~45 µs, and eight scans were a fifth of it)."""
     steps: list[ipset_netlink.Step] = []
     for command, targets in ((ipset_netlink.ADD, list(adding)), (ipset_netlink.DELETE, removing)):
+        by_slot: dict[Slot, list[bytes]] = {}
+        for target in targets:
+            timeout = _timeout(adding[target], now) if target in adding else None
+            by_slot.setdefault(slot_of(target), []).append(_entry(target, timeout))
         for slot, name in SETS.items():
-            entries = [
-                _entry(target, _timeout(adding[target], now) if target in adding else None)
-                for target in targets
-                if slot_of(target) == slot
-            ]
-            if entries:
+            if entries := by_slot.get(slot):
                 family = SOCKET_FAMILY[FAMILY_OF[slot]]
                 steps.append(ipset_netlink.Step(command, name, family, entries))
     return steps
