@@ -161,6 +161,8 @@ class IpsetConformance(TimeoutConformance):
             header = server_ns.run("ipset", "list", name, "-t").stdout
             assert f"Type: {kind}" in header
             assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
+            # The address set's full table from the start: no rehash of every entry mid-batch.
+            assert ("hashsize 65536" in header) == (name == "imr6")
 
     def test_a_block_beyond_the_kernel_limit_gets_no_timeout(
         self, server_ns: Netns, backend: Backend

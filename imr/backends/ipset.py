@@ -1,7 +1,7 @@
 """Blocked addresses as entries of ipset hash:ip sets, matched by one iptables rule each.
 
-    ipset imr4: hash:ip family inet,  timeout 0, maxelem 262144
-    ipset imr6: hash:ip family inet6, timeout 0, maxelem 262144
+    ipset imr4: hash:ip family inet,  timeout 0, maxelem 262144, hashsize 65536
+    ipset imr6: hash:ip family inet6, timeout 0, maxelem 262144, hashsize 65536
     ipset imrnet4: hash:net family inet,  timeout 0, maxelem 262144   (admin network blocks)
     ipset imrnet6: hash:net family inet6, timeout 0, maxelem 262144
     -I INPUT 1 -j IMR
@@ -19,6 +19,12 @@ so that each entry can carry the block's remaining time: the kernel lifts a
 block on time even while the daemon is down. The kernel silently clamps entry
 timeouts to 2,147,483 s (24.8 days); a longer block is added without a timeout
 instead and lifted by the broker, never early.
+
+The address sets start with their full hash table (HASHSIZE): from the default
+1,024 buckets the kernel doubles the table as the set fills, rehashing every
+entry inside the add that crosses the line (7-14 ms at 5,000-20,000 entries,
+docs/performance.md "ipset, round three"), so now and then one batch waited
+for it.
 
 Set entries are changed over raw netlink (ipset_netlink), each set's entries
 as one list in one message on a kept socket, as `ipset restore` sends them;
@@ -84,6 +90,10 @@ ETYPE: dict[Slot, str] = {"v4": "ip", "v6": "ip", "net4": "net", "net6": "net"}
 TEMPORARY = "-new"  # suffix of the set replace_all fills before the swap
 SOCKET_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 MAXELEM = 262_144  # the default 65,536 is too small for a large blocklist
+# Buckets of the address sets from the start: ~4 entries a bucket at MAXELEM, where the
+# kernel's doubling would end up anyway (a bucket holds up to 12); 512 KiB of kernel memory
+# a set while empty. The network sets hold admin blocks only and keep the default (None).
+HASHSIZE: dict[Slot, int | None] = {"v4": 65_536, "v6": 65_536, "net4": None, "net6": None}
 MAX_TIMEOUT = 2_147_483  # seconds; the kernel clamps anything longer to this
 RESTORE_TIMEOUT = 120.0
 _ENOENT = 2
@@ -195,6 +205,7 @@ class IpsetBackend(Backend):
                 exclusive=False,  # an existing set of the same type is fine
                 timeout=0,
                 maxelem=MAXELEM,
+                hashsize=HASHSIZE[slot],  # an existing set keeps its own (not compared)
             )
         except NetlinkError as exc:
             raise BackendError(f"ipset create {name}: {exc}") from None
@@ -299,9 +310,10 @@ class IpsetBackend(Backend):
             for slot, name in SETS.items():
                 fresh = name + TEMPORARY
                 inet = "inet" if FAMILY_OF[slot] == 4 else "inet6"
+                size = f" hashsize {HASHSIZE[slot]}" if HASHSIZE[slot] else ""
                 lines += [
                     f"create {fresh} {SET_TYPE[slot]} family {inet} timeout 0 maxelem {MAXELEM}"
-                    " -exist",
+                    f"{size} -exist",
                     f"flush {fresh}",  # a leftover of an interrupted run
                     *(
                         f"add {fresh} {target} timeout {_timeout(at, now)}"
