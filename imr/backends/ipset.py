@@ -46,6 +46,7 @@ for the iptables backend), with argument lists and `-w`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -54,7 +55,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pyroute2.ipset import IPSet
@@ -235,21 +236,23 @@ class IpsetBackend(Backend):
         with self._lock:
             if self._writer is not None and self._apply_raw(self._writer, adding, removing, now):
                 return
+            _outside_event_loop(lambda: self._apply_or_repair(adding, removing, now))
+
+    def _apply_or_repair(
+        self, adding: dict[Target, float], removing: Sequence[Target], now: float
+    ) -> None:
+        """The change through pyroute2, recreating the sets first if they are missing."""
+        try:
+            self._apply(adding, removing, now)
+        except NetlinkError as exc:
+            if exc.code != _ENOENT:
+                raise BackendError(f"ipset refused a change (batch half applied): {exc}") from None
+            log.warning("ipset sets %s are missing; creating them again", "/".join(SETS.values()))
+            self._prepare()
             try:
                 self._apply(adding, removing, now)
-            except NetlinkError as exc:
-                if exc.code != _ENOENT:
-                    raise BackendError(
-                        f"ipset refused a change (batch half applied): {exc}"
-                    ) from None
-                log.warning(
-                    "ipset sets %s are missing; creating them again", "/".join(SETS.values())
-                )
-                self._prepare()
-                try:
-                    self._apply(adding, removing, now)
-                except NetlinkError as again:
-                    raise BackendError(f"ipset refused a change: {again}") from None
+            except NetlinkError as again:
+                raise BackendError(f"ipset refused a change: {again}") from None
 
     @staticmethod
     def _apply_raw(
@@ -432,6 +435,31 @@ class IpsetBackend(Backend):
                     except NetlinkError as exc:
                         if exc.code != _ENOENT:
                             raise BackendError(f"ipset destroy {name}: {exc}") from None
+
+
+def _outside_event_loop(function: Callable[[], None]) -> None:
+    """Run `function`, in a thread of its own if this thread runs an event loop: pyroute2's
+    IPSet drives an asyncio loop of its own, refused ("This event loop is already running")
+    on the daemon's loop, where small batches commit (imr/server/commit_place.py). A new
+    thread starts in its creator's network namespace; the caller holds the backend's lock."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        function()
+        return
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            function()
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="imr-ipset-fallback")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _steps(
