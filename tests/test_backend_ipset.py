@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -176,6 +177,26 @@ class IpsetConformance(TimeoutConformance):
         backend.teardown()
         backend.apply(blocks(V4_B, V6_A), [V4_A])
         self.expect(server_ns, V4_B, V6_A)
+        assert self.read_hook_positions(server_ns, 4) == [1]
+
+    def test_repairs_on_a_thread_that_runs_an_event_loop(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        """The daemon commits small batches on its event loop (commit_place.py), where
+        pyroute2 (the repair's tool) refuses to run: apply and replace_all still repair."""
+
+        async def apply() -> None:
+            backend.apply(blocks(V4_B, V6_A), [V4_A])
+
+        async def replace_all() -> None:
+            backend.replace_all(blocks(V4_A))
+
+        backend.teardown()
+        asyncio.run(apply())
+        self.expect(server_ns, V4_B, V6_A)
+        backend.teardown()
+        asyncio.run(replace_all())
+        self.expect(server_ns, V4_A)
         assert self.read_hook_positions(server_ns, 4) == [1]
 
     def test_kernel_refusal_becomes_backend_error(self, server_ns: Netns) -> None:

@@ -211,14 +211,17 @@ class IpsetBackend(Backend):
         except NetlinkError as exc:
             raise BackendError(f"ipset create {name}: {exc}") from None
 
+    def _create_sets(self) -> None:
+        with _ipset() as handle:
+            for slot in SLOTS:
+                self._create(handle, slot)
+
     def prepare(self) -> None:
         with self._lock:
             self._prepare()
 
     def _prepare(self) -> None:
-        with _ipset() as handle:
-            for slot in SLOTS:
-                self._create(handle, slot)
+        _outside_event_loop(self._create_sets)  # also reached from a commit on the loop
         for family in (4, 6):
             self._prepare_rules(family)
 
