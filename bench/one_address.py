@@ -5,11 +5,12 @@ Run as root:
     .venv/bin/python bench/one_address.py                      # both forms, 1 and 50 clients
     .venv/bin/python bench/one_address.py --form text --many 20000
     .venv/bin/python bench/one_address.py --profile /tmp/p     # py-spy of the 50-client runs
+    .venv/bin/python bench/one_address.py --backend ipset
 
-The daemon (nftables backend, Unix socket, escalation off as in bench/daemon_blocks.py)
-runs as root in a namespace the script creates and deletes. For each form (JSON:
-`{"v":1,"op":"block","ip":...}`; text: `block ADDRESS`) it measures, with fresh addresses
-from 2001:db8::/32 every time:
+The daemon (nftables backend unless `--backend ipset`, Unix socket, escalation off as in
+bench/daemon_blocks.py) runs as root in a namespace the script creates and deletes. For
+each form (JSON: `{"v":1,"op":"block","ip":...}`; text: `block ADDRESS`) it measures, with
+fresh addresses from 2001:db8::/32 every time:
   - single-block latency (1 client, one request at a time, `--count` blocks): p50, p99;
     the reply means the state row is committed (fsync) and the kernel entry exists;
   - throughput with 1 client and with `--clients` clients (`--many` blocks);
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BenchDaemon, bench_daemon, load, percentile, require_root, v6_address
+from _common import bench_daemon, load, percentile, require_root, v6_address
+from daemon_blocks import kernel_count
 
 
 def process_cpu(pid: int) -> float:
@@ -96,17 +97,6 @@ def run_load(path: Path, form: str, ips: Sequence[str], clients: int) -> tuple[f
     return asyncio.run(main()), latencies
 
 
-def kernel_count(daemon: BenchDaemon) -> int:
-    out = daemon.in_ns("nft", "-j", "list", "set", "inet", "imr", "blocked_v6").stdout
-    values = [
-        e["elem"]["val"] if isinstance(e, dict) else e
-        for item in json.loads(out)["nftables"]
-        if "set" in item
-        for e in item["set"].get("elem", [])
-    ]
-    return sum(1 for v in values if isinstance(v, str) and v.startswith("2001:db8:"))
-
-
 def spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid)]
     argv += ["-o", str(out), "-f", "raw", "-r", "1000", "--threads", "--gil", "--nonblocking"]
@@ -118,6 +108,7 @@ def spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--form", action="append", choices=["json", "text"])
+    parser.add_argument("--backend", choices=["nftables", "ipset"], default="nftables")
     parser.add_argument("--count", type=int, default=3000, help="blocks for the 1-client runs")
     parser.add_argument("--many", type=int, default=20000, help="blocks for the N-client runs")
     parser.add_argument("--clients", type=int, default=50)
@@ -127,7 +118,7 @@ def main() -> None:
     forms = args.form or ["json", "text"]
     print(f"one_address: {load()} at start", file=sys.stderr)
     results: dict[str, dict[str, float]] = {}
-    with bench_daemon("nftables", prefix="spdone") as daemon:
+    with bench_daemon(args.backend, prefix="spdone") as daemon:
         daemon.start()
         pid = daemon.pid()
         numbers = iter(range(10**7))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -161,6 +162,8 @@ class IpsetConformance(TimeoutConformance):
             header = server_ns.run("ipset", "list", name, "-t").stdout
             assert f"Type: {kind}" in header
             assert "family inet6" in header and "timeout 0" in header and "maxelem 262144" in header
+            # The address set's full table from the start: no rehash of every entry mid-batch.
+            assert ("hashsize 65536" in header) == (name == "imr6")
 
     def test_a_block_beyond_the_kernel_limit_gets_no_timeout(
         self, server_ns: Netns, backend: Backend
@@ -174,6 +177,26 @@ class IpsetConformance(TimeoutConformance):
         backend.teardown()
         backend.apply(blocks(V4_B, V6_A), [V4_A])
         self.expect(server_ns, V4_B, V6_A)
+        assert self.read_hook_positions(server_ns, 4) == [1]
+
+    def test_repairs_on_a_thread_that_runs_an_event_loop(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        """The daemon commits small batches on its event loop (commit_place.py), where
+        pyroute2 (the repair's tool) refuses to run: apply and replace_all still repair."""
+
+        async def apply() -> None:
+            backend.apply(blocks(V4_B, V6_A), [V4_A])
+
+        async def replace_all() -> None:
+            backend.replace_all(blocks(V4_A))
+
+        backend.teardown()
+        asyncio.run(apply())
+        self.expect(server_ns, V4_B, V6_A)
+        backend.teardown()
+        asyncio.run(replace_all())
+        self.expect(server_ns, V4_A)
         assert self.read_hook_positions(server_ns, 4) == [1]
 
     def test_kernel_refusal_becomes_backend_error(self, server_ns: Netns) -> None:

@@ -264,3 +264,25 @@ def test_daemon_repairs_foreign_damage_within_the_interval(
         assert f"drift in {backend}: " in log and found in log, log[-2000:]
         # The state file is the source of the repair and is not changed by it.
         assert world.state_rows("SELECT ip, lifted_at FROM blocks") == [(ATTACKER_V4, None)]
+
+
+@needs_root
+def test_an_ipset_block_recreates_a_destroyed_set_on_its_way(test_users: None) -> None:
+    """A small batch commits on the event loop with ipset (imr/server/commit_place.py); a set
+    destroyed by hand is recreated by the block itself there, as in the writer thread, and
+    the block is acknowledged only once its entry is in the kernel and the rule is back."""
+    with daemon_world() as world:
+        start(world, "ipset")
+        text = world.config_file.read_text()  # no drift check to race the block's own repair
+        world.config_file.write_text(text.replace(f'"{INTERVAL}s"', '"1h"'))
+        world.stop()
+        assert world.start().returncode == 0
+        world.listen(80)
+        # A set in use by a rule cannot be destroyed: flush imr's chain first.
+        world.server.run("iptables-nft", "-F", "IMR")
+        world.server.run("ipset", "destroy", "imr4")
+        result = world.as_user(BLOCKER, "block", ATTACKER_V4, "--reason", "repair test")
+        assert result.returncode == 0, result.stderr
+        assert ATTACKER_V4 in world.server.run("ipset", "list", "imr4").stdout
+        assert world.probe(world.attacker, SERVER_V4, 80) == "EHOSTUNREACH"
+        assert "sets imr4/imr6/imrnet4/imrnet6 are missing; creating them again" in log_text(world)

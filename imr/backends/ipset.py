@@ -1,7 +1,7 @@
 """Blocked addresses as entries of ipset hash:ip sets, matched by one iptables rule each.
 
-    ipset imr4: hash:ip family inet,  timeout 0, maxelem 262144
-    ipset imr6: hash:ip family inet6, timeout 0, maxelem 262144
+    ipset imr4: hash:ip family inet,  timeout 0, maxelem 262144, hashsize 65536
+    ipset imr6: hash:ip family inet6, timeout 0, maxelem 262144, hashsize 65536
     ipset imrnet4: hash:net family inet,  timeout 0, maxelem 262144   (admin network blocks)
     ipset imrnet6: hash:net family inet6, timeout 0, maxelem 262144
     -I INPUT 1 -j IMR
@@ -19,6 +19,12 @@ so that each entry can carry the block's remaining time: the kernel lifts a
 block on time even while the daemon is down. The kernel silently clamps entry
 timeouts to 2,147,483 s (24.8 days); a longer block is added without a timeout
 instead and lifted by the broker, never early.
+
+The address sets start with their full hash table (HASHSIZE): from the default
+1,024 buckets the kernel doubles the table as the set fills, rehashing every
+entry inside the add that crosses the line (7-14 ms at 5,000-20,000 entries,
+docs/performance.md "ipset, round three"), so now and then one batch waited
+for it.
 
 Set entries are changed over raw netlink (ipset_netlink), each set's entries
 as one list in one message on a kept socket, as `ipset restore` sends them;
@@ -40,6 +46,7 @@ for the iptables backend), with argument lists and `-w`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -48,7 +55,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pyroute2.ipset import IPSet
@@ -84,6 +91,10 @@ ETYPE: dict[Slot, str] = {"v4": "ip", "v6": "ip", "net4": "net", "net6": "net"}
 TEMPORARY = "-new"  # suffix of the set replace_all fills before the swap
 SOCKET_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 MAXELEM = 262_144  # the default 65,536 is too small for a large blocklist
+# Buckets of the address sets from the start: ~4 entries a bucket at MAXELEM, where the
+# kernel's doubling would end up anyway (a bucket holds up to 12); 512 KiB of kernel memory
+# a set while empty. The network sets hold admin blocks only and keep the default (None).
+HASHSIZE: dict[Slot, int | None] = {"v4": 65_536, "v6": 65_536, "net4": None, "net6": None}
 MAX_TIMEOUT = 2_147_483  # seconds; the kernel clamps anything longer to this
 RESTORE_TIMEOUT = 120.0
 _ENOENT = 2
@@ -195,18 +206,22 @@ class IpsetBackend(Backend):
                 exclusive=False,  # an existing set of the same type is fine
                 timeout=0,
                 maxelem=MAXELEM,
+                hashsize=HASHSIZE[slot],  # an existing set keeps its own (not compared)
             )
         except NetlinkError as exc:
             raise BackendError(f"ipset create {name}: {exc}") from None
+
+    def _create_sets(self) -> None:
+        with _ipset() as handle:
+            for slot in SLOTS:
+                self._create(handle, slot)
 
     def prepare(self) -> None:
         with self._lock:
             self._prepare()
 
     def _prepare(self) -> None:
-        with _ipset() as handle:
-            for slot in SLOTS:
-                self._create(handle, slot)
+        _outside_event_loop(self._create_sets)  # also reached from a commit on the loop
         for family in (4, 6):
             self._prepare_rules(family)
 
@@ -224,21 +239,23 @@ class IpsetBackend(Backend):
         with self._lock:
             if self._writer is not None and self._apply_raw(self._writer, adding, removing, now):
                 return
+            _outside_event_loop(lambda: self._apply_or_repair(adding, removing, now))
+
+    def _apply_or_repair(
+        self, adding: dict[Target, float], removing: Sequence[Target], now: float
+    ) -> None:
+        """The change through pyroute2, recreating the sets first if they are missing."""
+        try:
+            self._apply(adding, removing, now)
+        except NetlinkError as exc:
+            if exc.code != _ENOENT:
+                raise BackendError(f"ipset refused a change (batch half applied): {exc}") from None
+            log.warning("ipset sets %s are missing; creating them again", "/".join(SETS.values()))
+            self._prepare()
             try:
                 self._apply(adding, removing, now)
-            except NetlinkError as exc:
-                if exc.code != _ENOENT:
-                    raise BackendError(
-                        f"ipset refused a change (batch half applied): {exc}"
-                    ) from None
-                log.warning(
-                    "ipset sets %s are missing; creating them again", "/".join(SETS.values())
-                )
-                self._prepare()
-                try:
-                    self._apply(adding, removing, now)
-                except NetlinkError as again:
-                    raise BackendError(f"ipset refused a change: {again}") from None
+            except NetlinkError as again:
+                raise BackendError(f"ipset refused a change: {again}") from None
 
     @staticmethod
     def _apply_raw(
@@ -299,9 +316,10 @@ class IpsetBackend(Backend):
             for slot, name in SETS.items():
                 fresh = name + TEMPORARY
                 inet = "inet" if FAMILY_OF[slot] == 4 else "inet6"
+                size = f" hashsize {HASHSIZE[slot]}" if HASHSIZE[slot] else ""
                 lines += [
                     f"create {fresh} {SET_TYPE[slot]} family {inet} timeout 0 maxelem {MAXELEM}"
-                    " -exist",
+                    f"{size} -exist",
                     f"flush {fresh}",  # a leftover of an interrupted run
                     *(
                         f"add {fresh} {target} timeout {_timeout(at, now)}"
@@ -422,19 +440,44 @@ class IpsetBackend(Backend):
                             raise BackendError(f"ipset destroy {name}: {exc}") from None
 
 
+def _outside_event_loop(function: Callable[[], None]) -> None:
+    """Run `function`, in a thread of its own if this thread runs an event loop: pyroute2's
+    IPSet drives an asyncio loop of its own, refused ("This event loop is already running")
+    on the daemon's loop, where small batches commit (imr/server/commit_place.py). A new
+    thread starts in its creator's network namespace; the caller holds the backend's lock."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        function()
+        return
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            function()
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="imr-ipset-fallback")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def _steps(
     adding: Mapping[Target, float], removing: Sequence[Target], now: float
 ) -> list[ipset_netlink.Step]:
-    """One step per set: every set's additions, then every set's removals."""
+    """One step per set: every set's additions, then every set's removals (one pass over
+    each list: a one-entry apply is ~45 µs, and eight scans were a fifth of it)."""
     steps: list[ipset_netlink.Step] = []
     for command, targets in ((ipset_netlink.ADD, list(adding)), (ipset_netlink.DELETE, removing)):
+        by_slot: dict[Slot, list[bytes]] = {}
+        for target in targets:
+            timeout = _timeout(adding[target], now) if target in adding else None
+            by_slot.setdefault(slot_of(target), []).append(_entry(target, timeout))
         for slot, name in SETS.items():
-            entries = [
-                _entry(target, _timeout(adding[target], now) if target in adding else None)
-                for target in targets
-                if slot_of(target) == slot
-            ]
-            if entries:
+            if entries := by_slot.get(slot):
                 family = SOCKET_FAMILY[FAMILY_OF[slot]]
                 steps.append(ipset_netlink.Step(command, name, family, entries))
     return steps

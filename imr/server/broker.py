@@ -90,7 +90,7 @@ from imr.server.changes import (
     stored_address,
     stored_target,
 )
-from imr.server.commit_place import CommitPlace
+from imr.server.commit_place import ON_LOOP_BACKENDS, CommitPlace
 from imr.server.metrics import Metrics
 from imr.server.prefix_blocks import PrefixBlocks, guard_of
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
@@ -138,7 +138,7 @@ class Broker:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
         # Small batches commit on the loop while the thread is idle (commit_place.py); not in
         # fleet mode, whose publisher writes the state file from a connection of its own.
-        on_loop = backend.name == "nftables" and not config.fleet.enabled
+        on_loop = backend.name in ON_LOOP_BACKENDS and not config.fleet.enabled
         self._place = CommitPlace(self._writer, on_loop)
         # Held by the writer loop from a batch's start until it is published, and by the drift
         # check: so the check compares the kernel with an index that matches it.

@@ -11,9 +11,13 @@ on the loop itself when that is safe and short:
   start there while the loop commits: the Store and the Backend are never used by two
   threads at once;
 - the batch is small (SMALL_BATCH): its Python work holds the GIL either way;
-- the backend is nftables (one kernel transaction, ~0.1 ms); ipset and per-address
-  iptables changes can take milliseconds; and not in fleet mode, where the publisher's
-  own connection also writes the state file (the loop must never wait for its lock);
+- the backend's change is one quick netlink exchange (ON_LOOP_BACKENDS): nftables (one
+  kernel transaction, ~0.1 ms) and ipset (one message a set, a one-entry apply ~45 µs of
+  CPU in a namespace, no daemon: docs/performance.md "ipset, round three"); per-address
+  iptables changes take milliseconds (a process, or a chain rewritten). A repair (a
+  missing table or set rebuilt) can take tens of ms even so: it is rare, and repeated
+  slowness is caught below. And not in fleet mode, where the publisher's own connection
+  also writes the state file (the loop must never wait for its lock);
 - the last commits on the loop were quick: SLOW_IN_A_ROW of them that took SLOW seconds or
   more each (a slow disk's fsync) send the batches to the thread for HOLD seconds, so the
   loop, which also answers `status`, `list` and `ping` and reads every client, does not
@@ -32,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 SMALL_BATCH = 64
+ON_LOOP_BACKENDS = frozenset({"nftables", "ipset"})
 SLOW = 0.02  # seconds; a batch of 50 new blocks takes ~1-2 ms here, fsync included
 SLOW_IN_A_ROW = 3
 HOLD = 10.0  # seconds in the thread after slow commits on the loop
@@ -42,7 +47,7 @@ T = TypeVar("T")
 class CommitPlace:
     def __init__(self, executor: concurrent.futures.ThreadPoolExecutor, on_loop: bool) -> None:
         self._executor = executor
-        self.on_loop = on_loop  # the backend allows it (nftables)
+        self.on_loop = on_loop  # the backend allows it (ON_LOOP_BACKENDS)
         self._jobs: set[concurrent.futures.Future[Any]] = set()  # queued or running there
         self._thread_until = 0.0
         self._slow = 0  # slow commits on the loop in a row
