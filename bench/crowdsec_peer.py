@@ -1,7 +1,8 @@
 """The peer, side by side: CrowdSec's local API and nftables bouncers against fleet mode.
 
 Run as root (Debian 12's crowdsec 1.4.6 and crowdsec-firewall-bouncer 0.0.25, installed by
-scripts/bootstrap.sh without central-API registration and without starting any service):
+`scripts/bootstrap.sh --crowdsec` without central-API registration and without starting any
+service):
 
     .venv/bin/python bench/crowdsec_peer.py                  # 4 bouncers / 5 members
     .venv/bin/python bench/crowdsec_peer.py --bouncers 9 --frequencies 10s,1s,1ns
@@ -360,7 +361,7 @@ def main() -> None:
     # SIGTERM (from timeout, say) unwinds: processes stopped, namespaces deleted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     if not shutil.which("crowdsec-firewall-bouncer") or not shutil.which("cscli"):
-        sys.exit("crowdsec and crowdsec-firewall-bouncer are not installed: scripts/bootstrap.sh")
+        sys.exit("crowdsec is not installed: scripts/bootstrap.sh --crowdsec")
     if not 0 < args.bouncers <= 14:
         sys.exit("--bouncers: 1 to 14 (imr's fleet has one 192.0.2.0/28 per member)")
     if not 0 < args.decisions <= 250:

@@ -24,13 +24,16 @@ packages=(
   redis-sentinel
   # tests/test_fleet_proxy.py's HAProxy reverse proxy (its own process in a namespace).
   haproxy
-  # bench/crowdsec_peer.py runs CrowdSec's local API and nftables bouncers side by side
-  # with fleet mode, each its own process with its own config in a namespace.
-  crowdsec crowdsec-firewall-bouncer
   # The Debian package: its build (scripts/build-deb.sh), lintian, and the Debian 12
   # container tests/test_package.py boots it in (debootstrap, systemd-nspawn).
   debhelper lintian python3.11-venv debootstrap systemd-container
 )
+# bench/crowdsec_peer.py runs CrowdSec's local API and nftables bouncers side by side with
+# fleet mode, each its own process with its own config in a namespace. No test needs them,
+# so only on request: scripts/bootstrap.sh --crowdsec
+if [ "${1:-}" = "--crowdsec" ]; then
+  packages+=(crowdsec crowdsec-firewall-bouncer)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
