@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imr.fleet.keys import public_text
 
+from daemon_harness import GROUP, Daemon
+
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 PREFIX = "imr:fleet:"
 
@@ -195,3 +197,30 @@ def fleet_section(
             f"admin = {'true' if member in admins else 'false'}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def write_member_config(
+    daemon: Daemon, body: str, socket_group: str = GROUP, firewall: str = ""
+) -> None:
+    """A member daemon's configuration: its own files, nftables on TCP port 80 (plus the
+    `firewall` lines), then `body`: the test's own [policy], [quota], [escalation], [access],
+    [protect] and [fleet] sections."""
+    daemon.config_file.write_text(f"""
+[server]
+socket = "{daemon.socket}"
+socket_group = "{socket_group}"
+socket_mode = "0660"
+pid_file = "{daemon.root / "run" / "imr.pid"}"
+log_file = "{daemon.log_file}"
+
+[state]
+path = "{daemon.state_file}"
+
+[firewall]
+backend = "nftables"
+protocol = "tcp"
+ports = [80]
+{firewall}
+{body}
+""")
+    daemon.config_file.chmod(0o644)

@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon_harness import GROUP, REPO, Daemon, require_unprivileged_access
-from fleet_harness import RedisServer, fleet_section, free_port, make_key, redis_server
+from fleet_harness import (
+    RedisServer,
+    fleet_section,
+    free_port,
+    make_key,
+    redis_server,
+    write_member_config,
+)
 from modsec_harness import (
     APACHE_MODULES,
     CONTRIB,
@@ -105,24 +112,11 @@ def documented() -> dict[str, str]:
 
 
 def _daemon_config(daemon: Daemon, fleet_text: str, access: str, allowlist: list[str]) -> None:
-    daemon.config_file.write_text(f"""
-[server]
-socket = "{daemon.socket}"
-socket_group = "{GROUP if not access else WEB_USER}"
-socket_mode = "0660"
-pid_file = "{daemon.root / "run" / "imr.pid"}"
-log_file = "{daemon.log_file}"
-
-[state]
-path = "{daemon.state_file}"
-
+    write_member_config(
+        daemon,
+        f"""
 [policy]
 ladder = ["1h", "1d"]
-
-[firewall]
-backend = "nftables"
-protocol = "tcp"
-ports = [80]
 
 [escalation]
 enabled = false
@@ -131,8 +125,9 @@ enabled = false
 allowlist = {json.dumps(allowlist)}
 {access}
 {fleet_text}
-""")
-    daemon.config_file.chmod(0o644)
+""",
+        socket_group=GROUP if not access else WEB_USER,
+    )
 
 
 def _htdocs(directory: Path) -> Path:

@@ -27,8 +27,15 @@ from redis import Redis
 
 from imr.fleet import events
 
-from daemon_harness import BLOCKER, GROUP, READER, Daemon, require_unprivileged_access
-from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
+from daemon_harness import BLOCKER, READER, Daemon, require_unprivileged_access
+from fleet_harness import (
+    RedisServer,
+    fleet_section,
+    free_port,
+    make_key,
+    start_redis,
+    write_member_config,
+)
 from netns import Netns, connect, create_netns
 
 pytestmark = [
@@ -126,26 +133,13 @@ def wait(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 
 def member_config(daemon: Daemon, name: str, fleet_text: str) -> None:
-    daemon.config_file.write_text(f"""
-[server]
-socket = "{daemon.socket}"
-socket_group = "{GROUP}"
-socket_mode = "0660"
-pid_file = "{daemon.root / "run" / "imr.pid"}"
-log_file = "{daemon.log_file}"
-
-[state]
-path = "{daemon.state_file}"
-
+    write_member_config(
+        daemon,
+        f"""
 [policy]
 ladder = ["3s", "1h"]
 repeat_window = "1d"
 severity_skips_rungs = true
-
-[firewall]
-backend = "nftables"
-protocol = "tcp"
-ports = [80]
 
 [quota]
 blocks_per_minute = 0
@@ -163,8 +157,8 @@ enabled = false
 allowlist = ["198.51.100.0/24"]
 
 {fleet_text}
-""")
-    daemon.config_file.chmod(0o644)
+""",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,15 @@ from redis import Redis
 from imr.client import Client
 from imr.fleet import events
 
-from daemon_harness import GROUP, Daemon, require_unprivileged_access
-from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
+from daemon_harness import Daemon, require_unprivileged_access
+from fleet_harness import (
+    RedisServer,
+    fleet_section,
+    free_port,
+    make_key,
+    start_redis,
+    write_member_config,
+)
 from netns import Netns, connect, create_netns
 
 pytestmark = [
@@ -90,26 +97,13 @@ def wait(predicate: Callable[[], bool], timeout: float = 30.0, every: float = 0.
 
 
 def write_config(daemon: Daemon, fleet_text: str) -> None:
-    daemon.config_file.write_text(f"""
-[server]
-socket = "{daemon.socket}"
-socket_group = "{GROUP}"
-socket_mode = "0660"
-pid_file = "{daemon.root / "run" / "imr.pid"}"
-log_file = "{daemon.log_file}"
-
-[state]
-path = "{daemon.state_file}"
-
+    write_member_config(
+        daemon,
+        f"""
 [policy]
 ladder = ["3s", "1h"]
 repeat_window = "1d"
 severity_skips_rungs = true
-
-[firewall]
-backend = "nftables"
-protocol = "tcp"
-ports = [80]
 
 [quota]
 blocks_per_minute = 0
@@ -119,8 +113,8 @@ active_per_client = 0
 enabled = false
 
 {fleet_text}
-""")
-    daemon.config_file.chmod(0o644)
+""",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,15 @@ from test_fleet import hub_address, member_address, wait
 
 from imr.fleet import events
 
-from daemon_harness import BLOCKER, GROUP, READER, Daemon, require_unprivileged_access
-from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
+from daemon_harness import BLOCKER, READER, Daemon, require_unprivileged_access
+from fleet_harness import (
+    RedisServer,
+    fleet_section,
+    free_port,
+    make_key,
+    start_redis,
+    write_member_config,
+)
 from netns import Netns, connect, create_netns
 
 pytestmark = [
@@ -101,27 +108,12 @@ class Fleet:
 
 
 def member_config(daemon: Daemon, fleet_text: str) -> None:
-    daemon.config_file.write_text(f"""
-[server]
-socket = "{daemon.socket}"
-socket_group = "{GROUP}"
-socket_mode = "0660"
-pid_file = "{daemon.root / "run" / "imr.pid"}"
-log_file = "{daemon.log_file}"
-
-[state]
-path = "{daemon.state_file}"
-
+    write_member_config(
+        daemon,
+        f"""
 [policy]
 ladder = ["1h", "1d"]
 repeat_window = "1d"
-
-[firewall]
-backend = "nftables"
-protocol = "tcp"
-ports = [80]
-# The drift check every second: kernel and state must agree throughout (no_drift).
-drift_interval = 1
 
 [quota]
 blocks_per_minute = 0
@@ -139,8 +131,10 @@ never_aggregate = ["{NEVER}"]
 allowlist = ["{ADMINS}"]
 
 {fleet_text}
-""")
-    daemon.config_file.chmod(0o644)
+""",
+        # The drift check every second: kernel and state must agree throughout (no_drift).
+        firewall="drift_interval = 1",
+    )
 
 
 @pytest.fixture(scope="module")
