@@ -20,7 +20,7 @@ the narrower ones end (`superseded`) or are kept as history only (`covered`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from imr.core.addresses import (
@@ -95,10 +95,6 @@ def target_refusal(
         target, protection.own, protection.broadcast, protection.allowlist
     )
     return None if refusal is None else ("protected_target", refusal)
-
-
-def member_networks(addresses: Iterable[Iterable[IPNetwork]]) -> tuple[IPNetwork, ...]:
-    return tuple(network for member in addresses for network in member)
 
 
 # An entry stamped further ahead of this host's clock is refused (EventRefusal.FUTURE): its

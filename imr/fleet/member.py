@@ -23,7 +23,6 @@ from imr.core.fleet import (
     OriginQuota,
     Protection,
     entry_time,
-    member_networks,
     target_refusal,
 )
 from imr.core.quota import LogThrottle
@@ -86,7 +85,6 @@ class FleetMember:
         verifiers = {name: functools.partial(keys.verify, key) for name, key in public.items()}
         self.publisher = Publisher(settings, config.state.path, private.sign, stats)
         self.follower = Follower(settings, verifiers, positions, self.apply, stats)
-        self._members = member_networks(m.addresses for m in settings.members.values())
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [
@@ -96,7 +94,7 @@ class FleetMember:
 
     def _protection(self) -> Protection:
         own, broadcast, config = self._broker.protection_view()
-        allowlist = (*config.protect.allowlist, *self._members)
+        allowlist = tuple(config.guarded.allowlist)  # every member's addresses included
         # What this host never escalates, a non-admin origin may not block here either.
         never = (*config.escalation.never_aggregate, *config.logscan.trusted_proxies)
         return Protection(own, broadcast, allowlist, config.protect.network_min_prefix, never)
