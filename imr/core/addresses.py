@@ -443,3 +443,8 @@ def _show(text: str) -> str:
     shown = text[:MAX_ADDRESS_TEXT]
     suffix = "..." if len(text) > MAX_ADDRESS_TEXT else ""
     return repr(shown + suffix)
+
+
+def endpoint_text(host: str, port: int | str) -> str:
+    """HOST:PORT, an IPv6 address in brackets (as a URL or a log line writes it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

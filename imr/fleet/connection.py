@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
+from imr.core.addresses import endpoint_text
 from imr.fleet.settings import FleetSettings
 
 log = logging.getLogger("imr.fleet")
@@ -114,8 +115,7 @@ async def connected(settings: FleetSettings, *, timeout: float = 10.0) -> AsyncI
 
 
 def host_port(host: object, port: object) -> str:
-    text = host.decode() if isinstance(host, bytes) else str(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+    return endpoint_text(host.decode() if isinstance(host, bytes) else str(host), str(port))
 
 
 def primary_address(client: Any) -> str | None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imr.config import AccessConfig, Config, ServerConfig, TcpConfig
+from imr.core.addresses import endpoint_text
 from imr.core.slots import Startups, source_of
 from imr.protocol import ProtocolError, encode_text_reply, error_reply
 from imr.server.access import (
@@ -349,8 +350,7 @@ def _send_now(conn: socket.socket, data: bytes) -> None:
 
 
 def _address_text(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return endpoint_text(address[0], address[1])
 
 
 def _reason(exc: BaseException) -> str:
