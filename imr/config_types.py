@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 
 from imr.core.durations import exact_duration, parse_duration
 
@@ -46,3 +46,9 @@ Network = Annotated[
     BeforeValidator(_network),
     PlainSerializer(str, return_type=str),
 ]
+
+
+class Section(BaseModel):
+    """A configuration section: unknown keys are refused, values never change after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

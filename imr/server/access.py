@@ -202,7 +202,7 @@ def subject_text(subject: Subject) -> str:
 def certificate_roles(subject: Subject, access: AccessConfig) -> frozenset[Role] | None:
     """Roles of every key whose attributes the subject all has; None if no key matches.
 
-    Keys are canonical already (config.canonical_subject): "CN=a,O=b".
+    Keys are canonical already (config_access.canonical_subject): "CN=a,O=b".
     """
     have = set(subject)
     roles: set[Role] | None = None
