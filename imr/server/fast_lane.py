@@ -11,7 +11,7 @@ straight to the broker (Broker.submit_block); when the writer has committed it
 The lane only ever takes the common case. The first line that is anything else
 (another op, a line the parser refuses, `auth`), a line longer than
 server.max_line_bytes, the end of the input, or a client that stops reading its
-replies hands the connection back to Conversations (listener.py) for good, with
+replies hands the connection back to Conversations (conversation.py) for good, with
 every unread byte: from then on the streams path answers exactly as it always
 did, with its messages, log lines, limits and timeouts. So the lane changes no
 answer; it keeps its own only of the idle timeout (a `block` answered "ok"

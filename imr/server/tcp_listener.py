@@ -1,6 +1,6 @@
 """The TCP listener: clients on other hosts (off by default; docs/security.md).
 
-The same protocol, limits and roles as the Unix socket (listener.Conversations);
+The same protocol, limits and roles as the Unix socket (conversation.Conversations);
 only accepting and identifying differ. A client is identified by a client
 certificate that server.tcp.client_ca signed and access.certificates maps,
 or, without a certificate, by a first line `auth TOKEN` whose SHA-256 is in
@@ -29,7 +29,8 @@ from imr.server.access import (
     identify_token,
     subject_text,
 )
-from imr.server.listener import Admission, Conversations, Handler, ListenerError
+from imr.server.conversation import Admission, Conversations, Handler
+from imr.server.listener import ListenerError
 from imr.terminal import escape
 from imr.wire_codes import WireCode
 
