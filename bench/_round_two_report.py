@@ -51,7 +51,7 @@ def cell(values: list[float], unit: str) -> str:
     if low == high:
         return low
     # "1.20-1.45 ms" (en dash), not "1.20 ms-1.45 ms"
-    suffix = next((s for s in (" ms", " µs", "/s", " lines/s", "x") if low.endswith(s)), "")
+    suffix = next((s for s in (" lines/s", " ms", " µs", "/s", "x") if low.endswith(s)), "")
     return f"{low.removesuffix(suffix)}{DASH}{high}"
 
 
@@ -67,7 +67,7 @@ def met(row: Row, before: list[float], after: list[float]) -> str:
     if not after or (row.lower_than_before and not before):
         return DASH if row.at_least is None and row.at_most is None else "n/a"
     if row.lower_than_before:
-        return "yes" if statistics.median(after) < statistics.median(before) else "no"
+        return "**yes**" if statistics.median(after) < statistics.median(before) else "no"
     if row.at_least is not None:
         good = sum(1 for v in after if v >= row.at_least)
     elif row.at_most is not None:

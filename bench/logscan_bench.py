@@ -276,7 +276,8 @@ def main() -> None:
                 f"CPU {imr['cpu']:.2f} s, {imr['cpu_lines_per_s']:,.0f} lines/CPU-s; "
                 f"{imr['hits']:.0f} hits, peak RSS {imr['peak_rss_mb']:.0f} MB"
             )
-            save(args.rows, {"bench": "logscan", "what": "imr", "log": kind, **imr})
+            row = {"bench": "logscan", "what": "imr", "log": kind, **imr}
+            save(args.rows, {**row, "imr_file": sys.modules["imr"].__file__})
         if not args.skip_fail2ban:
             f2b = bench_fail2ban(log, work)
             if f2b is None:

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -69,9 +70,12 @@ def git(*args: str, cwd: Path = REPO) -> str:
 
 
 def describe(tree: Path) -> str:
-    line = git("log", "-1", "--format=%h %s", cwd=tree)
-    dirty = git("status", "--porcelain", "--untracked-files=no", cwd=tree)
-    return line[:100] + (" (+ uncommitted changes)" if dirty else "")
+    try:
+        line = git("log", "-1", "--format=%h %s", cwd=tree)
+        dirty = git("status", "--porcelain", "--untracked-files=no", cwd=tree)
+    except (OSError, subprocess.SubprocessError):
+        return "(not a git tree)"
+    return textwrap.shorten(line, 90, placeholder=" …") + (" (+ uncommitted changes)" * bool(dirty))
 
 
 @contextlib.contextmanager
@@ -81,7 +85,10 @@ def before_tree(path: Path | None, commit: str, work: Path) -> Iterator[Path]:
         yield path.resolve()
         return
     tree = work / "before"
-    git("worktree", "add", "--detach", str(tree), commit)
+    try:
+        git("worktree", "add", "--detach", str(tree), commit)
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"git worktree add {commit}: {exc.stderr.strip()}") from None
     try:
         yield tree
     finally:
@@ -158,7 +165,11 @@ def run_one(measure: Measure, build: Build, n: int, work: Path, fail2ban: bool) 
     run.started, run.load_start = time.strftime("%H:%M:%S", time.gmtime()), loadavg()
     t0 = time.monotonic()
     with open(f"{base}.out", "wb") as out, open(f"{base}.err", "wb") as err:
-        process = subprocess.Popen(argv, env=env, cwd=work, stdout=out, stderr=err)
+        # A session of its own: a Ctrl-C reaches only this script, which passes one SIGINT
+        # on; a second one could cut the bench's clean-up short.
+        process = subprocess.Popen(
+            argv, env=env, cwd=work, stdout=out, stderr=err, start_new_session=True
+        )
         run.error = wait_bounded(process, measure.timeout)
     run.seconds, run.load_end = time.monotonic() - t0, loadavg()
     stderr = Path(f"{base}.err").read_text(errors="replace")
@@ -169,7 +180,9 @@ def run_one(measure: Measure, build: Build, n: int, work: Path, fail2ban: bool) 
     if not run.error:
         try:
             lines = rows.read_text().splitlines() if rows.exists() else []
-            run.figures = measure.parse([json.loads(line) for line in lines])
+            found = [json.loads(line) for line in lines]
+            run.error = check_modules(found, build)
+            run.figures = measure.parse(found)
         except (ValueError, KeyError, TypeError) as exc:
             run.error = f"unreadable rows: {exc}"
     if run.error:
@@ -189,6 +202,17 @@ def check_daemons(stderr: str, build: Build) -> str:
         return "no daemon reported its environment"
     wrong = [p for p in seen if Path(p).resolve() != build.tree.resolve()]
     return f"a daemon ran with PYTHONPATH={wrong[0]}" if wrong else ""
+
+
+def check_modules(rows: list[dict[str, object]], build: Build) -> str:
+    """ "" when the imr files a bench names in its rows (the hook it ran, the scanner it
+    imported) are the build's."""
+    tree = build.tree.resolve()
+    for row in rows:
+        for key in ("hook", "imr_file"):
+            if key in row and not Path(str(row[key])).resolve().is_relative_to(tree):
+                return f"ran {row[key]}, not the build's"
+    return ""
 
 
 def run_all(plan: list[Measure], builds: list[Build], rounds: int, work: Path) -> list[Run]:
@@ -253,6 +277,10 @@ def header(builds: list[Build], rounds: int, sizes: Sizes, started: str, load: s
     return out
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", type=Path, help="a tree of the before build (else made)")
@@ -264,6 +292,11 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benches build network namespaces")
+    # Ctrl-C or a SIGTERM stops the current bench cleanly, removes the before tree and
+    # prints the runs done so far (SIGINT too when started in the background, which
+    # ignores it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
     started, load = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), loadavg()
     with tempfile.TemporaryDirectory(prefix="imr-round-two-") as tmp:
         work = Path(tmp)
