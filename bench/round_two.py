@@ -118,7 +118,11 @@ def check_build(build: Build, work: Path) -> None:
     )
     where = Path(found.stdout.strip() or "?").resolve()
     if found.returncode != 0 or not where.is_relative_to(build.tree.resolve()):
-        raise SystemExit(f"{build.name}: imr imports from {where}, not {build.tree}")
+        why = found.stderr.strip().splitlines()[-1:] or [f"imports from {where}"]
+        raise SystemExit(
+            f"{build.name}: `import imr` with PYTHONPATH={build.tree} under {sys.executable}:"
+            f" {why[0]} (run this with the checkout's .venv/bin/python)"
+        )
     subprocess.run(
         [sys.executable, "-m", "compileall", "-q", str(build.tree / "imr")],
         capture_output=True,
@@ -161,7 +165,8 @@ def run_one(measure: Measure, build: Build, n: int, work: Path, fail2ban: bool) 
     rows.unlink(missing_ok=True)
     argv = command(measure, build, rows, fail2ban)
     env = {**os.environ, "PYTHONPATH": str(build.tree)}
-    run = Run(measure.key, build.name, n, f"PYTHONPATH={build.tree} {shlex.join(argv)}")
+    shown = [str(Path(a).relative_to(REPO)) if a.startswith(f"{REPO}/") else a for a in argv]
+    run = Run(measure.key, build.name, n, f"PYTHONPATH={build.tree} {shlex.join(shown)}")
     run.started, run.load_start = time.strftime("%H:%M:%S", time.gmtime()), loadavg()
     t0 = time.monotonic()
     with open(f"{base}.out", "wb") as out, open(f"{base}.err", "wb") as err:
@@ -266,8 +271,9 @@ def header(builds: list[Build], rounds: int, sizes: Sizes, started: str, load: s
     for build in builds:
         out.append(f"- {build.name}: {build.commit}, tree {build.tree} (on PYTHONPATH).")
     out += [
-        f"- {rounds} rounds; each measure runs before, after, before, after, …, then the next"
-        " measure starts. Every daemon's environment named its build's tree.",
+        f"- Rounds: {rounds}; each measure runs before, after, before, after, …, then the next"
+        ' measure starts. Commands are run from the checkout (the "after" tree); every'
+        " daemon's environment named its build's tree.",
         f"- Sizes: one_address {sizes.count:,} blocks with 1 client and {sizes.many:,} with"
         f" 50 a form; ipset --count {sizes.ipset:,}; iptables --count {sizes.iptables:,};"
         f' logs of {sizes.lines:,} lines (each written once by an uncounted "after" run'
