@@ -97,7 +97,7 @@ def parse_daemon_blocks(rows: Rows) -> Figures:
     for row in rows:
         measure = str(row["measure"])
         what = measure.split(": ", 1)[-1]
-        for name, value in zip(_DAEMON_BLOCKS.get(what, ()), numbers(row["imr"]), strict=False):
+        for name, value in zip(_DAEMON_BLOCKS.get(what, ()), numbers(row.get("imr")), strict=False):
             figures[name] = value
         f2b = numbers(row.get("fail2ban", ""))
         if measure.startswith("single-block p50:") and f2b:
