@@ -166,6 +166,7 @@ def run_one(measure: Measure, build: Build, n: int, work: Path, fail2ban: bool) 
     argv = command(measure, build, rows, fail2ban)
     env = {**os.environ, "PYTHONPATH": str(build.tree)}
     shown = [str(Path(a).relative_to(REPO)) if a.startswith(f"{REPO}/") else a for a in argv]
+    shown[-1] = "ROWS"  # the run's own file, so that the rounds' commands read the same
     run = Run(measure.key, build.name, n, f"PYTHONPATH={build.tree} {shlex.join(shown)}")
     run.started, run.load_start = time.strftime("%H:%M:%S", time.gmtime()), loadavg()
     t0 = time.monotonic()
@@ -273,7 +274,8 @@ def header(builds: list[Build], rounds: int, sizes: Sizes, started: str, load: s
     out += [
         f"- Rounds: {rounds}; each measure runs before, after, before, after, …, then the next"
         ' measure starts. Commands are run from the checkout (the "after" tree); every'
-        " daemon's environment named its build's tree.",
+        " daemon's environment named its build's tree. ROWS is each run's own file of"
+        " figures (JSON lines) in a temporary directory.",
         f"- Sizes: one_address {sizes.count:,} blocks with 1 client and {sizes.many:,} with"
         f" 50 a form; ipset --count {sizes.ipset:,}; iptables --count {sizes.iptables:,};"
         f' logs of {sizes.lines:,} lines (each written once by an uncounted "after" run'
