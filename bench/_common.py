@@ -148,9 +148,10 @@ class BenchDaemon:
         run(["ip", "netns", "exec", self.ns, *self.imr("server", "start")])
         took = time.perf_counter() - t0
         # Which build runs: the daemon inherits PYTHONPATH (bench/round_two.py checks this).
-        environ = Path(f"/proc/{self.pid()}/environ").read_bytes().split(b"\0")
-        paths = [e[11:].decode() for e in environ if e.startswith(b"PYTHONPATH=")]
-        print(f"daemon {self.pid()}: PYTHONPATH={paths[0] if paths else '-'}", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            environ = Path(f"/proc/{self.pid()}/environ").read_bytes().split(b"\0")
+            paths = [e[11:].decode() for e in environ if e.startswith(b"PYTHONPATH=")]
+            print(f"daemon {self.pid()}: PYTHONPATH={paths[0] if paths else '-'}", file=sys.stderr)
         return took
 
     def stop(self) -> None:

@@ -157,86 +157,62 @@ def ratios(pairs: Sequence[tuple[str, str, str, bool]]) -> Callable[[list[Figure
     return derive
 
 
+SKIP = "--skip-fail2ban"
+
+
 def measures(sizes: Sizes) -> list[Measure]:
     """Every measure, in the order they run."""
-    skip = ("--skip-fail2ban",)
-    logs = {kind: str(sizes.work / f"{kind}.log") for kind in ("ordinary", "hostile")}
-    iptables = ratios(
-        [("p50_ratio", "p50_ms", "f2b_p50_ms", True), ("rate_ratio", "rate", "f2b_rate", False)]
-    )
-    logscan = ratios(
-        [("ratio_cpu", "cpu", "f2b_cpu", False), ("ratio_wall", "wall", "f2b_wall", False)]
-    )
-    found = [
-        Measure(
-            "one_address",
-            "one_address.py",
-            ("--count", str(sizes.count), "--many", str(sizes.many)),
-            parse_one_address,
-            900,
-            daemon=True,
-        ),
-        Measure(
-            "ipset",
-            "daemon_blocks.py",
-            ("--backend", "ipset", "--count", str(sizes.ipset), *skip),
-            parse_daemon_blocks,
-            900,
-            daemon=True,
-        ),
-    ]
-    for flavour in ("nft", "legacy"):
-        found.append(
-            Measure(
-                f"iptables-{flavour}",
-                "daemon_blocks.py",
-                (
-                    "--backend",
-                    "iptables",
-                    "--flavour",
-                    flavour,
-                    "--count",
-                    str(sizes.iptables),
-                    *skip,
-                ),
-                parse_daemon_blocks,
-                1200,
-                daemon=True,
-                fail2ban_once=True,
-                derive=iptables,
-            )
-        )
-    for kind, log in logs.items():
-        found.append(
-            Measure(
-                f"logscan-{kind}",
-                "logscan_bench.py",
-                (
-                    "--lines",
-                    str(sizes.lines),
-                    "--log",
-                    log,
-                    "--skip-follow",
-                    *(("--hostile",) if kind == "hostile" else ()),
-                    *skip,
-                ),
-                parse_logscan,
-                1500,
-                fail2ban_once=True,
-                prepare=True,
-                derive=logscan,
-            )
-        )
-    found.append(
+    one = ("--count", str(sizes.count), "--many", str(sizes.many))
+    ipset = ("--backend", "ipset", "--count", str(sizes.ipset), SKIP)
+    return [
+        Measure("one_address", "one_address.py", one, parse_one_address, 900, daemon=True),
+        Measure("ipset", "daemon_blocks.py", ipset, parse_daemon_blocks, 900, daemon=True),
+        *(_iptables(flavour, sizes) for flavour in ("nft", "legacy")),
+        *(_logscan(kind, sizes) for kind in ("ordinary", "hostile")),
         Measure(
             "hook",
             "modsecurity.py",
             ("--breakdown", "--runs", str(sizes.hook_runs)),
             parse_modsecurity,
             600,
-        )
+        ),
+    ]
+
+
+def _iptables(flavour: str, sizes: Sizes) -> Measure:
+    args = ("--backend", "iptables", "--flavour", flavour, "--count", str(sizes.iptables), SKIP)
+    derive = ratios(
+        [("p50_ratio", "p50_ms", "f2b_p50_ms", True), ("rate_ratio", "rate", "f2b_rate", False)]
     )
-    return found
+    return Measure(
+        f"iptables-{flavour}",
+        "daemon_blocks.py",
+        args,
+        parse_daemon_blocks,
+        1200,
+        daemon=True,
+        fail2ban_once=True,
+        derive=derive,
+    )
+
+
+def _logscan(kind: str, sizes: Sizes) -> Measure:
+    """One log, written by the uncounted first run into the run's work directory."""
+    args = ("--lines", str(sizes.lines), "--log", str(sizes.work / f"{kind}.log"))
+    args += ("--skip-follow", *(("--hostile",) if kind == "hostile" else ()), SKIP)
+    derive = ratios(
+        [("ratio_cpu", "cpu", "f2b_cpu", False), ("ratio_wall", "wall", "f2b_wall", False)]
+    )
+    return Measure(
+        f"logscan-{kind}",
+        "logscan_bench.py",
+        args,
+        parse_logscan,
+        1500,
+        fail2ban_once=True,
+        prepare=True,
+        derive=derive,
+    )
 
 
 def _one_address_rows() -> tuple[Row, ...]:

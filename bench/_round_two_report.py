@@ -91,17 +91,22 @@ def target_section(target: Target, runs: list[Run]) -> list[str]:
     mine = [r for r in runs if r.measure in target.measures]
     out = [f"### {target.title}", ""]
     out += ["| measure | before | after | target | met? |", "|---|---|---|---|---|"]
+    missing = []
     for row in target.rows:
         before = values(mine, row.measure, "before", row.figure)
         after = values(mine, row.measure, "after", row.figure)
         if not before and not after and row.at_least is None and row.at_most is None:
             continue  # a figure neither build has (the old tree's missing launcher, say)
+        if not after and any(r.measure == row.measure and not r.error for r in mine):
+            missing.append(row.label)
         out.append(
             f"| {row.label} | {cell(before, row.unit)} | {cell(after, row.unit)}"
             f" | {target_text(row)} | {met(row, before, after)} |"
         )
     if target.note:
         out += ["", target.note]
+    if missing:
+        out += ["", f"**No figure from the bench for:** {', '.join(missing)}."]
     out += ["", "| run | measure | build | round | start (UTC) | load at start | at end | s |"]
     out.append("|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(mine, 1):

@@ -42,13 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _round_two_measures import QUICK, TARGETS, Measure, Sizes, measures
+from _round_two_measures import QUICK, SKIP, TARGETS, Measure, Sizes, measures
 from _round_two_report import Run, target_section
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 BEFORE = "ff9f01c"
-SKIP_FAIL2BAN = "--skip-fail2ban"
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def check_build(build: Build, work: Path) -> None:
 
 
 def command(measure: Measure, build: Build, rows: Path, fail2ban: bool) -> list[str]:
-    args = [a for a in measure.args if not (fail2ban and a == SKIP_FAIL2BAN)]
+    args = [a for a in measure.args if not (fail2ban and a == SKIP)]
     return [sys.executable, str(BENCH / measure.script), *args, "--rows", str(rows)]
 
 
@@ -189,6 +188,8 @@ def run_one(measure: Measure, build: Build, n: int, work: Path, fail2ban: bool) 
             found = [json.loads(line) for line in lines]
             run.error = check_modules(found, build)
             run.figures = measure.parse(found)
+            if not run.figures and not run.error:
+                run.error = "no figures in its rows (has the bench's output changed?)"
         except (ValueError, KeyError, TypeError) as exc:
             run.error = f"unreadable rows: {exc}"
     if run.error:
