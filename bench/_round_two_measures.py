@@ -230,6 +230,7 @@ def _one_address_rows() -> tuple[Row, ...]:
             ),
             Row(f"single block p50, {name}", "one_address", f"{form}_p50_ms", "ms", at_most=1),
             Row(f"single block p99, {name}", "one_address", f"{form}_p99_ms", "ms", at_most=3),
+            Row(f"of which system CPU, 50 clients, {name}", "one_address", f"{form}_sys_us", "µs"),
             Row(f"daemon CPU a request, 1 client, {name}", "one_address", f"{form}_cpu1_us", "µs"),
             Row(f"50 clients p99, {name}", "one_address", f"{form}_p99n_ms", "ms"),
         ]
