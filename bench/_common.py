@@ -130,8 +130,13 @@ class BenchDaemon:
             f'[firewall]\nbackend = "{self.backend}"\niptables_flavour = "{self.flavour}"\n'
             "ports = [80, 443]\n"
             # One kernel entry per address, as the benches count them; bench/prefixes.py
-            # measures escalation.
-            f"[escalation]\nenabled = {'true' if self.escalation else 'false'}\n"
+            # measures escalation. An older build on PYTHONPATH (bench/round_two.py's
+            # "before") has no [escalation] and refuses unknown keys.
+            + (
+                f"[escalation]\nenabled = {'true' if self.escalation else 'false'}\n"
+                if _knows("escalation")
+                else ""
+            )
         )
 
     def imr(self, *args: str) -> list[str]:
@@ -141,7 +146,13 @@ class BenchDaemon:
         """Start in the background; seconds until `imr server start` returned (socket ready)."""
         t0 = time.perf_counter()
         run(["ip", "netns", "exec", self.ns, *self.imr("server", "start")])
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        # Which build runs: the daemon inherits PYTHONPATH (bench/round_two.py checks this).
+        with contextlib.suppress(OSError, ValueError):
+            environ = Path(f"/proc/{self.pid()}/environ").read_bytes().split(b"\0")
+            paths = [e[11:].decode() for e in environ if e.startswith(b"PYTHONPATH=")]
+            print(f"daemon {self.pid()}: PYTHONPATH={paths[0] if paths else '-'}", file=sys.stderr)
+        return took
 
     def stop(self) -> None:
         subprocess.run(self.imr("server", "stop"), capture_output=True, check=False, timeout=60)
@@ -155,6 +166,13 @@ class BenchDaemon:
 
     def in_ns(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", self.ns, *argv], timeout=timeout)
+
+
+def _knows(section: str) -> bool:
+    """Whether the imr on the path (PYTHONPATH may name another build) has this section."""
+    from imr.config import Config
+
+    return section in Config.model_fields
 
 
 @contextlib.contextmanager

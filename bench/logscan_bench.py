@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# A PYTHONPATH naming another checkout wins (bench/round_two.py's "before" build).
+sys.path.insert(len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(REPO))
 
 from imr.client import Client  # noqa: E402
 from imr.logscan.engine import Scanner  # noqa: E402
@@ -240,6 +241,12 @@ def bench_follow(workdir: Path, samples: int = 50) -> list[float]:
     return latencies
 
 
+def save(path: Path | None, row: dict[str, object]) -> None:
+    if path is not None:
+        with path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -247,14 +254,19 @@ def main() -> None:
     parser.add_argument("--hostile", action="store_true", help="the look-alike corpus")
     parser.add_argument("--repeat", type=int, default=1, help="imr scans of the file")
     parser.add_argument("--skip-follow", action="store_true")
+    parser.add_argument("--log", type=Path, help="scan this log, written first if missing")
+    parser.add_argument("--rows", type=Path, help="append the figures here as JSON lines")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imr-logscan-bench-") as tmp:
         work = Path(tmp)
-        log = work / "access.log"
-        attacks = (generate_hostile if args.hostile else generate)(log, args.lines)
-        size = os.path.getsize(log)
+        log = args.log or work / "access.log"
         kind = "hostile" if args.hostile else "ordinary"
-        print(f"{kind} log: {args.lines} lines, {size / 1e6:.0f} MB, {attacks} attack lines")
+        if log.exists():
+            print(f"{kind} log: {log} as written before")
+        else:
+            attacks = (generate_hostile if args.hostile else generate)(log, args.lines)
+            size = os.path.getsize(log)
+            print(f"{kind} log: {args.lines} lines, {size / 1e6:.0f} MB, {attacks} attack lines")
         # CPU seconds beside wall seconds: on a shared machine the wall clock also
         # counts the time other jobs held the CPU.
         for n in range(max(1, args.repeat)):
@@ -264,12 +276,16 @@ def main() -> None:
                 f"CPU {imr['cpu']:.2f} s, {imr['cpu_lines_per_s']:,.0f} lines/CPU-s; "
                 f"{imr['hits']:.0f} hits, peak RSS {imr['peak_rss_mb']:.0f} MB"
             )
+            row = {"bench": "logscan", "what": "imr", "log": kind, **imr}
+            save(args.rows, {**row, "imr_file": sys.modules["imr"].__file__})
         if not args.skip_fail2ban:
             f2b = bench_fail2ban(log, work)
             if f2b is None:
                 print("fail2ban-regex: not installed (apt-get install fail2ban)")
             else:
-                rate, cpu_rate = args.lines / f2b["seconds"], args.lines / f2b["cpu"]
+                lines = imr["lines"]
+                save(args.rows, {"bench": "logscan", "what": "fail2ban", "log": kind, **f2b})
+                rate, cpu_rate = lines / f2b["seconds"], lines / f2b["cpu"]
                 print(
                     f"fail2ban-regex: {f2b['seconds']:.2f} s, {rate:,.0f} lines/s; "
                     f"CPU {f2b['cpu']:.2f} s, {cpu_rate:,.0f} lines/CPU-s; "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import resource
 import socket
@@ -119,8 +120,12 @@ def _run_times(cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, f
     return statistics.median(walls), statistics.median(cpus), out
 
 
-def breakdown(runs: int) -> None:
-    repo = TESTS.parent
+def breakdown(runs: int, rows: Path | None) -> None:
+    import imr.hook
+
+    # The hook of the imr on the path: PYTHONPATH may name another build (bench/round_two.py),
+    # which its console script then imports too; -I ignores PYTHONPATH.
+    repo = Path(imr.hook.__file__).resolve().parent.parent
     hook = str(repo / "imr" / "hook.py")
     launcher = str(repo / "contrib" / "modsecurity" / "imr-hook")
     console = str(Path(sys.executable).parent / "imr-hook")
@@ -129,6 +134,8 @@ def breakdown(runs: int) -> None:
         sock = Path(tmp) / "imr.sock"
         env = {"PATH": "/usr/bin:/bin", "IMR_IP": "192.0.2.7", "IMR_RULE": "99901"}
         env["IMR_SOCKET"] = str(sock)
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         cases = [
             ("/bin/true (fork + exec)", ["/bin/true"]),
             ("sh -c /bin/true", ["/bin/sh", "-c", "/bin/true"]),
@@ -140,7 +147,10 @@ def breakdown(runs: int) -> None:
             ("sh -c launcher (what exec runs)", ["/bin/sh", "-c", launcher]),
             ("console script (venv imr-hook)", [console]),
             ("sh -c console script", ["/bin/sh", "-c", console]),
+            ("sh -c python3 -I -S hook.py", ["/bin/sh", "-c", f"{py} -I -S {hook}"]),
         ]
+        if not Path(launcher).exists():  # an older build has none
+            cases = [c for c in cases if launcher not in c[1]]
         with fake_daemon(sock):
             from imr.hook import build_request, send
 
@@ -151,9 +161,15 @@ def breakdown(runs: int) -> None:
             trip = (time.perf_counter() - t0) / 200 * 1000
             print(f"{runs} runs each; wall and CPU (child user+sys) medians in ms")
             print(f"{'round trip in process (send)':<40} {trip:>7.2f}")
+            figures = [{"case": "round trip in process (send)", "wall_ms": trip}]
             for name, cmd in cases:
                 wall, cpu, out = _run_times(cmd, env, runs)
                 print(f"{name:<40} {wall:>7.2f} {cpu:>7.2f}  {out[:32]}")
+                figures.append({"case": name, "wall_ms": wall, "cpu_ms": cpu})
+    if rows is not None:
+        with rows.open("a") as file:
+            for row in figures:
+                file.write(json.dumps({"bench": "modsecurity", "hook": hook, **row}) + "\n")
 
 
 def main() -> None:
@@ -161,9 +177,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="per setup (at most 2000)")
     parser.add_argument("--breakdown", action="store_true", help="the hook's parts, no root")
     parser.add_argument("--runs", type=int, default=40, help="with --breakdown")
+    parser.add_argument("--rows", type=Path, help="with --breakdown: JSON lines appended here")
     args = parser.parse_args()
     if args.breakdown:
-        breakdown(max(5, min(args.runs, 500)))
+        breakdown(max(5, min(args.runs, 500)), args.rows)
         return
     requests = max(10, min(args.requests, MAX_REQUESTS))
     if os.geteuid() != 0:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=20000, help="blocks for the N-client runs")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--profile", type=Path, help="py-spy raw profiles: PREFIX-FORM.txt")
+    parser.add_argument("--rows", type=Path, help="append one JSON line a form here")
     args = parser.parse_args()
     require_root()
     forms = args.form or ["json", "text"]
@@ -163,6 +165,10 @@ def main() -> None:
             f" | {r['cpu1_us']:.0f} µs | {r['rate']:,.0f}/s ({r['p50n_ms']:.1f} /"
             f" {r['p99n_ms']:.1f} ms) | {r['cpu_us']:.0f} µs ({r['sys_us']:.0f} µs) |"
         )
+    if args.rows is not None:
+        with args.rows.open("a") as out:
+            for form, r in results.items():
+                out.write(json.dumps({"bench": "one_address", "form": form, **r}) + "\n")
     if found != expected:
         raise SystemExit(f"the kernel holds {found} addresses; {expected} were acknowledged")
 
