@@ -19,7 +19,7 @@ the request's path ends, and an integer comparison does the rest:
 The line regex fails, so the line is parsed, on every doubt: a line that is not
 ASCII without backslash, NUL or CR (not checked when the whole block was); with
 `auto`, a JSON or error-log line (parse_access never sees it); no request, an empty
-one ('""') or one without its closing quote. Overlong lines are the caller's check.
+one ('""') or one without its closing quote; and an overlong line (counted as bad).
 """
 
 from __future__ import annotations
@@ -53,9 +53,12 @@ class Gates:
     @classmethod
     def of(cls, gates: Sequence[AccessGate], needles: Sequence[bytes], auto: bool) -> Gates | None:
         """None when a gate needle is not among `needles` (its positions would be
-        unknown) or cannot be judged from positions (see the module docstring)."""
+        unknown), cannot be judged from positions (see the module docstring), or is
+        both a path and an agent needle (the scanner records one or the other)."""
         paths = tuple(sorted({n for g in gates for n in g.path}))
         agents = tuple(sorted({n for g in gates for n in g.user_agent}))
+        if set(paths) & set(agents):
+            return None
         for needle in (*paths, *agents):
             if needle not in needles or needle != needle.lower() or not needle.isascii():
                 return None

@@ -21,6 +21,7 @@ import json
 import random
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -29,7 +30,7 @@ import pytest
 from imr.logscan.engine import _WINDOW, BlockStats, Hit, Scanner, user_signature
 from imr.logscan.formats import LogFormat
 from imr.logscan.settings import UserRule
-from imr.logscan.signatures import BUILTIN, Signature
+from imr.logscan.signatures import BUILTIN, AccessGate, Signature
 
 ATTACK_PATHS = [
     "/mail/bin/msgimport",
@@ -361,3 +362,21 @@ def test_the_gates_skip_look_alikes_and_keep_every_attack(
 def test_the_corpus_has_hits_of_every_kind() -> None:
     hits, _ = reference_scan(Scanner(BUILTIN), corpus(seed=1, lines=3000))
     assert {h.signature.name for h in hits} == {s.name for s in BUILTIN}
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        AccessGate(path=(b"cmd exe",)),  # a space: could run across the path's end
+        AccessGate(path=(b"cmd.exe?",)),
+        AccessGate(path=(b"not-a-needle",)),  # its positions are not recorded
+        AccessGate(path=(b"cmd.exe",), user_agent=(b"cmd.exe",)),
+    ],
+)
+def test_gates_that_positions_cannot_judge_parse_every_candidate(gate: AccessGate) -> None:
+    sig = replace(
+        _subset("nimda")[0], access_gate=gate, needles=(b"cmd exe", b"cmd.exe?", b"cmd.exe")
+    )
+    scanner = Scanner([sig])
+    assert scanner._gates is None
+    _assert_same(scanner, corpus(seed=3, lines=500))
