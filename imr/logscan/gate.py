@@ -87,17 +87,17 @@ class Gates:
         `plain_block`: the caller checked that the block is ASCII without backslash,
         NUL or CR."""
         match = (self._plain_line if plain_block else self._any_line).match
-        size, find = len(lowered), lowered.find
-        wanted = []
+        size, find, first = len(lowered), lowered.find, first_path.get
+        wanted: list[int] = []
         for start in starts:
             end = find(b"\n", start)
             if end == -1:
                 end = size
-            m = match(lowered, start, end) if end - start <= max_line else None
             if (
-                m is None
-                or first_path.get(start, size) < m.end()
-                or (start in agent_lines and self._agent_has_needle(lowered, m.end(), end))
+                end - start > max_line
+                or (m := match(lowered, start, end)) is None
+                or first(start, size) < (stop := m.end())
+                or (start in agent_lines and self._agent_has_needle(lowered, stop, end))
             ):
                 wanted.append(start)
         return wanted
