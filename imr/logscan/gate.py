@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from imr.logscan.signatures import AccessGate
 
@@ -87,20 +88,21 @@ class Gates:
         `plain_block`: the caller checked that the block is ASCII without backslash,
         NUL or CR."""
         match = (self._plain_line if plain_block else self._any_line).match
-        size, find, first = len(lowered), lowered.find, first_path.get
-        wanted: list[int] = []
-        for start in starts:
-            end = find(b"\n", start)
-            if end == -1:
-                end = size
-            if (
-                end - start > max_line
-                or (m := match(lowered, start, end)) is None
-                or first(start, size) < (stop := m.end())
-                or (start in agent_lines and self._agent_has_needle(lowered, stop, end))
-            ):
-                wanted.append(start)
-        return wanted
+        size, first = len(lowered), first_path.get
+        # map() keeps the two calls a line needs out of the interpreter loop.
+        ends = list(map(lowered.find, repeat(b"\n"), starts))
+        if ends and ends[-1] == -1:
+            ends[-1] = size
+        return [
+            start
+            for start, end, m in zip(
+                starts, ends, map(match, repeat(lowered), starts, ends), strict=True
+            )
+            if m is None
+            or end - start > max_line
+            or first(start, size) < m.end()
+            or (start in agent_lines and self._agent_has_needle(lowered, m.end(), end))
+        ]
 
     def _agent_has_needle(self, lowered: bytes, stop: int, end: int) -> bool:
         field = _AGENT_FIELD.match(lowered, stop, end)
