@@ -1,12 +1,16 @@
 """The gated scanner finds exactly what the full-parse path finds (issue #18 item 4).
 
-Scanner.scan_block drops candidates that no signature could match before the
-full parse (signatures.AccessGate). The reference here is the path it replaced:
-every prefilter candidate through the full parse and every test. A generated
-corpus (ordinary lines, look-alikes in referers, user agents and query strings,
-real attacks, and the awkward cases: escapes, non-ASCII, odd methods, broken
-quotes) in every format the engine reads must give the same hits, in the same
-order, for every log format setting and several signature sets.
+Scanner.scan_block finds candidate lines with windowed bytes.find passes and drops
+those no signature could match before the full parse (signatures.AccessGate,
+decided from needle positions in gate.py). The reference here is the path it
+replaced, written out line by line: every line holding a needle or a prefilter
+match, through the full parse and every test. A generated corpus (ordinary lines,
+look-alikes in referers, user agents, user names and query strings, real attacks,
+and the awkward cases: escapes, non-ASCII, odd methods, broken quotes, needles
+twice on a line) in every format the engine reads must give the same hits, in the
+same order, and the same candidates, for every log format setting and several
+signature sets; also when the block is plain ASCII (the gates then skip the
+per-line check), when lines are overlong, and with needles across the find windows.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ import json
 import random
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from imr.logscan.engine import BlockStats, Hit, Scanner, user_signature
+from imr.logscan.engine import _WINDOW, BlockStats, Hit, Scanner, user_signature
 from imr.logscan.formats import LogFormat
 from imr.logscan.settings import UserRule
-from imr.logscan.signatures import BUILTIN, Signature
+from imr.logscan.signatures import BUILTIN, AccessGate, Signature
 
 ATTACK_PATHS = [
     "/mail/bin/msgimport",
@@ -77,10 +82,13 @@ ODD_REQUESTS = [
     "GET /w\u00f6\u00f6t/cmd.exe HTTP/1.1",
     "GET /\u017foapcaller.bs HTTP/1.1",
     "GET /soapcaller.b\u017f HTTP/1.1",
+    "GET /cmd.exe?q=cmd.exe HTTP/1.1",
+    "GET /search?q=root.exe&r=cmd.exe HTTP/1.1",
+    "GET /a?b /cmd.exe HTTP/1.1",
     "",
 ]
 AGENTS = ["Mozilla/5.0 (X11; Linux x86_64)", "curl/8.4.0", "-", "Morpheus/1.0"]
-USERS = ["-", "alice", "a b", '""', "[x]"]
+USERS = ["-", "alice", "a b", '""', "[x]", "cmd.exe", "w00tw00t", "morfeus"]
 IPS = ["192.0.2.7", "198.51.100.20", "203.0.113.9", "2001:db8::bad", "10.0.0.1", "host.example"]
 
 
@@ -198,6 +206,13 @@ def junk_line(rng: random.Random, n: int) -> str:
             f'"-" "{"x" * 300} morfeus"',
             f'{rng.choice(IPS)} - - [08/Jan/2009:04:52:45 -0500] "GET / HTTP/1.1" 200 1 "-" "ok" '
             '"morfeus" "cmd.exe"',
+            f'{rng.choice(IPS)} - - [08/Jan/2009:04:52:45 -0500] "GET /{"cmd.exe" * 50} HTTP/1.1" '
+            f'404 1 "{"root.exe" * 50}" "{"morfeus " * 50}"',
+            f'{rng.choice(IPS)} - - [08/Jan/2009:04:52:45 -0500] "GET / HTTP/1.1" 200 1 '
+            '"https://example.org/morfeus" "Mozilla morfeus"',
+            f'{rng.choice(IPS)} - - [08/Jan/2009:04:52:45 -0500] "GET / HTTP/1.1" 200 1 '
+            '"https://example.org/morfeus" "Mozilla"',
+            f'{rng.choice(IPS)} - - [08/Jan/2009:04:52:45 -0500] "GET / HTTP/1.1" 200 1 "morfeus"',
         ]
     )
 
@@ -214,12 +229,22 @@ def corpus(seed: int, lines: int) -> bytes:
 
 
 def reference_scan(scanner: Scanner, block: bytes) -> tuple[list[Hit], BlockStats]:
-    """The path before the gates: every prefilter candidate through the full parse."""
+    """The path before the gates, line by line: every line holding a needle or a
+    prefilter match through the full parse. (The built-in prefilter looks at no
+    text across a line end, so searching each line alone finds the same lines.)"""
     hits: list[Hit] = []
-    stats = BlockStats()
-    for raw in scanner.candidate_lines(block):
-        stats.candidates += 1
-        scanner._scan_line(raw, hits, stats)
+    lines = block.split(b"\n")
+    if block.endswith(b"\n") or not block:
+        lines.pop()
+    stats = BlockStats(lines=len(lines))
+    needles = {n for s in scanner.signatures for n in s.needles}
+    prefilters = {s.prefilter for s in scanner.signatures if s.prefilter is not None}
+    every = any(s.every_line for s in scanner.signatures)
+    for raw in block.splitlines() if every else lines:
+        lowered = raw.lower()
+        if every or any(n in lowered for n in needles) or any(p.search(raw) for p in prefilters):
+            stats.candidates += 1
+            scanner._scan_line(raw, hits, stats)
     return hits, stats
 
 
@@ -246,20 +271,59 @@ SIGNATURE_SETS = {
 }
 
 
+def _assert_same(scanner: Scanner, block: bytes) -> None:
+    hits, stats = scanner.scan_block(block)
+    want, want_stats = reference_scan(scanner, block)
+    assert _key(hits) == _key(want)
+    assert (stats.lines, stats.hits, stats.unresolved, stats.candidates) == (
+        want_stats.lines,
+        want_stats.hits,
+        want_stats.unresolved,
+        want_stats.candidates,
+    )
+
+
+def _plain_lines(block: bytes) -> bytes:
+    """The corpus lines the gates judge without a per-line check."""
+    lines = [x for x in block.split(b"\n") if x.isascii() and not any(c in x for c in b"\\\0\r")]
+    return b"\n".join(lines) + b"\n"
+
+
 @pytest.mark.parametrize("fmt", list(LogFormat))
 @pytest.mark.parametrize("sigs", list(SIGNATURE_SETS))
 def test_gated_scan_equals_full_parse(fmt: LogFormat, sigs: str) -> None:
     block = corpus(seed=zlib.crc32(f"{fmt.value}:{sigs}".encode()), lines=1500)
     trusted = [ipaddress.ip_network("10.0.0.0/8")]
     scanner = Scanner(SIGNATURE_SETS[sigs], fmt=fmt, trusted=trusted)
-    hits, stats = scanner.scan_block(block)
-    want, want_stats = reference_scan(scanner, block)
-    assert _key(hits) == _key(want)
-    assert (stats.hits, stats.unresolved, stats.candidates) == (
-        want_stats.hits,
-        want_stats.unresolved,
-        want_stats.candidates,
-    )
+    _assert_same(scanner, block)
+    # Plain blocks take the gates' cheaper pattern; overlong lines are always parsed.
+    _assert_same(scanner, _plain_lines(block))
+    _assert_same(Scanner(SIGNATURE_SETS[sigs], fmt=fmt, trusted=trusted, max_line=150), block)
+    _assert_same(scanner, block.rstrip(b"\n"))  # the last line without its newline
+
+
+def test_the_corpus_has_plain_lines_of_every_kind() -> None:
+    # Not vacuous: the plain corpus holds attacks and look-alikes the gates must judge.
+    block = _plain_lines(corpus(seed=2, lines=3000))
+    hits, stats = Scanner(BUILTIN).scan_block(block)
+    assert {h.signature.name for h in hits} >= {s.name for s in BUILTIN} - {"modsecurity"}
+    assert stats.candidates > 1000
+
+
+@pytest.mark.parametrize("needle", sorted({n for s in BUILTIN for n in s.needles}))
+def test_needles_across_the_find_windows(needle: bytes) -> None:
+    """engine._needle_lines searches windows of _WINDOW bytes: a needle may start on
+    either side of a window's end, or run across it, on a line of its own or not."""
+    path = "/x/" + needle.decode()
+    for cut in range(len(needle) + 2):
+        line = f'192.0.2.7 - - [08/Jan/2009:04:52:45 -0500] "GET {path} HTTP/1.1" 404 1 "-" "-"'
+        at = line.index(needle.decode())
+        pad = _WINDOW - cut - at - 1
+        filler = "x" * (pad % _WINDOW)
+        block = f"{filler}\n{line}\n{filler}\n{line}\n".encode()
+        for scanner in (Scanner(BUILTIN), Scanner(BUILTIN, fmt=LogFormat.JSON)):
+            _assert_same(scanner, block)
+            assert scanner.scan_block(block)[1].candidates == 2
 
 
 def _bench_module() -> ModuleType:
@@ -298,3 +362,21 @@ def test_the_gates_skip_look_alikes_and_keep_every_attack(
 def test_the_corpus_has_hits_of_every_kind() -> None:
     hits, _ = reference_scan(Scanner(BUILTIN), corpus(seed=1, lines=3000))
     assert {h.signature.name for h in hits} == {s.name for s in BUILTIN}
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        AccessGate(path=(b"cmd exe",)),  # a space: could run across the path's end
+        AccessGate(path=(b"cmd.exe?",)),
+        AccessGate(path=(b"not-a-needle",)),  # its positions are not recorded
+        AccessGate(path=(b"cmd.exe",), user_agent=(b"cmd.exe",)),
+    ],
+)
+def test_gates_that_positions_cannot_judge_parse_every_candidate(gate: AccessGate) -> None:
+    sig = replace(
+        _subset("nimda")[0], access_gate=gate, needles=(b"cmd exe", b"cmd.exe?", b"cmd.exe")
+    )
+    scanner = Scanner([sig])
+    assert scanner._gates is None
+    _assert_same(scanner, corpus(seed=3, lines=500))
