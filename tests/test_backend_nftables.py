@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import struct
 import time
 from typing import Any
 
@@ -520,9 +522,6 @@ class TestNftables(TimeoutConformance):
 def test_a_batch_without_an_answer_fails_after_the_kernel_timeout() -> None:
     """The batch socket has no Python timeout (no poll per call): SO_RCVTIMEO's EAGAIN is
     the kernel's "no answer", and is a NetlinkWriteError like the old timeout."""
-    import socket
-    import struct
-
     quiet, _other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with quiet, _other:
         quiet.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 50_000))
