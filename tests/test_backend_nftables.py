@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import struct
 import time
 from typing import Any
 
@@ -495,3 +497,35 @@ class TestNftables(TimeoutConformance):
         backend.apply(blocks(V4_B), [V6_A])
         assert "over netlink failed" not in caplog.text
         self.expect(server_ns, V4_B)
+
+    def test_a_refusal_before_the_last_message_is_heard_though_only_the_last_is_acked(
+        self, server_ns: Netns, backend: Backend
+    ) -> None:
+        writer = nfnetlink.ElementWriter("inet", "imr")
+        v4 = nfnetlink.address_element(V4_B.packed, 60_000)
+        steps: list[nfnetlink.Step] = [
+            (nfnetlink.ADD, "no_such_set", [v4]),  # refused: the kernel aborts the batch
+            (nfnetlink.ADD, "blocked_v4", [v4]),  # accepted: its ACK comes after the error
+        ]
+        with pytest.raises(nfnetlink.NetlinkWriteError, match="No such file or directory"):
+            writer.commit(steps)
+        self.expect(server_ns)  # nothing of the batch: V4_B is not in blocked_v4
+        # The next batch hears its own answer (no error of the last one is left unread).
+        writer.commit([(nfnetlink.ADD, "blocked_v4", [v4])])
+        writer.commit(
+            [(nfnetlink.ADD, "blocked_v6", [nfnetlink.address_element(V6_B.packed, None)])]
+        )
+        self.expect(server_ns, V4_B, V6_B)
+        writer.close()
+
+
+def test_a_batch_without_an_answer_fails_after_the_kernel_timeout() -> None:
+    """The batch socket has no Python timeout (no poll per call): SO_RCVTIMEO's EAGAIN is
+    the kernel's "no answer", and is a NetlinkWriteError like the old timeout."""
+    quiet, _other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with quiet, _other:
+        quiet.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 50_000))
+        started = time.monotonic()
+        with pytest.raises(nfnetlink.NetlinkWriteError, match="no answer"):
+            nfnetlink._await_acks(quiet, 1)
+        assert time.monotonic() - started < 5

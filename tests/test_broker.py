@@ -227,6 +227,26 @@ async def test_batch_failure_fails_only_the_bad_request(tmp_path: Path) -> None:
         assert len(backend.applies) < len(good)
 
 
+async def test_block_ids_follow_the_committed_rows_across_a_failed_batch(tmp_path: Path) -> None:
+    """The writer keeps the next block id between batches (no MAX(id) query a batch): a
+    batch that failed (rolled back) must not move it on, nor may a restart reuse one."""
+    backend = RecordingBackend()
+    bad = "203.0.113.66"
+    backend.refuse.add(addr(bad))
+    async with running(tmp_path, backend=backend) as (broker, _, _clock, store):
+        await block(broker, "203.0.113.1")
+        with pytest.raises(BrokerError):
+            await block(broker, bad)
+        await block(broker, "203.0.113.2")
+        assert [(r.id, r.ip) for r in store.active_blocks()] == [
+            (1, "203.0.113.1"),
+            (2, "203.0.113.2"),
+        ]
+    async with running(tmp_path, backend=RecordingBackend()) as (broker, _, _clock, store):
+        await block(broker, "203.0.113.3")
+        assert [r.id for r in store.active_blocks()] == [1, 2, 3]
+
+
 async def test_reconcile_lifts_expired_and_restores_the_rest(tmp_path: Path) -> None:
     clock = FakeClock()
 

@@ -124,7 +124,7 @@ class _NftDriver(_Driver):
         if missing:
             raise BackendError(f"{', '.join(missing)} not found: {PACKAGE_HINT}")
         self._cache: dict[Family, list[tuple[str, list[str]]]] = {}
-        self._cache_where: tuple[int, int, int] | None = None
+        self._cache_where: tuple[int, str] | None = None
 
     def prepare(self, family: Family) -> None:
         lines = []

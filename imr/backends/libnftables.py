@@ -122,7 +122,7 @@ class _KeptContext:
     """A libnftables context kept between calls, and where it was made."""
 
     ctx: int | None = None
-    where: tuple[int, int, int] | None = None  # (pid, namespace device, namespace inode)
+    where: tuple[int, str] | None = None  # (pid, namespace): netlink.where_we_are
 
     def free(self, lib: ctypes.CDLL) -> None:
         # A context inherited over fork is the parent's: only forgotten, never freed here.

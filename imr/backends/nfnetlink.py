@@ -22,6 +22,7 @@ thread's network namespace; `ElementWriter` checks the namespace on every batch.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -239,27 +240,39 @@ Step = tuple[int, str, Sequence[bytes]]
 
 def element_batch(
     family: str, table: str, steps: Sequence[Step], first: int
-) -> tuple[bytes, range]:
-    """One nfnetlink batch of `steps`, in order; its messages are numbered from `first` and
-    each asks for an ACK. Returns the bytes and the numbers to await."""
-    nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
-    table_attr = string(NFTA_TABLE, table)
+) -> tuple[bytes, int | None]:
+    """One nfnetlink batch of `steps`, in order; its messages are numbered from `first`, and
+    the last asks for an ACK. Returns the bytes and the last message's number (None: no
+    message, nothing to await).
+
+    One ACK is enough: the kernel reports an error for every message it refused, ACK or
+    not, and delivers them all, in order, after the batch (nfnetlink_rcv_batch); so the
+    last message's ACK comes after any error of the batch. An ACK per message cost a
+    recv each (three for a block's add/delete/add; bench/one_address.py)."""
     parts: list[bytes] = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first - 1, _BATCH_GEN)]
-    sequence = first - 1
+    bodies: list[tuple[int, bytes]] = []
     for kind, name, elements in steps:
-        head = nfgen + table_attr + string(NFTA_SET_ELEM_LIST_SET, name)
-        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == ADD else 0)
+        head = _set_head(family, table, name)
         if not elements and kind == DELETE:
-            sequence += 1
-            parts.append(message(kind, flags, sequence, head))  # no list: the whole set
+            bodies.append((kind, head))  # no list: the whole set
             continue
         # Each set's elements in runs of at most 64 KiB (an attribute's length is 16 bits).
-        for chunk in _chunks(elements):
-            sequence += 1
-            body = head + NLA.pack(NLA.size + len(chunk), _ELEMENTS) + chunk
-            parts.append(message(kind, flags, sequence, body))
-    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence + 1, _BATCH_GEN))
-    return b"".join(parts), range(first, sequence + 1)
+        runs = [elements[0]] if len(elements) == 1 else _chunks(elements)
+        for run in runs:
+            bodies.append((kind, head + NLA.pack(NLA.size + len(run), _ELEMENTS) + run))
+    last = first + len(bodies) - 1
+    for sequence, (kind, body) in enumerate(bodies, first):
+        flags = NLM_F_REQUEST | (NLM_F_CREATE if kind == ADD else 0)
+        parts.append(message(kind, flags | (NLM_F_ACK if sequence == last else 0), sequence, body))
+    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, last + 1, _BATCH_GEN))
+    return b"".join(parts), last if bodies else None
+
+
+@functools.lru_cache(maxsize=16)
+def _set_head(family: str, table: str, set_name: str) -> bytes:
+    """What every element message for the set starts with (nfgenmsg, table, set)."""
+    nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
+    return nfgen + string(NFTA_TABLE, table) + string(NFTA_SET_ELEM_LIST_SET, set_name)
 
 
 def replace_elements(family: str, table: str, sets: Mapping[str, Sequence[bytes]]) -> None:
@@ -268,9 +281,9 @@ def replace_elements(family: str, table: str, sets: Mapping[str, Sequence[bytes]
     the new contents never mix. Raises NetlinkWriteError (nothing changed) or OSError."""
     steps: list[Step] = [(DELETE, name, ()) for name in sets]  # every flush first
     steps += [(ADD, name, elements) for name, elements in sets.items()]
-    batch, sequences = element_batch(family, table, steps, 1)
+    batch, last = element_batch(family, table, steps, 1)
     with _batch_socket() as sock:
-        _send(sock, batch, sequences)
+        _send(sock, batch, last)
 
 
 class ElementWriter:
@@ -292,10 +305,11 @@ class ElementWriter:
     def commit(self, steps: Sequence[Step]) -> None:
         """One transaction; NetlinkWriteError or OSError if it was refused (nothing done)."""
         sock = self._socket.get()
-        batch, sequences = element_batch(self.family, self.table, steps, self._next)
-        self._next = 1 if sequences.stop > 1 << 30 else sequences.stop + 1
+        batch, last = element_batch(self.family, self.table, steps, self._next)
+        following = self._next + 1 if last is None else last + 2  # (last + 1: the end)
+        self._next = 1 if following > 1 << 30 else following
         try:
-            _send(sock, batch, sequences)
+            _send(sock, batch, last)
         except BaseException:
             self.close()
             raise
@@ -305,10 +319,21 @@ class ElementWriter:
 
 
 def _batch_socket() -> socket.socket:
-    return netfilter_socket(TIMEOUT)
+    """A NETLINK_NETFILTER socket for batches, blocking with the kernel's own timeouts
+    (SO_SNDTIMEO, SO_RCVTIMEO): a Python timeout would poll() before every send and recv."""
+    sock = netfilter_socket(TIMEOUT)
+    try:
+        sock.settimeout(None)
+        limit = struct.pack("@ll", int(TIMEOUT), 0)  # struct timeval
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-def _send(sock: socket.socket, batch: bytes, sequences: range) -> None:
+def _send(sock: socket.socket, batch: bytes, last: int | None) -> None:
     # The kernel takes a batch as one datagram, and refuses one larger than the send
     # buffer (4 MB at 100,000 IPv6 elements): raise the buffer for it, as nft does.
     if len(batch) > _DEFAULT_SNDBUF:
@@ -316,23 +341,23 @@ def _send(sock: socket.socket, batch: bytes, sequences: range) -> None:
     sent = sock.send(batch)
     if sent != len(batch):
         raise NetlinkWriteError(f"nf_tables batch: sent {sent} of {len(batch)} bytes")
-    _await_acks(sock, set(sequences))
+    if last is not None:
+        _await_acks(sock, last)
 
 
 _DEFAULT_SNDBUF = 1 << 16  # below the kernel's smallest default (net.core.wmem_default)
-_ACK_BUFFER = 1 << 16  # not RECV_BUFFER: a 1 MB buffer per change is an mmap and munmap
+_ACK_BUFFER = 1 << 13  # one message a datagram: an ACK or error is 36 bytes (NETLINK_CAP_ACK)
 
 
-def _await_acks(sock: socket.socket, pending: set[int]) -> None:
-    """Read one ACK per message; the first error (the batch was aborted) raises."""
-    buffer = bytearray(_ACK_BUFFER)  # ACKs are 36 bytes each (NETLINK_CAP_ACK)
-    while pending:
+def _await_acks(sock: socket.socket, last: int) -> None:
+    """Read the answers up to message `last`'s ACK; the first error (the batch was aborted)
+    raises."""
+    buffer = bytearray(_ACK_BUFFER)
+    while True:
         try:
             size = sock.recv_into(buffer)
-        except TimeoutError:
-            raise NetlinkWriteError(
-                f"nf_tables batch: no answer for {len(pending)} messages in {TIMEOUT:.0f} s"
-            ) from None
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out (EAGAIN)
+            raise NetlinkWriteError(f"nf_tables batch: no answer in {TIMEOUT:.0f} s") from None
         for kind, _flags, sequence, payload in messages(memoryview(buffer)[:size]):
             if kind != NLMSG_ERROR or len(payload) < ERROR.size:
                 continue
@@ -341,7 +366,8 @@ def _await_acks(sock: socket.socket, pending: set[int]) -> None:
                 raise NetlinkWriteError(
                     f"nf_tables batch: message {sequence} refused: {os.strerror(code)}"
                 )
-            pending.discard(sequence)
+            if sequence == last:
+                return
 
 
 def _chunks(elements: Sequence[bytes]) -> Iterator[bytes]:

@@ -80,6 +80,7 @@ class BatchCommitter:
         # without levels, only holds addresses under an admin's network out of the kernel.
         self.prefix = PrefixBlocks(ladder, [], 128, lambda: lambda network: None)
         self.fleet_name: str | None = None  # fleet mode: local decisions get outbox rows
+        self._next_id: int | None = None  # see _commit
 
     def commit_isolated(
         self, batch: list[AnyChange], earlier: dict[str, BlockRecord | None] | None = None
@@ -148,6 +149,9 @@ class BatchCommitter:
         the kernel change (a full disk shows up at the commit), the change is taken out
         of the kernel again before anyone hears of the failure."""
         transaction = _BatchTransaction(self, self.clock.now(), earlier)
+        # The next block id, as the last batch left it: one query (MAX(id)) less a batch.
+        # Only this writer adds blocks while the broker runs; any failure forgets it.
+        transaction.next_id = self._next_id
         applied = False
         prefix_changes = self.prefix.changes
         try:
@@ -158,6 +162,7 @@ class BatchCommitter:
                 self.backend.apply(transaction.kernel_add, transaction.kernel_remove)
                 applied = True
         except Exception as exc:
+            self._next_id = None
             self.prefix.committed(False)
             if self.prefix.changes != prefix_changes:  # the batch's holds are undone too
                 live = {**self.active, **earlier}
@@ -167,6 +172,7 @@ class BatchCommitter:
             if unwritable(exc):
                 raise StateUnwritable(exc) from exc
             raise
+        self._next_id = transaction.next_id
         self.health.succeeded()
         self.prefix.committed(True)
         return BatchResult(
