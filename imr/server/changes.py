@@ -10,10 +10,9 @@ batch with the index changes the event loop publishes after the commit.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 from imr.core.addresses import (
     Refusal,
@@ -127,12 +126,23 @@ class RemoteBatchResult(TypedDict):
 Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteBatchResult
 
 
+class Waiter(Protocol):
+    """Who hears a queued change's outcome: an asyncio future (Broker.handle awaits it), or
+    a fast-lane request's reply (Broker.submit_block), which the writer calls at once."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Answer, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass
 class Queued:
     """One change waiting for the writer, and the client waiting for its outcome."""
 
     change: AnyChange
-    future: asyncio.Future[Answer]
+    future: Waiter
 
 
 @dataclass
