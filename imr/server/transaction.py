@@ -54,6 +54,8 @@ from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.broker")
 
+_VALUES = {action: action.value for action in Action}
+
 
 class BatchCommitter:
     """Commits batches in the writer thread; the broker publishes what they changed."""
@@ -437,13 +439,12 @@ class _BatchTransaction:
                 # block early (its timeout ran on a clock that stepped, or someone deleted
                 # the entry), the report that shows the attacker is back puts it in again.
                 self._kernel_entry(change.address, record.expires_at, ip)
-        self.hits.append(
-            (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
-        )
+        action = _VALUES[decision.action]  # a dict read: the enum's `value` is a property
+        self.hits.append((ip, self.now, action, reason, source, peer.uid, peer.pid, record.id))
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
             if self.committer.fleet_name is not None:
-                self._announce(decision.action.value, record)
+                self._announce(action, record)
         self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return Outcome(compact_block_item(ip, record, decision))
