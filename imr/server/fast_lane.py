@@ -188,13 +188,18 @@ class FastConnection(asyncio.StreamReaderProtocol):
             else:
                 self._wait_for_line()
             return
-        line = bytes(buffer[: newline + 1])
+        end = newline + 1
+        whole = end == len(buffer)  # the usual case: one line, as one client writes it
+        line = bytes(buffer) if whole else bytes(buffer[:end])
         message = parse_block(line.rstrip(b"\r\n"))
         peer = self._peer
         if type(message) is not BlockRequest or peer is None:
             self._hand_back()  # the streams path parses it again and answers it
             return
-        del buffer[: newline + 1]
+        if whole:
+            buffer.clear()
+        else:
+            del buffer[:end]
         self._answer(line, message, peer)
 
     def _wait_for_line(self) -> None:
@@ -224,7 +229,7 @@ class FastConnection(asyncio.StreamReaderProtocol):
 
     def _answer(self, line: bytes, request: BlockRequest, peer: Peer) -> None:
         """Conversations._answer for a `block`: the same replies, from a callback."""
-        in_json = line.lstrip().startswith(b"{")
+        in_json = line.startswith(b"{") or line.lstrip().startswith(b"{")
         encode = encode_json_reply if in_json else encode_text_reply
         self._in_flight = True
         try:
