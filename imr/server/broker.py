@@ -80,6 +80,7 @@ from imr.server.changes import (
     BatchResult,
     BlockChange,
     BrokerError,
+    ChangeQueue,
     ExpireChange,
     Outcome,
     Queued,
@@ -134,7 +135,7 @@ class Broker:
         # Filled in place (reconcile, _publish): admission and the committer read this dict.
         self._active: dict[str, BlockRecord] = {}
         self._expiry: list[tuple[float, str]] = []  # heap; stale entries are skipped
-        self._queue: asyncio.Queue[Queued] | None = None
+        self._queue: ChangeQueue | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imr-writer")
         # Small batches commit on the loop while the thread is idle (commit_place.py); not in
         # fleet mode, whose publisher writes the state file from a connection of its own.
@@ -281,7 +282,7 @@ class Broker:
         self._warn_if_too_many_rules()
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = ChangeQueue()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="imr-writer"),
             asyncio.create_task(self._expiry_loop(), name="imr-expiry"),
@@ -566,9 +567,7 @@ class Broker:
         if queue is None:
             raise RuntimeError("the broker has not been started")
         while True:
-            batch = [await queue.get()]
-            while len(batch) < MAX_BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
+            batch = await queue.batch(MAX_BATCH)
             changes = [queued.change for queued in batch]
             async with self._turn:  # the drift check waits until this batch is published
                 try:
@@ -596,8 +595,9 @@ class Broker:
                     future.set_exception(outcome.error)
                 else:
                     future.set_result(outcome.result or cast(Answer, {}))
+            self.metrics.flush_requests()  # the fast lane's replies just written (_LaneReply)
 
-    def _readmit(self, queued: Queued, change: BlockChange, queue: asyncio.Queue[Queued]) -> None:
+    def _readmit(self, queued: Queued, change: BlockChange, queue: ChangeQueue) -> None:
         """A hit whose block was lifted before the writer got to it: a new block, if the quota
         allows; so no request makes a block without passing the quota."""
         try:
@@ -688,7 +688,7 @@ class _LaneReply:
         code: str = "ok"
         if error is not None:
             code = error.code if isinstance(error, BrokerError) else WireCode.INTERNAL_ERROR
-        self._metrics.request_done("block", self._peer, code, time.monotonic() - self._started)
+        self._metrics.request_later("block", self._peer, code, time.monotonic() - self._started)
 
 
 def _release_free_heap() -> None:

@@ -10,6 +10,8 @@ batch with the index changes the event loop publishes after the commit.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypedDict
@@ -144,6 +146,34 @@ class Queued:
 
     change: AnyChange
     future: Waiter
+
+
+class ChangeQueue:
+    """The writer's queue: put_nowait as asyncio.Queue's, and the next batch taken at once
+    (asyncio.Queue's get_nowait and empty cost ~0.6 µs a request, with a task count the
+    writer never reads; bench/one_address.py)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Queued] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Queued) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def batch(self, limit: int) -> list[Queued]:
+        """The queued changes, oldest first, at most `limit`; waits for one if none is."""
+        items = self._items
+        while not items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if len(items) <= limit:
+            batch = list(items)
+            items.clear()
+            return batch
+        return [items.popleft() for _ in range(limit)]
 
 
 @dataclass(slots=True)
