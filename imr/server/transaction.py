@@ -367,10 +367,13 @@ class _BatchTransaction:
         found = self._offences(ip)
         return found.count, found.last
 
-    def _kernel_entry(self, address: Target, expires_at: float, ip: str) -> None:
-        """An address's kernel entry, unless a network block holds it out (issue #16)."""
+    def _kernel_entry(
+        self, address: Target, expires_at: float, ip: str, fresh: bool = False
+    ) -> None:
+        """An address's kernel entry, unless a network block holds it out (issue #16).
+        `fresh`: never blocked here (KernelBlock.fresh: the backend need not take it out)."""
         if self.committer.prefix.needs_entry(ip):
-            self.kernel_add.append(KernelBlock(address, expires_at, ip))
+            self.kernel_add.append(KernelBlock(address, expires_at, ip, fresh))
 
     def _offences(self, ip: str) -> Offences:
         """The address's history: from the batch's query, or read afresh (with this batch's
@@ -423,7 +426,9 @@ class _BatchTransaction:
             record = self._new_block(ip, decision, change, offence)
             self.changed[ip] = record  # before the escalation, which may hold it out
             self.committer.prefix.blocked(self, change.address, record)
-            self._kernel_entry(change.address, record.expires_at, ip)
+            # Offence 1: no row of it ever, so no kernel entry of imr's either (as a fleet
+            # catch-up's, _remote_block): nftables only adds it, without a delete first.
+            self._kernel_entry(change.address, record.expires_at, ip, offence == 1)
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
         else:
