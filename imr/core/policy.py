@@ -122,13 +122,15 @@ def decide(
     `severity` is the reporter's 1-10; it sets the lowest rung only when the ladder's
     `severity_skips_rungs` is on (see the module docstring).
     """
-    wanted = ladder.starting_rung(severity)
+    # ladder.starting_rung and previous.active_at, inlined: every block request decides.
+    wanted = ladder.clamp(severity) if ladder.severity_skips_rungs else 1
 
-    if previous is not None and previous.active_at(now):
+    if previous is not None and previous.lifted_at is None and previous.expires_at > now:
         return _hit_on_active_block(ladder, previous, now, wanted)
 
+    steps = ladder.steps
     if previous is not None and now - previous.ended_at <= ladder.repeat_window:
-        rung = ladder.clamp(previous.rung + 1)
+        rung = max(1, min(previous.rung + 1, len(steps)))  # ladder.clamp, inlined
         why = "repeat offence within the repeat window"
     else:
         rung = 1
@@ -138,7 +140,7 @@ def decide(
     if wanted > rung:
         rung = wanted
         why = f"severity {severity} asked for"
-    return Decision(Action.BLOCK, rung, now + ladder.duration(rung), why)
+    return Decision(Action.BLOCK, rung, now + steps[rung - 1], why)  # rung is clamped
 
 
 def _hit_on_active_block(

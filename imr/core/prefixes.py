@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from imr.core.addresses import IPAddress, IPNetwork, network_refusal
 from imr.core.policy import PreviousBlock
@@ -298,8 +298,8 @@ def unit_previous(
     so the new block is a repeat (one rung up), never a hit."""
     if unit is None:
         return own
-    if unit.active_at(now):
-        unit = replace(unit, lifted_at=now)
+    if unit.active_at(now):  # as replace(unit, lifted_at=now), a third of its cost
+        unit = PreviousBlock(unit.blocked_at, unit.rung, unit.expires_at, now)
     if own is None or unit.ended_at > own.ended_at:
         return unit
     return own
@@ -363,6 +363,8 @@ class Coverage:
 
     def covering_text(self, address: IPAddress) -> str | None:
         """The text of a network here that covers `address`, or None."""
+        if not self._by_length:  # no network block: every new block asks
+            return None
         value, version = int(address), address.version
         bits = 32 if version == 4 else 128
         for (family, length), keys in self._by_length.items():

@@ -33,10 +33,11 @@ from pydantic import ValidationError
 from imr.protocol import (
     BlockRequest,
     ProtocolError,
+    encode_json_ok,
     encode_json_reply,
+    encode_text_ok,
     encode_text_reply,
     error_reply,
-    ok_reply,
     parse_message,
 )
 from imr.server.access import Peer
@@ -45,8 +46,9 @@ from imr.wire_codes import WireCode
 log = logging.getLogger("imr.listener")
 
 # Broker.submit_block: checks and queues a `block` (raises the error type for a refusal),
-# and calls the callback with the future of its outcome.
-Submit = Callable[[BlockRequest, Peer, Callable[["asyncio.Future[Any]"], object]], None]
+# and calls the callback with its outcome: (result, None), or (None, the error).
+Answered = Callable[[Any, BaseException | None], object]
+Submit = Callable[[BlockRequest, Peer, Answered], None]
 
 
 class FastConnection(asyncio.StreamReaderProtocol):
@@ -186,13 +188,18 @@ class FastConnection(asyncio.StreamReaderProtocol):
             else:
                 self._wait_for_line()
             return
-        line = bytes(buffer[: newline + 1])
+        end = newline + 1
+        whole = end == len(buffer)  # the usual case: one line, as one client writes it
+        line = bytes(buffer) if whole else bytes(buffer[:end])
         message = parse_block(line.rstrip(b"\r\n"))
         peer = self._peer
         if type(message) is not BlockRequest or peer is None:
             self._hand_back()  # the streams path parses it again and answers it
             return
-        del buffer[: newline + 1]
+        if whole:
+            buffer.clear()
+        else:
+            del buffer[:end]
         self._answer(line, message, peer)
 
     def _wait_for_line(self) -> None:
@@ -222,10 +229,15 @@ class FastConnection(asyncio.StreamReaderProtocol):
 
     def _answer(self, line: bytes, request: BlockRequest, peer: Peer) -> None:
         """Conversations._answer for a `block`: the same replies, from a callback."""
-        encode = encode_json_reply if line.lstrip().startswith(b"{") else encode_text_reply
+        in_json = line.startswith(b"{") or line.lstrip().startswith(b"{")
+        encode = encode_json_reply if in_json else encode_text_reply
         self._in_flight = True
         try:
-            self._submit(request, peer, lambda done: self._answered(done, request.id, encode, peer))
+            self._submit(
+                request,
+                peer,
+                lambda result, error: self._answered(result, error, request.id, in_json, peer),
+            )
         except self._error_type as exc:
             self._in_flight = False
             self._send(encode(error_reply(request.id, exc.code, exc.message)), False)
@@ -237,16 +249,21 @@ class FastConnection(asyncio.StreamReaderProtocol):
 
     def _answered(
         self,
-        future: asyncio.Future[Any],
+        result: Any,
+        error: BaseException | None,
         request_id: str | None,
-        encode: Callable[[dict[str, Any]], bytes],
+        in_json: bool,
         peer: Peer,
     ) -> None:
         self._in_flight = False
         if self._lane is None:
             return  # the client went away meanwhile
+        encode = encode_json_reply if in_json else encode_text_reply
         try:
-            reply, renews = encode(ok_reply(request_id, future.result())), True
+            if error is not None:
+                raise error
+            encode_ok = encode_json_ok if in_json else encode_text_ok
+            reply, renews = encode_ok(request_id, result), True
         except self._error_type as exc:
             reply, renews = encode(error_reply(request_id, exc.code, exc.message)), False
         except Exception:

@@ -42,6 +42,8 @@ from imr.store import BlockRecord
 log = logging.getLogger("imr.broker")
 
 SOURCE = "imr:escalation"  # the source tag of a network block the daemon made
+# isinstance with a tuple: `IPv4Network | IPv6Network` builds a union at every call (hot path).
+_NETWORKS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
 MAX_NAMED = 8  # members named in a block's reason (the hits of each are in `imr show`)
 
 
@@ -160,7 +162,7 @@ class PrefixBlocks:
         self, address: Target, own: PreviousBlock | None, now: float
     ) -> PreviousBlock | None:
         """The block the ladder reads for a new block of `address` (unit_previous)."""
-        if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        if isinstance(address, _NETWORKS):
             return own
         unit = offence_unit(address, self.unit_prefix)
         return own if unit is None else unit_previous(own, self.units.get(unit), now)
@@ -173,7 +175,7 @@ class PrefixBlocks:
         """A new or escalated block of `address` was written: remember it, hold it out of the
         kernel if a network covers it, and escalate the prefixes it completes. `at`: when
         it was decided (a fleet member's block counts at its own time, not when it came)."""
-        if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        if isinstance(address, _NETWORKS):
             self.coverage.add(address)  # an admin's network: later blocks under it stay out
             self.changes += 1
             return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 from imr import __version__
 from imr.core.durations import format_duration
@@ -34,6 +34,8 @@ from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord
 
 # block_many's counts: each action's count, by the action's name.
 _COUNTED = {action.value: action.counted for action in Action}
+# Each action's wire name (a dict read: the enum's `value` is a property, slower).
+_VALUES = {action: action.value for action in Action}
 
 
 def block_info(record: BlockRecord, now: float) -> BlockInfo:
@@ -73,10 +75,31 @@ def hit_info(hit: HitRecord) -> HitInfo:
 
 
 def block_reply(record: BlockRecord, decision: Decision, now: float) -> BlockResult:
-    """A block request's answer: the block as it is now, and what the policy did."""
-    result = cast(dict[str, Any], block_info(record, now))  # updated in place: no copy
-    result.update(kind="block", action=decision.action.value, why=decision.why)
-    return cast(BlockResult, result)
+    """A block request's answer: the block as it is now, and what the policy did.
+
+    block_info's keys and values, then the decision's, written out as one dict (every
+    request's; ~0.7 µs less than block_info and an update: bench/one_address.py)."""
+    expires_at, lifted_at = record.expires_at, record.lifted_at
+    return {
+        "ip": record.ip,
+        "blocked_at": timestamp(record.blocked_at),
+        "expires_at": timestamp(expires_at),
+        "duration": format_duration(expires_at - record.blocked_at),
+        "remaining_seconds": max(0, round(expires_at - now)) if lifted_at is None else 0,
+        "rung": record.rung,
+        "offence": record.offence,
+        "reason": record.reason,
+        "source": record.source,
+        "uid": record.uid,
+        "pid": record.pid,
+        "lifted_at": timestamp(lifted_at),
+        "lift_reason": record.lift_reason,
+        "lifted_by": record.lifted_by,
+        "origin": record.origin,
+        "kind": "block",
+        "action": _VALUES[decision.action],
+        "why": decision.why,
+    }
 
 
 def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> BlockedItem:
@@ -84,7 +107,7 @@ def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> Bloc
     return {
         "ip": ip,
         "ok": True,
-        "action": decision.action.value,
+        "action": _VALUES[decision.action],
         "expires_at": timestamp(record.expires_at),
         "rung": record.rung,
         "offence": record.offence,

@@ -54,6 +54,8 @@ from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.broker")
 
+_VALUES = {action: action.value for action in Action}
+
 
 class BatchCommitter:
     """Commits batches in the writer thread; the broker publishes what they changed."""
@@ -371,10 +373,13 @@ class _BatchTransaction:
         found = self._offences(ip)
         return found.count, found.last
 
-    def _kernel_entry(self, address: Target, expires_at: float, ip: str) -> None:
-        """An address's kernel entry, unless a network block holds it out (issue #16)."""
+    def _kernel_entry(
+        self, address: Target, expires_at: float, ip: str, fresh: bool = False
+    ) -> None:
+        """An address's kernel entry, unless a network block holds it out (issue #16).
+        `fresh`: never blocked here (KernelBlock.fresh: the backend need not take it out)."""
         if self.committer.prefix.needs_entry(ip):
-            self.kernel_add.append(KernelBlock(address, expires_at, ip))
+            self.kernel_add.append(KernelBlock(address, expires_at, ip, fresh))
 
     def _offences(self, ip: str) -> Offences:
         """The address's history: from the batch's query, or read afresh (with this batch's
@@ -427,7 +432,9 @@ class _BatchTransaction:
             record = self._new_block(ip, decision, change, offence)
             self.changed[ip] = record  # before the escalation, which may hold it out
             self.committer.prefix.blocked(self, change.address, record)
-            self._kernel_entry(change.address, record.expires_at, ip)
+            # Offence 1: no row of it ever, so no kernel entry of imr's either (as a fleet
+            # catch-up's, _remote_block): nftables only adds it, without a delete first.
+            self._kernel_entry(change.address, record.expires_at, ip, offence == 1)
         elif current is None:  # the policy only escalates or records an active block
             raise RuntimeError(f"policy said {decision.action} for {ip} without an active block")
         else:
@@ -443,13 +450,12 @@ class _BatchTransaction:
                 # block early (its timeout ran on a clock that stepped, or someone deleted
                 # the entry), the report that shows the attacker is back puts it in again.
                 self._kernel_entry(change.address, record.expires_at, ip)
-        self.hits.append(
-            (ip, self.now, decision.action.value, reason, source, peer.uid, peer.pid, record.id)
-        )
+        action = _VALUES[decision.action]  # a dict read: the enum's `value` is a property
+        self.hits.append((ip, self.now, action, reason, source, peer.uid, peer.pid, record.id))
         if decision.action is not Action.RECORD:
             self.changed[ip] = record
             if self.committer.fleet_name is not None:
-                self._announce(decision.action.value, record)
+                self._announce(action, record)
         self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return Outcome(compact_block_item(ip, record, decision))

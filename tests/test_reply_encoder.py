@@ -1,0 +1,130 @@
+"""The fast lane's `block` reply encoders write what the general ones write, byte for byte.
+
+encode_json_ok and encode_text_ok (imr/protocol.py) build a `block` reply from a template;
+the reference is encode_json_reply / encode_text_reply of ok_reply, which every other
+reply goes through. Hostile strings (escapes, control characters, non-ASCII, lone
+surrogates), both address families, every action, and results of other shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imr.core.policy import Action, Decision
+from imr.protocol import (
+    BlockResult,
+    Result,
+    _block_values,
+    encode_json_ok,
+    encode_json_reply,
+    encode_text_ok,
+    encode_text_reply,
+    ok_reply,
+)
+from imr.server.replies import block_reply
+from imr.store import BlockRecord
+
+texts = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
+    ["", "sqli", 'a"b\\c', "\x00\x1f\x7f\x85", "\u2028\u202e", "é€😀", "\ud800x"]
+)
+addresses = st.ip_addresses().map(str) | st.sampled_from(["2001:db8::/48", "192.0.2.0/24"])
+ids = st.none() | texts
+ints = st.integers(min_value=-(2**70), max_value=2**70)
+optional_ints = st.none() | ints
+
+
+@st.composite
+def block_results(draw: st.DrawFn) -> BlockResult:
+    """A block reply as block_reply writes it: from a row and a decision."""
+    now = draw(st.floats(min_value=0, max_value=4e9))
+    blocked = draw(st.floats(min_value=0, max_value=4e9))
+    expires = blocked + draw(st.floats(min_value=1, max_value=1e8))
+    lifted = draw(st.none() | st.just(now))
+    record = BlockRecord(
+        draw(st.integers(1, 2**40)),
+        draw(addresses),
+        blocked,
+        expires,
+        draw(st.integers(1, 20)),
+        draw(st.integers(1, 10**6)),
+        draw(texts),
+        draw(texts),
+        draw(optional_ints),
+        draw(optional_ints),
+        lifted,
+        draw(st.none() | texts) if lifted is not None else None,
+        draw(st.none() | texts) if lifted is not None else None,
+        draw(st.none() | texts),
+    )
+    decision = Decision(draw(st.sampled_from(list(Action))), record.rung, expires, draw(texts))
+    return block_reply(record, decision, now)
+
+
+def outcome(encode: Callable[[], bytes]) -> bytes | type[Exception]:
+    """The bytes, or the type of the exception (a lone surrogate cannot be UTF-8 text)."""
+    try:
+        return encode()
+    except Exception as exc:
+        return type(exc)
+
+
+def same(request_id: str | None, result: Result) -> None:
+    assert outcome(lambda: encode_json_ok(request_id, result)) == outcome(
+        lambda: encode_json_reply(ok_reply(request_id, result))
+    )
+    assert outcome(lambda: encode_text_ok(request_id, result)) == outcome(
+        lambda: encode_text_reply(ok_reply(request_id, result))
+    )
+
+
+@settings(max_examples=3000, deadline=None)
+@given(ids, block_results())
+def test_block_replies_are_the_encoders_bytes(request_id: str | None, result: BlockResult) -> None:
+    assert _block_values(result) is not None  # the template's path, not the fallback
+    same(request_id, result)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    ids,
+    block_results(),
+    st.sampled_from(["remaining_seconds", "rung", "uid", "reason", "lifted_at", "kind", "why"]),
+    st.none() | st.booleans() | st.floats(allow_nan=True) | ints | texts | st.just([1, "x"]),
+)
+def test_any_value_of_the_wrong_type_still_encodes_as_the_encoder_does(
+    request_id: str | None, result: BlockResult, key: str, value: Any
+) -> None:
+    changed = cast(dict[str, Any], result)
+    changed[key] = value
+    same(request_id, cast(Result, changed))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids, block_results(), st.data())
+def test_other_key_orders_and_extra_keys(
+    request_id: str | None, result: BlockResult, data: st.DataObject
+) -> None:
+    items = list(result.items())
+    shuffled = dict(data.draw(st.permutations(items)))
+    same(request_id, cast(Result, shuffled))
+    same(request_id, cast(Result, {**result, "covered_by": data.draw(texts)}))
+    shorter = dict(items[:-1])
+    same(request_id, cast(Result, shorter))
+
+
+def test_a_typical_reply_and_other_kinds() -> None:
+    now = time.time()
+    record = BlockRecord(7, "2001:db8::7", now, now + 86400, 1, 1, "sqli", "hook", 33, 4242)
+    result = block_reply(record, Decision(Action.BLOCK, 1, now + 86400, "first offence"), now)
+    line = encode_json_ok("r1", result)
+    assert line.startswith(b'{"v":1,"id":"r1","ok":true,"result":{"ip":"2001:db8::7",')
+    assert line.endswith(b'"kind":"block","action":"block","why":"first offence"}}\n')
+    assert encode_text_ok(None, result).startswith(b"ok blocked 2001:db8::7 until ")
+    same("r1", result)
+    same(None, cast(Result, {"kind": "unblock", "ip": "192.0.2.7"}))
+    same(None, cast(Result, {"kind": "pong", "version": "1"}))
