@@ -566,8 +566,10 @@ class Broker:
         queue = self._queue
         if queue is None:
             raise RuntimeError("the broker has not been started")
+        size = 0
         while True:
-            batch = await queue.batch(MAX_BATCH)
+            batch = await queue.batch(MAX_BATCH, size)
+            size = len(batch)
             changes = [queued.change for queued in batch]
             async with self._turn:  # the drift check waits until this batch is published
                 try:
