@@ -19,7 +19,6 @@ from imr.protocol import (
     BlockInfo,
     BlockManyItem,
     BlockManyResult,
-    BlockResult,
     ExportPage,
     HitInfo,
     ListResult,
@@ -30,6 +29,7 @@ from imr.protocol import (
     timestamp,
     wire_time,
 )
+from imr.server.block_answer import block_result
 from imr.server.changes import BrokerError
 from imr.store import SCHEMA_VERSION, BlockRecord, HitRecord
 
@@ -75,32 +75,9 @@ def hit_info(hit: HitRecord) -> HitInfo:
     }
 
 
-def block_reply(record: BlockRecord, decision: Decision, now: float) -> BlockResult:
-    """A block request's answer: the block as it is now, and what the policy did.
-
-    block_info's keys and values, then the decision's, written out as one dict (every
-    request's; ~0.7 µs less than block_info and an update: bench/one_address.py)."""
-    blocked_at, expires_at, lifted_at = record.blocked_at, record.expires_at, record.lifted_at
-    return {
-        "ip": record.ip,
-        "blocked_at": wire_time(blocked_at),
-        "expires_at": wire_time(expires_at),
-        "duration": format_duration(expires_at - blocked_at),
-        "remaining_seconds": max(0, round(expires_at - now)) if lifted_at is None else 0,
-        "rung": record.rung,
-        "offence": record.offence,
-        "reason": record.reason,
-        "source": record.source,
-        "uid": record.uid,
-        "pid": record.pid,
-        "lifted_at": None if lifted_at is None else wire_time(lifted_at),
-        "lift_reason": record.lift_reason,
-        "lifted_by": record.lifted_by,
-        "origin": record.origin,
-        "kind": "block",
-        "action": _VALUES[decision.action],
-        "why": decision.why,
-    }
+# A `block`'s reply dict, from its row and decision (block_answer.py: the writer leaves a
+# BlockAnswer, which the fast lane writes without the dict).
+block_reply = block_result
 
 
 def compact_block_item(ip: str, record: BlockRecord, decision: Decision) -> BlockedItem:

@@ -28,6 +28,7 @@ from imr.core.fleet import may_lift, merged
 from imr.core.policy import Action, Decision, Ladder, decide
 from imr.fleet.events import Event, outbox_body
 from imr.protocol import timestamp
+from imr.server.block_answer import BlockAnswer
 from imr.server.changes import (
     AnyChange,
     BatchResult,
@@ -46,7 +47,7 @@ from imr.server.changes import (
 )
 from imr.server.metrics import Metrics
 from imr.server.prefix_blocks import PrefixBlocks
-from imr.server.replies import block_reply, compact_block_item
+from imr.server.replies import compact_block_item
 from imr.server.state_health import MESSAGE as UNWRITABLE_MESSAGE
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.store import BlockRecord, Offences, Store, unwritable
@@ -452,7 +453,7 @@ class _BatchTransaction:
         self.log_lines.append(functools.partial(_change_line, decision, record, change))
         if change.compact:
             return Outcome(compact_block_item(ip, record, decision))
-        return Outcome(block_reply(record, decision, self.now))
+        return Outcome(BlockAnswer(record, decision, self.now))  # the dict only if asked
 
     def _apply_unblock(self, change: UnblockChange) -> Outcome:
         ip = str(change.address)
