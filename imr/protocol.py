@@ -531,7 +531,7 @@ def encode_json_reply(reply: dict[str, Any]) -> bytes:
     return _COMPACT.encode(reply).encode() + b"\n"
 
 
-# A `block` reply's keys in replies.block_reply's order (BlockInfo's, then BlockResult's).
+# A `block` reply's keys in block_answer.block_result's order (BlockInfo's, then BlockResult's).
 _BLOCK_KEYS = (
     "ip",
     "blocked_at",

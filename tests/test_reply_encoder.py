@@ -159,7 +159,7 @@ def test_replies_from_the_row_are_the_encoders_bytes(
     same_from_row(request_id, answer)
 
 
-_ROW_FIELDS = ("ip", "rung", "offence", "reason", "source", "uid", "pid")
+_ROW_FIELDS: tuple[str, ...] = ("ip", "rung", "offence", "reason", "source", "uid", "pid")
 _ROW_FIELDS += ("lift_reason", "lifted_by", "origin")
 
 
