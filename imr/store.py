@@ -111,7 +111,11 @@ def unwritable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _UNWRITABLE_ERRNOS
 
 
-@dataclass(frozen=True, slots=True)  # slots: the daemon holds one per active block
+# slots: the daemon holds one per active block. Not frozen: a frozen class's __init__
+# sets its 14 fields through object.__setattr__, 1.4 against 0.3 µs a row (one a new
+# block; docs/performance.md "Per request, round three"). Nothing assigns a field (rows
+# change by dataclasses.replace); unsafe_hash keeps the frozen class's hash.
+@dataclass(slots=True, unsafe_hash=True)
 class BlockRecord:
     id: int
     ip: str

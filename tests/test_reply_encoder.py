@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from imr.protocol import (
     encode_text_reply,
     ok_reply,
 )
+from imr.server.block_answer import BlockAnswer, encode_json_answer, encode_text_answer
 from imr.server.replies import block_reply
 from imr.store import BlockRecord
 
@@ -39,8 +41,8 @@ optional_ints = st.none() | ints
 
 
 @st.composite
-def block_results(draw: st.DrawFn) -> BlockResult:
-    """A block reply as block_reply writes it: from a row and a decision."""
+def block_answers(draw: st.DrawFn) -> BlockAnswer:
+    """A row, a decision and a time, as the writer leaves them for the fast lane."""
     now = draw(st.floats(min_value=0, max_value=4e9))
     blocked = draw(st.floats(min_value=0, max_value=4e9))
     expires = blocked + draw(st.floats(min_value=1, max_value=1e8))
@@ -62,7 +64,12 @@ def block_results(draw: st.DrawFn) -> BlockResult:
         draw(st.none() | texts),
     )
     decision = Decision(draw(st.sampled_from(list(Action))), record.rung, expires, draw(texts))
-    return block_reply(record, decision, now)
+    return BlockAnswer(record, decision, now)
+
+
+def block_results() -> st.SearchStrategy[BlockResult]:
+    """A block reply as block_reply writes it: from a row and a decision."""
+    return block_answers().map(lambda a: block_reply(a.record, a.decision, a.now))
 
 
 def outcome(encode: Callable[[], bytes]) -> bytes | type[Exception]:
@@ -128,3 +135,52 @@ def test_a_typical_reply_and_other_kinds() -> None:
     same("r1", result)
     same(None, cast(Result, {"kind": "unblock", "ip": "192.0.2.7"}))
     same(None, cast(Result, {"kind": "pong", "version": "1"}))
+
+
+# The fast lane's replies from the row (block_answer.py): the same bytes as the template of
+# the reply dict and as the encoders, for rows with any field of an unexpected type too.
+def same_from_row(request_id: str | None, answer: BlockAnswer) -> None:
+    def result() -> Result:
+        return cast(Result, block_reply(answer.record, answer.decision, answer.now))
+
+    json_reply = outcome(lambda: encode_json_answer(request_id, answer))
+    assert json_reply == outcome(lambda: encode_json_ok(request_id, result()))
+    assert json_reply == outcome(lambda: encode_json_reply(ok_reply(request_id, result())))
+    text_reply = outcome(lambda: encode_text_answer(request_id, answer))
+    assert text_reply == outcome(lambda: encode_text_ok(request_id, result()))
+    assert text_reply == outcome(lambda: encode_text_reply(ok_reply(request_id, result())))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(ids, block_answers())
+def test_replies_from_the_row_are_the_encoders_bytes(
+    request_id: str | None, answer: BlockAnswer
+) -> None:
+    same_from_row(request_id, answer)
+
+
+_ROW_FIELDS: tuple[str, ...] = ("ip", "rung", "offence", "reason", "source", "uid", "pid")
+_ROW_FIELDS += ("lift_reason", "lifted_by", "origin")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    ids,
+    block_answers(),
+    st.sampled_from(_ROW_FIELDS),
+    st.none() | st.booleans() | st.floats(allow_nan=True) | ints | texts | st.just([1, "x"]),
+)
+def test_a_row_field_of_the_wrong_type_still_encodes_as_the_encoder_does(
+    request_id: str | None, answer: BlockAnswer, key: str, value: Any
+) -> None:
+    answer.record = replace(answer.record, **{key: value})
+    same_from_row(request_id, answer)
+
+
+def test_a_typical_reply_from_the_row() -> None:
+    now = time.time()
+    record = BlockRecord(7, "2001:db8::7", now, now + 86400, 1, 1, "sqli", "hook", 33, 4242)
+    answer = BlockAnswer(record, Decision(Action.BLOCK, 1, now + 86400, "first offence"), now)
+    assert encode_json_answer("r1", answer) == encode_json_ok("r1", answer.result())
+    assert encode_text_answer(None, answer).startswith(b"ok blocked 2001:db8::7 until ")
+    same_from_row(None, answer)

@@ -60,7 +60,10 @@ class Ladder:
         return self.clamp(severity) if self.severity_skips_rungs else 1
 
 
-@dataclass(frozen=True)
+# Slots, not frozen: one of each a block request; a frozen class's __init__ goes through
+# object.__setattr__ for each field (docs/performance.md "Per request, round three").
+# Nothing assigns a field (dataclasses.replace); unsafe_hash keeps the frozen hash.
+@dataclass(slots=True, unsafe_hash=True)
 class PreviousBlock:
     """The most recent block of an address that counts as an offence."""
 
@@ -106,7 +109,7 @@ _WORDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # as PreviousBlock
 class Decision:
     action: Action
     rung: int

@@ -38,6 +38,7 @@ from imr.core.clock import Clock
 from imr.core.quota import LogThrottle, QuotaLedger, QuotaRefusal, Reservation
 from imr.protocol import BlockManyRequest, BlockRequest, Request
 from imr.server.access import Peer
+from imr.server.block_answer import BlockAnswer
 from imr.server.changes import AnyChange, BlockChange, BrokerError, Outcome, stored_address
 from imr.server.metrics import Metrics
 from imr.store import BlockRecord
@@ -277,7 +278,11 @@ class Gatekeeper:
         if not isinstance(change, BlockChange) or change.reservation is None:
             return  # nothing reserved (or a readmission without one, settled already)
         result = outcome.result if outcome.error is None else None
-        action = result.get("action") if result is not None else None
+        action: object = None
+        if isinstance(result, BlockAnswer):
+            action = result.action
+        elif result is not None:
+            action = result.get("action")
         if action == "block":
             self._quota.commit(change.reservation, str(change.address))
             return

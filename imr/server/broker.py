@@ -74,6 +74,7 @@ from imr.protocol import (
 from imr.server import replies
 from imr.server.access import Peer
 from imr.server.admission import AddressView, Gatekeeper
+from imr.server.block_answer import BlockAnswer
 from imr.server.changes import (
     Answer,
     AnyChange,
@@ -86,6 +87,7 @@ from imr.server.changes import (
     Queued,
     RemoteBatch,
     RemoteChange,
+    Reply,
     UnblockChange,
     internal_error,
     stored_address,
@@ -306,7 +308,7 @@ class Broker:
     def submit_remote(self, events: list[RemoteChange]) -> asyncio.Future[Answer]:
         """Queue remote events for the writer as one change (the same queue as local changes):
         a catch-up hands over thousands at a time (imr/fleet/member.py)."""
-        return self._enqueue(RemoteBatch(events))
+        return cast("asyncio.Future[Answer]", self._enqueue(RemoteBatch(events)))  # a dict
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -354,7 +356,7 @@ class Broker:
         self,
         request: BlockRequest,
         peer: Peer,
-        answered: Callable[[Answer | None, BaseException | None], object],
+        answered: Callable[[Reply | None, BaseException | None], object],
     ) -> None:
         """handle() of a `block` without a coroutine, for the Unix socket's fast lane
         (fast_lane.py): the checks now (BrokerError for a refusal), then `answered` with
@@ -375,7 +377,10 @@ class Broker:
         match request:
             case BlockRequest():
                 change = self._gate.block_change(request.ip, request, peer)
-                return cast(BlockResult, await self._enqueue(change))
+                answer = await self._enqueue(change)  # the writer's row and decision
+                if isinstance(answer, BlockAnswer):
+                    return answer.result()
+                return cast(BlockResult, answer)
             case BlockManyRequest():
                 return await self._request_block_many(request, peer)
             case UnblockRequest():
@@ -400,7 +405,7 @@ class Broker:
         answers only that address.
         """
         results: list[BlockManyItem | None] = [None] * len(request.ips)
-        waiting: list[tuple[int, asyncio.Future[Answer]]] = []
+        waiting: list[tuple[int, asyncio.Future[Reply]]] = []
         # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
         # one change, admitted and counted once; the others share its answer.
         first: dict[str, int] = {}
@@ -434,9 +439,9 @@ class Broker:
             raise BrokerError(WireCode(parsed.code), parsed.message)
         return cast(UnblockResult, await self._enqueue(UnblockChange(parsed, request, peer)))
 
-    def _enqueue(self, change: AnyChange) -> asyncio.Future[Answer]:
+    def _enqueue(self, change: AnyChange) -> asyncio.Future[Reply]:
         """Queue a change for the writer; the future gets its outcome."""
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._put(Queued(change, future))
         return future
 
@@ -666,7 +671,7 @@ class _LaneReply:
         metrics: Metrics,
         peer: Peer,
         started: float,
-        answered: Callable[[Answer | None, BaseException | None], object],
+        answered: Callable[[Reply | None, BaseException | None], object],
     ) -> None:
         self._metrics, self._peer, self._started = metrics, peer, started
         self._answered = answered
@@ -675,13 +680,13 @@ class _LaneReply:
     def done(self) -> bool:
         return self._done
 
-    def set_result(self, result: Answer, /) -> None:
+    def set_result(self, result: Reply, /) -> None:
         self._finish(result, None)
 
     def set_exception(self, exception: BaseException, /) -> None:
         self._finish(None, exception)
 
-    def _finish(self, result: Answer | None, error: BaseException | None) -> None:
+    def _finish(self, result: Reply | None, error: BaseException | None) -> None:
         self._done = True
         try:
             self._answered(result, error)

@@ -28,6 +28,7 @@ from imr.core.quota import Reservation
 from imr.fleet.events import Event
 from imr.protocol import BlockedItem, BlockResult, ProtocolError, UnblockRequest, UnblockResult
 from imr.server.access import Peer
+from imr.server.block_answer import BlockAnswer
 from imr.store import BlockRecord
 from imr.wire_codes import WireCode
 
@@ -127,6 +128,9 @@ class RemoteBatchResult(TypedDict):
 
 # A change's reply: a block's (compact in block_many: BlockedItem), or an unblock's.
 Answer = BlockResult | BlockedItem | UnblockResult | ExpireResult | RemoteBatchResult
+# What the writer leaves: a `block`'s row and decision (BlockAnswer, the dict made only if
+# asked: the fast lane writes its reply from the row), or an Answer.
+Reply = BlockAnswer | Answer
 
 
 class Waiter(Protocol):
@@ -135,7 +139,7 @@ class Waiter(Protocol):
 
     def done(self) -> bool: ...
 
-    def set_result(self, result: Answer, /) -> None: ...
+    def set_result(self, result: Reply, /) -> None: ...
 
     def set_exception(self, exception: BaseException, /) -> None: ...
 
@@ -206,7 +210,7 @@ async def _loop_turn() -> None:
 
 @dataclass(slots=True)
 class Outcome:
-    result: Answer | None = None
+    result: Reply | None = None
     error: BrokerError | None = None
     readmit: bool = False  # a hit turned into a new block: pass the quota first, then retry
 

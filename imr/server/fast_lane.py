@@ -41,6 +41,7 @@ from imr.protocol import (
     parse_message,
 )
 from imr.server.access import Peer
+from imr.server.block_answer import BlockAnswer, encode_json_answer, encode_text_answer
 from imr.wire_codes import WireCode
 
 log = logging.getLogger("imr.listener")
@@ -262,8 +263,12 @@ class FastConnection(asyncio.StreamReaderProtocol):
         try:
             if error is not None:
                 raise error
-            encode_ok = encode_json_ok if in_json else encode_text_ok
-            reply, renews = encode_ok(request_id, result), True
+            if type(result) is BlockAnswer:  # from the row, without the reply dict
+                encode_answer = encode_json_answer if in_json else encode_text_answer
+                reply, renews = encode_answer(request_id, result), True
+            else:
+                encode_ok = encode_json_ok if in_json else encode_text_ok
+                reply, renews = encode_ok(request_id, result), True
         except self._error_type as exc:
             reply, renews = encode(error_reply(request_id, exc.code, exc.message)), False
         except Exception:
