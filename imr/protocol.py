@@ -13,7 +13,6 @@ import functools
 import json
 import re
 import time
-from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Literal, NotRequired, TypedDict, overload
 
 from pydantic import (
@@ -523,95 +522,10 @@ def error_reply(request_id: str | None, code: WireCode, message: str) -> dict[st
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call
-# The encoder's own string quoting (ensure_ascii, its default): what _COMPACT writes a str as.
-_quote = encode_basestring_ascii
 
 
 def encode_json_reply(reply: dict[str, Any]) -> bytes:
     return _COMPACT.encode(reply).encode() + b"\n"
-
-
-# A `block` reply's keys in block_answer.block_result's order (BlockInfo's, then BlockResult's).
-_BLOCK_KEYS = (
-    "ip",
-    "blocked_at",
-    "expires_at",
-    "duration",
-    "remaining_seconds",
-    "rung",
-    "offence",
-    "reason",
-    "source",
-    "uid",
-    "pid",
-    "lifted_at",
-    "lift_reason",
-    "lifted_by",
-    "origin",
-    "kind",
-    "action",
-    "why",
-)
-
-
-def encode_json_ok(request_id: str | None, result: Result) -> bytes:
-    """encode_json_reply(ok_reply(request_id, result)), byte for byte.
-
-    A `block` result (the Unix socket's fast lane answers thousands a second) is written
-    from a template: ~1.5 µs instead of ~5.5 µs through the JSONEncoder (bench/micro
-    timings in docs/performance.md, "Speed round two, per request"). Only when its keys
-    come in block_reply's order and each value has the type the template is written for;
-    anything else goes through the encoder (tests/test_reply_encoder.py compares both)."""
-    values = _block_values(result)
-    if values is None:
-        return encode_json_reply(ok_reply(request_id, result))
-    quote = _quote
-    (ip, blocked_at, expires_at, duration, remaining, rung, offence, reason, source) = values[:9]
-    (uid, pid, lifted_at, lift_reason, lifted_by, origin, kind, action, why) = values[9:]
-    try:
-        return (
-            f'{{"v":1,"id":{"null" if request_id is None else quote(request_id)},"ok":true,'
-            f'"result":{{"ip":{quote(ip)},"blocked_at":{quote(blocked_at)},'
-            f'"expires_at":{quote(expires_at)},"duration":{quote(duration)},'
-            f'"remaining_seconds":{remaining},"rung":{rung},"offence":{offence},'
-            f'"reason":{quote(reason)},"source":{quote(source)},'
-            f'"uid":{"null" if uid is None else uid},"pid":{"null" if pid is None else pid},'
-            f'"lifted_at":{"null" if lifted_at is None else quote(lifted_at)},'
-            f'"lift_reason":{"null" if lift_reason is None else quote(lift_reason)},'
-            f'"lifted_by":{"null" if lifted_by is None else quote(lifted_by)},'
-            f'"origin":{"null" if origin is None else quote(origin)},'
-            f'"kind":{quote(kind)},"action":{quote(action)},"why":{quote(why)}}}}}\n'
-        ).encode()
-    except TypeError:  # a string field that is not one: the encoder says what it says
-        return encode_json_reply(ok_reply(request_id, result))
-
-
-def encode_text_ok(request_id: str | None, result: Result) -> bytes:
-    """encode_text_reply(ok_reply(request_id, result)), byte for byte: a `block` result's
-    line without the control-character pass when it has nothing that pass would change."""
-    if result.get("kind") == "block":
-        line = "ok " + _summarise(result)  # type: ignore[arg-type]
-        if line.isprintable():  # no C0 or DEL to replace; it ends in ")": nothing to strip
-            return line.encode() + b"\n"
-    return encode_text_reply(ok_reply(request_id, result))
-
-
-def _block_values(result: Result) -> tuple[Any, ...] | None:
-    """The values of a `block` result in _BLOCK_KEYS order, if each has a type the templates
-    write as the encoder would (exact int, not bool; str or None where the reply allows it)."""
-    if result.get("kind") != "block" or tuple(result) != _BLOCK_KEYS:
-        return None
-    values = tuple(result.values())
-    remaining, rung, offence, uid, pid = values[4], values[5], values[6], values[9], values[10]
-    if (
-        type(remaining) is not int
-        or type(rung) is not int
-        or type(offence) is not int
-        or (uid is not None and type(uid) is not int)
-        or (pid is not None and type(pid) is not int)
-    ):
-        return None
-    return values
 
 
 def encode_text_reply(reply: dict[str, Any]) -> bytes:

@@ -1,12 +1,11 @@
 """A `block` change's answer as the writer leaves it: the row, the decision and the time.
 
-The writer used to build the reply dict (block_reply) for every change, and the fast
-lane then checked the dict's keys and types (protocol._block_values) before writing it
-from a template. The lane's replies are now written from the row itself
-(encode_json_answer, encode_text_answer: ~1 µs a request less, timeit;
-docs/performance.md "Per request, round three"); the dict is built only for the streams
-path (Broker._dispatch) and whoever else asks (`result`). The bytes are the same:
-tests/test_reply_encoder.py compares both ways.
+The fast lane writes its `block` replies from the row itself with one template
+(encode_json_answer, encode_text_answer: ~3.5 µs a request less than the JSON encoder
+over the reply dict; docs/performance.md "Per request, round three"); the dict is built
+only for the streams path (Broker._dispatch) and whoever else asks (`result`), and for
+a row the template cannot write (a field of an unexpected type). The bytes are the
+encoders' own: tests/test_reply_encoder.py compares both ways.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from json.encoder import encode_basestring_ascii
 
 from imr.core.durations import format_duration
 from imr.core.policy import Action, Decision
-from imr.protocol import BlockResult, encode_json_ok, encode_text_ok, wire_time
+from imr.protocol import BlockResult, encode_json_reply, encode_text_reply, ok_reply, wire_time
 from imr.store import BlockRecord
 
 # Each action's wire name (a dict read: the enum's `value` is a property, slower).
@@ -68,8 +67,10 @@ def block_result(record: BlockRecord, decision: Decision, now: float) -> BlockRe
 
 
 def encode_json_answer(request_id: str | None, answer: BlockAnswer) -> bytes:
-    """encode_json_ok(request_id, answer.result()), byte for byte, without the dict: the
-    same values in the same template, under the same type checks (else that path)."""
+    """encode_json_reply(ok_reply(request_id, answer.result())), byte for byte, without the
+    dict: exact ints (not bool) where the reply has numbers, else that path; the encoder's
+    own string quoting (ensure_ascii), and a TypeError from it for a non-string sends the
+    row that path too."""
     record, decision, quote = answer.record, answer.decision, encode_basestring_ascii
     blocked_at, expires_at, lifted_at = record.blocked_at, record.expires_at, record.lifted_at
     remaining = max(0, round(expires_at - answer.now)) if lifted_at is None else 0
@@ -81,7 +82,7 @@ def encode_json_answer(request_id: str | None, answer: BlockAnswer) -> bytes:
         or (uid is not None and type(uid) is not int)
         or (pid is not None and type(pid) is not int)
     ):
-        return encode_json_ok(request_id, answer.result())
+        return encode_json_reply(ok_reply(request_id, answer.result()))
     blocked, expires = wire_time(blocked_at), wire_time(expires_at)
     duration, action = format_duration(expires_at - blocked_at), _VALUES[decision.action]
     lift_reason, lifted_by, origin = record.lift_reason, record.lifted_by, record.origin
@@ -100,11 +101,12 @@ def encode_json_answer(request_id: str | None, answer: BlockAnswer) -> bytes:
             f'"kind":"block","action":{quote(action)},"why":{quote(decision.why)}}}}}\n'
         ).encode()
     except TypeError:  # a string field that is not one: the encoder says what it says
-        return encode_json_ok(request_id, answer.result())
+        return encode_json_reply(ok_reply(request_id, answer.result()))
 
 
 def encode_text_answer(request_id: str | None, answer: BlockAnswer) -> bytes:
-    """encode_text_ok(request_id, answer.result()), byte for byte, without the dict."""
+    """encode_text_reply(ok_reply(request_id, answer.result())), byte for byte, without the
+    dict or the control-character pass when the line has nothing that pass would change."""
     record, action = answer.record, _VALUES[answer.decision.action]
     line = (
         f"ok {_TOLD.get(action, action)} {record.ip} until {wire_time(record.expires_at)}"
@@ -112,4 +114,4 @@ def encode_text_answer(request_id: str | None, answer: BlockAnswer) -> bytes:
     )
     if line.isprintable():  # no C0 or DEL to replace; it ends in ")": nothing to strip
         return line.encode() + b"\n"
-    return encode_text_ok(request_id, answer.result())
+    return encode_text_reply(ok_reply(request_id, answer.result()))

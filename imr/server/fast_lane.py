@@ -33,11 +33,10 @@ from pydantic import ValidationError
 from imr.protocol import (
     BlockRequest,
     ProtocolError,
-    encode_json_ok,
     encode_json_reply,
-    encode_text_ok,
     encode_text_reply,
     error_reply,
+    ok_reply,
     parse_message,
 )
 from imr.server.access import Peer
@@ -267,8 +266,7 @@ class FastConnection(asyncio.StreamReaderProtocol):
                 encode_answer = encode_json_answer if in_json else encode_text_answer
                 reply, renews = encode_answer(request_id, result), True
             else:
-                encode_ok = encode_json_ok if in_json else encode_text_ok
-                reply, renews = encode_ok(request_id, result), True
+                reply, renews = encode(ok_reply(request_id, result)), True
         except self._error_type as exc:
             reply, renews = encode(error_reply(request_id, exc.code, exc.message)), False
         except Exception:
