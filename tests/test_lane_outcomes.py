@@ -1,4 +1,4 @@
-"""The fast lane's outcomes from the writer loop (Broker._LaneReply): errors and metrics.
+"""The fast lane's outcomes from the writer loop (lane_reply.LaneReply): errors and metrics.
 
 tests/test_fast_lane.py compares the lane with the streams path for answers decided at
 admission and for blocks; here the writer itself fails a change (the kernel refuses an

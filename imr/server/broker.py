@@ -10,53 +10,43 @@ Only the writer thread touches the Store and the Backend (or the event loop, for
 small batch while that thread is idle: commit_place.py; never both at once), and only
 the event loop changes the in-memory index of active blocks, after a batch committed;
 so list/show/status answer from memory without locks. The Broker itself owns the
-life cycle (start-up reconcile, the loops, stop) and routes each request.
+life cycle (start-up reconcile, the loops, stop) and routes each request: the reads
+to reads.py, block_many to block_many.py, a fast-lane block with a LaneReply
+(lane_reply.py); start-up's rows come from restore.py, the change log is change_log.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast, overload
 
 from imr.backends.base import (
     Backend,
     Drift,
-    KernelBlock,
 )
 from imr.config import Config
 from imr.core.addresses import (
     IPAddress,
     ProtectionIndex,
     Refusal,
-    address_of_packed,
-    canonical_packed,
-    canonical_target,
     parse_target,
 )
 from imr.core.clock import Clock
-from imr.core.listing import ListQuery, select_blocks
-from imr.core.log_budget import LineBudget
 from imr.core.policy import Ladder
 from imr.core.prefixes import Level
 from imr.core.quota import QuotaLedger
 from imr.protocol import (
-    BlockedItem,
-    BlockInfo,
-    BlockManyItem,
     BlockManyRequest,
     BlockManyResult,
     BlockRequest,
     BlockResult,
     ExportPage,
     ExportRequest,
-    HitInfo,
     ListRequest,
     ListResult,
     PingRequest,
@@ -69,12 +59,13 @@ from imr.protocol import (
     StatusResult,
     UnblockRequest,
     UnblockResult,
-    timestamp,
 )
 from imr.server import replies
 from imr.server.access import Peer
 from imr.server.admission import AddressView, Gatekeeper
 from imr.server.block_answer import BlockAnswer
+from imr.server.block_many import block_many
+from imr.server.change_log import ChangeLog
 from imr.server.changes import (
     Answer,
     AnyChange,
@@ -94,8 +85,11 @@ from imr.server.changes import (
     stored_target,
 )
 from imr.server.commit_place import ON_LOOP_BACKENDS, CommitPlace
+from imr.server.lane_reply import LaneReply
 from imr.server.metrics import Metrics
 from imr.server.prefix_blocks import PrefixBlocks, guard_of
+from imr.server.reads import Reads
+from imr.server.restore import release_free_heap, rows_to_restore
 from imr.server.state_health import STATE_UNWRITABLE, StateHealth
 from imr.server.transaction import BatchCommitter
 from imr.server.upkeep import Upkeep
@@ -161,7 +155,7 @@ class Broker:
             monotonic,
             self.metrics,
         )
-        self._change_log = LineBudget(config.server.log_changes_per_second)
+        self._change_log = ChangeLog(config.server.log_changes_per_second, monotonic)
         # Re-arm a block's kernel entry on every report of it; not for iptables, whose
         # rules never time out and whose apply reads the whole chain.
         rearm = backend.name not in _NO_REARM
@@ -175,6 +169,7 @@ class Broker:
         self._committer.fleet_name = self.fleet_name
         self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
         self._upkeep = self._make_upkeep(config, store)
+        self._reads = Reads(config, self._active, store, clock, self._prefix, self._in_writer)
 
     def _make_upkeep(self, config: Config, store: Store) -> Upkeep:
         """Clock steps, hit retention and the drift check, between the writer's batches."""
@@ -215,11 +210,11 @@ class Broker:
         the allowlist, ladder, quotas and log budget apply to the next requests."""
         if config.guarded.allowlist != self._config.guarded.allowlist:
             self._gate.recheck_all = True
-        self._config = config
+        self._config = self._reads.config = config
         self._committer.ladder = config.policy.to_ladder()
         self._gate.protect, self._gate.quota_config = config.guarded, config.quota
         self._quota.limits = config.quota.to_limits()
-        self._change_log = LineBudget(config.server.log_changes_per_second)
+        self._change_log.configure(config.server.log_changes_per_second)
         self._prefix.configure(*_prefix_settings(config))
 
     def reconcile(self) -> None:
@@ -232,36 +227,9 @@ class Broker:
         protection = ProtectionIndex.build(
             self._local.own, self._local.broadcast, self._config.guarded.allowlist
         )
-        plain = protection.plain
-        keep: list[BlockRecord] = []
-        kernel: list[KernelBlock] = []  # parsed once here: 100,000 parses cost seconds
-        with self._store.transaction():
-            for record in self._store.active_blocks():
-                # Nearly every row: the canonical text of an address that is still due and
-                # that nothing protects, checked on its packed bytes (~0.1 s for 100,000
-                # rows; ~0.3 s through ipaddress objects). The rest: the full checks below.
-                ip, expires_at = record.ip, record.expires_at
-                packed = canonical_packed(ip)
-                if packed is not None and expires_at > now and plain(packed):
-                    keep.append(record)
-                    kernel.append(KernelBlock(address_of_packed(packed), expires_at, ip))
-                    continue
-                address, text = stored_target(record.ip)
-                refusal = self._gate.protected(address)
-                if record.expires_at <= now:
-                    self._store.lift(record.id, now, "expired", "imr")
-                    self.metrics.expired(1)
-                    log.info(
-                        "expired %s while the daemon was down (due %s)",
-                        record.ip,
-                        timestamp(record.expires_at),
-                    )
-                elif refusal is not None:
-                    self._store.lift(record.id, now, "protected", "imr")
-                    log.warning("lifted %s at start: %s", record.ip, refusal.message)
-                else:
-                    keep.append(record)
-                    kernel.append(KernelBlock(address, record.expires_at, text))
+        keep, kernel = rows_to_restore(
+            self._store, now, protection.plain, self._gate.protected, self.metrics
+        )
         # The kernel load, then the index: nothing is published if the load fails. (The
         # index in a thread beside the load gained nothing measurable: it competed with the
         # load's own Python work for the GIL, not with the kernel's; docs/performance.md.)
@@ -279,7 +247,7 @@ class Broker:
         self._quota.restore({r.ip: principals[r.uid] for r in keep if r.uid is not None})
         self.metrics.set_active(self._backend.name, len(self._active))
         del keep
-        _release_free_heap()
+        release_free_heap()
         log.info("restored %d active blocks into %s", len(self._active), self._backend.describe())
         self._warn_if_too_many_rules()
 
@@ -370,7 +338,7 @@ class Broker:
             result = exc.code if isinstance(exc, BrokerError) else WireCode.INTERNAL_ERROR
             self.metrics.request_done(request.op, peer, result, time.monotonic() - started)
             raise
-        self._put(Queued(change, _LaneReply(self.metrics, peer, started, answered)))
+        self._put(Queued(change, LaneReply(self.metrics, peer, started, answered)))
 
     async def _dispatch(self, request: Request, peer: Peer) -> Result:
         self._gate.check_role(request, peer)
@@ -382,56 +350,20 @@ class Broker:
                     return answer.result()
                 return cast(BlockResult, answer)
             case BlockManyRequest():
-                return await self._request_block_many(request, peer)
+                return await block_many(request, peer, self._gate, self._enqueue)
             case UnblockRequest():
                 return await self._request_unblock(request, peer)
             case ListRequest():
-                return self._list(request)
+                return self._reads.list(request)
             case ShowRequest():
-                return await self._show(request)
+                return await self._reads.show(request)
             case StatusRequest():
                 return self.status()
             case ExportRequest():
-                return await self._export(request)
+                return await self._reads.export(request)
             case PingRequest():
                 return replies.pong()
         raise BrokerError(WireCode.BAD_REQUEST, f"unsupported op {request.op}")  # pragma: no cover
-
-    async def _request_block_many(self, request: BlockManyRequest, peer: Peer) -> BlockManyResult:
-        """Each address as its own block request: own checks, own quota share, own outcome.
-
-        All the admitted ones are queued at once, so they usually share one batch (one
-        state transaction, one kernel transaction); a refusal or failure of one address
-        answers only that address.
-        """
-        results: list[BlockManyItem | None] = [None] * len(request.ips)
-        waiting: list[tuple[int, asyncio.Future[Reply]]] = []
-        # Spellings of one address ("2001:db8::7", "2001:DB8:0::7", "::ffff:192.0.2.7") are
-        # one change, admitted and counted once; the others share its answer.
-        first: dict[str, int] = {}
-        spelling: dict[int, int] = {}
-        for index, text in enumerate(request.ips):
-            parsed = canonical_target(text)
-            if not isinstance(parsed, Refusal):
-                spelling[index] = first.setdefault(parsed[1], index)
-                if spelling[index] != index:
-                    continue
-            try:
-                change = self._gate.block_change(text, request, peer, compact=True)
-            except BrokerError as exc:
-                results[index] = replies.refused_item(text, exc)
-                continue
-            waiting.append((index, self._enqueue(change)))
-        for index, future in waiting:
-            try:
-                results[index] = cast(BlockedItem, await future)  # a compact change's
-            except BrokerError as exc:
-                results[index] = replies.refused_item(request.ips[index], exc)
-        for index, original in spelling.items():
-            answer = results[original]
-            if index != original and answer is not None:
-                results[index] = answer if answer["ok"] else {**answer, "ip": request.ips[index]}
-        return replies.block_many_reply([item for item in results if item is not None])
 
     async def _request_unblock(self, request: UnblockRequest, peer: Peer) -> UnblockResult:
         parsed = parse_target(request.ip)
@@ -450,33 +382,6 @@ class Broker:
             raise RuntimeError("the broker has not been started")
         self._queue.put_nowait(queued)  # unbounded: admission (quotas, connections) bounds it
 
-    def _list(self, request: ListRequest) -> ListResult:
-        now = self._clock.now()
-        query = ListQuery(
-            request.since, request.reason, request.source, request.limit, request.origin
-        )
-        records: Iterable[BlockRecord] = self._active.values()
-        if request.networks:  # a few among 100,000: the text says which (issue #16)
-            records = [r for r in records if "/" in r.ip]
-        listing = select_blocks(records, query, now)
-        return replies.list_reply(listing, now, len(self._active))
-
-    async def _show(self, request: ShowRequest) -> ShowResult:
-        """The address's history, newest first: one page of at most state.page_rows blocks
-        and hits; `next_before` asks for the hits before this page."""
-        parsed = parse_target(request.ip)
-        if isinstance(parsed, Refusal):
-            raise BrokerError(WireCode(parsed.code), parsed.message)
-        ip = str(parsed)
-        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
-        # One row more than the page, to know whether there is another.
-        page = await self._in_writer(self._store.history_page, ip, rows + 1, request.before)
-        reply = replies.show_reply(ip, self._active.get(ip), page, rows, self._clock.now())
-        # The network block that holds this address out of the kernel (issue #16), if any:
-        # one dict read, atomic under the GIL beside the writer thread's changes of it.
-        reply["covered_by"] = self._prefix.held_out.get(ip)
-        return reply
-
     def status(self) -> StatusResult:
         backend = self._backend.name, self._backend.describe(), self._backend_choice
         return replies.status_reply(
@@ -487,29 +392,6 @@ class Broker:
             len(self._active),
             self.metrics.fleet.describe(self.fleet_name) if self.fleet_name else None,
         )
-
-    async def _export(self, request: ExportRequest) -> ExportPage:
-        """One page of the whole state, blocks then hits, each by id; `next` is the cursor
-        of the following page (None after the last). A page costs the daemon its own rows
-        (at most state.page_rows), so an export of any size never holds more than that."""
-        rows = min(request.limit or self._config.state.page_rows, self._config.state.page_rows)
-        table, _, after = (request.after or "blocks:0").partition(":")
-        last = int(after)
-        blocks: list[BlockInfo] = []
-        hits: list[HitInfo] = []
-        following: str | None
-        now = self._clock.now()
-        if table == "blocks":
-            found = await self._in_writer(self._store.blocks_after, last, rows)
-            blocks = [replies.block_info(b, now) for b in found]
-            more = len(found) == rows
-            following = f"blocks:{found[-1].id}" if more else "hits:0"
-        else:
-            found_hits = await self._in_writer(self._store.hits_after, last, rows)
-            hits = [replies.hit_info(h) for h in found_hits]
-            more = len(found_hits) == rows
-            following = f"hits:{found_hits[-1].id}" if more else None
-        return replies.export_reply(blocks, hits, following)
 
     async def _in_writer(self, function: Callable[..., Any], *args: Any) -> Any:
         return await self._place.in_thread(function, *args)
@@ -546,7 +428,7 @@ class Broker:
             try:
                 await self.check_clock()
                 await self.expire_due()
-                self._report_held_back()  # a flood's last second, once it is over
+                self._change_log.report_held_back()  # a flood's last second, once it is over
             except Exception:
                 log.exception("expiry failed; retrying")
             await asyncio.sleep(EXPIRY_TICK)
@@ -587,7 +469,7 @@ class Broker:
                 self._publish(result)
                 if self._fleet is not None:
                     self._fleet.publisher.wake()
-            self._log_changes(result.log_lines)
+            self._change_log.write(result.log_lines)
             # Settle every reservation before any readmission, so none counts twice.
             for queued, outcome in zip(batch, result.outcomes, strict=True):
                 self._gate.settle(queued.change, outcome)
@@ -602,7 +484,7 @@ class Broker:
                     future.set_exception(outcome.error)
                 else:
                     future.set_result(outcome.result or cast(Answer, {}))
-            self.metrics.flush_requests()  # the fast lane's replies just written (_LaneReply)
+            self.metrics.flush_requests()  # the fast lane's replies just written (LaneReply)
 
     def _readmit(self, queued: Queued, change: BlockChange, queue: ChangeQueue) -> None:
         """A hit whose block was lifted before the writer got to it: a new block, if the quota
@@ -628,25 +510,6 @@ class Broker:
         self.metrics.set_active(self._backend.name, len(self._active))
         self._warn_if_too_many_rules()
 
-    def _log_changes(self, lines: list[Callable[[], str]]) -> None:
-        """One line per change, up to server.log_changes_per_second (the state file has
-        every change; under a flood the log says how many it left out)."""
-        self._report_held_back()
-        for line in lines[: self._change_log.admit(len(lines), self._monotonic())]:
-            log.info("%s", line())
-
-    def _report_held_back(self) -> None:
-        held = self._change_log.held_back(self._monotonic())
-        if held:
-            log.info(
-                "%d more changes in the last second not logged one by one"
-                " (server.log_changes_per_second = %d); `imr list --since 1m` and"
-                " `imr show IP` have them all",
-                held,
-                self._change_log.per_second,
-                extra={"event": "changes_not_logged", "count": held},
-            )
-
     def _warn_if_too_many_rules(self) -> None:
         limit = self._config.firewall.per_address_warning
         if self._backend.name == "iptables" and not self._warned_size and len(self._active) > limit:
@@ -656,56 +519,6 @@ class Broker:
                 ' use backend = "nftables" or "ipset" (hash sets) at this scale',
                 len(self._active),
             )
-
-
-class _LaneReply:
-    """A fast-lane request's Waiter: the writer loop hands the outcome straight to the lane's
-    callback (the reply is written there and then), then counts it as handle() would. A
-    future a request cost a future, a done-callback and a loop turn (~3 µs; py-spy of
-    bench/one_address.py, docs/performance.md "Speed round two, per request")."""
-
-    __slots__ = ("_answered", "_done", "_metrics", "_peer", "_started")
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        peer: Peer,
-        started: float,
-        answered: Callable[[Reply | None, BaseException | None], object],
-    ) -> None:
-        self._metrics, self._peer, self._started = metrics, peer, started
-        self._answered = answered
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, result: Reply, /) -> None:
-        self._finish(result, None)
-
-    def set_exception(self, exception: BaseException, /) -> None:
-        self._finish(None, exception)
-
-    def _finish(self, result: Reply | None, error: BaseException | None) -> None:
-        self._done = True
-        try:
-            self._answered(result, error)
-        except Exception:  # the writer loop goes on whatever one client's reply did
-            log.exception("the reply to %s failed", self._peer.describe())
-        code: str = "ok"
-        if error is not None:
-            code = error.code if isinstance(error, BrokerError) else WireCode.INTERNAL_ERROR
-        self._metrics.request_later("block", self._peer, code, time.monotonic() - self._started)
-
-
-def _release_free_heap() -> None:
-    """Give the C heap's free memory back to the system (glibc's malloc_trim).
-
-    Start-up with 100,000 blocks allocates and frees tens of MB (rows, the kernel script, its
-    parsing); glibc would otherwise keep ~10 MB of it for the daemon's whole life.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _prefix_settings(config: Config) -> tuple[Ladder, list[Level], int]:
