@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
-from typing import Annotated, Any, Literal, NotRequired, TypedDict, overload
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import (
     AfterValidator,
@@ -26,11 +25,33 @@ from pydantic import (
 )
 
 from imr.config_types import Duration
-from imr.core.policy import Action
+
+# The replies live in imr/protocol_replies.py; callers keep importing them from here.
+from imr.protocol_replies import CONTROL_CHARACTERS
+from imr.protocol_replies import PROTOCOL_VERSION as PROTOCOL_VERSION
+from imr.protocol_replies import AuthResult as AuthResult
+from imr.protocol_replies import BlockedItem as BlockedItem
+from imr.protocol_replies import BlockInfo as BlockInfo
+from imr.protocol_replies import BlockManyItem as BlockManyItem
+from imr.protocol_replies import BlockManyResult as BlockManyResult
+from imr.protocol_replies import BlockResult as BlockResult
+from imr.protocol_replies import ErrorInfo as ErrorInfo
+from imr.protocol_replies import ExportPage as ExportPage
+from imr.protocol_replies import HitInfo as HitInfo
+from imr.protocol_replies import ListResult as ListResult
+from imr.protocol_replies import PongResult as PongResult
+from imr.protocol_replies import RefusedItem as RefusedItem
+from imr.protocol_replies import Result as Result
+from imr.protocol_replies import ShowResult as ShowResult
+from imr.protocol_replies import StatusResult as StatusResult
+from imr.protocol_replies import UnblockResult as UnblockResult
+from imr.protocol_replies import encode_json_reply as encode_json_reply
+from imr.protocol_replies import encode_text_reply as encode_text_reply
+from imr.protocol_replies import error_reply as error_reply
+from imr.protocol_replies import ok_reply as ok_reply
 from imr.terminal import UNSAFE, escape
 from imr.wire_codes import WireCode
 
-PROTOCOL_VERSION = 1
 MAX_REASON = 200
 MAX_SOURCE = 64
 MAX_LIST_LIMIT = 100_000
@@ -296,11 +317,10 @@ _TEXT_VERBS = {
     "status": (0, False),
     "ping": (0, False),
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _parse_text(text: str, allow_auth: bool = False) -> Request | AuthRequest:
-    if _CONTROL.search(text):
+    if CONTROL_CHARACTERS.search(text):
         raise ProtocolError(WireCode.BAD_REQUEST, "control characters are not allowed")
     verb, _, rest = text.partition(" ")
     verb = verb.lower()
@@ -360,211 +380,3 @@ def _first_error(exc: ValidationError, nested: bool = True) -> str:
     key = ".".join(str(p) for p in error["loc"][1 if nested else 0 :]) or "request"
     # An unknown key is the client's text: escaped, or it could end a log line and forge the next.
     return escape(f"{key[:64]}: {error['msg'].removeprefix('Value error, ')}")
-
-
-# --- Replies ---
-# What `result` holds for each op (docs/protocol.md describes every field). TypedDicts cost
-# nothing at run time; they let mypy check each reader's keys. Times are `timestamp` text.
-
-
-class ErrorInfo(TypedDict):
-    code: str  # a WireCode (imr/wire_codes.py)
-    message: str  # for people
-
-
-class BlockInfo(TypedDict):
-    """One block, active or lifted: list, show, export and block itself."""
-
-    ip: str
-    blocked_at: str
-    expires_at: str
-    duration: str  # as the ladder writes it ("1d")
-    remaining_seconds: int  # 0 once lifted
-    rung: int
-    offence: int
-    reason: str
-    source: str
-    uid: int | None
-    pid: int | None
-    lifted_at: str | None
-    lift_reason: str | None
-    lifted_by: str | None
-    origin: str | None  # the fleet member it came from; None: made here (docs/fleet.md)
-
-
-class BlockResult(BlockInfo):
-    kind: Literal["block"]
-    action: str  # an Action (imr/core/policy.py): block, escalate or record
-    why: str  # the ladder's reason for the rung
-
-
-class BlockedItem(TypedDict):
-    """block_many's short answer for one address that went through."""
-
-    ip: str
-    ok: Literal[True]
-    action: str
-    expires_at: str
-    rung: int
-    offence: int
-
-
-class RefusedItem(TypedDict):
-    """block_many's answer for one address that was refused or failed."""
-
-    ip: str
-    ok: Literal[False]
-    error: ErrorInfo
-
-
-BlockManyItem = BlockedItem | RefusedItem
-
-
-class BlockManyResult(TypedDict):
-    kind: Literal["block_many"]
-    results: list[BlockManyItem]  # in request order
-    counts: dict[str, int]  # blocked, escalated, recorded, refused (Action.counted)
-
-
-class UnblockResult(TypedDict):
-    kind: Literal["unblock"]
-    ip: str
-
-
-class HitInfo(TypedDict):
-    id: int  # show's `before` cursor
-    ip: str
-    at: str
-    outcome: str
-    reason: str
-    source: str
-    uid: int | None
-    pid: int | None
-    block_id: int | None
-
-
-class ShowResult(TypedDict):
-    kind: Literal["show"]
-    ip: str
-    active: BlockInfo | None
-    blocks: list[BlockInfo]  # newest first, one page
-    hits: list[HitInfo]  # newest first, one page
-    more_blocks: bool
-    next_before: int | None  # the next page's `before`; None on the last page
-    covered_by: NotRequired[str | None]  # the network block holding it out of the kernel
-
-
-class ListResult(TypedDict):
-    kind: Literal["list"]
-    blocks: list[BlockInfo]
-    matched: int  # active blocks the filters matched, before `limit`
-    active: int  # all active blocks
-
-
-class ExportPage(TypedDict):
-    kind: Literal["export"]
-    schema_version: int
-    blocks: list[BlockInfo]
-    hits: list[HitInfo]
-    next: str | None  # the next page's `after`; None after the last page
-
-
-class StatusResult(TypedDict):
-    kind: Literal["status"]
-    version: str
-    pid: int
-    started_at: str
-    uptime_seconds: float
-    backend: str
-    backend_detail: str
-    backend_choice: str  # why this backend was chosen
-    socket: str
-    state_file: str
-    active_blocks: int
-    fleet: NotRequired[dict[str, Any]]  # fleet mode only (docs/fleet.md)
-
-
-class PongResult(TypedDict):
-    kind: Literal["pong"]
-    version: str
-
-
-class AuthResult(TypedDict):
-    kind: Literal["auth"]
-    principal: str
-    roles: list[str]
-
-
-Result = (
-    BlockResult
-    | BlockManyResult
-    | UnblockResult
-    | ShowResult
-    | ListResult
-    | ExportPage
-    | StatusResult
-    | PongResult
-    | AuthResult
-)
-
-
-def ok_reply(request_id: str | None, result: Result) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
-
-
-def error_reply(request_id: str | None, code: WireCode, message: str) -> dict[str, Any]:
-    return {
-        "v": PROTOCOL_VERSION,
-        "id": request_id,
-        "ok": False,
-        "error": {"code": code, "message": message},
-    }
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call
-
-
-def encode_json_reply(reply: dict[str, Any]) -> bytes:
-    return _COMPACT.encode(reply).encode() + b"\n"
-
-
-def encode_text_reply(reply: dict[str, Any]) -> bytes:
-    """The text form: "ok <summary>" or "error <code>: <message>", one line."""
-    if not reply["ok"]:
-        error = reply["error"]
-        line = f"error {error['code']}: {error['message']}"
-    else:
-        line = "ok " + _summarise(reply["result"])
-    return _CONTROL.sub(" ", line).strip().encode() + b"\n"
-
-
-_TOLD = {action.value: action.told for action in Action}
-
-
-def _summarise(result: dict[str, Any]) -> str:
-    kind = result.get("kind")
-    if kind == "block":
-        return (
-            f"{_TOLD.get(result['action'], result['action'])} {result['ip']}"
-            f" until {result['expires_at']}"
-            f" (rung {result['rung']}, offence {result['offence']})"
-        )
-    if kind == "unblock":
-        return f"unblocked {result['ip']}"
-    if kind == "show":
-        active = result.get("active")
-        state = f"blocked until {active['expires_at']}" if active else "not blocked"
-        return f"{result['ip']} {state}; {len(result['blocks'])} blocks, {len(result['hits'])} hits"
-    if kind == "list":
-        entries = " ".join(f"{b['ip']}@{b['expires_at']}" for b in result["blocks"])
-        return f"{len(result['blocks'])} active" + (f": {entries}" if entries else "")
-    if kind == "status":
-        return (
-            f"running pid {result['pid']} backend {result['backend']}"
-            f" active {result['active_blocks']}"
-        )
-    if kind == "pong":
-        return "pong"
-    if kind == "auth":
-        return f"authenticated {result['principal']} (roles {','.join(result['roles']) or 'none'})"
-    return json.dumps(result, separators=(",", ":"))

@@ -19,7 +19,7 @@ from imr.store import BlockRecord
 
 # Each action's wire name (a dict read: the enum's `value` is a property, slower).
 _VALUES = {action: action.value for action in Action}
-_TOLD = {action.value: action.told for action in Action}  # protocol._summarise's words
+_TOLD = {action.value: action.told for action in Action}  # protocol_replies._summarise's words
 
 
 class BlockAnswer:
