@@ -1,4 +1,4 @@
-"""The writer's side of a fleet catch-up (imr/server/transaction.py): thousands of remote
+"""The writer's side of a fleet catch-up (imr/server/batch_transaction.py): thousands of remote
 events as one change, with a real state file, a fake clock and a recording backend."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 KernelBlock.fresh tells nftables it may only add the element, without taking it out
 first (a third of the kernel's work): only when the address never had a state row, so
-imr's sets cannot hold it (transaction._apply_block, as _remote_block for a fleet
+imr's sets cannot hold it (batch_transaction._apply_block, as _remote_block for a fleet
 catch-up). A repeat, a re-armed hit, a block after an unblock are never fresh.
 """
 

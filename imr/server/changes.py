@@ -2,7 +2,7 @@
 
 A *change* is one request's (or the expiry loop's) wish for the state and the kernel:
 admission (admission.py) builds a BlockChange, the broker queues it, and the writer
-thread applies a batch of them in one BatchTransaction (transaction.py). Each change
+thread applies a batch of them in one BatchTransaction (batch_transaction.py). Each change
 gets an *outcome*: a reply for its client, an error, or "readmit" (a hit that turned
 into a new block must pass the quota first). A *batch result* is the outcomes of one
 batch with the index changes the event loop publishes after the commit.

@@ -48,7 +48,7 @@ MAX_NAMED = 8  # members named in a block's reason (the hits of each are in `imr
 
 
 class BatchWork(Protocol):
-    """What PrefixBlocks needs of a batch (transaction._BatchTransaction)."""
+    """What PrefixBlocks needs of a batch (batch_transaction.BatchTransaction)."""
 
     now: float
     changed: dict[str, BlockRecord | None]
