@@ -146,15 +146,7 @@ class Broker:
         # Quotas run on a monotonic clock: a wall-clock step must not lock clients out.
         self._monotonic = monotonic
         self._quota = QuotaLedger(config.quota.to_limits())
-        self._gate = Gatekeeper(
-            (config.guarded, config.quota),
-            local,
-            self._active,
-            self._quota,
-            clock,
-            monotonic,
-            self.metrics,
-        )
+        self._gate = self._make_gate(config)
         self._change_log = ChangeLog(config.server.log_changes_per_second, monotonic)
         # Re-arm a block's kernel entry on every report of it; not for iptables, whose
         # rules never time out and whose apply reads the whole chain.
@@ -170,6 +162,18 @@ class Broker:
         self._fleet: Any = None  # imr.fleet.member.FleetMember, made by start()
         self._upkeep = self._make_upkeep(config, store)
         self._reads = Reads(config, self._active, store, clock, self._prefix, self._in_writer)
+
+    def _make_gate(self, config: Config) -> Gatekeeper:
+        """Admission: roles, address checks, protection and quotas, before anything queues."""
+        return Gatekeeper(
+            (config.guarded, config.quota),
+            self._local,
+            self._active,
+            self._quota,
+            self._clock,
+            self._monotonic,
+            self.metrics,
+        )
 
     def _make_upkeep(self, config: Config, store: Store) -> Upkeep:
         """Clock steps, hit retention and the drift check, between the writer's batches."""
