@@ -55,6 +55,11 @@ through libnftables, the sets are flushed and filled in one raw nfnetlink batch
 (nfnetlink.replace_elements), still one transaction; libnftables took ~0.6 s
 to parse and evaluate 100,000 elements as text. If the batch fails, the same
 change is made with the nft script, and the log says why.
+
+This module is the backend: locking, the choice between the paths above, the retry
+and the drift check's kernel reads. The table's names and the nft script text live
+in imr/backends/nftables_script.py, the packed netlink elements of the two fast
+paths in imr/backends/nftables_packed.py.
 """
 
 from __future__ import annotations
@@ -63,7 +68,6 @@ import ipaddress
 import json
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -77,229 +81,39 @@ from imr.backends.base import (
     Expected,
     KernelBlock,
     Slot,
-    port_range,
     slot_of,
     slot_of_text,
 )
 from imr.backends.libnftables import LibNftables, NftCommand, Transport
+from imr.backends.nftables_packed import encoded_sets, packed_steps
+from imr.backends.nftables_script import (
+    CHAIN,
+    FAMILY,
+    MARKERS,
+    NETWORK_SLOTS,
+    SETS,
+    TABLE,
+    element_command,
+    element_text,
+    latest_blocks,
+    marker_commands,
+    reject_rules,
+    replaced_networks,
+    structure_script,
+    targets_in,
+)
 from imr.config import FirewallConfig
-from imr.core.addresses import IPAddress, IPNetwork, Target
+from imr.core.addresses import IPAddress, Target
 
 log = logging.getLogger("imr.backend")
 
-TABLE = "imr"
-FAMILY = "inet"
-CHAIN = "input"
-PRIORITY = -10
-SETS: dict[Slot, str] = {
-    "v4": "blocked_v4",
-    "v6": "blocked_v6",
-    "net4": "blocked_net_v4",
-    "net6": "blocked_net_v6",
-}
-# Never a real block (the broker refuses broadcast and multicast addresses) and never a
-# packet's source (the kernel drops such packets before the input hook): the drift check's
-# sign that an address set still holds what imr put there.
-NETWORK_SLOTS: tuple[Slot, ...] = ("net4", "net6")
-MARKERS: dict[Slot, IPAddress] = {
-    "v4": ipaddress.IPv4Address("255.255.255.255"),
-    "v6": ipaddress.IPv6Address("ff00::"),
-}
 # The drift check counts an address set's elements (a dump, read in the writer thread) at
 # every check while the broker expects at most COUNT_ALWAYS of them, and at most every
 # COUNT_INTERVAL seconds beyond; between counts only the marker tells a flush. Measured
 # (operations.md, Drift): ~10 ms at 2,000, ~1 s at 100,000, mostly Python reading the dump.
 COUNT_ALWAYS = 2_000
 COUNT_INTERVAL = 300.0
-# The kernel keeps timeouts in milliseconds in 64 bits; a longer block gets no timeout
-# (the broker lifts it) rather than a wrapped or refused one.
-MAX_TIMEOUT = (2**64 - 1) // 1000 // 1000
 _ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
-
-_REJECT_V4 = {
-    "icmp-host-unreachable": "reject with icmp type host-unreachable",
-    "icmp-port-unreachable": "reject with icmp type port-unreachable",
-    "icmp-net-unreachable": "reject with icmp type net-unreachable",
-    "icmp-admin-prohibited": "reject with icmp type admin-prohibited",
-    "tcp-reset": "reject with tcp reset",
-}
-_REJECT_V6 = {
-    "icmp6-addr-unreachable": "reject with icmpv6 type addr-unreachable",
-    "icmp6-port-unreachable": "reject with icmpv6 type port-unreachable",
-    "icmp6-adm-prohibited": "reject with icmpv6 type admin-prohibited",
-    "icmp6-no-route": "reject with icmpv6 type no-route",
-    "tcp-reset": "reject with tcp reset",
-}
-
-
-# ---------------------------------------------------------------------------
-# The script pieces
-
-_SET_KINDS: tuple[tuple[Slot, str, str], ...] = (
-    ("v4", "ipv4_addr", "timeout"),
-    ("v6", "ipv6_addr", "timeout"),
-    # No auto-merge: with it, nft merges neighbouring intervals and their timeouts
-    # into one element. The broker never lets two network blocks overlap instead
-    # (the kernel refuses overlapping intervals without it).
-    ("net4", "ipv4_addr", "interval, timeout"),
-    ("net6", "ipv6_addr", "interval, timeout"),
-)
-
-
-def _rules(config: FirewallConfig) -> list[str]:
-    """One reject rule per set, from the same settings as the iptables backend."""
-    protocol = None if config.protocol == "all" else config.protocol
-    match = " ct state new"  # new connections only: never a reply to the host's own
-    if config.ports:
-        ports = ", ".join(_port(spec) for spec in config.ports)
-        match += f" {protocol} dport {{ {ports} }}"
-    elif protocol:
-        match += f" meta l4proto {protocol}"
-    v4 = _REJECT_V4[config.reject_with_ipv4]
-    v6 = _REJECT_V6[config.reject_with_ipv6]
-    return [
-        f"ip saddr @{SETS['v4']}{match} {v4}",
-        f"ip6 saddr @{SETS['v6']}{match} {v6}",
-        f"ip saddr @{SETS['net4']}{match} {v4}",
-        f"ip6 saddr @{SETS['net6']}{match} {v6}",
-    ]
-
-
-def _port(spec: str) -> str:
-    low, high = port_range(spec)
-    return str(low) if low == high else f"{low}-{high}"  # nft writes a range low-high
-
-
-def _timeout(seconds: int) -> str:
-    # nft's parser refuses a number of more than 8 digits in one unit ("value too large"),
-    # so far expiries are written as days plus seconds.
-    return f" timeout {seconds // 86400}d{seconds % 86400}s"
-
-
-def _element(text: str, expires_at: float, now: float) -> str:
-    remaining = math.ceil(expires_at - now)
-    return f"{text}{_timeout(remaining) if remaining <= MAX_TIMEOUT else ''}"
-
-
-def _elements(set_name: str, elements: Sequence[str], verb: str = "add") -> str:
-    return f"{verb} element {FAMILY} {TABLE} {set_name} {{ {', '.join(elements)} }}\n"
-
-
-def _markers() -> str:
-    """Puts the marker elements back (adding a present element is a no-op)."""
-    return "".join(_elements(SETS[slot], [str(marker)]) for slot, marker in MARKERS.items())
-
-
-def _targets_in(listing: Any) -> list[Target]:
-    """Addresses and networks of every set element in `nft -j list ...` output."""
-    found: list[Target] = []
-    for item in listing.get("nftables", []):
-        for entry in item.get("set", {}).get("elem", []):
-            value = entry["elem"]["val"] if isinstance(entry, dict) else entry
-            if isinstance(value, str):
-                found.append(ipaddress.ip_address(value))
-            elif isinstance(value, dict) and "prefix" in value:
-                prefix = value["prefix"]
-                found.append(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
-    return found
-
-
-def _latest(blocks: Sequence[KernelBlock]) -> dict[Target, KernelBlock]:
-    """Each target once, as its block with the latest expiry."""
-    latest: dict[Target, KernelBlock] = {}
-    for block in blocks:
-        seen = latest.get(block.address)
-        if seen is None or block.expires_at > seen.expires_at:
-            latest[block.address] = block
-    return latest
-
-
-def _replaced_networks(
-    adding: Mapping[Target, KernelBlock], removing: Sequence[Target]
-) -> list[Target]:
-    """The networks removed that overlap a network added (rare: checked only when both
-    lists hold a network)."""
-    gone = [t for t in removing if isinstance(t, IPNetwork)]
-    if not gone:
-        return []
-    new = [t for t in adding if isinstance(t, IPNetwork)]
-    return [t for t in gone if any(n.version == t.version and n.overlaps(t) for n in new)]
-
-
-def _timeout_ms(expires_at: float, now: float) -> int | None:
-    """A netlink element's timeout: the remaining time in whole seconds rounded up, as
-    `_element` writes it; None (no timeout) beyond what the kernel can hold."""
-    remaining = math.ceil(expires_at - now)
-    return remaining * 1000 if remaining <= MAX_TIMEOUT else None
-
-
-def _packed_steps(
-    adding: Mapping[bytes, KernelBlock], removing: Sequence[bytes], now: float
-) -> list[nfnetlink.Step]:
-    """apply()'s change to the address sets as netlink batch steps, the same as its script:
-    per set, every touched address added (a no-op if present) and deleted (so the delete
-    is always valid: deleting an absent element aborts the whole transaction), then each
-    new one added with its remaining time as the timeout (an escalation's new timeout).
-    A fresh block (never blocked here) is only added: a third of the kernel's work. Keys
-    are packed addresses: 4 bytes for IPv4, 16 for IPv6."""
-    touched: dict[int, list[bytes]] = {4: [], 16: []}
-    timed: dict[int, list[bytes]] = {4: [], 16: []}
-    for key in removing:
-        touched[len(key)].append(nfnetlink.address_element(key, None))
-    for key, block in adding.items():
-        if not block.fresh:
-            touched[len(key)].append(nfnetlink.address_element(key, None))
-        timed[len(key)].append(nfnetlink.address_element(key, _timeout_ms(block.expires_at, now)))
-    steps: list[nfnetlink.Step] = []
-    for size, set_name in ((4, SETS["v4"]), (16, SETS["v6"])):
-        if touched[size]:
-            steps.append((nfnetlink.ADD, set_name, touched[size]))
-            steps.append((nfnetlink.DELETE, set_name, touched[size]))
-        if timed[size]:
-            steps.append((nfnetlink.ADD, set_name, timed[size]))
-    return steps
-
-
-def _encoded(latest: Mapping[str, float], now: float) -> dict[str, list[bytes]]:
-    """Every set's elements for `nfnetlink.replace_elements`, markers included: each
-    target (canonical text) with its remaining time as the timeout, as `_element` writes it.
-    OSError or ValueError for a text that is not an address or network."""
-    found: dict[Slot, list[bytes]] = {slot: [] for slot in SETS}
-    intervals: dict[Slot, list[tuple[bytes, bytes | None, int | None]]] = {
-        slot: [] for slot in NETWORK_SLOTS
-    }
-    v4, v6 = found["v4"], found["v6"]
-    # The common case spelled out (100,000 addresses: a call per element doubles the time).
-    head4, head6 = nfnetlink.element_head(4), nfnetlink.element_head(16)
-    timeout_head = nfnetlink.TIMEOUT_HEAD
-    pton, ceil = socket.inet_pton, math.ceil
-    for text, expires_at in latest.items():
-        remaining = ceil(expires_at - now)
-        if remaining <= MAX_TIMEOUT and "/" not in text:
-            ms = (remaining * 1000).to_bytes(8, "big")
-            if ":" in text:
-                v6.append(head6 + pton(socket.AF_INET6, text) + timeout_head + ms)
-            else:
-                v4.append(head4 + pton(socket.AF_INET, text) + timeout_head + ms)
-            continue
-        timeout = _timeout_ms(expires_at, now)
-        if "/" not in text:
-            family = socket.AF_INET6 if ":" in text else socket.AF_INET
-            found[slot_of_text(text)].append(nfnetlink.address_element(pton(family, text), timeout))
-            continue
-        network = ipaddress.ip_network(text)  # admin blocks: a few
-        after = int(network.broadcast_address) + 1
-        end = (
-            after.to_bytes(len(network.network_address.packed), "big")
-            if after < (1 << network.max_prefixlen)
-            else None
-        )
-        intervals[slot_of(network)].append((network.network_address.packed, end, timeout))
-    for slot, marker in MARKERS.items():
-        found[slot].append(nfnetlink.address_element(marker.packed, None))
-    for slot, spans in intervals.items():
-        found[slot] = nfnetlink.interval_elements(sorted(spans))
-    return {SETS[slot]: found[slot] for slot in SETS}
 
 
 # ---------------------------------------------------------------------------
@@ -321,7 +135,7 @@ class NftablesBackend(Backend):
         and comparison."""
         self.config = config
         self._bulk_netlink = bulk_netlink
-        self._rules = _rules(config)
+        self._rules = reject_rules(config)
         self._transport: Transport
         why = ""
         if use_library:
@@ -350,19 +164,7 @@ class NftablesBackend(Backend):
 
     def _structure(self) -> str:
         """Creates what is missing and rewrites the rules; set elements are kept."""
-        sets = "".join(
-            f"add set {FAMILY} {TABLE} {SETS[slot]} {{ type {kind}; flags {flags}; }}\n"
-            for slot, kind, flags in _SET_KINDS
-        )
-        rules = "".join(f"add rule {FAMILY} {TABLE} {CHAIN} {rule}\n" for rule in self._rules)
-        return (
-            f"add table {FAMILY} {TABLE}\n"
-            + sets
-            + _markers()
-            + f"add chain {FAMILY} {TABLE} {CHAIN} "
-            f"{{ type filter hook input priority {PRIORITY}; policy accept; }}\n"
-            f"flush chain {FAMILY} {TABLE} {CHAIN}\n" + rules
-        )
+        return structure_script(self._rules)
 
     def prepare(self) -> None:
         with self._lock:
@@ -372,14 +174,14 @@ class NftablesBackend(Backend):
         now = time.time()
         if self._writer is not None and self._apply_addresses(self._writer, add, remove, now):
             return
-        latest = _latest(add)
+        latest = latest_blocks(add)
         # A block that has already expired is not put in; it is taken out if still there.
         expired = [target for target, block in latest.items() if block.expires_at <= now]
         adding = {target: block for target, block in latest.items() if block.expires_at > now}
         removing = [a for a in dict.fromkeys([*remove, *expired]) if a not in adding]
         if not adding and not removing:
             return
-        replaced = _replaced_networks(adding, removing)
+        replaced = replaced_networks(adding, removing)
         if replaced:
             # nft refuses an interval overlapping one the set holds, even one deleted
             # earlier in the same transaction ("interval overlaps with an existing one",
@@ -399,10 +201,12 @@ class NftablesBackend(Backend):
             # block.text, not str(): ipaddress's str() is slow.
             touched = gone + [block.text for block in new]
             if touched:
-                script += _elements(set_name, touched)
-                script += _elements(set_name, touched, "delete")
+                script += element_command(set_name, touched)
+                script += element_command(set_name, touched, "delete")
             if new:
-                script += _elements(set_name, [_element(b.text, b.expires_at, now) for b in new])
+                script += element_command(
+                    set_name, [element_text(b.text, b.expires_at, now) for b in new]
+                )
         if not script:
             return
         with self._lock:
@@ -445,7 +249,7 @@ class NftablesBackend(Backend):
                 gone[key] = None
         if not latest and not gone:
             return True
-        steps = _packed_steps(latest, [key for key in gone if key not in latest], now)
+        steps = packed_steps(latest, [key for key in gone if key not in latest], now)
         with self._lock:
             try:
                 writer.commit(steps)
@@ -472,7 +276,7 @@ class NftablesBackend(Backend):
                 # parsing the same as a script.
                 self._transport.run(self._structure())
                 try:
-                    nfnetlink.replace_elements(FAMILY, TABLE, _encoded(latest, now))
+                    nfnetlink.replace_elements(FAMILY, TABLE, encoded_sets(latest, now))
                     return
                 except (OSError, ValueError, nfnetlink.NetlinkWriteError) as exc:
                     log.warning(
@@ -480,13 +284,13 @@ class NftablesBackend(Backend):
                     )
             elements: dict[Slot, list[str]] = {slot: [] for slot in SETS}
             for text, expires_at in latest.items():
-                elements[slot_of_text(text)].append(_element(text, expires_at, now))
+                elements[slot_of_text(text)].append(element_text(text, expires_at, now))
             script = self._structure()
             for slot, set_name in SETS.items():
                 script += f"flush set {FAMILY} {TABLE} {set_name}\n"
                 if elements[slot]:
-                    script += _elements(set_name, elements[slot])
-            script += _markers()
+                    script += element_command(set_name, elements[slot])
+            script += marker_commands()
             self._transport.run(script)  # one transaction: the old and new sets never mix
 
     def installed(self) -> set[Target]:
@@ -497,7 +301,7 @@ class NftablesBackend(Backend):
             for slot, set_name in SETS.items():
                 listing = self._list(f"list set {FAMILY} {TABLE} {set_name}", missing_ok=True)
                 found.update(
-                    a for a in _targets_in(listing) if slot_of(a) == slot and a != MARKERS.get(slot)
+                    a for a in targets_in(listing) if slot_of(a) == slot and a != MARKERS.get(slot)
                 )
             return found
 
