@@ -52,16 +52,16 @@ from _common import (
 from _propagation import Watcher, cpu_seconds, paced_blocks, spread
 from redis import Redis
 
-from fleet_harness import RedisServer, fleet_section, free_port, make_key, start_redis
+from fleet_harness import (
+    RedisServer,
+    fleet_section,
+    free_port,
+    hub_address,
+    make_key,
+    member_address,
+    start_redis,
+)
 from netns import Netns, connect, create_netns
-
-
-def hub_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 1}"
-
-
-def member_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 2}"
 
 
 class Member(BenchDaemon):

@@ -1,5 +1,6 @@
-"""A real redis-server for fleet tests (its own process, temporary config, ACLs on), and
-key and config helpers for fleet members.
+"""A real redis-server for fleet tests (its own process, temporary config, ACLs on), key
+and config helpers for fleet members, and the hub every multi-member test builds around it
+(fleet_hub: the Redis namespace, a namespace per member, teardown).
 
 The server is started by the test (optionally inside a namespace it created) and stopped
 by its pid; it never touches a host service.
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from imr.fleet.keys import public_text
 
 from daemon_harness import GROUP, Daemon
+from netns import Netns, connect, create_netns
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 PREFIX = "imr:fleet:"
@@ -224,3 +226,84 @@ ports = [80]
 {body}
 """)
     daemon.config_file.chmod(0o644)
+
+
+def hub_address(i: int) -> str:
+    """The hub's side of member i's link (a /28 each)."""
+    return f"192.0.2.{16 * i + 1}"
+
+
+def member_address(i: int) -> str:
+    """Member i's own address on its link to the hub."""
+    return f"192.0.2.{16 * i + 2}"
+
+
+@dataclass
+class Hub:
+    """What fleet_hub built: a namespace running one Redis, every member's key, a namespace
+    and an empty home directory per member linked to the hub. The test adds its daemons to
+    `daemons` and any further namespace through `netns`, and all of it goes at the end."""
+
+    root: Path
+    ns: Netns
+    server: RedisServer  # a test that restarts Redis puts the new one here
+    port: int
+    publics: dict[str, str]  # member name -> public key text
+    members: dict[str, Netns]
+    daemons: dict[str, Daemon]
+    namespaces: list[Netns]  # every one made, the hub's and the members' too
+
+    def netns(self, prefix: str) -> Netns:
+        """A further namespace (attacker, innocent), deleted with the hub."""
+        ns = create_netns(prefix)
+        self.namespaces.append(ns)
+        return ns
+
+    def url(self, name: str, *, tls: bool = True) -> str:
+        """The Redis URL member `name` reaches the hub at."""
+        i = list(self.members).index(name)
+        return f"{'rediss' if tls else 'redis'}://{hub_address(i)}:{self.port}/0"
+
+
+@contextlib.contextmanager
+def fleet_hub(
+    prefix: str,
+    members: Sequence[str],
+    keys: Sequence[str],
+    tls_names: Sequence[str] = (),
+) -> Iterator[Hub]:
+    """A hub namespace with its Redis (ACL users for `keys`; TLS when `tls_names` name its
+    certificate), a key for each of `keys`, and for each of `members` a namespace
+    `{prefix}{name}` linked to the hub (member_address(i) / hub_address(i)) and a home
+    directory. Daemons the test puts in `hub.daemons` are stopped, then Redis, then every
+    namespace is deleted and the directory removed, however the test ends."""
+    root = Path(tempfile.mkdtemp(prefix=f"imrtest-{prefix}-", dir="/tmp"))
+    root.chmod(0o755)
+    made: list[Netns] = []
+    hub: Hub | None = None
+    try:
+        ns = create_netns(f"{prefix}hub")
+        made.append(ns)
+        port = free_port()
+        (root / "redis").mkdir()
+        server = start_redis(
+            keys, host="0.0.0.0", port=port, netns=ns.name, root=root / "redis", tls_names=tls_names
+        )
+        publics = {name: make_key(root / f"{name}.key") for name in keys}
+        hub = Hub(root, ns, server, port, publics, {}, {}, made)
+        for i, name in enumerate(members):
+            member = create_netns(f"{prefix}{name}")
+            made.append(member)
+            connect(ns, member, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
+            (root / name).mkdir(mode=0o755)
+            hub.members[name] = member
+        yield hub
+    finally:
+        if hub is not None:
+            for daemon in hub.daemons.values():
+                daemon.stop()
+                daemon.kill_everything()
+            hub.server.stop()
+        for netns in made:
+            netns.delete()
+        shutil.rmtree(root, ignore_errors=True)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,13 +29,14 @@ from imr.fleet import events
 from daemon_harness import BLOCKER, READER, Daemon, require_unprivileged_access
 from fleet_harness import (
     RedisServer,
+    fleet_hub,
     fleet_section,
-    free_port,
-    make_key,
+    hub_address,
+    member_address,
     start_redis,
     write_member_config,
 )
-from netns import Netns, connect, create_netns
+from netns import Netns, connect
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
@@ -48,14 +48,6 @@ MEMBERS = ("a", "b", "c")
 ATTACKER, INNOCENT = "203.0.113.66", "192.0.2.98"
 B_ATTACKER_SIDE, B_INNOCENT_SIDE = "203.0.113.1", "192.0.2.97"
 PER_ORIGIN = 1500  # fleet.per_origin_per_minute
-
-
-def hub_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 1}"
-
-
-def member_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 2}"
 
 
 HUBS = [hub_address(i) for i in range(len(MEMBERS))]  # the names in Redis's TLS certificate
@@ -164,62 +156,36 @@ allowlist = ["198.51.100.0/24"]
 @pytest.fixture(scope="module")
 def fleet(test_users: None) -> Iterator[Fleet]:
     require_unprivileged_access()
-    root = Path(tempfile.mkdtemp(prefix="imrtest-fleet-", dir="/tmp"))
-    root.chmod(0o755)
-    namespaces: list[Netns] = []
-    server: RedisServer | None = None
-    daemons: dict[str, Daemon] = {}
-    try:
-        hub = create_netns("imrhub")
-        attacker, innocent = create_netns("imratk"), create_netns("imrinn")
-        namespaces += [hub, attacker, innocent]
-        port = free_port()
-        (root / "redis").mkdir()
-        server = start_redis(
-            MEMBERS, host="0.0.0.0", port=port, netns=hub.name, root=root / "redis", tls_names=HUBS
-        )
-        publics = {name: make_key(root / f"{name}.key") for name in MEMBERS}
+    with fleet_hub("imrf", MEMBERS, MEMBERS, HUBS) as hub:
+        attacker, innocent = hub.netns("imratk"), hub.netns("imrinn")
         addresses = {name: [member_address(i)] for i, name in enumerate(MEMBERS)}
         addresses["b"].append(B_ATTACKER_SIDE)
-        for i, name in enumerate(MEMBERS):
-            ns = create_netns(f"imrf{name}")
-            namespaces.append(ns)
-            connect(hub, ns, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
-            home = root / name
-            home.mkdir(mode=0o755)
-            daemons[name] = Daemon(ns, attacker, innocent, home)
-            url = f"rediss://{hub_address(i)}:{port}/0"
+        for name, ns in hub.members.items():
+            hub.daemons[name] = Daemon(ns, attacker, innocent, hub.root / name)
             text = fleet_section(
                 name,
-                url,
-                root,
-                publics,
+                hub.url(name),
+                hub.root,
+                hub.publics,
                 addresses,
                 extra=f"per_origin_per_minute = {PER_ORIGIN}",
-                tls_ca=server.ca,
+                tls_ca=hub.server.ca,
             )
-            member_config(daemons[name], name, text)
-        b = daemons["b"]
+            member_config(hub.daemons[name], name, text)
+        b = hub.daemons["b"]
         connect(b.server, attacker, [f"{B_ATTACKER_SIDE}/24"], [f"{ATTACKER}/24"])
         connect(b.server, innocent, [f"{B_INNOCENT_SIDE}/28"], [f"{INNOCENT}/28"])
         b.server.run("sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
-        for daemon in daemons.values():
+        for daemon in hub.daemons.values():
             result = daemon.start()
             assert result.returncode == 0, result.stderr
         b.listen(80)
-        world = Fleet(hub, server, port, root, daemons, attacker, innocent)
+        world = Fleet(hub.ns, hub.server, hub.port, hub.root, hub.daemons, attacker, innocent)
         assert wait(lambda: all(world.status(n)["follower_connected"] for n in MEMBERS))
-        yield world
-        server = world.redis
-    finally:
-        for daemon in daemons.values():
-            daemon.stop()
-            daemon.kill_everything()
-        if server is not None:
-            server.stop()
-        for ns in namespaces:
-            ns.delete()
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            yield world
+        finally:
+            hub.server = world.redis  # restart_redis may have started another
 
 
 def test_a_block_on_one_member_is_in_every_kernel(fleet: Fleet) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from imr.fleet import events
 from daemon_harness import Daemon, require_unprivileged_access
 from fleet_harness import (
     RedisServer,
+    fleet_hub,
     fleet_section,
-    free_port,
-    make_key,
-    start_redis,
+    hub_address,
+    member_address,
     write_member_config,
 )
-from netns import Netns, connect, create_netns
+from netns import Netns
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
@@ -45,14 +44,6 @@ pytestmark = [
 ]
 
 MEMBERS = ("a", "b")
-
-
-def hub_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 1}"
-
-
-def member_address(i: int) -> str:
-    return f"192.0.2.{16 * i + 2}"
 
 
 @dataclass
@@ -120,48 +111,28 @@ enabled = false
 @pytest.fixture(scope="module")
 def pair(test_users: None) -> Iterator[Pair]:
     require_unprivileged_access()
-    root = Path(tempfile.mkdtemp(prefix="fcutest-fleet-", dir="/tmp"))
-    root.chmod(0o755)
-    namespaces: list[Netns] = []
-    server: RedisServer | None = None
-    daemons: dict[str, Daemon] = {}
-    try:
-        hub = create_netns("fcuhub")
-        namespaces.append(hub)
-        port = free_port()
-        (root / "redis").mkdir()
-        server = start_redis(
-            MEMBERS, host="0.0.0.0", port=port, netns=hub.name, root=root / "redis"
-        )
-        publics = {name: make_key(root / f"{name}.key") for name in MEMBERS}
+    with fleet_hub("fcu", MEMBERS, MEMBERS) as hub:
         addresses = {name: [member_address(i)] for i, name in enumerate(MEMBERS)}
-        for i, name in enumerate(MEMBERS):
-            ns = create_netns(f"fcu{name}")
-            namespaces.append(ns)
-            connect(hub, ns, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
-            home = root / name
-            home.mkdir(mode=0o755)
-            daemons[name] = Daemon(ns, hub, hub, home)  # no test traffic: no client namespaces
-            url = f"redis://{hub_address(i)}:{port}/0"
+        for name, ns in hub.members.items():
+            # No test traffic: no client namespaces.
+            hub.daemons[name] = Daemon(ns, hub.ns, hub.ns, hub.root / name)
             text = fleet_section(
-                name, url, root, publics, addresses, extra="per_origin_per_minute = 1000000"
+                name,
+                hub.url(name, tls=False),
+                hub.root,
+                hub.publics,
+                addresses,
+                extra="per_origin_per_minute = 1000000",
             )
-            write_config(daemons[name], text)
-        for daemon in daemons.values():
+            write_config(hub.daemons[name], text)
+        for daemon in hub.daemons.values():
             result = daemon.start()
             assert result.returncode == 0, result.stderr
-        world = Pair(hub, server, root, daemons["a"], daemons["b"])
-        assert wait(lambda: all(world.status(d)["follower_connected"] for d in daemons.values()))
+        world = Pair(hub.ns, hub.server, hub.root, hub.daemons["a"], hub.daemons["b"])
+        assert wait(
+            lambda: all(world.status(d)["follower_connected"] for d in hub.daemons.values())
+        )
         yield world
-    finally:
-        for daemon in daemons.values():
-            daemon.stop()
-            daemon.kill_everything()
-        if server is not None:
-            server.stop()
-        for ns in namespaces:
-            ns.delete()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def ips(count: int, prefix: str) -> list[str]:

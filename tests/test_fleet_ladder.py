@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,20 +26,20 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from redis import Redis
-from test_fleet import hub_address, member_address, wait
+from test_fleet import wait
 
 from imr.fleet import events
 
 from daemon_harness import BLOCKER, READER, Daemon, require_unprivileged_access
 from fleet_harness import (
     RedisServer,
+    fleet_hub,
     fleet_section,
-    free_port,
-    make_key,
-    start_redis,
+    hub_address,
+    member_address,
     write_member_config,
 )
-from netns import Netns, connect, create_netns
+from netns import Netns, connect
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
@@ -140,56 +139,30 @@ allowlist = ["{ADMINS}"]
 @pytest.fixture(scope="module")
 def fleet(test_users: None) -> Iterator[Fleet]:
     require_unprivileged_access()
-    root = Path(tempfile.mkdtemp(prefix="imrtest-fld-", dir="/tmp"))
-    root.chmod(0o755)
-    namespaces: list[Netns] = []
-    server: RedisServer | None = None
-    daemons: dict[str, Daemon] = {}
-    try:
-        hub = create_netns("fldhub")
-        attacker, innocent = create_netns("fldatk"), create_netns("fldinn")
-        namespaces += [hub, attacker, innocent]
-        port = free_port()
-        (root / "redis").mkdir()
-        server = start_redis(
-            MEMBERS, host="0.0.0.0", port=port, netns=hub.name, root=root / "redis", tls_names=HUBS
-        )
-        publics = {name: make_key(root / f"{name}.key") for name in MEMBERS}
+    with fleet_hub("fld", DAEMONS, MEMBERS, HUBS) as hub:
+        attacker, innocent = hub.netns("fldatk"), hub.netns("fldinn")
         addresses = {name: [member_address(i)] for i, name in enumerate(DAEMONS)}
         addresses["b"] += [B_ATTACKER_SIDE, B_INNOCENT_SIDE]
-        for i, name in enumerate(DAEMONS):
-            ns = create_netns(f"fld{name}")
-            namespaces.append(ns)
-            connect(hub, ns, [f"{hub_address(i)}/28"], [f"{member_address(i)}/28"])
-            home = root / name
-            home.mkdir(mode=0o755)
-            daemons[name] = Daemon(ns, attacker, innocent, home)
-            url = f"rediss://{hub_address(i)}:{port}/0"
-            text = fleet_section(name, url, root, publics, addresses, ("ops",), "", server.ca)
-            member_config(daemons[name], text)
-        b = daemons["b"]
+        for name, ns in hub.members.items():
+            hub.daemons[name] = Daemon(ns, attacker, innocent, hub.root / name)
+            text = fleet_section(
+                name, hub.url(name), hub.root, hub.publics, addresses, ("ops",), "", hub.server.ca
+            )
+            member_config(hub.daemons[name], text)
+        b = hub.daemons["b"]
         # Point to point: b's side is outside the network the attacker's address is in.
         connect(b.server, attacker, [f"{B_ATTACKER_SIDE}/32"], [f"{ATTACKER}/32"])
         b.server.run("ip", "route", "add", NET, "dev", _device(b.server, B_ATTACKER_SIDE))
         attacker.run("ip", "route", "add", B_ATTACKER_SIDE, "dev", _device(attacker, ATTACKER))
         connect(b.server, innocent, [f"{B_INNOCENT_SIDE}/28"], [f"{INNOCENT}/28"])
         b.server.run("sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
-        for daemon in daemons.values():
+        for daemon in hub.daemons.values():
             result = daemon.start()
             assert result.returncode == 0, result.stderr
         b.listen(80)
-        world = Fleet(hub, server, root, daemons, attacker, innocent, port)
+        world = Fleet(hub.ns, hub.server, hub.root, hub.daemons, attacker, innocent, hub.port)
         assert wait(lambda: all(world.status(n)["follower_connected"] for n in DAEMONS))
         yield world
-    finally:
-        for daemon in daemons.values():
-            daemon.stop()
-            daemon.kill_everything()
-        if server is not None:
-            server.stop()
-        for ns in namespaces:
-            ns.delete()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _device(ns: Netns, address: str) -> str:
